@@ -1,0 +1,281 @@
+//! Map names, sizes and value layouts of the datapath.
+//!
+//! The policy lives twice in the kernel: slot 0 and slot 1, each a complete
+//! set of LPM tries, a port table and a config. The XDP program reads
+//! [`ACTIVE_SLOT`](MAP_ACTIVE) once per packet and then looks only at that
+//! slot, so a packet is always judged by one whole policy. The daemon writes a
+//! new policy into the inactive slot, flips the index, and later reuses the
+//! retired slot for the policy after that. Two fixed sets (rather than
+//! map-in-map with a fresh trie per policy) mean a swap never frees a trie:
+//! the kernel frees an LPM trie in O(entries x depth) and a multi-million
+//! entry free has stalled a CPU for seconds in production.
+
+/// Number of policy slots (double buffering).
+pub const SLOTS: u32 = 2;
+
+/// Map names as they appear in the object file and under the pin directory.
+pub const MAP_V4: [&str; 2] = ["IPG_V4_0", "IPG_V4_1"];
+pub const MAP_V6: [&str; 2] = ["IPG_V6_0", "IPG_V6_1"];
+pub const MAP_PORTS: &str = "IPG_PORTS";
+pub const MAP_CONFIG: &str = "IPG_CONFIG";
+pub const MAP_ACTIVE: &str = "IPG_ACTIVE";
+pub const MAP_COUNTERS: &str = "IPG_COUNTERS";
+pub const MAP_SERVICE_COUNTERS: &str = "IPG_SVC_COUNTERS";
+pub const MAP_ENTRY_HITS: &str = "IPG_ENTRY_HITS";
+pub const MAP_EVENTS: &str = "IPG_EVENTS";
+pub const MAP_EVENT_RATE: &str = "IPG_EVENT_RATE";
+pub const MAP_EVENT_BUDGET: &str = "IPG_EVENT_BUDGET";
+pub const MAP_FLOWS: &str = "IPG_FLOWS";
+
+/// Program names in the object file. The daemon loads the first two; the
+/// `ipguard_bench_*` programs share the maps and exist only so that
+/// `cargo xtask bench` can time the parts of [`PROG_XDP`] (they are never
+/// attached).
+pub const PROG_XDP: &str = "ipguard";
+pub const PROG_EGRESS: &str = "ipguard_egress";
+/// Returns XDP_PASS and nothing else: the floor of any XDP program.
+pub const PROG_BENCH_EMPTY: &str = "ipguard_bench_empty";
+/// The parser of [`PROG_XDP`] and nothing else.
+pub const PROG_BENCH_PARSE: &str = "ipguard_bench_parse";
+/// Parser, active slot and the source's LPM lookup, nothing else.
+pub const PROG_BENCH_LOOKUP: &str = "ipguard_bench_lookup";
+
+/// Read-only global of the object, set at load time to the number of
+/// possible CPUs: the global event cap is shared out per CPU (see
+/// [`EventBudget`]).
+pub const GLOBAL_NR_CPUS: &str = "IPG_NR_CPUS";
+
+/// Default capacities; the daemon may override the trie sizes at load time.
+pub const DEFAULT_V4_CAPACITY: u32 = 1_048_576;
+pub const DEFAULT_V6_CAPACITY: u32 = 262_144;
+pub const DEFAULT_FLOW_CAPACITY: u32 = 65_536;
+pub const EVENT_RATE_CAPACITY: u32 = 65_536;
+pub const EVENTS_RING_BYTES: u32 = 1 << 20;
+/// A flow's timestamp is rewritten at most this often: a busy connection
+/// does not bounce the entry's cache line between CPUs on every segment.
+pub const FLOW_REFRESH_NS: u64 = 100_000_000;
+
+/// Highest service index; index 0 means "no service" and is the bit of the
+/// host-wide list in [`PrefixValue::allow_mask`].
+pub const MAX_SERVICES: usize = 63;
+
+/// Port table layout: `slot * PORT_SLOT_STRIDE + proto_index * 65536 + port`,
+/// value the service index (0 = none).
+pub const PORT_PROTOS: u32 = 2;
+pub const PORT_SLOT_STRIDE: u32 = PORT_PROTOS * 65_536;
+pub const PORT_TABLE_LEN: u32 = SLOTS * PORT_SLOT_STRIDE;
+pub const PROTO_INDEX_TCP: u32 = 0;
+pub const PROTO_INDEX_UDP: u32 = 1;
+
+/// Policy entries counted per slot in [`MAP_ENTRY_HITS`]; entries past this
+/// many are still enforced but their hits are not counted per entry.
+pub const ENTRY_CAPACITY: u32 = 16_384;
+/// "No entry" in [`PrefixValue::entry`].
+pub const ENTRY_NONE: u32 = u32::MAX;
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMPV6: u8 = 58;
+
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+/// The value of every LPM-trie prefix: everything steps 3 to 7 of the
+/// verdict need, already merged with what the prefixes containing this one
+/// say (a longest-prefix match returns only the most specific prefix).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PrefixValue {
+    /// Bit 0: the host-wide list allows the prefix. Bit `s` (1..=63): the
+    /// effective list of service `s` allows it (a service without a list of
+    /// its own has the host-wide bit copied in by the compiler).
+    pub allow_mask: u64,
+    /// [`FLAG_ALWAYS_ALLOW`], [`FLAG_DENY`].
+    pub flags: u32,
+    /// Policy entry whose prefix this is (the most specific one; ties go to
+    /// always_allow, deny, then the allow lists), for hit counters.
+    pub entry: u32,
+}
+pub const FLAG_ALWAYS_ALLOW: u32 = 1;
+pub const FLAG_DENY: u32 = 2;
+
+/// Mode of a policy. 0 is a slot never written: the program passes.
+pub const MODE_UNSET: u32 = 0;
+pub const MODE_ENFORCE: u32 = 1;
+pub const MODE_MONITOR: u32 = 2;
+pub const MODE_OFF: u32 = 3;
+
+pub const ACTION_DROP: u32 = 1;
+pub const ACTION_REJECT: u32 = 2;
+
+pub const SCOPE_HOST: u32 = 1;
+pub const SCOPE_SERVICES: u32 = 2;
+
+/// Bits of [`PolicyConfig::infra`].
+pub const INFRA_NDP: u32 = 1;
+pub const INFRA_DHCP: u32 = 2;
+pub const INFRA_PMTU: u32 = 4;
+pub const INFRA_RETURN_TRAFFIC: u32 = 8;
+
+/// One per slot, in [`MAP_CONFIG`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyConfig {
+    pub mode: u32,
+    pub action: u32,
+    pub scope: u32,
+    pub infra: u32,
+    /// Replies to a connection this host opened pass for this long after
+    /// the host last sent on it.
+    pub flow_timeout_ns: u64,
+    /// Minimum time between two events of one source (0: no limit).
+    pub event_source_interval_ns: u64,
+    /// Events per second in all (0: none are sent).
+    pub event_max_per_sec: u32,
+    pub _pad0: u32,
+    /// Increases with every policy the daemon writes; shown by status.
+    pub generation: u64,
+}
+
+/// Verdicts, also the first coordinate of [`MAP_COUNTERS`].
+pub const VERDICT_PASS: u8 = 0;
+pub const VERDICT_DROP: u8 = 1;
+pub const VERDICT_REJECT: u8 = 2;
+pub const VERDICT_WOULD_DROP: u8 = 3;
+pub const VERDICT_COUNT: u32 = 4;
+
+/// Reasons, the second coordinate of [`MAP_COUNTERS`].
+pub const REASON_INFRASTRUCTURE: u8 = 0;
+pub const REASON_OFF: u8 = 1;
+pub const REASON_ALWAYS_ALLOW: u8 = 2;
+pub const REASON_DENY: u8 = 3;
+pub const REASON_FRAGMENT: u8 = 4;
+pub const REASON_OUT_OF_SCOPE: u8 = 5;
+pub const REASON_ALLOWED: u8 = 6;
+pub const REASON_NOT_ALLOWED: u8 = 7;
+pub const REASON_RETURN_TRAFFIC: u8 = 8;
+pub const REASON_MALFORMED: u8 = 9;
+pub const REASON_NON_IP: u8 = 10;
+pub const REASON_NO_POLICY: u8 = 11;
+pub const REASON_SLOTS: u32 = 16;
+
+/// [`MAP_COUNTERS`] index of a verdict and reason.
+#[inline(always)]
+pub const fn counter_index(verdict: u8, reason: u8) -> u32 {
+    verdict as u32 * REASON_SLOTS + reason as u32
+}
+/// Counters past the verdict matrix.
+pub const COUNTER_EVENTS_SENT: u32 = VERDICT_COUNT * REASON_SLOTS;
+pub const COUNTER_EVENTS_SUPPRESSED_SOURCE: u32 = COUNTER_EVENTS_SENT + 1;
+pub const COUNTER_EVENTS_SUPPRESSED_GLOBAL: u32 = COUNTER_EVENTS_SENT + 2;
+pub const COUNTER_EVENTS_LOST: u32 = COUNTER_EVENTS_SENT + 3;
+pub const COUNTER_LEN: u32 = COUNTER_EVENTS_SENT + 16;
+
+/// [`MAP_SERVICE_COUNTERS`]: `service * 2 + (0 passed | 1 refused)`.
+pub const SERVICE_COUNTER_LEN: u32 = (MAX_SERVICES as u32 + 1) * 2;
+
+/// A refused packet, sent to user space through the [`MAP_EVENTS`] ring.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DropEvent {
+    /// `bpf_ktime_get_coarse_ns`: CLOCK_MONOTONIC at tick resolution.
+    pub timestamp_ns: u64,
+    /// Refused packets of this source that sent no event since the last
+    /// one sent, held back by the per-source limit or lost to a full ring.
+    /// (Packets held back by the global cap are counted only globally: the
+    /// cap is checked before any per-source state, so that a flood of new
+    /// sources stays cheap.)
+    pub suppressed: u64,
+    /// IPv4 in the first 4 bytes, the rest zero.
+    pub src: [u8; 16],
+    pub ifindex: u32,
+    pub entry: u32,
+    /// Destination port in host order, 0 when the packet carries none.
+    pub dport: u16,
+    pub family: u8,
+    pub protocol: u8,
+    pub service: u8,
+    pub verdict: u8,
+    pub reason: u8,
+    pub _pad0: u8,
+}
+
+/// Per-source event limiter state in [`MAP_EVENT_RATE`], keyed by
+/// [`rate_key`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SourceRate {
+    pub last_sent_ns: u64,
+    pub suppressed: u64,
+}
+
+/// Global event budget in [`MAP_EVENT_BUDGET`] (one per CPU): the per-second
+/// window and how many events it has used. Each CPU may send
+/// `ceil(event_max_per_sec / possible CPUs)` per window, so the whole host
+/// never sends more than the cap (rounded up per CPU) and a flood never
+/// makes CPUs contend on one shared counter. Traffic spread over fewer CPUs
+/// gets a lower cap: the limit errs on the side of sparing user space.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventBudget {
+    pub window_start_ns: u64,
+    pub used: u64,
+}
+
+/// A connection this host opened, as seen leaving it (TC egress), keyed
+/// from the point of view of the reply that will come back: `remote` is the
+/// reply's source, `local` its destination, ports in host byte order, IPv4
+/// in the first 4 bytes of each address. The value in [`MAP_FLOWS`] is the
+/// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC, tick resolution) at which
+/// the host last sent on it (a `u64`).
+///
+/// TCP flows are created only by a SYN without ACK that leaves the host (a
+/// connection it opens) and refreshed by its later segments, so answering
+/// an inbound connection never makes its client a "reply". UDP has no
+/// opening packet: every datagram the host sends creates or refreshes the
+/// flow of its reply, as connection tracking does.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub remote: [u8; 16],
+    pub local: [u8; 16],
+    pub remote_port: u16,
+    pub local_port: u16,
+    pub protocol: u8,
+    pub family: u8,
+    pub _pad0: [u8; 2],
+}
+
+/// Key of [`MAP_EVENT_RATE`]: the source as in [`DropEvent::src`], with
+/// the family in the last byte (unused by IPv4), so that an IPv4 source
+/// does not share its limit with the IPv6 address made of the same four
+/// bytes followed by zeros.
+#[inline(always)]
+pub const fn rate_key(family: u8, src: &[u8; 16]) -> [u8; 16] {
+    let mut k = *src;
+    if family == FAMILY_V4 {
+        k[15] = FAMILY_V4;
+    }
+    k
+}
+
+const _: () = assert!(core::mem::size_of::<PrefixValue>() == 16);
+const _: () = assert!(core::mem::size_of::<PolicyConfig>() == 48);
+const _: () = assert!(core::mem::size_of::<DropEvent>() == 48);
+const _: () = assert!(core::mem::size_of::<SourceRate>() == 16);
+const _: () = assert!(core::mem::size_of::<EventBudget>() == 16);
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are repr(C), made only of integers and integer
+    // arrays, with every padding byte an explicit field (asserted above).
+    unsafe impl aya::Pod for PrefixValue {}
+    unsafe impl aya::Pod for PolicyConfig {}
+    unsafe impl aya::Pod for DropEvent {}
+    unsafe impl aya::Pod for SourceRate {}
+    unsafe impl aya::Pod for EventBudget {}
+    unsafe impl aya::Pod for FlowKey {}
+}

@@ -1,0 +1,374 @@
+//! Frame parsing with explicit bounds checks the verifier can follow.
+//!
+//! Every read goes through [`Packet::bytes`], which checks
+//! `start + offset + N <= end` against an offset bounded by [`MAX_OFFSET`];
+//! anything that does not fit is `Malformed`, never a read out of bounds
+//! and never XDP_ABORTED. The same parser serves the XDP program (ingress,
+//! `STRICT`: the IP lengths must agree with the frame) and the TC egress
+//! program (whose GSO packets carry a total length larger than the linear
+//! data it can see).
+
+use ipguard_common::*;
+
+pub const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88A8;
+
+pub const IPV6_HLEN: usize = 40;
+pub const TCP_HLEN: usize = 20;
+const UDP_HLEN: usize = 8;
+const ICMP_MIN: usize = 4;
+
+/// IPv6 extension headers walked before giving up (then the packet is
+/// judged like a fragment: its upper-layer header is unreachable).
+const MAX_EXT_HEADERS: usize = 6;
+/// No header offset beyond this is ever read; keeps every offset bounded
+/// for the verifier. Larger than any XDP frame (one page), so it never
+/// refuses a real packet.
+const MAX_OFFSET: usize = 4096;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// The packet's bytes, `start..end` (the context's data pointers, read
+/// once: nothing between parsing and the last read moves the packet).
+#[derive(Clone, Copy)]
+pub struct Packet {
+    pub start: usize,
+    pub end: usize,
+}
+
+impl Packet {
+    #[inline(always)]
+    pub fn bytes<const N: usize>(&self, off: usize) -> Option<&[u8; N]> {
+        if off > MAX_OFFSET {
+            return None;
+        }
+        if self.start + off + N > self.end {
+            return None;
+        }
+        // SAFETY: [start+off, start+off+N) lies inside the packet (checked
+        // just above); packet memory is plain bytes.
+        Some(unsafe { &*((self.start + off) as *const [u8; N]) })
+    }
+
+    // The bytes belong to the packet, not to this view of it: a shared
+    // view handing out a mutable borrow is the point.
+    #[allow(clippy::mut_from_ref)]
+    #[inline(always)]
+    pub fn bytes_mut<const N: usize>(&self, off: usize) -> Option<&mut [u8; N]> {
+        if off > MAX_OFFSET {
+            return None;
+        }
+        if self.start + off + N > self.end {
+            return None;
+        }
+        // SAFETY: as in `bytes`; XDP and TC packet data is writable and no
+        // other reference to these bytes is alive while the caller holds it.
+        Some(unsafe { &mut *((self.start + off) as *mut [u8; N]) })
+    }
+
+    /// Whether the first `len` bytes are all inside the packet (a pointer
+    /// comparison the verifier understands).
+    #[inline(always)]
+    fn holds(&self, len: usize) -> bool {
+        self.start + len <= self.end
+    }
+}
+
+/// Hides `x` from the optimizer. After `holds(ip_end)`, LLVM would
+/// otherwise drop a later `bytes(off)` check it can prove from
+/// `off + N <= ip_end`, and the verifier, which does not track that
+/// relation, would refuse the read.
+#[inline(always)]
+fn opaque(x: usize) -> usize {
+    let v = x;
+    // SAFETY: a read of a local.
+    unsafe { core::ptr::read_volatile(&v) }
+}
+
+/// `ip_end` when the lengths are not checked (TC egress): larger than any
+/// offset the parser reads, so only the frame bounds limit it.
+const NO_END: usize = MAX_OFFSET + 64;
+
+#[inline(always)]
+pub fn be16(b: &[u8], i: usize) -> u16 {
+    u16::from_be_bytes([b[i], b[i + 1]])
+}
+
+#[inline(always)]
+pub fn be32(b: &[u8], i: usize) -> u32 {
+    u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
+}
+
+#[derive(Clone, Copy)]
+pub enum L4 {
+    /// TCP or UDP with its header reachable.
+    Port { sport: u16, dport: u16 },
+    /// Another upper-layer protocol (ICMP, ESP, ...), or none.
+    NoPort,
+    /// A non-first fragment, or an IPv6 upper-layer header past
+    /// [`MAX_EXT_HEADERS`]: judged by the source only.
+    Fragment,
+}
+
+pub struct IpPacket {
+    pub family: u8,
+    /// The upper-layer protocol (for a fragment or an unreachable header,
+    /// the last one named).
+    pub proto: u8,
+    /// IPv4 in the first 4 bytes, the rest zero.
+    pub src: [u8; 16],
+    pub l4: L4,
+    /// The `INFRA_*` bit this packet would be exempted by, or 0.
+    pub infra: u32,
+    /// Offset of the IP header.
+    pub l3: usize,
+    /// Offset of the upper-layer header (meaningful for `L4::Port`).
+    pub l4_off: usize,
+    /// Offset just past the IP datagram (from its length field; unbounded
+    /// when not `STRICT`).
+    pub ip_end: usize,
+    /// Part of a fragmented datagram (more fragments follow, or an offset).
+    pub fragmented: bool,
+}
+
+pub enum Parsed {
+    NonIp,
+    Malformed,
+    Ip(IpPacket),
+}
+
+#[inline(always)]
+pub fn parse<const STRICT: bool>(pkt: &Packet) -> Parsed {
+    let Some(eth) = pkt.bytes::<ETH_HLEN>(0) else {
+        return Parsed::Malformed;
+    };
+    let mut ethertype = be16(eth, 12);
+    let mut l3 = ETH_HLEN;
+    // Up to two tags: 802.1ad outer and 802.1Q inner (QinQ), or one of
+    // either.
+    for _ in 0..2 {
+        if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+            let Some(tag) = pkt.bytes::<4>(l3) else {
+                return Parsed::Malformed;
+            };
+            ethertype = be16(tag, 2);
+            l3 += 4;
+        }
+    }
+    match ethertype {
+        ETH_P_IP => match parse_v4::<STRICT>(pkt, l3) {
+            Some(p) => Parsed::Ip(p),
+            None => Parsed::Malformed,
+        },
+        ETH_P_IPV6 => match parse_v6::<STRICT>(pkt, l3) {
+            Some(p) => Parsed::Ip(p),
+            None => Parsed::Malformed,
+        },
+        // A third tag would hide an IP packet from the policy while a stack
+        // of VLAN devices could still deliver it: refuse it as malformed.
+        ETH_P_8021Q | ETH_P_8021AD => Parsed::Malformed,
+        _ => Parsed::NonIp,
+    }
+}
+
+#[inline(always)]
+fn parse_v4<const STRICT: bool>(pkt: &Packet, l3: usize) -> Option<IpPacket> {
+    let h = pkt.bytes::<20>(l3)?;
+    if h[0] >> 4 != 4 {
+        return None;
+    }
+    let ihl = (h[0] & 0x0f) as usize * 4;
+    if ihl < 20 {
+        return None;
+    }
+    let total = be16(h, 2) as usize;
+    if total < ihl {
+        return None;
+    }
+    let ip_end = if STRICT {
+        if !pkt.holds(l3 + total) {
+            return None;
+        }
+        opaque(l3 + total)
+    } else {
+        NO_END
+    };
+    let mut src = [0u8; 16];
+    src[0] = h[12];
+    src[1] = h[13];
+    src[2] = h[14];
+    src[3] = h[15];
+    let frag = be16(h, 6);
+    let proto = h[9];
+    let l4_off = l3 + ihl;
+    // Options are skipped, but they must lie inside the datagram.
+    if l4_off > ip_end {
+        return None;
+    }
+    let mut ip = IpPacket {
+        family: FAMILY_V4,
+        proto,
+        src,
+        l4: L4::NoPort,
+        infra: 0,
+        l3,
+        l4_off,
+        ip_end,
+        fragmented: frag & 0x3fff != 0,
+    };
+    if frag & 0x1fff != 0 {
+        ip.l4 = L4::Fragment;
+        return Some(ip);
+    }
+    l4_info(pkt, proto, &mut ip)?;
+    Some(ip)
+}
+
+#[inline(always)]
+fn parse_v6<const STRICT: bool>(pkt: &Packet, l3: usize) -> Option<IpPacket> {
+    let h = pkt.bytes::<IPV6_HLEN>(l3)?;
+    if h[0] >> 4 != 6 {
+        return None;
+    }
+    let payload = be16(h, 4) as usize;
+    let ip_end = if STRICT {
+        if !pkt.holds(l3 + IPV6_HLEN + payload) {
+            return None;
+        }
+        opaque(l3 + IPV6_HLEN + payload)
+    } else {
+        NO_END
+    };
+    let mut src = [0u8; 16];
+    src.copy_from_slice(&h[8..24]);
+    let mut ip = IpPacket {
+        family: FAMILY_V6,
+        proto: h[6],
+        src,
+        l4: L4::NoPort,
+        infra: 0,
+        l3,
+        l4_off: l3 + IPV6_HLEN,
+        ip_end,
+        fragmented: false,
+    };
+    let mut next = h[6];
+    let mut off = l3 + IPV6_HLEN;
+    for _ in 0..MAX_EXT_HEADERS {
+        match next {
+            // hop-by-hop, routing, destination options
+            0 | 43 | 60 => {
+                let e = pkt.bytes::<2>(off)?;
+                next = e[0];
+                off += (e[1] as usize + 1) * 8;
+            }
+            // fragment
+            44 => {
+                let e = pkt.bytes::<8>(off)?;
+                let offset_flags = be16(e, 2);
+                if offset_flags & 0xfff9 != 0 {
+                    ip.fragmented = true;
+                }
+                if offset_flags >> 3 != 0 {
+                    ip.proto = e[0];
+                    ip.l4 = L4::Fragment;
+                    return Some(ip);
+                }
+                next = e[0];
+                off += 8;
+            }
+            // authentication header
+            51 => {
+                let e = pkt.bytes::<2>(off)?;
+                next = e[0];
+                off += (e[1] as usize + 2) * 4;
+            }
+            _ => {
+                ip.proto = next;
+                ip.l4_off = off;
+                l4_info(pkt, next, &mut ip)?;
+                return Some(ip);
+            }
+        }
+        // A header length pointing past the datagram is a bogus length,
+        // not an unreachable header.
+        if off > ip_end || off > MAX_OFFSET {
+            return None;
+        }
+    }
+    ip.proto = next;
+    match next {
+        0 | 43 | 44 | 51 | 60 => ip.l4 = L4::Fragment,
+        _ => {
+            ip.l4_off = off;
+            l4_info(pkt, next, &mut ip)?;
+        }
+    }
+    Some(ip)
+}
+
+/// Reads the ports (TCP, UDP) or the infrastructure class (ICMP, DHCP) of
+/// the upper-layer header at `ip.l4_off`. Its fixed part must lie inside
+/// the datagram: a first fragment too short to hold it (RFC 1858's tiny
+/// fragment) is malformed.
+#[inline(always)]
+fn l4_info(pkt: &Packet, proto: u8, ip: &mut IpPacket) -> Option<()> {
+    let off = ip.l4_off;
+    match proto {
+        IPPROTO_TCP => {
+            if off + TCP_HLEN > ip.ip_end {
+                return None;
+            }
+            let t = pkt.bytes::<TCP_HLEN>(off)?;
+            ip.l4 = L4::Port {
+                sport: be16(t, 0),
+                dport: be16(t, 2),
+            };
+        }
+        IPPROTO_UDP => {
+            if off + UDP_HLEN > ip.ip_end {
+                return None;
+            }
+            let u = pkt.bytes::<UDP_HLEN>(off)?;
+            let sport = be16(u, 0);
+            let dport = be16(u, 2);
+            ip.l4 = L4::Port { sport, dport };
+            let dhcp = if ip.family == FAMILY_V4 {
+                sport == 67 && dport == 68
+            } else {
+                sport == 547 && dport == 546
+            };
+            if dhcp {
+                ip.infra = INFRA_DHCP;
+            }
+        }
+        IPPROTO_ICMP if ip.family == FAMILY_V4 => {
+            if off + ICMP_MIN > ip.ip_end {
+                return None;
+            }
+            let i = pkt.bytes::<ICMP_MIN>(off)?;
+            if i[0] == 3 && i[1] == 4 {
+                ip.infra = INFRA_PMTU;
+            }
+        }
+        IPPROTO_ICMPV6 if ip.family == FAMILY_V6 => {
+            if off + ICMP_MIN > ip.ip_end {
+                return None;
+            }
+            let i = pkt.bytes::<ICMP_MIN>(off)?;
+            if (133..=137).contains(&i[0]) {
+                ip.infra = INFRA_NDP;
+            } else if i[0] == 2 {
+                ip.infra = INFRA_PMTU;
+            }
+        }
+        _ => {}
+    }
+    Some(())
+}

@@ -1,0 +1,243 @@
+//! The command line of cli.md (clap).
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ipguard";
+pub const DEFAULT_SOCKET: &str = "/run/ipguard/ipguard.sock";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/ipguard";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ipguard",
+    version,
+    about = "An IP allowlist firewall enforced at the NIC with XDP",
+    long_about = "ipguard judges every inbound packet by its source address at the network \
+card (XDP), against a YAML policy of allowlists, per-service lists, deny and \
+always_allow entries.\n\nWithout root: `check` and `explain` a policy file.\n\
+With root: `run` the daemon, then `status`."
+)]
+pub struct Cli {
+    /// Log format of the daemon and of errors (text on a terminal, or JSON lines).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    Check(CheckArgs),
+    Explain(ExplainArgs),
+    Run(RunArgs),
+    Apply(ApplyArgs),
+    Confirm(ConfirmArgs),
+    Status(StatusArgs),
+    Events(EventsArgs),
+    Allow(AllowArgs),
+    Revoke(RevokeArgs),
+    Blocked(BlockedArgs),
+    Unload(UnloadArgs),
+}
+
+/// The daemon's control socket.
+#[derive(Debug, Args, Clone)]
+pub struct SocketArg {
+    /// Control socket of the daemon.
+    #[arg(long, env = "IPGUARD_SOCKET", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+}
+
+/// Push a policy file to the running daemon, atomically.
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:\n  ipguard apply new-policy.yaml\n  \
+ipguard apply new-policy.yaml --confirm 60   # rolls back by itself unless `ipguard confirm` follows")]
+pub struct ApplyArgs {
+    /// The policy file.
+    pub file: PathBuf,
+    /// Roll back to the previous policy unless `ipguard confirm` comes
+    /// within this many seconds.
+    #[arg(long, value_name = "SECONDS")]
+    pub confirm: Option<u64>,
+    /// Apply even if it would cut an established SSH session (lockout).
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub sock: SocketArg,
+}
+
+/// Keep the policy pushed with `apply --confirm`.
+#[derive(Debug, Args)]
+#[command(after_help = "Example:\n  ipguard apply new.yaml --confirm 60 && ipguard confirm")]
+pub struct ConfirmArgs {
+    #[command(flatten)]
+    pub sock: SocketArg,
+}
+
+/// The refused-packet events the daemon relayed.
+#[derive(Debug, Args)]
+#[command(after_help = "Example:\n  ipguard events --follow")]
+pub struct EventsArgs {
+    /// Keep printing new events as they come.
+    #[arg(long)]
+    pub follow: bool,
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub sock: SocketArg,
+}
+
+/// Allow a source at runtime (an approved access request), optionally for
+/// a limited time; kept across restarts, never written into the policy file.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Examples:\n  ipguard allow 203.0.113.9 --for 8h --label \"ticket 4711\"\n  \
+ipguard allow 2001:db8:5::/64 --service ssh"
+)]
+pub struct AllowArgs {
+    /// An address or CIDR.
+    pub addr: String,
+    /// How long, e.g. 30m, 8h, 2d (default: until revoked).
+    #[arg(long = "for", value_name = "DURATION")]
+    pub duration: Option<String>,
+    /// Add it to this service's list instead of the host-wide one.
+    #[arg(long)]
+    pub service: Option<String>,
+    #[arg(long)]
+    pub label: Option<String>,
+    #[command(flatten)]
+    pub sock: SocketArg,
+}
+
+/// Remove the runtime entries of an address.
+#[derive(Debug, Args)]
+#[command(after_help = "Example:\n  ipguard revoke 203.0.113.9")]
+pub struct RevokeArgs {
+    pub addr: String,
+    #[command(flatten)]
+    pub sock: SocketArg,
+}
+
+/// The sources refused most, to decide on (see `ipguard allow`).
+#[derive(Debug, Args)]
+#[command(after_help = "Example:\n  ipguard blocked --json")]
+pub struct BlockedArgs {
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub sock: SocketArg,
+}
+
+/// Validate a policy file and summarize what it compiles to.
+#[derive(Debug, Args)]
+#[command(after_help = "Example:\n  ipguard check /etc/ipguard/policy.yaml")]
+pub struct CheckArgs {
+    /// The policy file.
+    pub file: PathBuf,
+    /// Print the result as JSON on stdout (also when the policy is invalid).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Give the verdict of a policy for a packet, with the rule that decided.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Examples:\n  ipguard explain policy.yaml 203.0.113.9 tcp/22\n  \
+printf '203.0.113.9 tcp/22\\n2001:db8::1\\n' | ipguard explain policy.yaml --stdin --json"
+)]
+pub struct ExplainArgs {
+    /// The policy file.
+    pub file: PathBuf,
+    /// Source address of the packet.
+    #[arg(required_unless_present = "stdin", conflicts_with = "stdin")]
+    pub src: Option<String>,
+    /// Protocol and destination port, e.g. tcp/22 (without it: a packet
+    /// that matches no service port).
+    #[arg(conflicts_with = "stdin")]
+    pub port: Option<String>,
+    /// Read one query per line (`SRC [PROTO/PORT]`) and answer one JSON
+    /// object per line.
+    #[arg(long, requires = "json")]
+    pub stdin: bool,
+    /// The moment to judge at (RFC 3339), default now.
+    #[arg(long)]
+    pub at: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum XdpModeArg {
+    /// Native (driver) mode where the driver has it, else generic.
+    Auto,
+    Native,
+    /// Generic (skb) mode: works on every interface, slower.
+    Skb,
+}
+
+/// Where the daemon's kernel objects, socket and state live.
+#[derive(Debug, Args, Clone)]
+pub struct Locations {
+    /// Directory of the pinned maps and links (on a BPF filesystem).
+    #[arg(long, env = "IPGUARD_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+    /// Where the daemon keeps its state (applied policy, runtime entries).
+    #[arg(long, env = "IPGUARD_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+}
+
+/// The daemon: load and attach the XDP program and enforce the policy.
+#[derive(Debug, Args)]
+#[command(after_help = "Example:\n  ipguard run --config /etc/ipguard/policy.yaml --iface eth0")]
+pub struct RunArgs {
+    /// The policy file.
+    #[arg(long, default_value = "/etc/ipguard/policy.yaml")]
+    pub config: PathBuf,
+    /// Interface to protect (repeatable); overrides the policy's `interfaces`.
+    #[arg(long = "iface")]
+    pub ifaces: Vec<String>,
+    #[arg(long, value_enum, default_value_t = XdpModeArg::Auto)]
+    pub xdp_mode: XdpModeArg,
+    #[command(flatten)]
+    pub loc: Locations,
+    #[command(flatten)]
+    pub sock: SocketArg,
+    /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9477.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Start even if the policy would cut an established SSH session.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Show what is enforced and what it has done.
+#[derive(Debug, Args)]
+#[command(after_help = "Example:\n  ipguard status --json")]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub loc: Locations,
+    #[command(flatten)]
+    pub sock: SocketArg,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Detach the XDP program and remove the pinned objects: the only way
+/// protection goes away.
+#[derive(Debug, Args)]
+#[command(after_help = "Example:\n  ipguard unload")]
+pub struct UnloadArgs {
+    #[command(flatten)]
+    pub loc: Locations,
+    #[command(flatten)]
+    pub sock: SocketArg,
+    /// Detach from this interface only (repeatable).
+    #[arg(long = "iface")]
+    pub ifaces: Vec<String>,
+}

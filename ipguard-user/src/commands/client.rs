@@ -1,0 +1,163 @@
+//! Subcommands that talk to the running daemon over its control socket.
+use std::{net::IpAddr, process::ExitCode};
+
+use anyhow::Result;
+use serde_json::Value;
+
+use crate::{
+    cli::{AllowArgs, ApplyArgs, BlockedArgs, ConfirmArgs, EventsArgs, RevokeArgs},
+    control::{Client, Request},
+    daemon::{blocked::EventLine, parse_net},
+    error::CliError,
+    runtime::parse_duration,
+};
+
+pub fn apply(args: &ApplyArgs) -> Result<ExitCode> {
+    let text = std::fs::read_to_string(&args.file)
+        .map_err(|e| CliError::refused(format!("cannot read {}: {e}", args.file.display())))?;
+    let path = std::fs::canonicalize(&args.file).unwrap_or_else(|_| args.file.clone());
+    let mut c = Client::connect(&args.sock.socket)?;
+    let data = c.call(&Request::Apply {
+        path: path.display().to_string(),
+        text,
+        confirm_secs: args.confirm,
+        force: args.force,
+    })?;
+    for w in data["warnings"].as_array().into_iter().flatten() {
+        eprintln!("warning: {}", w.as_str().unwrap_or_default());
+    }
+    println!(
+        "applied {} (generation {}, {} IPv4 and {} IPv6 prefixes)",
+        args.file.display(),
+        data["generation"],
+        data["prefixes"]["ipv4"],
+        data["prefixes"]["ipv6"]
+    );
+    if let Some(secs) = args.confirm {
+        println!(
+            "run `ipguard confirm` within {secs} s to keep it; otherwise the previous policy comes back"
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn confirm(args: &ConfirmArgs) -> Result<ExitCode> {
+    Client::connect(&args.sock.socket)?.call(&Request::Confirm {})?;
+    println!("confirmed: the applied policy stays");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_event(e: &EventLine, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(e)?);
+    } else {
+        let port = e.dport.map(|p| format!("/{p}")).unwrap_or_default();
+        let svc = e
+            .service
+            .as_deref()
+            .map(|s| format!(" service {s}"))
+            .unwrap_or_default();
+        let sup = if e.suppressed > 0 {
+            format!(" (+{} suppressed)", e.suppressed)
+        } else {
+            String::new()
+        };
+        println!(
+            "{} {} {} -> {}{}{} {} ({}){}",
+            e.time, e.iface, e.src, e.protocol, port, svc, e.verdict, e.reason, sup
+        );
+    }
+    Ok(())
+}
+
+pub fn events(args: &EventsArgs) -> Result<ExitCode> {
+    let mut c = Client::connect(&args.sock.socket)?;
+    let data = c.call(&Request::Events {
+        follow: args.follow,
+    })?;
+    let list: Vec<EventLine> = serde_json::from_value(data)
+        .map_err(|e| CliError::system(format!("malformed answer: {e}")))?;
+    for e in &list {
+        print_event(e, args.json)?;
+    }
+    if args.follow {
+        while let Some(line) = c.read_line()? {
+            match serde_json::from_str::<EventLine>(&line) {
+                Ok(e) => print_event(&e, args.json)?,
+                Err(_) => eprintln!("ipguard: {line}"),
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn allow(args: &AllowArgs) -> Result<ExitCode> {
+    parse_net(&args.addr).map_err(CliError::refused)?;
+    let for_secs = match &args.duration {
+        Some(d) => Some(parse_duration(d).map_err(CliError::usage)?.as_secs()),
+        None => None,
+    };
+    let data = Client::connect(&args.sock.socket)?.call(&Request::Allow {
+        addr: args.addr.clone(),
+        for_secs,
+        service: args.service.clone(),
+        label: args.label.clone(),
+    })?;
+    let until = data["until"]
+        .as_str()
+        .map(|u| format!(" until {u}"))
+        .unwrap_or_else(|| " until revoked".into());
+    let scope = args
+        .service
+        .as_deref()
+        .map(|s| format!("service {s}"))
+        .unwrap_or_else(|| "the host-wide list".into());
+    println!(
+        "allowed {} in {scope}{until}",
+        data["addr"].as_str().unwrap_or(&args.addr)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn revoke(args: &RevokeArgs) -> Result<ExitCode> {
+    parse_net(&args.addr).map_err(CliError::refused)?;
+    Client::connect(&args.sock.socket)?.call(&Request::Revoke {
+        addr: args.addr.clone(),
+    })?;
+    println!("revoked {}", args.addr);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn blocked(args: &BlockedArgs) -> Result<ExitCode> {
+    let data = Client::connect(&args.sock.socket)?.call(&Request::Blocked {})?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&data)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let list = data.as_array().cloned().unwrap_or_default();
+    if list.is_empty() {
+        println!("no refused sources seen since the daemon started");
+    }
+    for b in list {
+        let src: IpAddr = serde_json::from_value(b["src"].clone())
+            .map_err(|e| CliError::system(e.to_string()))?;
+        let svc = b["service"]
+            .as_str()
+            .map(|s| format!(" service {s}"))
+            .unwrap_or_default();
+        println!(
+            "{:>8}  {src:<39} first {} last {}{svc}   (approve: ipguard allow {src} --for 8h)",
+            b["count"],
+            b["first_seen"].as_str().unwrap_or(""),
+            b["last_seen"].as_str().unwrap_or(""),
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `status` through the daemon; None when no daemon answers.
+pub fn status_from_daemon(socket: &std::path::Path) -> Option<Value> {
+    let mut c = Client::connect(socket).ok()?;
+    c.set_timeout(Some(std::time::Duration::from_secs(10)));
+    c.call(&Request::Status {}).ok()
+}

@@ -1,0 +1,173 @@
+//! `ipguard run`: the daemon.
+use std::{fs::File, path::Path, process::ExitCode, sync::Arc};
+
+use anyhow::{Context, Result};
+use tokio::sync::{Mutex, broadcast, mpsc};
+
+use crate::{
+    cli::RunArgs,
+    daemon::{self, Daemon, Source, blocked::Blocked, server, watch},
+    datapath::{self, Capacities, Datapath},
+    error::{CliError, Diagnostics},
+    metrics::Metrics,
+    policy,
+    runtime::RuntimeStore,
+    state::Attached,
+};
+
+pub fn run(args: &RunArgs) -> Result<ExitCode> {
+    let loaded = load_policy(&args.config)?;
+    let ifaces = if args.ifaces.is_empty() {
+        loaded.policy.interfaces.clone()
+    } else {
+        args.ifaces.clone()
+    };
+    if ifaces.is_empty() {
+        return Err(CliError::usage(
+            "no interface to protect: pass --iface IF or set `interfaces:` in the policy",
+        )
+        .into());
+    }
+    let sys = |e: datapath::DatapathError| CliError::system(e.to_string());
+    datapath::ensure_root().map_err(sys)?;
+    for i in &ifaces {
+        datapath::if_index(i).map_err(sys)?;
+    }
+    datapath::ensure_bpffs(&args.loc.pin_dir).map_err(sys)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(start(args, loaded, ifaces))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Reads and validates a policy file; its diagnostics are logged one per
+/// line, and an invalid file is refused (exit 1).
+fn load_policy(path: &Path) -> Result<policy::LoadedPolicy> {
+    match policy::load_file(path) {
+        Ok(loaded) => {
+            for w in &loaded.warnings {
+                tracing::warn!("{w}");
+            }
+            Ok(loaded)
+        }
+        Err(errors) => Err(Diagnostics(errors.to_string()).into()),
+    }
+}
+
+/// One daemon per pin directory: an exclusive lock on the directory itself,
+/// held for the life of the process (released by the kernel even on kill -9).
+fn lock_pin_dir(dir: &Path) -> Result<nix::fcntl::Flock<File>> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    let f = File::open(dir).with_context(|| format!("cannot open {}", dir.display()))?;
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|_| {
+        CliError::system(format!(
+            "another `ipguard run` is already running on {}: stop it first (systemctl stop ipguard), or give this one its own --pin-dir",
+            dir.display()
+        ))
+        .into()
+    })
+}
+
+async fn start(args: &RunArgs, loaded: policy::LoadedPolicy, ifaces: Vec<String>) -> Result<()> {
+    let _lock = lock_pin_dir(&args.loc.pin_dir)?;
+    let listener = server::bind(&args.sock.socket)?;
+    let runtime = RuntimeStore::load(&args.loc.state_dir)?;
+    let caps = Capacities::default();
+    let dp =
+        Datapath::load(&args.loc.pin_dir, caps).map_err(|e| CliError::system(e.to_string()))?;
+    let (events_tx, _) = broadcast::channel(1024);
+    let mut d = Daemon {
+        config: args.config.clone(),
+        state_dir: args.loc.state_dir.clone(),
+        caps,
+        attached: Vec::new(),
+        dp,
+        current: Source {
+            path: args.config.clone(),
+            sha256: String::new(),
+            policy: loaded.policy.clone(),
+        },
+        compiled: Default::default(),
+        runtime,
+        pending: None,
+        metrics: Arc::new(Mutex::new(Metrics::new())),
+        blocked: Arc::new(Mutex::new(Blocked::default())),
+        events_tx: events_tx.clone(),
+    };
+    // The policy goes in before the program is attached: a fresh install
+    // never passes a packet the policy would refuse.
+    let src = Source {
+        path: args.config.clone(),
+        sha256: loaded.sha256,
+        policy: loaded.policy,
+    };
+    d.install(src, args.force, "start")?;
+    for iface in &ifaces {
+        let (mode, adopted) =
+            d.dp.attach(iface, args.xdp_mode)
+                .map_err(|e| CliError::system(e.to_string()))?;
+        if adopted {
+            tracing::info!(%iface, mode = mode.as_str(), "took over the running datapath without a gap");
+        } else {
+            tracing::info!(%iface, mode = mode.as_str(), "attached");
+        }
+        d.attached.push(Attached {
+            iface: iface.clone(),
+            mode,
+        });
+    }
+    d.record()?;
+    d.metrics.lock().await.reload(true);
+
+    let (calls_tx, calls_rx) = mpsc::channel(64);
+    let (file_tx, file_rx) = mpsc::channel(1);
+    let (ev_tx, ev_rx) = mpsc::channel(4096);
+    let _watcher = watch::watch(&args.config, file_tx)?;
+    tokio::spawn(server::serve(listener, calls_tx, events_tx));
+    crate::events::spawn_reader(&args.loc.pin_dir, ev_tx)?;
+    if let Some(addr) = args.metrics {
+        let maps = crate::datapath::Maps::open(&args.loc.pin_dir)
+            .map_err(|e| CliError::system(e.to_string()))?;
+        let state_dir = args.loc.state_dir.clone();
+        let metrics = d.metrics.clone();
+        // The metrics task reads counters through its own handles on the
+        // pinned maps; names come from the last applied record.
+        let refresh = move || {
+            let names = crate::state::read_applied(&state_dir)?;
+            let compiled = crate::policy::CompiledPolicy {
+                services: names
+                    .services
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| crate::policy::ServiceInfo {
+                        index: (i + 1) as u8,
+                        name: n.clone(),
+                        has_own_list: true,
+                    })
+                    .collect(),
+                ..Default::default()
+            };
+            daemon::snapshot(&maps, &compiled)
+        };
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| CliError::system(format!("cannot listen on --metrics {addr}: {e}")))?;
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve_on(listener, metrics, refresh).await {
+                tracing::error!("metrics: {e:#}");
+            }
+        });
+    }
+    let socket = args.sock.socket.clone();
+    let r = d.serve(calls_rx, file_rx, ev_rx).await;
+    let _ = std::fs::remove_file(&socket);
+    r
+}

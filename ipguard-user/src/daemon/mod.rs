@@ -1,0 +1,501 @@
+//! The daemon's state and its one event loop.
+//!
+//! One task owns the datapath and the policy; the control socket, the file
+//! watcher, the event relay and the timers talk to it through channels, so
+//! policy changes are serialized without locks around kernel objects.
+
+pub mod blocked;
+pub mod server;
+pub mod watch;
+
+use std::{
+    net::IpAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::Result;
+use ipguard_common::*;
+use serde_json::json;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::{Mutex, broadcast, mpsc, oneshot},
+};
+
+use crate::{
+    control::{Request, Response},
+    datapath::{Capacities, Datapath},
+    error::{CliError, Exit},
+    metrics::{Metrics, Snapshot},
+    policy::{self, CompiledPolicy, Explainer, Proto},
+    runtime::RuntimeStore,
+    sessions,
+    state::{self, AppliedState, Attached},
+};
+
+use blocked::{Blocked, EventLine};
+
+/// A control request with the channel its answer goes back on.
+pub struct Call {
+    pub req: Request,
+    pub reply: oneshot::Sender<Response>,
+}
+
+/// Where the current policy came from.
+#[derive(Clone, Debug)]
+pub struct Source {
+    pub path: PathBuf,
+    pub sha256: String,
+    pub policy: policy::Policy,
+}
+
+/// An `apply --confirm` waiting for `ipguard confirm`.
+pub(crate) struct Pending {
+    previous: Source,
+    deadline: Instant,
+}
+
+pub struct Daemon {
+    pub config: PathBuf,
+    pub state_dir: PathBuf,
+    pub caps: Capacities,
+    pub attached: Vec<Attached>,
+    pub dp: Datapath,
+    pub current: Source,
+    pub compiled: CompiledPolicy,
+    pub runtime: RuntimeStore,
+    pub(crate) pending: Option<Pending>,
+    pub metrics: Arc<Mutex<Metrics>>,
+    pub blocked: Arc<Mutex<Blocked>>,
+    pub events_tx: broadcast::Sender<EventLine>,
+}
+
+/// Sessions a policy would cut: (SSH ones, others).
+pub type Cuts = (Vec<sessions::Session>, Vec<sessions::Session>);
+
+/// policy.md §7: established inbound TCP sessions whose source the new
+/// policy refuses. SSH means port 22 or the ports of a service named `ssh`.
+pub fn lockout_check(compiled: &CompiledPolicy) -> Cuts {
+    let list = match sessions::inbound_sessions() {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!("cannot read established sessions for the lockout guard: {e}");
+            return (Vec::new(), Vec::new());
+        }
+    };
+    let ssh_index = compiled
+        .services
+        .iter()
+        .find(|s| s.name == "ssh")
+        .map(|s| s.index);
+    let is_ssh = |port: u16| {
+        port == 22
+            || ssh_index.is_some_and(|i| {
+                compiled.ports.iter().any(|r| {
+                    r.service == i && r.proto == Proto::Tcp && (r.first..=r.last).contains(&port)
+                })
+            })
+    };
+    let ex = Explainer::new(compiled);
+    let mut ssh = Vec::new();
+    let mut other = Vec::new();
+    for s in list {
+        let e = ex.explain(s.remote, Some((Proto::Tcp, s.local_port)));
+        if e.refuses() {
+            if is_ssh(s.local_port) {
+                ssh.push(s);
+            } else {
+                other.push(s);
+            }
+        }
+    }
+    (ssh, other)
+}
+
+fn describe(list: &[sessions::Session]) -> String {
+    list.iter()
+        .map(|s| format!("{} -> port {}", s.remote, s.local_port))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl Daemon {
+    /// Compiles `src` with the runtime entries at `now`, checks it against
+    /// established sessions and writes it into the datapath.
+    pub fn install(
+        &mut self,
+        src: Source,
+        force: bool,
+        why: &str,
+    ) -> Result<serde_json::Value, CliError> {
+        let compiled = policy::compile(
+            &src.policy,
+            SystemTime::now(),
+            &self.runtime.policy_entries(),
+        );
+        let (ssh, other) = lockout_check(&compiled);
+        if !ssh.is_empty() && !force {
+            return Err(CliError::refused(format!(
+                "refused: {} would cut established SSH sessions from {} (lockout); allow those sources or use --force",
+                src.path.display(),
+                describe(&ssh)
+            )));
+        }
+        for s in ssh.iter().chain(&other) {
+            tracing::warn!(source = %s.remote, port = s.local_port, "the new policy cuts this established session");
+        }
+        let stats = self
+            .dp
+            .maps
+            .apply(&compiled, Some(self.caps))
+            .map_err(|e| CliError::system(e.to_string()))?;
+        tracing::info!(
+            policy = %src.path.display(),
+            sha256 = %src.sha256,
+            generation = stats.generation,
+            ipv4 = stats.v4,
+            ipv6 = stats.v6,
+            runtime_entries = self.runtime.entries.len(),
+            "{why}: policy applied"
+        );
+        self.compiled = compiled;
+        self.current = src;
+        if let Err(e) = self.record() {
+            tracing::warn!("{e:#}");
+        }
+        Ok(json!({
+            "generation": stats.generation,
+            "prefixes": {"ipv4": stats.v4, "ipv6": stats.v6},
+            "sha256": self.current.sha256,
+            "cut_sessions": (ssh.len() + other.len()),
+            "warnings": other.iter().map(|s| format!("cuts the established session {} -> port {}", s.remote, s.local_port)).collect::<Vec<_>>(),
+        }))
+    }
+
+    pub fn record(&self) -> Result<()> {
+        let slot = self.dp.maps.active_slot()?;
+        let generation = self.dp.maps.config(slot)?.generation;
+        let st = AppliedState::describe(
+            &self.compiled,
+            &self.current.path,
+            &self.current.sha256,
+            generation,
+            slot,
+            self.attached.clone(),
+        );
+        state::write_applied(&self.state_dir, &st)?;
+        if let Ok(m) = self.metrics.try_lock() {
+            m.set_policy(
+                &self.current.path.display().to_string(),
+                &self.current.sha256,
+            );
+        }
+        Ok(())
+    }
+
+    async fn count_reload(&self, ok: bool) {
+        self.metrics.lock().await.reload(ok);
+    }
+
+    /// Re-reads the policy file (a change on disk, SIGHUP). An invalid or
+    /// locking-out file is refused and the running policy stays.
+    async fn reload_file(&mut self, why: &str) {
+        let loaded = match policy::load_file(&self.config) {
+            Ok(l) => l,
+            Err(errs) => {
+                for line in errs.to_string().lines() {
+                    tracing::error!("{line}");
+                }
+                tracing::error!(
+                    "{why}: {} is invalid; the running policy stays in force",
+                    self.config.display()
+                );
+                self.count_reload(false).await;
+                return;
+            }
+        };
+        if loaded.sha256 == self.current.sha256 && self.current.path == self.config {
+            return;
+        }
+        for w in &loaded.warnings {
+            tracing::warn!("{w}");
+        }
+        // A new file on disk supersedes a pending `apply --confirm`.
+        self.pending = None;
+        let src = Source {
+            path: self.config.clone(),
+            sha256: loaded.sha256,
+            policy: loaded.policy,
+        };
+        match self.install(src, false, why) {
+            Ok(_) => self.count_reload(true).await,
+            Err(e) => {
+                tracing::error!("{why}: {e}; the running policy stays in force");
+                self.count_reload(false).await;
+            }
+        }
+    }
+
+    /// Recompiles the current policy (time edge, runtime entry change).
+    async fn refresh(&mut self, why: &str) {
+        match self.runtime.expire(SystemTime::now()) {
+            Ok(gone) => {
+                for e in gone {
+                    tracing::info!(addr = %e.addr, "runtime entry expired");
+                }
+            }
+            Err(e) => tracing::error!("runtime entries: {e:#}"),
+        }
+        let src = self.current.clone();
+        // Time and revocations are the operator's decisions: never refused.
+        if let Err(e) = self.install(src, true, why) {
+            tracing::error!("{why}: {e}");
+            self.count_reload(false).await;
+        }
+    }
+
+    fn next_wakeup(&self) -> Option<Instant> {
+        let now_sys = SystemTime::now();
+        let now = Instant::now();
+        let to_instant = |t: SystemTime| now + t.duration_since(now_sys).unwrap_or_default();
+        [
+            self.compiled.next_change.map(to_instant),
+            self.runtime.next_expiry().map(to_instant),
+            self.pending.as_ref().map(|p| p.deadline),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    async fn handle(&mut self, req: Request) -> Response {
+        match req {
+            Request::Status {} => {
+                match crate::commands::status::collect(&self.dp.maps, &self.state_dir) {
+                    Ok(mut st) => {
+                        st.top_blocked = self.blocked.lock().await.top(10);
+                        st.runtime_entries = self.runtime.entries.len();
+                        Response::ok(serde_json::to_value(st).unwrap_or_default())
+                    }
+                    Err(e) => Response::err(Exit::System, format!("{e:#}")),
+                }
+            }
+            Request::Apply {
+                path,
+                text,
+                confirm_secs,
+                force,
+            } => {
+                let loaded = match policy::parse_str(&path, &text) {
+                    Ok(l) => l,
+                    Err(errs) => {
+                        return Response::err(
+                            Exit::Refused,
+                            errs.to_string().trim_end().replace('\n', "; "),
+                        );
+                    }
+                };
+                let previous = self.current.clone();
+                let src = Source {
+                    path: PathBuf::from(&path),
+                    sha256: loaded.sha256,
+                    policy: loaded.policy,
+                };
+                match self.install(src, force, "apply") {
+                    Ok(mut data) => {
+                        self.count_reload(true).await;
+                        if let Some(secs) = confirm_secs {
+                            // Keep the oldest good policy if applies stack up.
+                            let previous =
+                                self.pending.take().map(|p| p.previous).unwrap_or(previous);
+                            self.pending = Some(Pending {
+                                previous,
+                                deadline: Instant::now() + Duration::from_secs(secs),
+                            });
+                            tracing::info!(
+                                "applied; rolls back in {secs} s unless `ipguard confirm`"
+                            );
+                            data["confirm_within_secs"] = json!(secs);
+                        } else {
+                            self.pending = None;
+                        }
+                        data["warnings"] = json!(
+                            data["warnings"]
+                                .as_array()
+                                .cloned()
+                                .unwrap_or_default()
+                                .into_iter()
+                                .chain(loaded.warnings.iter().map(|w| json!(w.to_string())))
+                                .collect::<Vec<_>>()
+                        );
+                        Response::ok(data)
+                    }
+                    Err(e) => {
+                        self.count_reload(false).await;
+                        Response::err(e.exit, e.message)
+                    }
+                }
+            }
+            Request::Confirm {} => match self.pending.take() {
+                Some(_) => {
+                    tracing::info!("policy confirmed");
+                    Response::ok(json!({"confirmed": true}))
+                }
+                None => Response::err(
+                    Exit::Refused,
+                    "nothing to confirm: no `apply --confirm` is pending",
+                ),
+            },
+            Request::Events { .. } => Response::ok(json!(self.blocked.lock().await.recent())),
+            Request::Blocked {} => Response::ok(json!(self.blocked.lock().await.top(usize::MAX))),
+            Request::Allow {
+                addr,
+                for_secs,
+                service,
+                label,
+            } => {
+                let net = match parse_net(&addr) {
+                    Ok(n) => n,
+                    Err(e) => return Response::err(Exit::Refused, e),
+                };
+                if let Some(s) = &service
+                    && !self.compiled.services.iter().any(|x| &x.name == s)
+                {
+                    return Response::err(
+                        Exit::Refused,
+                        format!(
+                            "unknown service {s:?}: the policy defines {}",
+                            self.compiled
+                                .services
+                                .iter()
+                                .map(|x| x.name.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    );
+                }
+                let rec = match self.runtime.allow(
+                    net,
+                    for_secs.map(Duration::from_secs),
+                    service,
+                    label,
+                    SystemTime::now(),
+                ) {
+                    Ok(r) => r,
+                    Err(e) => return Response::err(Exit::System, format!("{e:#}")),
+                };
+                tracing::info!(addr = %rec.addr, until = ?rec.until, "runtime allow");
+                self.refresh("runtime allow").await;
+                Response::ok(json!(rec))
+            }
+            Request::Revoke { addr } => {
+                let net = match parse_net(&addr) {
+                    Ok(n) => n,
+                    Err(e) => return Response::err(Exit::Refused, e),
+                };
+                match self.runtime.revoke(net) {
+                    Ok(0) => Response::err(
+                        Exit::Refused,
+                        format!(
+                            "{addr} has no runtime entry (see `ipguard status`); entries of the policy file are changed in the file"
+                        ),
+                    ),
+                    Ok(n) => {
+                        tracing::info!(addr = %net, "runtime entry revoked");
+                        self.refresh("runtime revoke").await;
+                        Response::ok(json!({"revoked": n}))
+                    }
+                    Err(e) => Response::err(Exit::System, format!("{e:#}")),
+                }
+            }
+        }
+    }
+
+    /// Runs until SIGTERM or SIGINT. The datapath stays attached after.
+    pub async fn serve(
+        mut self,
+        mut calls: mpsc::Receiver<Call>,
+        mut file_changes: mpsc::Receiver<()>,
+        mut events: mpsc::Receiver<DropEvent>,
+    ) -> Result<()> {
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        loop {
+            let wake = self.next_wakeup();
+            let timer = async {
+                match wake {
+                    Some(t) => tokio::time::sleep_until(t.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = hup.recv() => self.reload_file("SIGHUP").await,
+                Some(()) = file_changes.recv() => {
+                    // Editors and ConfigMap swaps write in several steps:
+                    // let them settle, then read once.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    while file_changes.try_recv().is_ok() {}
+                    self.reload_file("policy file changed").await;
+                }
+                Some(call) = calls.recv() => {
+                    let resp = self.handle(call.req).await;
+                    let _ = call.reply.send(resp);
+                }
+                Some(ev) = events.recv() => self.relay(ev).await,
+                _ = timer => {
+                    if let Some(p) = self.pending.take_if(|p| p.deadline <= Instant::now()) {
+                        tracing::warn!("no `ipguard confirm` in time: rolling back to {}", p.previous.path.display());
+                        if let Err(e) = self.install(p.previous, true, "rollback") {
+                            tracing::error!("rollback failed: {e}");
+                        }
+                    } else {
+                        self.refresh("time edge").await;
+                    }
+                }
+            }
+        }
+        tracing::info!(
+            "exiting; the datapath stays attached and enforcing until `ipguard unload` or the next `ipguard run`"
+        );
+        Ok(())
+    }
+
+    async fn relay(&mut self, ev: DropEvent) {
+        let line = EventLine::from_event(&ev, &self.compiled);
+        // One JSON object per line on stdout: the daemon's event stream.
+        if let Ok(text) = serde_json::to_string(&line) {
+            println!("{text}");
+        }
+        self.blocked.lock().await.record(&line);
+        let _ = self.events_tx.send(line);
+    }
+
+    pub fn snapshot(&self) -> Option<Snapshot> {
+        snapshot(&self.dp.maps, &self.compiled)
+    }
+}
+
+pub fn snapshot(maps: &crate::datapath::Maps, compiled: &CompiledPolicy) -> Option<Snapshot> {
+    let counters = maps.counters().ok()?;
+    let per = maps.service_counters().ok()?;
+    let mut services = vec![("(none)".to_string(), per[0].0, per[0].1)];
+    for s in &compiled.services {
+        if let Some((p, r)) = per.get(s.index as usize) {
+            services.push((s.name.clone(), *p, *r));
+        }
+    }
+    Some(Snapshot { counters, services })
+}
+
+pub fn parse_net(s: &str) -> Result<ipnet::IpNet, String> {
+    if let Ok(n) = s.parse::<ipnet::IpNet>() {
+        return Ok(n.trunc());
+    }
+    s.parse::<IpAddr>().map(ipnet::IpNet::from).map_err(|_| {
+        format!("{s:?} is not an IP address or CIDR (e.g. 203.0.113.9 or 2001:db8::/64)")
+    })
+}

@@ -1,0 +1,33 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+use ipguard::{
+    cli::{Cli, Command},
+    commands,
+    error::{exit_code_of, report},
+};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    commands::init_logging(cli.log_format);
+    let result = match &cli.command {
+        Command::Check(a) => commands::check::run(a),
+        Command::Explain(a) => commands::explain::run(a),
+        Command::Run(a) => commands::run::run(a),
+        Command::Apply(a) => commands::client::apply(a),
+        Command::Confirm(a) => commands::client::confirm(a),
+        Command::Events(a) => commands::client::events(a),
+        Command::Allow(a) => commands::client::allow(a),
+        Command::Revoke(a) => commands::client::revoke(a),
+        Command::Blocked(a) => commands::client::blocked(a),
+        Command::Status(a) => commands::status::run(a),
+        Command::Unload(a) => commands::unload::run(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            report(&err);
+            exit_code_of(&err).into()
+        }
+    }
+}

@@ -1,0 +1,313 @@
+//! `ipguard run --metrics ADDR`: a Prometheus text endpoint.
+//!
+//! Datapath counters live in per-CPU maps; at each scrape they are read and
+//! the registry's counters advanced by the difference, so the exported
+//! series are true counters (monotonic, reset only when the datapath is
+//! unloaded). The HTTP side is a few lines on tokio: one GET route does not
+//! justify a web framework in a firewall daemon.
+
+use std::{collections::HashMap, sync::Arc};
+
+use anyhow::Result;
+use ipguard_common::*;
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+    sync::Mutex,
+};
+
+use crate::commands::status::{reason_name, verdict_name};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PacketLabels {
+    verdict: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabels {
+    service: String,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PolicyLabels {
+    sha256: String,
+    path: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    outcome: &'static str,
+}
+
+/// What the datapath counted, as read from the maps.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    /// Indexed like `IPG_COUNTERS`.
+    pub counters: Vec<u64>,
+    /// (service name, passed, refused).
+    pub services: Vec<(String, u64, u64)>,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    packets: Family<PacketLabels, Counter>,
+    services: Family<ServiceLabels, Counter>,
+    events: Family<EventLabels, Counter>,
+    reloads: Family<ResultLabels, Counter>,
+    policy: Family<PolicyLabels, Gauge>,
+    last: HashMap<String, u64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("ipguard");
+        let packets = Family::<PacketLabels, Counter>::default();
+        let services = Family::<ServiceLabels, Counter>::default();
+        let events = Family::<EventLabels, Counter>::default();
+        let reloads = Family::<ResultLabels, Counter>::default();
+        let policy = Family::<PolicyLabels, Gauge>::default();
+        registry.register(
+            "packets",
+            "Packets judged by the XDP program, by verdict and reason",
+            packets.clone(),
+        );
+        registry.register(
+            "service_packets",
+            "Packets per service, passed or refused",
+            services.clone(),
+        );
+        registry.register(
+            "events",
+            "Refused-packet events: relayed to user space, suppressed by the per-source or global limit, lost",
+            events.clone(),
+        );
+        registry.register(
+            "policy_reloads",
+            "Policy loads (file change, SIGHUP, apply, time edge) by result",
+            reloads.clone(),
+        );
+        registry.register(
+            "policy_info",
+            "The applied policy (value 1), its content hash as a label",
+            policy.clone(),
+        );
+        Self {
+            registry,
+            packets,
+            services,
+            events,
+            reloads,
+            policy,
+            last: HashMap::new(),
+        }
+    }
+
+    fn advance(&mut self, key: String, now: u64, counter: &Counter) {
+        let before = self.last.insert(key, now).unwrap_or(0);
+        // A smaller value means the datapath was reloaded from scratch:
+        // count everything it has seen since.
+        let delta = if now >= before { now - before } else { now };
+        counter.inc_by(delta);
+    }
+
+    pub fn update(&mut self, snap: &Snapshot) {
+        for v in 0..VERDICT_COUNT as u8 {
+            for r in 0..REASON_SLOTS as u8 {
+                let Some(&n) = snap.counters.get(counter_index(v, r) as usize) else {
+                    continue;
+                };
+                if n == 0 && !self.last.contains_key(&format!("p{v}/{r}")) {
+                    continue;
+                }
+                let c = self.packets.get_or_create_owned(&PacketLabels {
+                    verdict: verdict_name(v),
+                    reason: reason_name(r),
+                });
+                self.advance(format!("p{v}/{r}"), n, &c);
+            }
+        }
+        for (idx, outcome) in [
+            (COUNTER_EVENTS_SENT, "relayed"),
+            (COUNTER_EVENTS_SUPPRESSED_SOURCE, "suppressed_per_source"),
+            (COUNTER_EVENTS_SUPPRESSED_GLOBAL, "suppressed_global"),
+            (COUNTER_EVENTS_LOST, "lost"),
+        ] {
+            let n = snap.counters.get(idx as usize).copied().unwrap_or(0);
+            let c = self.events.get_or_create_owned(&EventLabels { outcome });
+            self.advance(format!("e{idx}"), n, &c);
+        }
+        for (name, passed, refused) in &snap.services {
+            for (result, n) in [("passed", *passed), ("refused", *refused)] {
+                let c = self.services.get_or_create_owned(&ServiceLabels {
+                    service: name.clone(),
+                    result,
+                });
+                self.advance(format!("s{name}/{result}"), n, &c);
+            }
+        }
+    }
+
+    pub fn reload(&self, ok: bool) {
+        self.reloads
+            .get_or_create(&ResultLabels {
+                result: if ok { "success" } else { "failure" },
+            })
+            .inc();
+    }
+
+    pub fn set_policy(&self, path: &str, sha256: &str) {
+        self.policy.clear();
+        self.policy
+            .get_or_create(&PolicyLabels {
+                sha256: sha256.to_string(),
+                path: path.to_string(),
+            })
+            .set(1);
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Serves GET /metrics on a bound listener; `refresh` is called before
+/// each scrape to read the datapath.
+pub async fn serve_on<F>(
+    listener: TcpListener,
+    metrics: Arc<Mutex<Metrics>>,
+    refresh: F,
+) -> Result<()>
+where
+    F: Fn() -> Option<Snapshot> + Send + Sync + 'static,
+{
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "serving Prometheus metrics on /metrics");
+    }
+    let refresh = Arc::new(refresh);
+    loop {
+        let (mut sock, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("metrics accept: {e}");
+                continue;
+            }
+        };
+        let metrics = metrics.clone();
+        let refresh = refresh.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let mut len = 0;
+            // Read the request head, bounded in size and time.
+            let head = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                while len < buf.len() {
+                    let n = sock.read(&mut buf[len..]).await.ok()?;
+                    if n == 0 {
+                        return None;
+                    }
+                    len += n;
+                    if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                        return Some(());
+                    }
+                }
+                None
+            })
+            .await;
+            if !matches!(head, Ok(Some(()))) {
+                return;
+            }
+            let req = String::from_utf8_lossy(&buf[..len]);
+            let (status, body) = if req.starts_with("GET /metrics ") || req.starts_with("GET / ") {
+                let snap = (refresh)();
+                let mut m = metrics.lock().await;
+                if let Some(s) = snap {
+                    m.update(&s);
+                }
+                ("200 OK", m.render())
+            } else {
+                (
+                    "404 Not Found",
+                    "only /metrics is served here\n".to_string(),
+                )
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = sock.write_all(resp.as_bytes()).await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_advance_by_deltas_and_survive_resets() {
+        let mut m = Metrics::new();
+        let mut counters = vec![0u64; COUNTER_LEN as usize];
+        counters[counter_index(VERDICT_DROP, REASON_NOT_ALLOWED) as usize] = 5;
+        counters[COUNTER_EVENTS_LOST as usize] = 2;
+        let mut snap = Snapshot {
+            counters: counters.clone(),
+            services: vec![("ssh".into(), 3, 1)],
+        };
+        m.update(&snap);
+        snap.counters[counter_index(VERDICT_DROP, REASON_NOT_ALLOWED) as usize] = 8;
+        m.update(&snap);
+        m.set_policy("/etc/ipguard/policy.yaml", "abc123");
+        m.reload(true);
+        m.reload(false);
+        let text = m.render();
+        assert!(
+            text.contains(r#"ipguard_packets_total{verdict="drop",reason="not_allowed"} 8"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"ipguard_events_total{outcome="lost"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"ipguard_service_packets_total{service="ssh",result="passed"} 3"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"ipguard_policy_info{sha256="abc123",path="/etc/ipguard/policy.yaml"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"ipguard_policy_reloads_total{result="failure"} 1"#),
+            "{text}"
+        );
+        // The datapath was reloaded: counts restart from 2.
+        snap.counters[counter_index(VERDICT_DROP, REASON_NOT_ALLOWED) as usize] = 2;
+        m.update(&snap);
+        assert!(
+            m.render()
+                .contains(r#"ipguard_packets_total{verdict="drop",reason="not_allowed"} 10"#)
+        );
+    }
+}

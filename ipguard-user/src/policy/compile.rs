@@ -1,0 +1,359 @@
+//! The compiler: a policy and a moment in time in, the exact contents of
+//! the datapath maps out.
+//!
+//! An LPM trie answers with the most specific prefix only, so each prefix's
+//! value must already say what every prefix containing it says. The
+//! compiler sorts all prefixes of all active entries by (address, length):
+//! a prefix then comes after every prefix that contains it, and the
+//! containing prefixes of the current one are exactly a stack that a single
+//! sweep maintains. Each prefix ORs its own bits into the bits of the top of
+//! that stack. O(n log n) for the sort, O(n) for the sweep.
+
+use std::time::SystemTime;
+
+use ipguard_common::*;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use jiff::Timestamp;
+
+use super::{
+    CompiledPolicy, EntryInfo, ListKind, Owner, PortRange, Provenance, ServiceInfo,
+    model::{Action, Entry, Mode, Policy, Scope},
+};
+
+/// Owner list ids (see [`Owner::list`]): 0 the host-wide `allow`, 1..=63 a
+/// service's list, then these two.
+pub const LIST_DENY: u8 = 64;
+pub const LIST_ALWAYS_ALLOW: u8 = 65;
+
+/// A runtime entry (policy.md §6), merged into the host-wide `allow`, or
+/// into the list of service `service`.
+///
+/// For a service without a list of its own, the entry extends what the
+/// service inherits: the service then allows the host-wide list plus its
+/// runtime entries, and other services are unaffected. A runtime entry
+/// naming a service the current policy does not define is kept by the
+/// daemon but compiles to nothing until such a service exists again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuntimeEntry {
+    pub net: IpNet,
+    pub service: Option<String>,
+    pub label: Option<String>,
+    pub until: Option<SystemTime>,
+}
+
+pub(crate) fn timestamp(t: SystemTime) -> Timestamp {
+    Timestamp::try_from(t).unwrap_or(if t < SystemTime::UNIX_EPOCH {
+        Timestamp::MIN
+    } else {
+        Timestamp::MAX
+    })
+}
+
+/// The order in which owners of one exact prefix claim `PrefixValue::entry`:
+/// always_allow, deny, the host-wide allow, then services by index.
+fn rank(list: u8) -> u8 {
+    match list {
+        LIST_ALWAYS_ALLOW => 0,
+        LIST_DENY => 1,
+        s => s + 2,
+    }
+}
+
+fn unrank(r: u8) -> u8 {
+    match r {
+        0 => LIST_ALWAYS_ALLOW,
+        1 => LIST_DENY,
+        r => r - 2,
+    }
+}
+
+/// An address family's prefix key.
+trait Key: Copy + Ord {
+    const BITS: u8;
+    fn contains(net: Self, len: u8, addr: Self) -> bool;
+}
+
+impl Key for u32 {
+    const BITS: u8 = 32;
+    #[inline]
+    fn contains(net: u32, len: u8, addr: u32) -> bool {
+        len == 0 || (net ^ addr) >> (32 - u32::from(len)) == 0
+    }
+}
+
+impl Key for u128 {
+    const BITS: u8 = 128;
+    #[inline]
+    fn contains(net: u128, len: u8, addr: u128) -> bool {
+        len == 0 || (net ^ addr) >> (128 - u32::from(len)) == 0
+    }
+}
+
+/// One claim of an entry on a prefix, sorted into place.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Claim<K> {
+    key: K,
+    len: u8,
+    rank: u8,
+    entry: u32,
+}
+
+/// The propagated prefixes of one family, in (address, length) order.
+struct Swept<K> {
+    prefixes: Vec<(K, u8, PrefixValue)>,
+    first: Vec<u32>,
+}
+
+fn sweep<K: Key>(mut claims: Vec<Claim<K>>, inherit: u64, owners: &mut Vec<Owner>) -> Swept<K> {
+    claims.sort_unstable();
+    let mut prefixes: Vec<(K, u8, PrefixValue)> = Vec::with_capacity(claims.len());
+    let mut first: Vec<u32> = Vec::with_capacity(claims.len() + 1);
+    // The prefixes containing the current one: (key, len, mask, flags).
+    let mut stack: Vec<(K, u8, u64, u32)> = Vec::with_capacity(usize::from(K::BITS) + 1);
+    let mut i = 0;
+    while i < claims.len() {
+        let (key, len) = (claims[i].key, claims[i].len);
+        let entry = claims[i].entry;
+        let (mut mask, mut flags) = (0u64, 0u32);
+        first.push(u32::try_from(owners.len()).unwrap_or(u32::MAX));
+        let mut last_rank = None;
+        while i < claims.len() && claims[i].key == key && claims[i].len == len {
+            let c = claims[i];
+            let list = unrank(c.rank);
+            match list {
+                LIST_ALWAYS_ALLOW => flags |= FLAG_ALWAYS_ALLOW,
+                LIST_DENY => flags |= FLAG_DENY,
+                s => mask |= 1u64 << s,
+            }
+            // Claims of one list are sorted by entry: the first is the one
+            // written first.
+            if last_rank != Some(c.rank) {
+                owners.push(Owner {
+                    list,
+                    entry: c.entry,
+                });
+                last_rank = Some(c.rank);
+            }
+            i += 1;
+        }
+        while let Some(&(k, l, _, _)) = stack.last() {
+            if K::contains(k, l, key) && l < len {
+                break;
+            }
+            stack.pop();
+        }
+        if let Some(&(_, _, m, f)) = stack.last() {
+            mask |= m;
+            flags |= f;
+        }
+        stack.push((key, len, mask, flags));
+        let allow_mask = if mask & 1 != 0 { mask | inherit } else { mask };
+        prefixes.push((
+            key,
+            len,
+            PrefixValue {
+                allow_mask,
+                flags,
+                entry,
+            },
+        ));
+    }
+    first.push(u32::try_from(owners.len()).unwrap_or(u32::MAX));
+    Swept { prefixes, first }
+}
+
+/// Collects the claims of the active entries and their descriptions.
+struct Builder {
+    entries: Vec<EntryInfo>,
+    v4: Vec<Claim<u32>>,
+    v6: Vec<Claim<u128>>,
+    now: Timestamp,
+    next_change: Option<Timestamp>,
+}
+
+impl Builder {
+    fn note_change(&mut self, t: Option<Timestamp>) {
+        if let Some(t) = t
+            && self.next_change.is_none_or(|n| t < n)
+        {
+            self.next_change = Some(t);
+        }
+    }
+
+    fn claim(&mut self, net: &IpNet, list: u8, entry: u32) {
+        let rank = rank(list);
+        match net {
+            IpNet::V4(n) => self.v4.push(Claim {
+                key: u32::from(n.network()),
+                len: n.prefix_len(),
+                rank,
+                entry,
+            }),
+            IpNet::V6(n) => self.v6.push(Claim {
+                key: u128::from(n.network()),
+                len: n.prefix_len(),
+                rank,
+                entry,
+            }),
+        }
+    }
+
+    fn list(&mut self, list: &[Entry], kind: ListKind, id: u8) {
+        for e in list {
+            let idx = u32::try_from(self.entries.len()).unwrap_or(ENTRY_NONE - 1);
+            self.entries.push(EntryInfo {
+                list: kind,
+                label: e.label.clone(),
+                text: e.text.clone(),
+                line: e.pos.map(|p| p.line as usize),
+            });
+            self.note_change(e.next_change(self.now));
+            if e.is_active(self.now) {
+                for n in &e.nets {
+                    self.claim(n, id, idx);
+                }
+            }
+        }
+    }
+}
+
+/// The datapath contents of `policy` at `at`, with the runtime entries
+/// merged in. Never fails: everything that can be wrong was refused when
+/// the policy was loaded.
+pub fn compile(policy: &Policy, at: SystemTime, runtime: &[RuntimeEntry]) -> CompiledPolicy {
+    let now = timestamp(at);
+    let total: usize = policy.allow.len()
+        + policy.deny.len()
+        + policy.always_allow.len()
+        + policy
+            .services
+            .iter()
+            .map(|s| s.allow.as_ref().map_or(0, Vec::len))
+            .sum::<usize>()
+        + runtime.len();
+    let mut b = Builder {
+        entries: Vec::with_capacity(total),
+        v4: Vec::new(),
+        v6: Vec::new(),
+        now,
+        next_change: None,
+    };
+    b.list(&policy.allow, ListKind::Allow, 0);
+    let mut services = Vec::with_capacity(policy.services.len());
+    let mut ports = Vec::new();
+    let mut inherit = 0u64;
+    for (i, s) in policy.services.iter().enumerate().take(MAX_SERVICES) {
+        let index = (i + 1) as u8;
+        services.push(ServiceInfo {
+            index,
+            name: s.name.clone(),
+            has_own_list: s.allow.is_some(),
+        });
+        for p in &s.ports {
+            ports.push(PortRange {
+                proto: p.proto,
+                first: p.first,
+                last: p.last,
+                service: index,
+            });
+        }
+        match &s.allow {
+            Some(l) => b.list(l, ListKind::Service(index), index),
+            None => inherit |= 1u64 << index,
+        }
+    }
+    b.list(&policy.deny, ListKind::Deny, LIST_DENY);
+    b.list(
+        &policy.always_allow,
+        ListKind::AlwaysAllow,
+        LIST_ALWAYS_ALLOW,
+    );
+    for r in runtime {
+        let (kind, id) = match &r.service {
+            None => (ListKind::Allow, 0),
+            Some(name) => match services.iter().find(|s| &s.name == name) {
+                Some(s) => (ListKind::Service(s.index), s.index),
+                None => continue,
+            },
+        };
+        let until = r.until.map(timestamp);
+        let idx = u32::try_from(b.entries.len()).unwrap_or(ENTRY_NONE - 1);
+        b.entries.push(EntryInfo {
+            list: kind,
+            label: r.label.clone(),
+            text: r.net.trunc().to_string(),
+            line: None,
+        });
+        b.note_change(until.filter(|u| *u > now));
+        if until.is_none_or(|u| now < u) {
+            b.claim(&r.net.trunc(), id, idx);
+        }
+    }
+    ports.sort_by_key(|p: &PortRange| (p.proto, p.first));
+
+    let Builder {
+        entries,
+        v4,
+        v6,
+        next_change,
+        ..
+    } = b;
+    let mut owners = Vec::new();
+    let s4 = sweep(v4, inherit, &mut owners);
+    let s6 = sweep(v6, inherit, &mut owners);
+    let v4 = s4
+        .prefixes
+        .into_iter()
+        .map(|(k, l, v)| (Ipv4Net::new_assert(k.into(), l), v))
+        .collect();
+    let v6 = s6
+        .prefixes
+        .into_iter()
+        .map(|(k, l, v)| (Ipv6Net::new_assert(k.into(), l), v))
+        .collect();
+
+    CompiledPolicy {
+        config: config(policy),
+        v4,
+        v6,
+        ports,
+        services,
+        entries,
+        next_change: next_change.map(SystemTime::from),
+        provenance: Provenance {
+            v4_first: s4.first,
+            v6_first: s6.first,
+            owners,
+        },
+    }
+}
+
+fn config(p: &Policy) -> PolicyConfig {
+    let infra = &p.infrastructure;
+    let bit = |on: bool, b: u32| if on { b } else { 0 };
+    PolicyConfig {
+        mode: match p.mode {
+            Mode::Enforce => MODE_ENFORCE,
+            Mode::Monitor => MODE_MONITOR,
+            Mode::Off => MODE_OFF,
+        },
+        action: match p.action {
+            Action::Drop => ACTION_DROP,
+            Action::Reject => ACTION_REJECT,
+        },
+        scope: match p.scope {
+            Scope::Host => SCOPE_HOST,
+            Scope::Services => SCOPE_SERVICES,
+        },
+        infra: bit(infra.ndp, INFRA_NDP)
+            | bit(infra.dhcp, INFRA_DHCP)
+            | bit(infra.pmtu, INFRA_PMTU)
+            | bit(infra.return_traffic, INFRA_RETURN_TRAFFIC),
+        flow_timeout_ns: u64::try_from(infra.flow_timeout.as_nanos()).unwrap_or(u64::MAX),
+        event_source_interval_ns: u64::try_from(p.events.per_source_interval.as_nanos())
+            .unwrap_or(u64::MAX),
+        event_max_per_sec: p.events.max_per_sec,
+        _pad0: 0,
+        generation: 0,
+    }
+}

@@ -1,0 +1,101 @@
+//! What the policy compiler produces: the exact contents of one datapath
+//! slot, plus what user space needs to explain and report it. This is the
+//! contract between the compiler (`policy`) and the loader (`datapath`).
+
+use std::time::SystemTime;
+
+use ipguard_common::{PolicyConfig, PrefixValue};
+use ipnet::{Ipv4Net, Ipv6Net};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    /// Index into the datapath's port table (`PROTO_INDEX_*`).
+    pub fn table_index(self) -> u32 {
+        match self {
+            Proto::Tcp => ipguard_common::PROTO_INDEX_TCP,
+            Proto::Udp => ipguard_common::PROTO_INDEX_UDP,
+        }
+    }
+}
+
+/// `proto/first-last` belongs to service `service` (1..=63).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRange {
+    pub proto: Proto,
+    pub first: u16,
+    pub last: u16,
+    pub service: u8,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceInfo {
+    /// 1..=63, the bit of this service in `PrefixValue::allow_mask`.
+    pub index: u8,
+    pub name: String,
+    /// False: the service inherits the host-wide list.
+    pub has_own_list: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ListKind {
+    Allow,
+    Deny,
+    AlwaysAllow,
+    /// A service's own allow list (service index).
+    Service(u8),
+}
+
+/// One policy entry; `PrefixValue::entry` is an index into
+/// `CompiledPolicy::entries`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EntryInfo {
+    pub list: ListKind,
+    pub label: Option<String>,
+    /// The entry as written (e.g. `office`, `198.51.100.10-198.51.100.20`).
+    pub text: String,
+    /// 1-based line in the policy file; None for runtime entries.
+    pub line: Option<usize>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CompiledPolicy {
+    /// Mode, action, scope, infrastructure, event limits. `generation` is
+    /// left 0: the loader sets it.
+    pub config: PolicyConfig,
+    /// Sorted by address then prefix length, no duplicates.
+    pub v4: Vec<(Ipv4Net, PrefixValue)>,
+    pub v6: Vec<(Ipv6Net, PrefixValue)>,
+    pub ports: Vec<PortRange>,
+    pub services: Vec<ServiceInfo>,
+    pub entries: Vec<EntryInfo>,
+    /// The next moment at which compiling again would give another result
+    /// (an `until` or a time-window edge); None if never.
+    pub next_change: Option<SystemTime>,
+    /// Which entries own each prefix, for `explain` (user space only).
+    pub provenance: Provenance,
+}
+
+/// An entry that names a prefix exactly. `list`: 0 the host-wide `allow`,
+/// 1..=63 that service's list, 64 `deny`, 65 `always_allow`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Owner {
+    pub list: u8,
+    pub entry: u32,
+}
+
+/// The owners of each compiled prefix: those of `v4[i]` are
+/// `owners[v4_first[i]..v4_first[i + 1]]` (one per list, the entry written
+/// first), likewise for `v6`. Every compiled prefix has at least one owner.
+/// Kept apart from [`PrefixValue`] so that the kernel's value stays 16
+/// bytes; about 12 bytes per prefix.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Provenance {
+    pub v4_first: Vec<u32>,
+    pub v6_first: Vec<u32>,
+    pub owners: Vec<Owner>,
+}

@@ -1,0 +1,463 @@
+//! The verdict of a compiled policy for one packet, found the way the XDP
+//! program finds it: a longest-prefix match over the compiled (prefix,
+//! value) pairs, the service from the compiled port table, and
+//! [`ipguard_common::decide`]. Nothing here reads the policy file again, so
+//! `explain` can only disagree with the kernel if the compiled tables do.
+//!
+//! The longest-prefix match is a binary search over the prefixes sorted by
+//! (address, length), then a walk up to the nearest prefix that contains the
+//! address. Prefixes of a policy nest (any two are disjoint or one contains
+//! the other), so the last prefix starting at or before the address is
+//! either the answer or inside it: the answer is its nearest ancestor that
+//! contains the address. One search of ~20 steps for a million prefixes,
+//! then rarely more than a step or two up.
+
+use std::net::IpAddr;
+
+use ipguard_common::*;
+use ipnet::IpNet;
+use serde::Serialize;
+
+use super::{
+    CompiledPolicy, EntryInfo, Owner, Proto,
+    compile::{LIST_ALWAYS_ALLOW, LIST_DENY},
+};
+
+const NONE: u32 = u32::MAX;
+
+/// The JSON name of a verdict (cli.md).
+pub fn verdict_str(v: u8) -> &'static str {
+    match v {
+        VERDICT_PASS => "pass",
+        VERDICT_DROP => "drop",
+        VERDICT_REJECT => "reject",
+        VERDICT_WOULD_DROP => "would_drop",
+        _ => "unknown",
+    }
+}
+
+/// The JSON name of a reason (cli.md).
+pub fn reason_str(r: u8) -> &'static str {
+    match r {
+        REASON_INFRASTRUCTURE => "infrastructure",
+        REASON_OFF => "off",
+        REASON_ALWAYS_ALLOW => "always_allow",
+        REASON_DENY => "deny",
+        REASON_FRAGMENT => "fragment",
+        REASON_OUT_OF_SCOPE => "out_of_scope",
+        REASON_ALLOWED => "allowed",
+        REASON_NOT_ALLOWED => "not_allowed",
+        REASON_RETURN_TRAFFIC => "return_traffic",
+        REASON_MALFORMED => "malformed",
+        REASON_NON_IP => "non_ip",
+        REASON_NO_POLICY => "no_policy",
+        _ => "unknown",
+    }
+}
+
+/// `tcp/22`, `udp/53`.
+pub fn parse_port_query(s: &str) -> Result<(Proto, u16), String> {
+    let bad = || format!("{s:?} is not a protocol and port: write e.g. tcp/22 or udp/53");
+    let (p, n) = s.trim().split_once('/').ok_or_else(bad)?;
+    let proto = match p {
+        "tcp" | "TCP" => Proto::Tcp,
+        "udp" | "UDP" => Proto::Udp,
+        _ => return Err(bad()),
+    };
+    if n.is_empty() || !n.bytes().all(|c| c.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let port: u16 = n.parse().map_err(|_| bad())?;
+    Ok((proto, port))
+}
+
+/// Why a packet gets its verdict.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Explanation {
+    /// `VERDICT_*` of ipguard_common.
+    pub verdict: u8,
+    /// `REASON_*` of ipguard_common.
+    pub reason: u8,
+    /// The service the packet was judged for.
+    pub service: Option<String>,
+    /// The prefix that decided, e.g. `203.0.113.0/24`.
+    pub entry: Option<String>,
+    /// That entry's label.
+    pub label: Option<String>,
+    /// That entry as written in the policy (`office`, a range, ...).
+    pub written: Option<String>,
+    /// That entry's line in the policy file (None: a runtime entry).
+    pub line: Option<usize>,
+}
+
+impl Explanation {
+    /// Refused (dropped or rejected) in enforce mode; `would_drop` passes.
+    pub fn refuses(&self) -> bool {
+        self.verdict == VERDICT_DROP || self.verdict == VERDICT_REJECT
+    }
+    pub fn verdict_str(&self) -> &'static str {
+        verdict_str(self.verdict)
+    }
+    pub fn reason_str(&self) -> &'static str {
+        reason_str(self.reason)
+    }
+
+    /// The object of cli.md for this query.
+    pub fn to_json(&self, src: &str, port: Option<&str>) -> serde_json::Value {
+        serde_json::json!({
+            "src": src,
+            "port": port,
+            "verdict": self.verdict_str(),
+            "reason": self.reason_str(),
+            "service": self.service,
+            "entry": self.entry,
+            "label": self.label,
+            "written": self.written,
+            "line": self.line,
+        })
+    }
+}
+
+/// The answer before anything is copied out of the compiled policy.
+#[derive(Clone, Copy, Debug)]
+pub struct ExplainRef<'a> {
+    pub decision: Decision,
+    pub service: Option<&'a str>,
+    /// The deciding prefix and the entry that owns it.
+    pub decider: Option<(IpNet, &'a EntryInfo)>,
+    /// Whether the service (if any) has a list of its own.
+    pub service_own_list: bool,
+}
+
+impl ExplainRef<'_> {
+    pub fn to_owned(&self) -> Explanation {
+        Explanation {
+            verdict: self.decision.verdict,
+            reason: self.decision.reason,
+            service: self.service.map(str::to_string),
+            entry: self.decider.map(|(n, _)| n.to_string()),
+            label: self.decider.and_then(|(_, e)| e.label.clone()),
+            written: self.decider.map(|(_, e)| e.text.clone()),
+            line: self.decider.and_then(|(_, e)| e.line),
+        }
+    }
+
+    /// Writes the cli.md JSON object (one line, no newline) for a query.
+    pub fn write_json<W: std::io::Write>(
+        &self,
+        w: &mut W,
+        src: &str,
+        port: Option<&str>,
+    ) -> serde_json::Result<()> {
+        #[derive(Serialize)]
+        struct Out<'a> {
+            src: &'a str,
+            port: Option<&'a str>,
+            verdict: &'static str,
+            reason: &'static str,
+            service: Option<&'a str>,
+            entry: Option<IpNet>,
+            label: Option<&'a str>,
+            written: Option<&'a str>,
+            line: Option<usize>,
+        }
+        serde_json::to_writer(
+            w,
+            &Out {
+                src,
+                port,
+                verdict: verdict_str(self.decision.verdict),
+                reason: reason_str(self.decision.reason),
+                service: self.service,
+                entry: self.decider.map(|(n, _)| n),
+                label: self.decider.and_then(|(_, e)| e.label.as_deref()),
+                written: self.decider.map(|(_, e)| e.text.as_str()),
+                line: self.decider.and_then(|(_, e)| e.line),
+            },
+        )
+    }
+
+    /// The readable line of cli.md, without the query in front:
+    /// `drop (not in the allowlist of service ssh)`.
+    pub fn describe(&self, port: Option<&str>) -> String {
+        let d = &self.decision;
+        let decider = || match self.decider {
+            Some((n, e)) => match &e.label {
+                Some(l) => format!("{n} {l:?}"),
+                None => n.to_string(),
+            },
+            None => "an entry".to_string(),
+        };
+        let list = match self.service {
+            None => "the host-wide allowlist".to_string(),
+            Some(s) if self.service_own_list => format!("the allowlist of service {s}"),
+            Some(s) => format!("the host-wide allowlist, which service {s} uses"),
+        };
+        let why = match d.reason {
+            REASON_OFF => "mode: off".to_string(),
+            REASON_ALWAYS_ALLOW => format!("always_allow {}", decider()),
+            REASON_DENY => format!("denied by {}", decider()),
+            REASON_OUT_OF_SCOPE => match port {
+                Some(p) => format!("no service on {p}, and scope: services"),
+                None => "no service port, and scope: services".to_string(),
+            },
+            REASON_ALLOWED => format!("allowed by {} in {list}", decider()),
+            REASON_NOT_ALLOWED => format!("not in {list}"),
+            REASON_FRAGMENT if d.verdict == VERDICT_PASS => {
+                format!("a fragment without port, allowed by {}", decider())
+            }
+            REASON_FRAGMENT => "a fragment without port, allowed by no list".to_string(),
+            r => reason_str(r).to_string(),
+        };
+        format!("{} ({why})", verdict_str(d.verdict))
+    }
+}
+
+/// Answers queries from a compiled policy; see the module documentation.
+pub struct Explainer<'a> {
+    c: &'a CompiledPolicy,
+    v4_keys: Vec<u32>,
+    /// `v4_bucket[b]`: the first prefix whose address's top 16 bits are
+    /// `>= b`, so that a search touches only the prefixes of one /16.
+    v4_bucket: Vec<u32>,
+    v4_parent: Vec<u32>,
+    v6_keys: Vec<u128>,
+    v6_parent: Vec<u32>,
+    /// `proto index * 65536 + port` -> service index.
+    ports: Vec<u8>,
+    names: [Option<&'a str>; 64],
+    own_list: u64,
+}
+
+/// The nearest strictly containing prefix of each prefix, by a stack sweep
+/// over the sorted prefixes.
+fn parents<K: Copy>(
+    keys: &[K],
+    lens: impl Iterator<Item = u8>,
+    contains: impl Fn(K, u8, K) -> bool,
+) -> Vec<u32> {
+    let mut parent = Vec::with_capacity(keys.len());
+    let mut stack: Vec<(K, u8, u32)> = Vec::new();
+    for (i, len) in lens.enumerate() {
+        let key = keys[i];
+        while let Some(&(k, l, _)) = stack.last() {
+            if l < len && contains(k, l, key) {
+                break;
+            }
+            stack.pop();
+        }
+        parent.push(stack.last().map_or(NONE, |&(_, _, p)| p));
+        stack.push((key, len, i as u32));
+    }
+    parent
+}
+
+fn contains4(net: u32, len: u8, a: u32) -> bool {
+    len == 0 || (net ^ a) >> (32 - u32::from(len)) == 0
+}
+fn contains6(net: u128, len: u8, a: u128) -> bool {
+    len == 0 || (net ^ a) >> (128 - u32::from(len)) == 0
+}
+
+impl<'a> Explainer<'a> {
+    pub fn new(c: &'a CompiledPolicy) -> Self {
+        let v4_keys: Vec<u32> = c.v4.iter().map(|(n, _)| u32::from(n.network())).collect();
+        let v4_parent = parents(
+            &v4_keys,
+            c.v4.iter().map(|(n, _)| n.prefix_len()),
+            contains4,
+        );
+        let mut v4_bucket = Vec::with_capacity(65537);
+        let mut i = 0usize;
+        for b in 0..=65536u32 {
+            while i < v4_keys.len() && (v4_keys[i] >> 16) < b {
+                i += 1;
+            }
+            v4_bucket.push(i as u32);
+        }
+        let v6_keys: Vec<u128> = c.v6.iter().map(|(n, _)| u128::from(n.network())).collect();
+        let v6_parent = parents(
+            &v6_keys,
+            c.v6.iter().map(|(n, _)| n.prefix_len()),
+            contains6,
+        );
+        let mut ports = vec![0u8; 2 * 65536];
+        for r in &c.ports {
+            let base = r.proto.table_index() as usize * 65536;
+            for p in r.first..=r.last {
+                ports[base + p as usize] = r.service;
+            }
+        }
+        let mut names = [None; 64];
+        let mut own_list = 0u64;
+        for s in &c.services {
+            if let Some(slot) = names.get_mut(s.index as usize) {
+                *slot = Some(s.name.as_str());
+            }
+            if s.has_own_list && s.index < 64 {
+                own_list |= 1 << s.index;
+            }
+        }
+        Self {
+            c,
+            v4_keys,
+            v4_bucket,
+            v4_parent,
+            v6_keys,
+            v6_parent,
+            ports,
+            names,
+            own_list,
+        }
+    }
+
+    /// Index of the longest compiled prefix containing `src`, with its
+    /// family (true: IPv6).
+    pub fn lookup(&self, src: IpAddr) -> Option<(bool, usize)> {
+        match src {
+            IpAddr::V4(a) => {
+                let a = u32::from(a);
+                // Prefixes of lower /16s all start before `a`, those of
+                // higher ones after it: the answer's start is in this /16's
+                // slice or is the last prefix before it.
+                let top = (a >> 16) as usize;
+                let (lo, hi) = (
+                    self.v4_bucket[top] as usize,
+                    self.v4_bucket[top + 1] as usize,
+                );
+                let end = lo + self.v4_keys[lo..hi].partition_point(|&k| k <= a);
+                let mut i = end.checked_sub(1)? as u32;
+                loop {
+                    let (n, _) = &self.c.v4[i as usize];
+                    if contains4(self.v4_keys[i as usize], n.prefix_len(), a) {
+                        return Some((false, i as usize));
+                    }
+                    i = self.v4_parent[i as usize];
+                    if i == NONE {
+                        return None;
+                    }
+                }
+            }
+            IpAddr::V6(a) => {
+                let a = u128::from(a);
+                let mut i = self.v6_keys.partition_point(|&k| k <= a).checked_sub(1)? as u32;
+                loop {
+                    let (n, _) = &self.c.v6[i as usize];
+                    if contains6(self.v6_keys[i as usize], n.prefix_len(), a) {
+                        return Some((true, i as usize));
+                    }
+                    i = self.v6_parent[i as usize];
+                    if i == NONE {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The value the datapath's LPM lookup returns for `src`.
+    pub fn value(&self, src: IpAddr) -> Option<&'a PrefixValue> {
+        let c: &'a CompiledPolicy = self.c;
+        self.lookup(src)
+            .map(|(v6, i)| if v6 { &c.v6[i].1 } else { &c.v4[i].1 })
+    }
+
+    /// The service index of (proto, port): 0 for none.
+    pub fn service_of(&self, proto: Proto, port: u16) -> u8 {
+        self.ports[proto.table_index() as usize * 65536 + port as usize]
+    }
+
+    /// [`decide`] for a source and what the packet carries.
+    pub fn decide(&self, src: IpAddr, ports: Ports) -> Decision {
+        decide(&self.c.config, self.value(src), ports)
+    }
+
+    fn owners(&self, v6: bool, i: usize) -> &'a [Owner] {
+        let c: &'a CompiledPolicy = self.c;
+        let first = if v6 {
+            &c.provenance.v6_first
+        } else {
+            &c.provenance.v4_first
+        };
+        let (Some(&a), Some(&b)) = (first.get(i), first.get(i + 1)) else {
+            return &[];
+        };
+        c.provenance
+            .owners
+            .get(a as usize..b as usize)
+            .unwrap_or(&[])
+    }
+
+    /// The most specific prefix containing prefix `i` (itself included)
+    /// owned by a list `want` accepts, and its entry.
+    fn decider(
+        &self,
+        v6: bool,
+        i: usize,
+        want: impl Fn(u8) -> bool,
+    ) -> Option<(IpNet, &'a EntryInfo)> {
+        let c: &'a CompiledPolicy = self.c;
+        let mut i = i as u32;
+        loop {
+            if let Some(o) = self.owners(v6, i as usize).iter().find(|o| want(o.list)) {
+                let net = if v6 {
+                    IpNet::V6(c.v6[i as usize].0)
+                } else {
+                    IpNet::V4(c.v4[i as usize].0)
+                };
+                return c.entries.get(o.entry as usize).map(|e| (net, e));
+            }
+            i = if v6 {
+                self.v6_parent[i as usize]
+            } else {
+                self.v4_parent[i as usize]
+            };
+            if i == NONE {
+                return None;
+            }
+        }
+    }
+
+    /// The full answer for a packet from `src` carrying `ports`.
+    pub fn explain_ports(&self, src: IpAddr, ports: Ports) -> ExplainRef<'a> {
+        let found = self.lookup(src);
+        let value = found.map(|(v6, i)| {
+            let c: &'a CompiledPolicy = self.c;
+            if v6 { &c.v6[i].1 } else { &c.v4[i].1 }
+        });
+        let d = decide(&self.c.config, value, ports);
+        let s = d.service;
+        let own = s != 0 && self.own_list & (1u64 << (s & 63)) != 0;
+        let decider = found.and_then(|(v6, i)| match d.reason {
+            REASON_ALWAYS_ALLOW => self.decider(v6, i, |l| l == LIST_ALWAYS_ALLOW),
+            REASON_DENY => self.decider(v6, i, |l| l == LIST_DENY),
+            REASON_ALLOWED if own => self.decider(v6, i, |l| l == s),
+            REASON_ALLOWED => self.decider(v6, i, |l| l == 0 || l == s),
+            REASON_FRAGMENT if d.verdict == VERDICT_PASS => self.decider(v6, i, |l| l < 64),
+            _ => None,
+        });
+        ExplainRef {
+            decision: d,
+            service: self.names.get(s as usize).copied().flatten(),
+            decider,
+            service_own_list: own,
+        }
+    }
+
+    /// The answer for a packet from `src` to `port` (None: a packet that
+    /// matches no service port, e.g. ICMP), borrowed from the policy.
+    pub fn explain_ref(&self, src: IpAddr, port: Option<(Proto, u16)>) -> ExplainRef<'a> {
+        let ports = match port {
+            None => Ports::NoPort,
+            Some((proto, p)) => Ports::Port {
+                service: self.service_of(proto, p),
+                tcp: u8::from(proto == Proto::Tcp),
+            },
+        };
+        self.explain_ports(src, ports)
+    }
+
+    pub fn explain(&self, src: IpAddr, port: Option<(Proto, u16)>) -> Explanation {
+        self.explain_ref(src, port).to_owned()
+    }
+}

@@ -1,0 +1,113 @@
+//! The policy language (docs/policy.md, spec policy.md): parse, validate,
+//! compile, explain.
+//!
+//! - [`load_file`] / [`parse_str`]: the file to a checked [`Policy`], with
+//!   every error and warning positioned (`FILE:LINE:COL: error: MSG`).
+//! - [`compile`]: a policy at a moment, plus runtime entries, to the exact
+//!   contents of the datapath maps ([`CompiledPolicy`]).
+//! - [`Explainer`]: the verdict for a packet, from the compiled tables
+//!   through [`ipguard_common::decide`], as the XDP program finds it.
+mod addr;
+mod compile;
+mod compiled;
+mod diag;
+mod explain;
+mod model;
+mod time;
+mod validate;
+mod yaml;
+
+use std::{path::Path, time::SystemTime};
+
+use sha2::{Digest, Sha256};
+
+pub use addr::{is_valid_name, range_v4, range_v6};
+pub use compile::{LIST_ALWAYS_ALLOW, LIST_DENY, RuntimeEntry, compile};
+pub use compiled::*;
+pub use diag::{Diagnostic, PolicyErrors, Pos, Severity};
+pub use explain::{ExplainRef, Explainer, Explanation, parse_port_query, reason_str, verdict_str};
+pub use model::{Action, Entry, Events, Infrastructure, Mode, Policy, PortSpec, Scope, Service};
+pub use time::Window;
+
+/// A valid policy file.
+#[derive(Clone, Debug)]
+pub struct LoadedPolicy {
+    pub policy: Policy,
+    pub warnings: Vec<Diagnostic>,
+    /// Of the file's bytes, lowercase hex.
+    pub sha256: String,
+}
+
+/// Reads and checks a policy file. Diagnostics name the file as given.
+pub fn load_file(path: &Path) -> Result<LoadedPolicy, PolicyErrors> {
+    let name = path.display().to_string();
+    let fail = |pos: Option<Pos>, message: String| PolicyErrors {
+        errors: vec![Diagnostic {
+            severity: Severity::Error,
+            file: name.clone(),
+            pos,
+            message,
+        }],
+        warnings: Vec::new(),
+    };
+    let bytes =
+        std::fs::read(path).map_err(|e| fail(None, format!("cannot read the policy: {e}")))?;
+    let text = std::str::from_utf8(&bytes).map_err(|e| {
+        // The valid prefix is UTF-8: count lines and characters in it.
+        let good = std::str::from_utf8(&bytes[..e.valid_up_to()]).unwrap_or_default();
+        let line = good.matches('\n').count() + 1;
+        let column = good.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        let pos = Pos {
+            line: u32::try_from(line).unwrap_or(u32::MAX),
+            column: u32::try_from(column).unwrap_or(u32::MAX),
+        };
+        fail(
+            Some(pos),
+            "the policy is not UTF-8: invalid byte here".to_string(),
+        )
+    })?;
+    parse_str_at(&name, text, SystemTime::now())
+}
+
+/// Checks a policy given as text; `name` stands for the file in diagnostics.
+pub fn parse_str(name: &str, text: &str) -> Result<LoadedPolicy, PolicyErrors> {
+    parse_str_at(name, text, SystemTime::now())
+}
+
+/// [`parse_str`] with "now" given, for the warnings that depend on it (an
+/// `until` that has passed).
+pub fn parse_str_at(name: &str, text: &str, now: SystemTime) -> Result<LoadedPolicy, PolicyErrors> {
+    let sha256 = hex(&Sha256::digest(text.as_bytes()));
+    let mut sink = diag::Sink::new(name);
+    let text_nobom = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let policy = if text_nobom.trim().is_empty() {
+        sink.error(None, "the policy is empty: it needs at least `version: 1`");
+        None
+    } else {
+        match yaml::parse(text_nobom) {
+            Ok(raw) => validate::validate(raw, compile::timestamp(now), &mut sink),
+            Err(e) => {
+                sink.error(e.pos, e.message);
+                None
+            }
+        }
+    };
+    let (errors, warnings) = sink.into_parts();
+    match policy {
+        Some(policy) if errors.is_empty() => Ok(LoadedPolicy {
+            policy,
+            warnings,
+            sha256,
+        }),
+        _ => Err(PolicyErrors { errors, warnings }),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}

@@ -1,0 +1,191 @@
+//! A checked policy: every value parsed, groups expanded, ranges and
+//! wildcards turned into prefixes. What it means at a given moment is the
+//! compiler's business (`compile`).
+
+use std::{net::IpAddr, time::Duration};
+
+use ipnet::IpNet;
+use jiff::Timestamp;
+
+use super::{Pos, Proto, time::Window};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Enforce,
+    Monitor,
+    Off,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Drop,
+    Reject,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    Host,
+    Services,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Enforce => "enforce",
+            Mode::Monitor => "monitor",
+            Mode::Off => "off",
+        }
+    }
+}
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Drop => "drop",
+            Action::Reject => "reject",
+        }
+    }
+}
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Host => "host",
+            Scope::Services => "services",
+        }
+    }
+}
+
+/// One entry of a list, with its address items expanded.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    /// As written: `office`, `198.51.100.10-198.51.100.20`, `[a, b]`.
+    pub text: String,
+    /// The prefixes it covers, sorted, without duplicates (a range is its
+    /// minimal prefix set, a group all of its members').
+    pub nets: Vec<IpNet>,
+    pub label: Option<String>,
+    /// Inactive from this moment on.
+    pub until: Option<Timestamp>,
+    /// Active only inside this window.
+    pub when: Option<Window>,
+    /// Where the entry starts in the file.
+    pub pos: Option<Pos>,
+}
+
+impl Entry {
+    pub fn is_active(&self, at: Timestamp) -> bool {
+        self.until.is_none_or(|u| at < u) && self.when.as_ref().is_none_or(|w| w.contains(at))
+    }
+
+    pub fn covers(&self, addr: IpAddr) -> bool {
+        self.nets.iter().any(|n| n.contains(&addr))
+    }
+
+    /// The next moment after `at` at which [`Entry::is_active`] may change.
+    pub fn next_change(&self, at: Timestamp) -> Option<Timestamp> {
+        let until = self.until.filter(|u| *u > at);
+        let edge = self.when.as_ref().and_then(|w| w.next_edge(at));
+        match (until, edge) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+/// `tcp/22`, `udp/60000-61000`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortSpec {
+    pub proto: Proto,
+    pub first: u16,
+    pub last: u16,
+}
+
+impl std::fmt::Display for PortSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let p = match self.proto {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        };
+        if self.first == self.last {
+            write!(f, "{p}/{}", self.first)
+        } else {
+            write!(f, "{p}/{}-{}", self.first, self.last)
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Service {
+    pub name: String,
+    pub ports: Vec<PortSpec>,
+    /// None: the service uses the host-wide `allow`. Some(empty): nobody.
+    pub allow: Option<Vec<Entry>>,
+    pub pos: Option<Pos>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Infrastructure {
+    pub ndp: bool,
+    pub dhcp: bool,
+    pub pmtu: bool,
+    pub return_traffic: bool,
+    pub flow_timeout: Duration,
+}
+
+impl Default for Infrastructure {
+    fn default() -> Self {
+        Self {
+            ndp: true,
+            dhcp: true,
+            pmtu: true,
+            return_traffic: true,
+            flow_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Events {
+    /// At most one event per source this often (`per_source: 1/s`).
+    pub per_source_interval: Duration,
+    /// Events per second in all (`max_rate: 1000/s`); 0: none.
+    pub max_per_sec: u32,
+}
+
+impl Default for Events {
+    fn default() -> Self {
+        Self {
+            per_source_interval: Duration::from_secs(1),
+            max_per_sec: 1000,
+        }
+    }
+}
+
+/// A valid policy file (policy.md), ready to compile at any moment.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    pub mode: Mode,
+    pub action: Action,
+    pub scope: Scope,
+    pub interfaces: Vec<String>,
+    /// Names of the groups, in file order.
+    pub groups: Vec<String>,
+    pub allow: Vec<Entry>,
+    /// In file order; service `i` has index `i + 1` in the datapath.
+    pub services: Vec<Service>,
+    pub deny: Vec<Entry>,
+    pub always_allow: Vec<Entry>,
+    pub infrastructure: Infrastructure,
+    pub events: Events,
+}
+
+impl Policy {
+    /// The service whose ports hold (proto, port), as an index into
+    /// `services`.
+    pub fn service_for(&self, proto: Proto, port: u16) -> Option<usize> {
+        self.services.iter().position(|s| {
+            s.ports
+                .iter()
+                .any(|p| p.proto == proto && p.first <= port && port <= p.last)
+        })
+    }
+}

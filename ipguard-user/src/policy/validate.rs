@@ -1,0 +1,864 @@
+//! From the YAML structure to a checked [`Policy`]: every value is given
+//! its meaning here, and every mistake of policy.md §1-§4 is reported with
+//! its position and value. All errors are collected, not only the first,
+//! so that one `ipguard check` shows everything there is to fix.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use ipnet::IpNet;
+use jiff::Timestamp;
+use serde_saphyr::Spanned;
+
+use super::{
+    Proto,
+    addr::{self, Item},
+    diag::{Pos, Sink},
+    model::*,
+    time::{self, Window},
+    yaml::{EntryList, ItemList, RawEntry, RawPolicy, RawWhen, Scalar, spos},
+};
+use ipguard_common::MAX_SERVICES;
+
+pub const MAX_LABEL_CHARS: usize = 128;
+
+fn at(p: Option<Pos>) -> String {
+    match p {
+        Some(p) => format!("line {}", p.line),
+        None => "an unknown line".to_string(),
+    }
+}
+
+pub(crate) fn validate(raw: RawPolicy, now: Timestamp, sink: &mut Sink) -> Option<Policy> {
+    let errors_before = sink.errors.len();
+    match &raw.version {
+        None => sink.error(
+            None,
+            "missing key `version`: the first line of a policy is `version: 1`",
+        ),
+        Some(v) if v.value.0.trim() == "1" => {}
+        Some(v) => sink.error(
+            spos(v),
+            format!(
+                "unsupported version {:?}: this ipguard reads policy version 1",
+                v.value.0
+            ),
+        ),
+    }
+    let mode = enum_value(
+        sink,
+        raw.mode.as_ref(),
+        "mode",
+        &[
+            ("enforce", Mode::Enforce),
+            ("monitor", Mode::Monitor),
+            ("off", Mode::Off),
+        ],
+        Mode::Enforce,
+    );
+    let action = enum_value(
+        sink,
+        raw.action.as_ref(),
+        "action",
+        &[("drop", Action::Drop), ("reject", Action::Reject)],
+        Action::Drop,
+    );
+    let scope = enum_value(
+        sink,
+        raw.scope.as_ref(),
+        "scope",
+        &[("host", Scope::Host), ("services", Scope::Services)],
+        Scope::Host,
+    );
+    let interfaces = interfaces(sink, raw.interfaces.as_ref());
+
+    let mut groups = Groups::new(
+        sink,
+        raw.groups.as_ref().map(|g| &g.value.0[..]).unwrap_or(&[]),
+    );
+    let group_names = groups.names.clone();
+
+    let mut lists = ListReader {
+        sink,
+        groups: &mut groups,
+        now,
+    };
+    let allow = lists.entries(raw.allow.as_ref().map(|l| &l.value));
+    let deny = lists.entries(raw.deny.as_ref().map(|l| &l.value));
+    let always_allow = lists.entries(raw.always_allow.as_ref().map(|l| &l.value));
+    let services = lists.services(raw.services.as_ref());
+    let sink = lists.sink;
+
+    let infrastructure = infrastructure(sink, raw.infrastructure.as_ref());
+    let events = events(sink, raw.events.as_ref());
+
+    if sink.errors.len() > errors_before {
+        return None;
+    }
+    let policy = Policy {
+        mode,
+        action,
+        scope,
+        interfaces,
+        groups: group_names,
+        allow,
+        services,
+        deny,
+        always_allow,
+        infrastructure,
+        events,
+    };
+    warn_covered(sink, &policy);
+    warn_allows_nobody(sink, &policy, raw.mode.as_ref().and_then(spos), now);
+    Some(policy)
+}
+
+fn enum_value<T: Copy>(
+    sink: &mut Sink,
+    v: Option<&Spanned<Scalar>>,
+    key: &str,
+    choices: &[(&str, T)],
+    default: T,
+) -> T {
+    let Some(v) = v else { return default };
+    let s = v.value.0.trim();
+    if let Some((_, t)) = choices.iter().find(|(name, _)| *name == s) {
+        return *t;
+    }
+    let names: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
+    sink.error(
+        spos(v),
+        format!("{s:?} is not a {key}: use {}", names.join(", ")),
+    );
+    default
+}
+
+fn interfaces(sink: &mut Sink, v: Option<&Spanned<ItemList>>) -> Vec<String> {
+    let Some(v) = v else { return Vec::new() };
+    let mut out = Vec::new();
+    for (name, pos) in v.value.items(spos(v)) {
+        // IFNAMSIZ is 16 with the terminating NUL.
+        let ok = !name.is_empty()
+            && name.len() <= 15
+            && !name.contains(|c: char| c == '/' || c.is_whitespace() || c == ':');
+        if ok {
+            out.push(name.to_string());
+        } else {
+            sink.error(pos, format!("{name:?} is not a network interface name"));
+        }
+    }
+    out
+}
+
+/// Group definitions and their expansion.
+struct Groups {
+    names: Vec<String>,
+    defs: HashMap<String, GroupDef>,
+}
+
+struct GroupDef {
+    /// The prefixes written directly in the group.
+    nets: Vec<IpNet>,
+    /// The groups it names, where.
+    refs: Vec<(String, Option<Pos>)>,
+    state: GroupState,
+}
+
+enum GroupState {
+    Todo,
+    Busy,
+    Done(Arc<Vec<IpNet>>),
+    /// A cycle or an unknown name below it (already reported).
+    Failed,
+}
+
+impl Groups {
+    fn new(sink: &mut Sink, raw: &[(Spanned<Scalar>, Spanned<ItemList>)]) -> Self {
+        let mut names = Vec::new();
+        let mut defs: HashMap<String, GroupDef> = HashMap::new();
+        let mut first_pos: HashMap<String, Option<Pos>> = HashMap::new();
+        for (key, value) in raw {
+            let name = key.value.0.as_str();
+            let kpos = spos(key);
+            if !addr::is_valid_name(name) {
+                sink.error(kpos, bad_name_message("group", name));
+                continue;
+            }
+            if let Some(first) = first_pos.get(name) {
+                sink.error(
+                    kpos,
+                    format!("group {name:?} is defined twice (first at {})", at(*first)),
+                );
+                continue;
+            }
+            first_pos.insert(name.to_string(), kpos);
+            let mut nets = Vec::new();
+            let mut refs = Vec::new();
+            value.value.for_each(spos(value), |text, pos| {
+                let before = nets.len();
+                match addr::parse_item(text, &mut nets) {
+                    Ok(Item::Nets { host_bits }) => {
+                        if let Some(n) = host_bits {
+                            sink.warning(pos, host_bits_message(text, &n));
+                        }
+                    }
+                    Ok(Item::Group(g)) => refs.push((g.to_string(), pos)),
+                    Err(msg) => {
+                        nets.truncate(before);
+                        sink.error(pos, msg);
+                    }
+                }
+            });
+            names.push(name.to_string());
+            defs.insert(
+                name.to_string(),
+                GroupDef {
+                    nets,
+                    refs,
+                    state: GroupState::Todo,
+                },
+            );
+        }
+        Self { names, defs }
+    }
+
+    /// The prefixes of group `name`, referenced at `pos`; None after an
+    /// error (reported here, once).
+    ///
+    /// Iterative depth-first expansion: a chain of thousands of nested
+    /// groups must not overflow the stack.
+    fn expand(&mut self, sink: &mut Sink, name: &str, pos: Option<Pos>) -> Option<Arc<Vec<IpNet>>> {
+        match self.defs.get(name).map(|d| &d.state) {
+            None => {
+                sink.error(pos, format!("unknown group {name:?}"));
+                return None;
+            }
+            Some(GroupState::Done(n)) => return Some(n.clone()),
+            Some(GroupState::Failed) => return None,
+            Some(_) => {}
+        }
+        // Frames: (group, index of the next reference to look at).
+        let mut stack: Vec<(String, usize)> = vec![(name.to_string(), 0)];
+        self.set_state(name, GroupState::Busy);
+        while let Some((g, i)) = stack.last().cloned() {
+            let next = self.defs.get(&g).and_then(|d| d.refs.get(i)).cloned();
+            match next {
+                None => {
+                    stack.pop();
+                    let failed = matches!(
+                        self.defs.get(&g).map(|d| &d.state),
+                        Some(GroupState::Failed)
+                    );
+                    if !failed {
+                        let nets = self.collect(&g);
+                        self.set_state(&g, GroupState::Done(Arc::new(nets)));
+                    }
+                }
+                Some((child, ipos)) => {
+                    if let Some(top) = stack.last_mut() {
+                        top.1 += 1;
+                    }
+                    match self.defs.get(&child).map(|d| &d.state) {
+                        None => {
+                            sink.error(ipos, format!("unknown group {child:?}"));
+                            self.fail_chain(&stack);
+                        }
+                        Some(GroupState::Failed) => self.fail_chain(&stack),
+                        Some(GroupState::Done(_)) => {}
+                        Some(GroupState::Busy) => {
+                            let from = stack.iter().position(|(n, _)| *n == child).unwrap_or(0);
+                            let mut path: Vec<&str> =
+                                stack[from..].iter().map(|(n, _)| n.as_str()).collect();
+                            path.push(&child);
+                            sink.error(
+                                ipos,
+                                format!(
+                                    "group {child:?} is part of a cycle: {}",
+                                    path.join(" -> ")
+                                ),
+                            );
+                            self.fail_chain(&stack);
+                        }
+                        Some(GroupState::Todo) => {
+                            self.set_state(&child, GroupState::Busy);
+                            stack.push((child, 0));
+                        }
+                    }
+                }
+            }
+        }
+        match self.defs.get(name).map(|d| &d.state) {
+            Some(GroupState::Done(n)) => Some(n.clone()),
+            _ => None,
+        }
+    }
+
+    fn set_state(&mut self, name: &str, state: GroupState) {
+        if let Some(d) = self.defs.get_mut(name) {
+            d.state = state;
+        }
+    }
+
+    /// Everything on the expansion stack depends on a failed group.
+    fn fail_chain(&mut self, stack: &[(String, usize)]) {
+        for (n, _) in stack {
+            self.set_state(n, GroupState::Failed);
+        }
+    }
+
+    /// All members of `g`, whose subgroups are done.
+    fn collect(&self, g: &str) -> Vec<IpNet> {
+        let Some(d) = self.defs.get(g) else {
+            return Vec::new();
+        };
+        let mut nets = d.nets.clone();
+        for (c, _) in &d.refs {
+            if let Some(GroupDef {
+                state: GroupState::Done(n),
+                ..
+            }) = self.defs.get(c)
+            {
+                nets.extend_from_slice(n);
+            }
+        }
+        // Deduplicated per group, so that groups naming the same group many
+        // times over cannot blow up exponentially.
+        nets.sort_unstable();
+        nets.dedup();
+        nets
+    }
+}
+
+fn bad_name_message(what: &str, name: &str) -> String {
+    if addr::KEYWORDS.contains(&name) {
+        format!("{name:?} is a keyword and cannot name a {what}")
+    } else {
+        format!(
+            "{name:?} is not a valid {what} name: use a lowercase letter, then up to 62 lowercase letters, digits, `_` or `-`"
+        )
+    }
+}
+
+fn host_bits_message(text: &str, n: &IpNet) -> String {
+    format!("{:?} has host bits set: it means {n}", text.trim())
+}
+
+struct ListReader<'a> {
+    sink: &'a mut Sink,
+    groups: &'a mut Groups,
+    now: Timestamp,
+}
+
+impl ListReader<'_> {
+    fn entries(&mut self, list: Option<&EntryList>) -> Vec<Entry> {
+        let Some(list) = list else { return Vec::new() };
+        let mut out = Vec::with_capacity(list.0.len());
+        for e in &list.0 {
+            if let Some(entry) = self.entry(e) {
+                out.push(entry);
+            }
+        }
+        out
+    }
+
+    fn entry(&mut self, e: &Spanned<RawEntry>) -> Option<Entry> {
+        let epos = spos(e);
+        let errors_before = self.sink.errors.len();
+        let mut nets = Vec::new();
+        let (text, label, until, when) = match &e.value {
+            RawEntry::Item(s) => {
+                self.item(s, epos, &mut nets);
+                (s.clone(), None, None, None)
+            }
+            RawEntry::Map(m) => {
+                let mut any = false;
+                m.from.value.for_each(spos(&m.from), |t, pos| {
+                    any = true;
+                    self.item(t, pos, &mut nets);
+                });
+                if !any {
+                    self.sink.error(
+                        spos(&m.from),
+                        "`from` is empty: name at least one address item",
+                    );
+                }
+                let label = m.label.as_ref().and_then(|l| {
+                    let n = l.value.0.chars().count();
+                    if n > MAX_LABEL_CHARS {
+                        self.sink.error(
+                            spos(l),
+                            format!("label {:?} is {n} characters long; at most {MAX_LABEL_CHARS} are allowed", l.value.0),
+                        );
+                        None
+                    } else {
+                        Some(l.value.0.clone())
+                    }
+                });
+                let until = m
+                    .until
+                    .as_ref()
+                    .and_then(|u| match time::parse_until(&u.value.0) {
+                        Ok(t) => {
+                            if t <= self.now {
+                                self.sink.warning(
+                                    spos(u),
+                                    format!(
+                                        "until {:?} has passed: this entry is no longer active",
+                                        u.value.0
+                                    ),
+                                );
+                            }
+                            Some(t)
+                        }
+                        Err(msg) => {
+                            self.sink.error(spos(u), msg);
+                            None
+                        }
+                    });
+                let when = m.when.as_ref().and_then(|w| self.window(&w.value, spos(w)));
+                (m.from.value.text(), label, until, when)
+            }
+        };
+        if self.sink.errors.len() > errors_before {
+            return None;
+        }
+        if nets.len() > 1 {
+            nets.sort_unstable();
+            nets.dedup();
+        }
+        Some(Entry {
+            text,
+            nets,
+            label,
+            until,
+            when,
+            pos: epos,
+        })
+    }
+
+    /// One address item of an entry, its prefixes appended to `nets`.
+    fn item(&mut self, t: &str, pos: Option<Pos>, nets: &mut Vec<IpNet>) {
+        match addr::parse_item(t, nets) {
+            Ok(Item::Nets { host_bits }) => {
+                if let Some(h) = host_bits {
+                    self.sink.warning(pos, host_bits_message(t, &h));
+                }
+            }
+            Ok(Item::Group(g)) => {
+                if let Some(n) = self.groups.expand(self.sink, g, pos) {
+                    nets.extend_from_slice(&n);
+                }
+            }
+            Err(msg) => self.sink.error(pos, msg),
+        }
+    }
+
+    fn window(&mut self, w: &RawWhen, wpos: Option<Pos>) -> Option<Window> {
+        let errors_before = self.sink.errors.len();
+        if w.days.is_none() && w.time.is_none() {
+            self.sink.error(wpos, "`when` needs `days`, `time` or both");
+        }
+        let mut days = 0u8;
+        match &w.days {
+            None => days = time::ALL_DAYS,
+            Some(d) => {
+                let items = d.value.items(spos(d));
+                if items.is_empty() {
+                    self.sink
+                        .error(spos(d), "`days` is empty: name at least one day");
+                }
+                for (item, pos) in items {
+                    match time::parse_days(item) {
+                        Ok(m) => days |= m,
+                        Err(msg) => self.sink.error(pos, msg),
+                    }
+                }
+            }
+        }
+        let (start, end) = match &w.time {
+            None => (0, 1440),
+            Some(t) => match time::parse_time_range(&t.value.0) {
+                Ok(r) => r,
+                Err(msg) => {
+                    self.sink.error(spos(t), msg);
+                    (0, 1440)
+                }
+            },
+        };
+        let (tz, tz_name) = match &w.tz {
+            None => (jiff::tz::TimeZone::UTC, "UTC".to_string()),
+            Some(z) => match time::time_zone(z.value.0.trim()) {
+                Ok(tz) => (tz, z.value.0.trim().to_string()),
+                Err(msg) => {
+                    self.sink.error(spos(z), msg);
+                    (jiff::tz::TimeZone::UTC, String::new())
+                }
+            },
+        };
+        (self.sink.errors.len() == errors_before).then_some(Window {
+            days,
+            start,
+            end,
+            tz,
+            tz_name,
+        })
+    }
+
+    fn services(
+        &mut self,
+        raw: Option<&Spanned<super::yaml::NamedMap<Spanned<super::yaml::RawService>>>>,
+    ) -> Vec<Service> {
+        let Some(raw) = raw else { return Vec::new() };
+        let mut out: Vec<Service> = Vec::new();
+        let mut seen: HashMap<&str, Option<Pos>> = HashMap::new();
+        // (spec, service index in `out`, position, text)
+        let mut all_ports: Vec<(PortSpec, usize, Option<Pos>, String)> = Vec::new();
+        let mut count = 0usize;
+        for (key, value) in &raw.value.0 {
+            let name = key.value.0.as_str();
+            let kpos = spos(key);
+            if !addr::is_valid_name(name) {
+                self.sink.error(kpos, bad_name_message("service", name));
+                continue;
+            }
+            if let Some(first) = seen.get(name) {
+                self.sink.error(
+                    kpos,
+                    format!(
+                        "service {name:?} is defined twice (first at {})",
+                        at(*first)
+                    ),
+                );
+                continue;
+            }
+            seen.insert(name, kpos);
+            count += 1;
+            if count == MAX_SERVICES + 1 {
+                self.sink.error(
+                    kpos,
+                    format!("too many services: {name:?} is number {count}, at most {MAX_SERVICES} are allowed"),
+                );
+            }
+            let svc = &value.value;
+            let items = svc.ports.value.items(spos(&svc.ports));
+            if items.is_empty() {
+                self.sink.error(
+                    spos(&svc.ports),
+                    format!("service {name:?} has no ports: list at least one, e.g. tcp/443"),
+                );
+            }
+            let mut ports = Vec::new();
+            for (text, pos) in items {
+                match parse_port(text) {
+                    Ok(p) => {
+                        ports.push(p);
+                        all_ports.push((p, out.len(), pos, text.trim().to_string()));
+                    }
+                    Err(msg) => self.sink.error(pos, msg),
+                }
+            }
+            let allow = svc.allow.as_ref().map(|l| self.entries(Some(&l.value)));
+            out.push(Service {
+                name: name.to_string(),
+                ports,
+                allow,
+                pos: kpos,
+            });
+        }
+        port_overlaps(self.sink, &out, &mut all_ports);
+        out
+    }
+}
+
+fn parse_port(text: &str) -> Result<PortSpec, String> {
+    let t = text.trim();
+    let Some((proto, ports)) = t.split_once('/') else {
+        return Err(format!(
+            "{t:?} is not a port: write tcp/N, udp/N, tcp/N-M or udp/N-M"
+        ));
+    };
+    let proto = match proto.trim().to_ascii_lowercase().as_str() {
+        "tcp" => Proto::Tcp,
+        "udp" => Proto::Udp,
+        _ => return Err(format!("{t:?}: the protocol must be tcp or udp")),
+    };
+    let num = |s: &str| -> Result<u16, String> {
+        let s = s.trim();
+        if s.is_empty() || !s.bytes().all(|c| c.is_ascii_digit()) {
+            return Err(format!("{t:?}: {s:?} is not a port number"));
+        }
+        match s.parse::<u32>() {
+            Ok(n) if (1..=65535).contains(&n) => Ok(n as u16),
+            _ => Err(format!("{t:?}: port {s} is out of range (1-65535)")),
+        }
+    };
+    let (first, last) = match ports.split_once('-') {
+        None => {
+            let n = num(ports)?;
+            (n, n)
+        }
+        Some((a, b)) => (num(a)?, num(b)?),
+    };
+    if first > last {
+        return Err(format!("{t:?}: the port range is reversed"));
+    }
+    Ok(PortSpec { proto, first, last })
+}
+
+/// A port may belong to one service only: the later of two overlapping
+/// port items (in file order) is the error, naming the earlier one.
+fn port_overlaps(
+    sink: &mut Sink,
+    services: &[Service],
+    all: &mut [(PortSpec, usize, Option<Pos>, String)],
+) {
+    all.sort_by_key(|(p, _, pos, _)| (p.proto, p.first, *pos));
+    let mut reported = std::collections::HashSet::new();
+    for proto in [Proto::Tcp, Proto::Udp] {
+        // The interval seen so far that reaches furthest.
+        let mut reach: Option<usize> = None;
+        for i in 0..all.len() {
+            if all[i].0.proto != proto {
+                continue;
+            }
+            if let Some(r) = reach {
+                let (a, b) = (&all[r], &all[i]);
+                if b.0.first <= a.0.last && a.1 != b.1 {
+                    let (early, late) = if a.2 <= b.2 { (a, b) } else { (b, a) };
+                    if reported.insert((late.2, late.3.clone())) {
+                        sink.error(
+                            late.2,
+                            format!(
+                                "{:?} of service {:?} overlaps {:?} of service {:?} ({}): a port belongs to one service only",
+                                late.3, services[late.1].name, early.3, services[early.1].name, at(early.2)
+                            ),
+                        );
+                    }
+                }
+                if all[i].0.last > all[r].0.last {
+                    reach = Some(i);
+                }
+            } else {
+                reach = Some(i);
+            }
+        }
+    }
+}
+
+fn infrastructure(sink: &mut Sink, raw: Option<&super::yaml::RawInfra>) -> Infrastructure {
+    let mut infra = Infrastructure::default();
+    let Some(raw) = raw else { return infra };
+    let b = |v: &Option<Spanned<bool>>, d: bool| v.as_ref().map_or(d, |s| s.value);
+    infra.ndp = b(&raw.ndp, infra.ndp);
+    infra.dhcp = b(&raw.dhcp, infra.dhcp);
+    infra.pmtu = b(&raw.pmtu, infra.pmtu);
+    infra.return_traffic = b(&raw.return_traffic, infra.return_traffic);
+    if let Some(t) = &raw.flow_timeout {
+        match time::parse_duration(&t.value.0) {
+            Ok(d) if d >= Duration::from_secs(1) => infra.flow_timeout = d,
+            Ok(_) => sink.error(
+                spos(t),
+                format!("flow_timeout {:?} is too short: at least 1s", t.value.0),
+            ),
+            Err(msg) => sink.error(spos(t), msg),
+        }
+    }
+    infra
+}
+
+/// `N/s`, `N/m`, `N/h`: (count, seconds).
+fn parse_rate(s: &str) -> Result<(u64, u64), String> {
+    let bad = || format!("{s:?} is not a rate: write e.g. 1/s, 10/m or 1000/s");
+    let (n, unit) = s.trim().split_once('/').ok_or_else(bad)?;
+    let n = n.trim();
+    if n.is_empty() || !n.bytes().all(|c| c.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let n: u64 = n.parse().map_err(|_| bad())?;
+    let secs = match unit.trim() {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => return Err(bad()),
+    };
+    Ok((n, secs))
+}
+
+fn events(sink: &mut Sink, raw: Option<&super::yaml::RawEvents>) -> Events {
+    let mut ev = Events::default();
+    let Some(raw) = raw else { return ev };
+    if let Some(r) = &raw.per_source {
+        match parse_rate(&r.value.0) {
+            Ok((0, _)) => sink.error(
+                spos(r),
+                format!("per_source {:?}: at least 1 event per source is needed (set max_rate: 0/s to send none)", r.value.0),
+            ),
+            Ok((n, secs)) => {
+                ev.per_source_interval = Duration::from_nanos(secs.saturating_mul(1_000_000_000) / n)
+            }
+            Err(msg) => sink.error(spos(r), msg),
+        }
+    }
+    if let Some(r) = &raw.max_rate {
+        match parse_rate(&r.value.0) {
+            Ok((n, secs)) => ev.max_per_sec = u32::try_from(n.div_ceil(secs)).unwrap_or(u32::MAX),
+            Err(msg) => sink.error(spos(r), msg),
+        }
+    }
+    ev
+}
+
+/// Whether `f` is active at least whenever `e` is, so that covering `e`'s
+/// prefixes makes `e` redundant at every moment.
+fn active_whenever(f: &Entry, e: &Entry) -> bool {
+    let until_ok = match (f.until, e.until) {
+        (None, _) => true,
+        (Some(fu), Some(eu)) => eu <= fu,
+        (Some(_), None) => false,
+    };
+    let when_ok = match (&f.when, &e.when) {
+        (None, _) => true,
+        (Some(a), Some(b)) => {
+            a.days == b.days && a.start == b.start && a.end == b.end && a.tz_name == b.tz_name
+        }
+        (Some(_), None) => false,
+    };
+    until_ok && when_ok
+}
+
+/// For each entry of `list`, the entries (other than itself) that cover all
+/// of its prefixes. A sweep over the sorted prefixes with a stack of the
+/// prefixes containing the current one: O(n log n) for the usual lists of
+/// single prefixes.
+pub(crate) fn covering(list: &[Entry]) -> Vec<Option<Vec<u32>>> {
+    // Bounds the work for pathological lists; a few candidates suffice to
+    // name a covering entry.
+    const MAX_CANDIDATES: usize = 64;
+    let mut pairs: Vec<(IpNet, u32)> = Vec::new();
+    for (i, e) in list.iter().enumerate() {
+        for n in &e.nets {
+            pairs.push((*n, i as u32));
+        }
+    }
+    pairs.sort_unstable();
+    let mut cands: Vec<Option<Vec<u32>>> = vec![None; list.len()];
+    let mut dead = vec![false; list.len()];
+    // Stack of (net, entries owning exactly it).
+    let mut stack: Vec<(IpNet, Vec<u32>)> = Vec::new();
+    let mut i = 0;
+    while i < pairs.len() {
+        let net = pairs[i].0;
+        let mut j = i;
+        let mut owners = Vec::new();
+        while j < pairs.len() && pairs[j].0 == net {
+            owners.push(pairs[j].1);
+            j += 1;
+        }
+        while let Some((top, _)) = stack.last() {
+            if top.contains(&net) {
+                break;
+            }
+            stack.pop();
+        }
+        let mut above: Vec<u32> = Vec::new();
+        for (_, o) in stack.iter().rev() {
+            for &x in o {
+                if above.len() < MAX_CANDIDATES {
+                    above.push(x);
+                }
+            }
+        }
+        for &e in &owners {
+            if dead[e as usize] {
+                continue;
+            }
+            let entry = &list[e as usize];
+            let mut here: Vec<u32> = owners
+                .iter()
+                .copied()
+                .filter(|&o| o != e)
+                .chain(above.iter().copied())
+                .filter(|&o| o != e && active_whenever(&list[o as usize], entry))
+                .collect();
+            here.sort_unstable();
+            here.dedup();
+            let c = &mut cands[e as usize];
+            *c = Some(match c.take() {
+                None => here,
+                Some(prev) => prev
+                    .into_iter()
+                    .filter(|x| here.binary_search(x).is_ok())
+                    .collect(),
+            });
+            if c.as_ref().is_some_and(|v| v.is_empty()) {
+                dead[e as usize] = true;
+            }
+        }
+        stack.push((net, owners));
+        i = j;
+    }
+    cands
+        .into_iter()
+        .map(|c| c.filter(|v| !v.is_empty()))
+        .collect()
+}
+
+fn warn_covered_list(sink: &mut Sink, list: &[Entry], what: &str) {
+    let cands = covering(list);
+    for (e, c) in cands.iter().enumerate() {
+        let Some(c) = c else { continue };
+        // Two entries with the same prefixes cover each other: only the
+        // later one is redundant.
+        let by = c.iter().copied().find(|&f| {
+            let mutual = cands[f as usize]
+                .as_ref()
+                .is_some_and(|v| v.binary_search(&(e as u32)).is_ok());
+            !(mutual && (f as usize) > e)
+        });
+        if let Some(f) = by {
+            let (ee, ff) = (&list[e], &list[f as usize]);
+            sink.warning(
+                ee.pos,
+                format!(
+                    "entry {:?} is fully covered by entry {:?} ({}) of the same list ({what})",
+                    ee.text,
+                    ff.text,
+                    at(ff.pos)
+                ),
+            );
+        }
+    }
+}
+
+fn warn_covered(sink: &mut Sink, p: &Policy) {
+    warn_covered_list(sink, &p.allow, "allow");
+    warn_covered_list(sink, &p.deny, "deny");
+    warn_covered_list(sink, &p.always_allow, "always_allow");
+    for s in &p.services {
+        if let Some(l) = &s.allow {
+            warn_covered_list(sink, l, &format!("allow of service {}", s.name));
+        }
+    }
+}
+
+fn warn_allows_nobody(sink: &mut Sink, p: &Policy, mode_pos: Option<Pos>, now: Timestamp) {
+    if p.mode != Mode::Enforce || p.scope != Scope::Host {
+        return;
+    }
+    // An entry outside its time window still allows someone at other
+    // times; only an expired one does not.
+    let any_active = |l: &[Entry]| {
+        l.iter()
+            .any(|e| e.until.is_none_or(|u| now < u) && !e.nets.is_empty())
+    };
+    let someone = any_active(&p.allow)
+        || any_active(&p.always_allow)
+        || p.services
+            .iter()
+            .any(|s| s.allow.as_deref().is_some_and(any_active));
+    if !someone {
+        sink.warning(
+            mode_pos,
+            "with mode: enforce and scope: host this policy allows nobody: every packet but infrastructure traffic is refused",
+        );
+    }
+}

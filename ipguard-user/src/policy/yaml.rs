@@ -1,0 +1,479 @@
+//! The policy file as YAML, before any meaning is given to its values.
+//!
+//! Parsed with `serde-saphyr`, chosen because it is the serde deserializer
+//! that keeps a position for everything: `Spanned<T>` records line and column
+//! of any value, and its own errors (unknown key, wrong type, duplicate key,
+//! YAML syntax) carry the position of the offending node. `serde_yaml` is
+//! unmaintained and drops value positions; `marked-yaml`'s serde layer loses
+//! the position of unknown-key and type errors, which operators need most.
+//! serde-saphyr is also panic-free by design and bounds alias expansion
+//! (a "billion laughs" file cannot exhaust the daemon).
+//!
+//! Every mapping rejects unknown keys: a typo such as `alow:` must not
+//! silently weaken a firewall. Values whose form is "one item or a list" are
+//! read by hand-written visitors rather than `#[serde(untagged)]`, which
+//! would buffer the value and lose its position.
+
+use std::fmt;
+
+use serde::{
+    Deserialize, Deserializer,
+    de::{self, MapAccess, SeqAccess, Visitor},
+};
+use serde_saphyr::{Location, Spanned};
+
+use super::diag::Pos;
+
+/// The position of a spanned value (None when the parser could not tell).
+pub(crate) fn pos_of(loc: &Location) -> Option<Pos> {
+    let (line, column) = (loc.line(), loc.column());
+    if line == 0 {
+        return None;
+    }
+    Some(Pos {
+        line: u32::try_from(line).unwrap_or(u32::MAX),
+        column: u32::try_from(column).unwrap_or(u32::MAX),
+    })
+}
+
+pub(crate) fn spos<T>(s: &Spanned<T>) -> Option<Pos> {
+    pos_of(&s.referenced)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPolicy {
+    pub version: Option<Spanned<Scalar>>,
+    pub mode: Option<Spanned<Scalar>>,
+    pub action: Option<Spanned<Scalar>>,
+    pub scope: Option<Spanned<Scalar>>,
+    pub interfaces: Option<Spanned<ItemList>>,
+    pub groups: Option<Spanned<NamedMap<Spanned<ItemList>>>>,
+    pub allow: Option<Spanned<EntryList>>,
+    pub services: Option<Spanned<NamedMap<Spanned<RawService>>>>,
+    pub deny: Option<Spanned<EntryList>>,
+    pub always_allow: Option<Spanned<EntryList>>,
+    pub infrastructure: Option<RawInfra>,
+    pub events: Option<RawEvents>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawService {
+    pub ports: Spanned<ItemList>,
+    /// `allow:` with nothing after it is an empty list of the service's
+    /// own (nobody), not "no list": a half-written list must fail closed.
+    #[serde(default, deserialize_with = "present_entry_list")]
+    pub allow: Option<Spanned<EntryList>>,
+}
+
+fn present_entry_list<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Spanned<EntryList>>, D::Error> {
+    Spanned::<EntryList>::deserialize(d).map(Some)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawInfra {
+    pub ndp: Option<Spanned<bool>>,
+    pub dhcp: Option<Spanned<bool>>,
+    pub pmtu: Option<Spanned<bool>>,
+    pub return_traffic: Option<Spanned<bool>>,
+    pub flow_timeout: Option<Spanned<Scalar>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawEvents {
+    pub per_source: Option<Spanned<Scalar>>,
+    pub max_rate: Option<Spanned<Scalar>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawEntryMap {
+    pub from: Spanned<ItemList>,
+    pub label: Option<Spanned<Scalar>>,
+    pub until: Option<Spanned<Scalar>>,
+    pub when: Option<Spanned<RawWhen>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawWhen {
+    pub days: Option<Spanned<ItemList>>,
+    pub time: Option<Spanned<Scalar>>,
+    pub tz: Option<Spanned<Scalar>>,
+}
+
+/// Any scalar, kept as text: `version: 1`, `label: 42` and `label: yes`
+/// are all read as the operator typed them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Scalar(pub String);
+
+struct ScalarVisitor;
+
+impl Visitor<'_> for ScalarVisitor {
+    type Value = Scalar;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a single value (not a list or a mapping)")
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Scalar, E> {
+        Ok(Scalar(v.to_string()))
+    }
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Scalar, E> {
+        Ok(Scalar(v))
+    }
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Scalar, E> {
+        Ok(Scalar(v.to_string()))
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Scalar, E> {
+        Ok(Scalar(v.to_string()))
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Scalar, E> {
+        Ok(Scalar(v.to_string()))
+    }
+    fn visit_i128<E: de::Error>(self, v: i128) -> Result<Scalar, E> {
+        Ok(Scalar(v.to_string()))
+    }
+    fn visit_u128<E: de::Error>(self, v: u128) -> Result<Scalar, E> {
+        Ok(Scalar(v.to_string()))
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Scalar, E> {
+        // `{:?}` keeps `1.0` from reading as `1`.
+        Ok(Scalar(format!("{v:?}")))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Scalar, E> {
+        Ok(Scalar(String::new()))
+    }
+}
+
+impl<'de> Deserialize<'de> for Scalar {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // As a string: the text as written (`1.0`, `yes`, `010`), and no
+        // attempt at reading a number out of every one of a million items.
+        d.deserialize_string(ScalarVisitor)
+    }
+}
+
+/// One item or a list of them (`from: office`, `from: [a, b]`,
+/// `days: mon-fri`, `days: [sat, sun]`, `ports: tcp/22`).
+#[derive(Debug)]
+pub(crate) enum ItemList {
+    /// A single scalar; its position is the one of the enclosing `Spanned`.
+    One(String),
+    Many(Vec<Spanned<Scalar>>),
+}
+
+impl ItemList {
+    /// The items with their positions; `outer` is the position of the value.
+    pub fn items(&self, outer: Option<Pos>) -> Vec<(&str, Option<Pos>)> {
+        match self {
+            ItemList::One(s) => vec![(s.as_str(), outer)],
+            ItemList::Many(v) => v.iter().map(|s| (s.value.0.as_str(), spos(s))).collect(),
+        }
+    }
+
+    /// Calls `f` with each item and its position, without allocating.
+    pub fn for_each<'a>(&'a self, outer: Option<Pos>, mut f: impl FnMut(&'a str, Option<Pos>)) {
+        match self {
+            ItemList::One(s) => f(s.as_str(), outer),
+            ItemList::Many(v) => {
+                for s in v {
+                    f(s.value.0.as_str(), spos(s));
+                }
+            }
+        }
+    }
+
+    /// As written, for display: `office` or `[a, b]`.
+    pub fn text(&self) -> String {
+        match self {
+            ItemList::One(s) => s.clone(),
+            ItemList::Many(v) => {
+                let parts: Vec<&str> = v.iter().map(|s| s.value.0.as_str()).collect();
+                format!("[{}]", parts.join(", "))
+            }
+        }
+    }
+}
+
+struct ItemListVisitor;
+
+impl<'de> Visitor<'de> for ItemListVisitor {
+    type Value = ItemList;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a value or a list of values")
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<ItemList, E> {
+        Ok(ItemList::One(v.to_string()))
+    }
+    fn visit_string<E: de::Error>(self, v: String) -> Result<ItemList, E> {
+        Ok(ItemList::One(v))
+    }
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<ItemList, E> {
+        Ok(ItemList::One(v.to_string()))
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<ItemList, E> {
+        Ok(ItemList::One(v.to_string()))
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<ItemList, E> {
+        Ok(ItemList::One(v.to_string()))
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<ItemList, E> {
+        Ok(ItemList::One(v.to_string()))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<ItemList, E> {
+        Ok(ItemList::Many(Vec::new()))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<ItemList, A::Error> {
+        let mut v = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 16));
+        while let Some(item) = seq.next_element::<Spanned<Scalar>>()? {
+            v.push(item);
+        }
+        Ok(ItemList::Many(v))
+    }
+}
+
+impl<'de> Deserialize<'de> for ItemList {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(ItemListVisitor)
+    }
+}
+
+/// An entry: an address item, or a mapping with `from` and options.
+#[derive(Debug)]
+pub(crate) enum RawEntry {
+    Item(String),
+    Map(Box<RawEntryMap>),
+}
+
+struct EntryVisitor;
+
+impl<'de> Visitor<'de> for EntryVisitor {
+    type Value = RawEntry;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an address item or a mapping with `from`")
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<RawEntry, E> {
+        Ok(RawEntry::Item(v.to_string()))
+    }
+    fn visit_string<E: de::Error>(self, v: String) -> Result<RawEntry, E> {
+        Ok(RawEntry::Item(v))
+    }
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<RawEntry, E> {
+        Ok(RawEntry::Item(v.to_string()))
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<RawEntry, E> {
+        Ok(RawEntry::Item(v.to_string()))
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<RawEntry, E> {
+        Ok(RawEntry::Item(v.to_string()))
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<RawEntry, E> {
+        Ok(RawEntry::Item(v.to_string()))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawEntry, A::Error> {
+        RawEntryMap::deserialize(de::value::MapAccessDeserializer::new(map))
+            .map(|m| RawEntry::Map(Box::new(m)))
+    }
+}
+
+impl<'de> Deserialize<'de> for RawEntry {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(EntryVisitor)
+    }
+}
+
+/// A list of entries; `allow:` with nothing after it is an empty list.
+#[derive(Debug, Default)]
+pub(crate) struct EntryList(pub Vec<Spanned<RawEntry>>);
+
+struct EntryListVisitor;
+
+impl<'de> Visitor<'de> for EntryListVisitor {
+    type Value = EntryList;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a list of entries")
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<EntryList, E> {
+        Ok(EntryList::default())
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<EntryList, A::Error> {
+        let mut v = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 16));
+        while let Some(item) = seq.next_element::<Spanned<RawEntry>>()? {
+            v.push(item);
+        }
+        Ok(EntryList(v))
+    }
+}
+
+impl<'de> Deserialize<'de> for EntryList {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(EntryListVisitor)
+    }
+}
+
+/// A mapping from names to values that keeps every key with its position,
+/// duplicates included, so that a group or service defined twice is
+/// reported with both places.
+#[derive(Debug)]
+pub(crate) struct NamedMap<V>(pub Vec<(Spanned<Scalar>, V)>);
+
+struct NamedMapVisitor<V>(std::marker::PhantomData<V>);
+
+impl<'de, V: Deserialize<'de>> Visitor<'de> for NamedMapVisitor<V> {
+    type Value = NamedMap<V>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a mapping of names")
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<NamedMap<V>, E> {
+        Ok(NamedMap(Vec::new()))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<NamedMap<V>, A::Error> {
+        let mut v = Vec::new();
+        while let Some(k) = map.next_key::<Spanned<Scalar>>()? {
+            let value = map.next_value::<V>()?;
+            v.push((k, value));
+        }
+        Ok(NamedMap(v))
+    }
+}
+
+impl<'de, V: Deserialize<'de>> Deserialize<'de> for NamedMap<V> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(NamedMapVisitor(std::marker::PhantomData))
+    }
+}
+
+/// A YAML or structure error: position and message.
+#[derive(Debug)]
+pub(crate) struct YamlError {
+    pub pos: Option<Pos>,
+    pub message: String,
+}
+
+/// Renders serde-saphyr's messages without the location it appends (the
+/// caller puts `FILE:LINE:COL:` in front instead).
+struct NoLocation;
+
+impl serde_saphyr::Localizer for NoLocation {
+    fn attach_location<'a>(
+        &self,
+        base: std::borrow::Cow<'a, str>,
+        _loc: Location,
+    ) -> std::borrow::Cow<'a, str> {
+        base
+    }
+}
+
+fn options(text: &str, duplicates: serde_saphyr::DuplicateKeyPolicy) -> serde_saphyr::Options {
+    // No event budget: its default (250,000 nodes) is far below a policy of
+    // a million prefixes, and its bookkeeping costs more than the parse
+    // itself. What it guards against stays guarded: nesting by the parser's
+    // own limits (255 levels of flow or block nesting, taken from the
+    // default budget even without one), alias bombs by the alias replay
+    // limits (1,000,000 replayed events in all), and the size of everything
+    // else by the size of the file.
+    let _ = text;
+    serde_saphyr::options! {
+        budget: None,
+        duplicate_keys: duplicates,
+        strict_booleans: true,
+        with_snippet: false,
+    }
+}
+
+fn yaml_error(e: &serde_saphyr::Error, text: &str) -> YamlError {
+    let pos = e.location().as_ref().and_then(pos_of);
+    let formatter = serde_saphyr::DefaultMessageFormatter;
+    let loc = NoLocation;
+    let formatter = formatter.with_localizer(&loc);
+    let opts = serde_saphyr::render_options! {
+        formatter: &formatter,
+        snippets: serde_saphyr::SnippetMode::Off,
+    };
+    let message = e.render_with_options(opts);
+    let message = message.strip_prefix("error: ").unwrap_or(&message);
+    YamlError {
+        pos,
+        message: explain_yaml_message(message, text, pos),
+    }
+}
+
+pub(crate) fn parse(text: &str) -> Result<RawPolicy, YamlError> {
+    // Duplicate keys reach the visitors, so that a group or service defined
+    // twice is reported with both positions and the other errors.
+    let passthrough = serde_saphyr::DuplicateKeyPolicy::PassThrough;
+    serde_saphyr::from_str_with_options::<RawPolicy>(text, options(text, passthrough)).map_err(
+        |e| {
+            let mut err = yaml_error(&e, text);
+            if err.pos.is_none() && err.message.starts_with("duplicate key") {
+                // serde reports a repeated field of the top-level mapping
+                // without a position; the parser's own duplicate check has it.
+                let strict = serde_saphyr::DuplicateKeyPolicy::Error;
+                if let Err(e2) =
+                    serde_saphyr::from_str_with_options::<RawPolicy>(text, options(text, strict))
+                {
+                    let again = yaml_error(&e2, text);
+                    if again.pos.is_some() && again.message.starts_with("duplicate key") {
+                        err = again;
+                    }
+                }
+            }
+            err
+        },
+    )
+}
+
+/// Adds the hint an operator needs for the YAML mistakes policies invite.
+fn explain_yaml_message(message: &str, text: &str, pos: Option<Pos>) -> String {
+    // serde speaks of fields; a policy has keys.
+    for (from, to) in [
+        ("unknown field", "unknown key"),
+        ("missing field", "missing key"),
+        ("duplicate field", "duplicate key"),
+    ] {
+        if let Some(rest) = message.strip_prefix(from) {
+            return format!("{to}{rest}");
+        }
+    }
+    match message {
+        "expected mapping start" => {
+            return "expected a mapping (`key: value` lines) here".to_string();
+        }
+        "expected string scalar" => {
+            return "expected a single value here, not a list or a mapping".to_string();
+        }
+        _ => {}
+    }
+    if let Some(rest) = message.strip_prefix("duplicate mapping key: ") {
+        let key = rest
+            .split(", set DuplicateKeyPolicy")
+            .next()
+            .unwrap_or(rest);
+        return format!("duplicate key `{key}`: each key may appear once");
+    }
+    let at = pos.and_then(|p| {
+        let line = text.lines().nth(p.line.checked_sub(1)? as usize)?;
+        Some(
+            line.chars()
+                .skip(p.column.checked_sub(1)? as usize)
+                .collect::<String>(),
+        )
+    });
+    if message.contains("anchor")
+        && let Some(rest) = at.as_deref()
+        && rest.starts_with('*')
+    {
+        let value: String = rest
+            .chars()
+            .take_while(|c| !matches!(c, ',' | ']' | '}' | ' ' | '#'))
+            .collect();
+        return format!(
+            "{value:?}: a value that starts with `*` must be quoted in YAML (`*` starts an alias): write \"{value}\""
+        );
+    }
+    message.to_string()
+}

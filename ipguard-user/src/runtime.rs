@@ -1,0 +1,222 @@
+//! Runtime entries (policy.md §6): `ipguard allow ADDR --for 8h` and
+//! `ipguard revoke ADDR`. Kept by the daemon in its state directory,
+//! written atomically, reloaded at start, expired on time, merged into
+//! whatever policy file is current; never written into that file.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Context, Result};
+use ipnet::IpNet;
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use crate::{policy::RuntimeEntry, state::write_atomic};
+
+pub const RUNTIME_FILE: &str = "runtime.json";
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeRecord {
+    pub addr: IpNet,
+    pub service: Option<String>,
+    pub label: Option<String>,
+    pub until: Option<Timestamp>,
+    pub added_at: Timestamp,
+}
+
+#[derive(Debug)]
+pub struct RuntimeStore {
+    path: PathBuf,
+    pub entries: Vec<RuntimeRecord>,
+}
+
+impl RuntimeStore {
+    /// Loads the store; a missing file is an empty store, a corrupt one an
+    /// error naming the file (the daemon must not silently forget grants or
+    /// revocations).
+    pub fn load(state_dir: &Path) -> Result<Self> {
+        let path = state_dir.join(RUNTIME_FILE);
+        let entries = match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text).with_context(|| {
+                format!(
+                    "{} is corrupt: fix or remove it (it holds the runtime allow entries)",
+                    path.display()
+                )
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        };
+        Ok(Self { path, entries })
+    }
+
+    pub fn save(&self) -> Result<()> {
+        let json = serde_json::to_vec_pretty(&self.entries)?;
+        write_atomic(&self.path, &json)
+    }
+
+    /// Adds (or replaces: same address and service) an entry.
+    pub fn allow(
+        &mut self,
+        addr: IpNet,
+        duration: Option<Duration>,
+        service: Option<String>,
+        label: Option<String>,
+        now: SystemTime,
+    ) -> Result<RuntimeRecord> {
+        let now_ts = Timestamp::try_from(now).context("the clock is out of range")?;
+        let until = match duration {
+            Some(d) => Some(Timestamp::try_from(now + d).context("--for is too long")?),
+            None => None,
+        };
+        let rec = RuntimeRecord {
+            addr: addr.trunc(),
+            service,
+            label,
+            until,
+            added_at: now_ts,
+        };
+        self.entries
+            .retain(|e| !(e.addr == rec.addr && e.service == rec.service));
+        self.entries.push(rec.clone());
+        self.save()?;
+        Ok(rec)
+    }
+
+    /// Removes every runtime entry for `addr`; returns how many.
+    pub fn revoke(&mut self, addr: IpNet) -> Result<usize> {
+        let before = self.entries.len();
+        let addr = addr.trunc();
+        self.entries.retain(|e| e.addr != addr);
+        let n = before - self.entries.len();
+        if n > 0 {
+            self.save()?;
+        }
+        Ok(n)
+    }
+
+    /// Drops the entries whose time is up; returns them.
+    pub fn expire(&mut self, now: SystemTime) -> Result<Vec<RuntimeRecord>> {
+        let now = Timestamp::try_from(now).context("the clock is out of range")?;
+        let (gone, kept): (Vec<_>, Vec<_>) = self
+            .entries
+            .drain(..)
+            .partition(|e| e.until.is_some_and(|u| u <= now));
+        self.entries = kept;
+        if !gone.is_empty() {
+            self.save()?;
+        }
+        Ok(gone)
+    }
+
+    pub fn next_expiry(&self) -> Option<SystemTime> {
+        self.entries
+            .iter()
+            .filter_map(|e| e.until)
+            .min()
+            .map(SystemTime::from)
+    }
+
+    /// The entries in the compiler's form.
+    pub fn policy_entries(&self) -> Vec<RuntimeEntry> {
+        self.entries
+            .iter()
+            .map(|e| RuntimeEntry {
+                net: e.addr,
+                service: e.service.clone(),
+                label: e
+                    .label
+                    .clone()
+                    .or_else(|| Some(format!("runtime entry added {}", e.added_at))),
+                until: e.until.map(SystemTime::from),
+            })
+            .collect()
+    }
+}
+
+/// `8h`, `90m`, `2s`, `1d`, `1h30m`: what operators type for `--for`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("{s:?} is not a duration: use e.g. 30s, 15m, 8h, 2d or 1h30m");
+    let mut total = 0u64;
+    let mut num = String::new();
+    let mut any = false;
+    for c in s.trim().chars() {
+        if c.is_ascii_digit() {
+            num.push(c);
+            continue;
+        }
+        let n: u64 = num.parse().map_err(|_| bad())?;
+        num.clear();
+        let unit = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86_400,
+            'w' => 604_800,
+            _ => return Err(bad()),
+        };
+        total = n
+            .checked_mul(unit)
+            .and_then(|v| total.checked_add(v))
+            .ok_or_else(bad)?;
+        any = true;
+    }
+    if !num.is_empty() || !any || total == 0 {
+        return Err(bad());
+    }
+    Ok(Duration::from_secs(total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("8h"), Ok(Duration::from_secs(28_800)));
+        assert!(parse_duration("8").is_err());
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("5y").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn allow_expire_revoke_persist() {
+        let dir = std::env::temp_dir().join(format!("ipguard-rt-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let now = SystemTime::now();
+        let mut st = RuntimeStore::load(&dir).unwrap();
+        let a: IpNet = "203.0.113.9/32".parse().unwrap();
+        let b: IpNet = "2001:db8::/64".parse().unwrap();
+        st.allow(
+            a,
+            Some(Duration::from_secs(2)),
+            None,
+            Some("ticket 42".into()),
+            now,
+        )
+        .unwrap();
+        st.allow(b, None, Some("ssh".into()), None, now).unwrap();
+        let again = RuntimeStore::load(&dir).unwrap();
+        assert_eq!(again.entries, st.entries, "survives a restart");
+        assert_eq!(
+            st.next_expiry()
+                .unwrap()
+                .duration_since(now)
+                .unwrap()
+                .as_secs(),
+            2
+        );
+        assert!(st.expire(now + Duration::from_secs(1)).unwrap().is_empty());
+        let gone = st.expire(now + Duration::from_secs(3)).unwrap();
+        assert_eq!(gone.len(), 1);
+        assert_eq!(gone[0].addr, a);
+        assert_eq!(st.revoke(b).unwrap(), 1);
+        assert!(RuntimeStore::load(&dir).unwrap().entries.is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

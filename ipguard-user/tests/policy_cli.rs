@@ -1,0 +1,381 @@
+//! `ipguard check` and `ipguard explain` as a user runs them: the built
+//! binary, its exit codes (cli.md: 0 ok, 1 input refused, 2 usage), its
+//! stderr diagnostics and its JSON.
+
+use std::{
+    io::Write,
+    path::PathBuf,
+    process::{Command, Output, Stdio},
+    sync::atomic::{AtomicUsize, Ordering},
+};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_ipguard");
+
+const POLICY: &str = r#"version: 1
+mode: enforce
+action: reject
+groups:
+  office: [203.0.113.0/24, "2001:db8:10::/48"]
+  admins: [203.0.113.10, 203.0.113.11]
+allow:
+  - office
+  - { from: 192.0.2.77, label: Contractor laptop, until: 2026-12-01T00:00:00Z }
+services:
+  ssh: { ports: [tcp/22], allow: [admins] }
+  web: { ports: [tcp/80, tcp/443, udp/443], allow: [any] }
+  metrics: { ports: ["tcp/9100-9110"] }
+deny:
+  - { from: 203.0.113.66, label: Lost laptop }
+always_allow:
+  - { from: 198.51.100.250, label: Bastion }
+"#;
+
+/// A policy file of its own for each test (tests run in parallel).
+fn file(text: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!("ipguard-policy-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(format!("policy-{}.yaml", N.fetch_add(1, Ordering::SeqCst)));
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn run(args: &[&str], stdin: Option<&str>) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env_remove("IPGUARD_LOG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("run ipguard");
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    drop(child.stdin.take());
+    child.wait_with_output().unwrap()
+}
+
+fn code(o: &Output) -> i32 {
+    o.status.code().unwrap_or(-1)
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn json(o: &Output) -> Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", stdout(o)))
+}
+
+#[test]
+fn check_valid_policy() {
+    let p = file(POLICY);
+    let o = run(&["check", p.to_str().unwrap()], None);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains(": valid"), "{out}");
+    assert!(out.contains("ssh      tcp/22"), "{out}");
+    assert!(out.contains("metrics  tcp/9100-9110"), "{out}");
+    assert!(out.contains("IPv4") && out.contains("IPv6"), "{out}");
+}
+
+#[test]
+fn check_json_shape_of_a_valid_policy() {
+    let p = file("version: 1\nallow:\n  - 203.0.113.7/24\n  - \"2001:db8::/32\"\n");
+    let o = run(&["check", "--json", p.to_str().unwrap()], None);
+    assert_eq!(code(&o), 0);
+    let v = json(&o);
+    assert_eq!(v["valid"], true);
+    assert_eq!(v["errors"], serde_json::json!([]));
+    assert_eq!(
+        v["warnings"],
+        serde_json::json!([{"line": 3, "column": 5,
+            "message": "\"203.0.113.7/24\" has host bits set: it means 203.0.113.0/24"}])
+    );
+    assert_eq!(v["prefixes"], serde_json::json!({"ipv4": 1, "ipv6": 1}));
+    // The warning also goes to stderr, positioned.
+    let name = p.display().to_string();
+    assert!(
+        stderr(&o).contains(&format!(
+            "{name}:3:5: warning: \"203.0.113.7/24\" has host bits set"
+        )),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn check_invalid_policy_exits_1_with_positioned_errors() {
+    let p = file("version: 1\nallow:\n  - 198.51.100.300\n  - nosuch\n");
+    let name = p.display().to_string();
+    let o = run(&["check", &name], None);
+    assert_eq!(code(&o), 1);
+    let err = stderr(&o);
+    assert!(
+        err.contains(&format!(
+            "{name}:3:5: error: \"198.51.100.300\" is not an IPv4 address"
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("{name}:4:5: error: unknown group \"nosuch\"")),
+        "{err}"
+    );
+    assert_eq!(stdout(&o), "");
+}
+
+#[test]
+fn check_json_of_an_invalid_policy() {
+    let p = file("allow: [10.0.0.300]\n");
+    let o = run(&["check", "--json", p.to_str().unwrap()], None);
+    assert_eq!(code(&o), 1);
+    let v = json(&o);
+    assert_eq!(v["valid"], false);
+    let errors = v["errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 2, "{v}");
+    // A missing key belongs to no line.
+    assert_eq!(errors[0]["line"], Value::Null);
+    assert_eq!(errors[0]["column"], Value::Null);
+    assert!(errors[0]["message"].as_str().unwrap().contains("version"));
+    assert_eq!(errors[1]["line"], 1);
+    assert_eq!(errors[1]["column"], 9);
+    assert!(v["warnings"].is_array());
+    assert!(v["prefixes"]["ipv4"].is_number());
+}
+
+#[test]
+fn check_missing_file_is_refused() {
+    let o = run(
+        &["check", "--json", "/nonexistent/ipguard/policy.yaml"],
+        None,
+    );
+    assert_eq!(code(&o), 1);
+    let v = json(&o);
+    assert_eq!(v["valid"], false);
+    assert_eq!(v["errors"][0]["line"], Value::Null);
+}
+
+#[test]
+fn check_usage_error_exits_2() {
+    let o = run(&["check"], None);
+    assert_eq!(code(&o), 2);
+}
+
+#[test]
+fn explain_readable_line() {
+    let p = file(POLICY);
+    let o = run(
+        &["explain", p.to_str().unwrap(), "203.0.113.9", "tcp/22"],
+        None,
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(
+        stdout(&o),
+        "203.0.113.9 tcp/22 -> reject (not in the allowlist of service ssh)\n"
+    );
+    let o = run(
+        &["explain", p.to_str().unwrap(), "203.0.113.9", "udp/53"],
+        None,
+    );
+    assert_eq!(
+        stdout(&o),
+        "203.0.113.9 udp/53 -> pass (allowed by 203.0.113.0/24 in the host-wide allowlist)\n"
+    );
+}
+
+#[test]
+fn explain_json_fields() {
+    let p = file(POLICY);
+    let o = run(
+        &[
+            "explain",
+            p.to_str().unwrap(),
+            "203.0.113.66",
+            "tcp/443",
+            "--json",
+        ],
+        None,
+    );
+    assert_eq!(code(&o), 0);
+    let v = json(&o);
+    assert_eq!(v["src"], "203.0.113.66");
+    assert_eq!(v["port"], "tcp/443");
+    assert_eq!(v["verdict"], "reject");
+    assert_eq!(v["reason"], "deny");
+    assert_eq!(v["service"], "web");
+    assert_eq!(v["entry"], "203.0.113.66/32");
+    assert_eq!(v["label"], "Lost laptop");
+    let o = run(&["explain", p.to_str().unwrap(), "8.8.8.8", "--json"], None);
+    let v = json(&o);
+    assert_eq!(v["port"], Value::Null);
+    assert_eq!(v["verdict"], "drop", "reject only for tcp queries");
+    assert_eq!(v["reason"], "not_allowed");
+    assert_eq!(
+        (v["service"].clone(), v["entry"].clone(), v["label"].clone()),
+        (Value::Null, Value::Null, Value::Null)
+    );
+}
+
+#[test]
+fn explain_at_a_given_time() {
+    let p = file(POLICY);
+    let q = |at: &str| {
+        let o = run(
+            &[
+                "explain",
+                p.to_str().unwrap(),
+                "192.0.2.77",
+                "tcp/9100",
+                "--at",
+                at,
+                "--json",
+            ],
+            None,
+        );
+        assert_eq!(code(&o), 0, "{}", stderr(&o));
+        json(&o)
+    };
+    let before = q("2026-11-30T23:59:59Z");
+    assert_eq!(
+        (before["verdict"].as_str(), before["label"].as_str()),
+        (Some("pass"), Some("Contractor laptop"))
+    );
+    assert_eq!(before["service"], "metrics");
+    let after = q("2026-12-01T00:00:00Z");
+    assert_eq!(after["verdict"], "reject");
+    let o = run(
+        &[
+            "explain",
+            p.to_str().unwrap(),
+            "192.0.2.77",
+            "--at",
+            "tomorrow",
+        ],
+        None,
+    );
+    assert_eq!(code(&o), 2);
+}
+
+#[test]
+fn explain_stdin_json_lines_in_order() {
+    let p = file(POLICY);
+    let input = "203.0.113.10 tcp/22\n\n# a comment\n2001:db8:10::5\n198.51.100.250 udp/443\n8.8.8.8 tcp/80\n";
+    let o = run(
+        &["explain", p.to_str().unwrap(), "--stdin", "--json"],
+        Some(input),
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let lines: Vec<Value> = stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4);
+    let got: Vec<(&str, &str, &str)> = lines
+        .iter()
+        .map(|v| {
+            (
+                v["src"].as_str().unwrap(),
+                v["verdict"].as_str().unwrap(),
+                v["reason"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("203.0.113.10", "pass", "allowed"),
+            ("2001:db8:10::5", "pass", "allowed"),
+            ("198.51.100.250", "pass", "always_allow"),
+            ("8.8.8.8", "pass", "allowed"),
+        ]
+    );
+    for v in &lines {
+        for k in [
+            "src", "port", "verdict", "reason", "service", "entry", "label",
+        ] {
+            assert!(v.get(k).is_some(), "{k} missing in {v}");
+        }
+    }
+    assert_eq!(lines[0]["entry"], "203.0.113.10/32");
+    assert_eq!(lines[1]["port"], Value::Null);
+}
+
+#[test]
+fn explain_stdin_bad_line_gets_an_error_object_and_exit_1() {
+    let p = file(POLICY);
+    let input = "203.0.113.10 tcp/22\nnot-an-address\n203.0.113.10 icmp/8\n203.0.113.11 tcp/22\n";
+    let o = run(
+        &["explain", p.to_str().unwrap(), "--stdin", "--json"],
+        Some(input),
+    );
+    assert_eq!(code(&o), 1);
+    let lines: Vec<Value> = stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4);
+    assert!(
+        lines[1]["error"]
+            .as_str()
+            .unwrap()
+            .contains("not-an-address")
+    );
+    assert!(lines[2]["error"].as_str().unwrap().contains("icmp/8"));
+    assert_eq!(lines[3]["verdict"], "pass");
+}
+
+#[test]
+fn explain_usage_errors_exit_2() {
+    let p = file(POLICY);
+    let path = p.to_str().unwrap();
+    assert_eq!(code(&run(&["explain", path, "not-an-ip"], None)), 2);
+    assert_eq!(
+        code(&run(&["explain", path, "10.0.0.1", "tcp/99999"], None)),
+        2
+    );
+    assert_eq!(
+        code(&run(&["explain", path, "10.0.0.1", "sctp/5"], None)),
+        2
+    );
+    // --stdin needs --json (cli.md).
+    assert_eq!(code(&run(&["explain", path, "--stdin"], Some(""))), 2);
+    assert_eq!(code(&run(&["explain", path], None)), 2);
+}
+
+#[test]
+fn explain_invalid_policy_exits_1() {
+    let p = file("version: 3\n");
+    let name = p.display().to_string();
+    let o = run(&["explain", &name, "10.0.0.1"], None);
+    assert_eq!(code(&o), 1);
+    assert!(
+        stderr(&o).contains(&format!("{name}:1:10: error: unsupported version \"3\"")),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn check_non_utf8_file_points_at_the_byte() {
+    let p = file("version: 1\nallow: [x]\n");
+    std::fs::write(&p, b"version: 1\nallow: [\xff]\n").unwrap();
+    let name = p.display().to_string();
+    let o = run(&["check", &name], None);
+    assert_eq!(code(&o), 1);
+    assert!(
+        stderr(&o).contains(&format!("{name}:2:9: error: the policy is not UTF-8")),
+        "{}",
+        stderr(&o)
+    );
+}

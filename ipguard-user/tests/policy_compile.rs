@@ -1,0 +1,520 @@
+//! The compiler and `explain` on hand-written policies: the worked example
+//! of policy.md §5 row by row, propagation, the kernel value's fields,
+//! runtime entries, time, and what explain reports.
+
+use std::{
+    net::IpAddr,
+    time::{Duration, SystemTime},
+};
+
+use ipguard::policy::{
+    self, CompiledPolicy, Explainer, ListKind, Policy, Proto, RuntimeEntry, reason_str, verdict_str,
+};
+use ipguard_common::*;
+
+fn ts(s: &str) -> SystemTime {
+    s.parse::<jiff::Timestamp>().unwrap().into()
+}
+
+fn now() -> SystemTime {
+    ts("2025-06-15T12:00:00Z")
+}
+
+fn load(text: &str) -> Policy {
+    policy::parse_str_at("test.yaml", text, now())
+        .unwrap_or_else(|e| panic!("{e}"))
+        .policy
+}
+
+fn compile(text: &str) -> CompiledPolicy {
+    policy::compile(&load(text), now(), &[])
+}
+
+fn port(q: &str) -> Option<(Proto, u16)> {
+    (q != "-").then(|| policy::parse_port_query(q).unwrap())
+}
+
+/// (verdict, reason) as the JSON strings.
+fn verdict(c: &CompiledPolicy, src: &str, q: &str) -> (&'static str, &'static str) {
+    let e = Explainer::new(c).explain(src.parse().unwrap(), port(q));
+    (verdict_str(e.verdict), reason_str(e.reason))
+}
+
+const WORKED_EXAMPLE: &str = r#"
+version: 1
+allow: ["10.15.1.*"]
+services:
+  admin:  { ports: [tcp/8443], allow: [10.15.1.10, 10.15.1.11, 10.15.1.12] }
+  mobile: { ports: [tcp/443], allow: ["*.*.*.*"] }
+  member: { ports: [tcp/8080] }
+"#;
+
+#[test]
+fn worked_example_of_section_5() {
+    let c = compile(WORKED_EXAMPLE);
+    let pass = ("pass", "allowed");
+    let refuse = ("drop", "not_allowed");
+    // | source | tcp/8443 | tcp/443 | tcp/8080 |
+    let table = [
+        ("10.15.1.55", [refuse, pass, pass]),
+        ("10.15.1.11", [pass, pass, pass]),
+        ("67.25.19.198", [refuse, pass, refuse]),
+    ];
+    for (src, row) in table {
+        for (q, want) in ["tcp/8443", "tcp/443", "tcp/8080"].iter().zip(row) {
+            assert_eq!(verdict(&c, src, q), want, "{src} {q}");
+        }
+    }
+}
+
+#[test]
+fn worked_example_compiled_values() {
+    let c = compile(WORKED_EXAMPLE);
+    let v4: Vec<(String, u64)> =
+        c.v4.iter()
+            .map(|(n, v)| (n.to_string(), v.allow_mask))
+            .collect();
+    // bit 0 host-wide, 1 admin, 2 mobile, 3 member (inherits bit 0).
+    assert_eq!(
+        v4,
+        [
+            ("0.0.0.0/0".to_string(), 0b0100),
+            ("10.15.1.0/24".to_string(), 0b1101),
+            ("10.15.1.10/32".to_string(), 0b1111),
+            ("10.15.1.11/32".to_string(), 0b1111),
+            ("10.15.1.12/32".to_string(), 0b1111),
+        ]
+    );
+    assert!(c.v6.is_empty());
+    let services: Vec<_> = c
+        .services
+        .iter()
+        .map(|s| (s.index, s.name.as_str(), s.has_own_list))
+        .collect();
+    assert_eq!(
+        services,
+        [
+            (1, "admin", true),
+            (2, "mobile", true),
+            (3, "member", false)
+        ]
+    );
+    let ports: Vec<_> = c
+        .ports
+        .iter()
+        .map(|p| (p.proto, p.first, p.last, p.service))
+        .collect();
+    assert_eq!(
+        ports,
+        [
+            (Proto::Tcp, 443, 443, 2),
+            (Proto::Tcp, 8080, 8080, 3),
+            (Proto::Tcp, 8443, 8443, 1)
+        ]
+    );
+    assert_eq!(c.config.mode, MODE_ENFORCE);
+    assert_eq!(c.config.action, ACTION_DROP);
+    assert_eq!(c.config.scope, SCOPE_HOST);
+    assert_eq!(
+        c.config.infra,
+        INFRA_NDP | INFRA_DHCP | INFRA_PMTU | INFRA_RETURN_TRAFFIC
+    );
+    assert_eq!(c.config.flow_timeout_ns, 120_000_000_000);
+    assert_eq!(c.config.event_source_interval_ns, 1_000_000_000);
+    assert_eq!(c.config.event_max_per_sec, 1000);
+    assert_eq!(c.config.generation, 0);
+    assert_eq!(c.next_change, None);
+}
+
+#[test]
+fn deny_and_always_allow_propagate_to_contained_prefixes() {
+    let c = compile(
+        "version: 1\nallow: [10.0.0.0/8]\ndeny: [10.1.0.0/16]\nalways_allow: [10.1.2.0/24]\n\
+         services:\n  ssh: { ports: [tcp/22], allow: [10.1.2.3] }\n",
+    );
+    let get = |s: &str| c.v4.iter().find(|(n, _)| n.to_string() == s).unwrap().1;
+    assert_eq!(
+        get("10.0.0.0/8"),
+        PrefixValue {
+            allow_mask: 1,
+            flags: 0,
+            entry: 0
+        }
+    );
+    assert_eq!(get("10.1.0.0/16").flags, FLAG_DENY);
+    assert_eq!(get("10.1.2.0/24").flags, FLAG_DENY | FLAG_ALWAYS_ALLOW);
+    let v = get("10.1.2.3/32");
+    assert_eq!(
+        (v.allow_mask, v.flags),
+        (0b11, FLAG_DENY | FLAG_ALWAYS_ALLOW)
+    );
+    assert_eq!(verdict(&c, "10.1.9.9", "-"), ("drop", "deny"));
+    assert_eq!(verdict(&c, "10.1.2.9", "tcp/22"), ("pass", "always_allow"));
+    assert_eq!(verdict(&c, "10.2.0.1", "tcp/22"), ("drop", "not_allowed"));
+    assert_eq!(verdict(&c, "10.2.0.1", "udp/53"), ("pass", "allowed"));
+    assert_eq!(verdict(&c, "11.0.0.1", "-"), ("drop", "not_allowed"));
+}
+
+#[test]
+fn entry_field_is_the_most_specific_owner_with_list_ties() {
+    let c = compile(
+        "version: 1\nallow:\n  - 10.0.0.0/8\n  - 10.1.1.1\n\
+         services:\n  web: { ports: [tcp/443], allow: [10.1.1.1, 10.9.9.9] }\n\
+         deny: [10.9.9.9]\nalways_allow: [10.1.1.1]\n",
+    );
+    // Entries: allow 0, 1; web 2, 3; deny 4; always_allow 5.
+    let lists: Vec<ListKind> = c.entries.iter().map(|e| e.list).collect();
+    assert_eq!(
+        lists,
+        [
+            ListKind::Allow,
+            ListKind::Allow,
+            ListKind::Service(1),
+            ListKind::Service(1),
+            ListKind::Deny,
+            ListKind::AlwaysAllow
+        ]
+    );
+    let get = |s: &str| {
+        c.v4.iter()
+            .find(|(n, _)| n.to_string() == s)
+            .unwrap()
+            .1
+            .entry
+    };
+    assert_eq!(get("10.0.0.0/8"), 0);
+    assert_eq!(get("10.1.1.1/32"), 5, "always_allow wins the tie");
+    assert_eq!(get("10.9.9.9/32"), 4, "deny before a service list");
+    assert_eq!(c.entries[0].line, Some(3));
+}
+
+#[test]
+fn ipv6_is_treated_alike() {
+    let c = compile(
+        "version: 1\nallow: [\"2001:db8::/32\", any4]\ndeny: [\"2001:db8:bad::-2001:db8:bad::ff\"]\n\
+         services:\n  ssh: { ports: [tcp/22], allow: [\"2001:db8:1::/48\"] }\n",
+    );
+    assert_eq!(verdict(&c, "2001:db8::1", "-"), ("pass", "allowed"));
+    assert_eq!(verdict(&c, "2001:db8:bad::80", "-"), ("drop", "deny"));
+    assert_eq!(verdict(&c, "2001:db8:bad::100", "-"), ("pass", "allowed"));
+    assert_eq!(verdict(&c, "2001:db8:1::5", "tcp/22"), ("pass", "allowed"));
+    assert_eq!(
+        verdict(&c, "2001:db8:2::5", "tcp/22"),
+        ("drop", "not_allowed")
+    );
+    assert_eq!(verdict(&c, "2001:db9::1", "-"), ("drop", "not_allowed"));
+    assert_eq!(verdict(&c, "192.0.2.1", "-"), ("pass", "allowed"));
+    assert_eq!(
+        c.v6.iter().filter(|(n, _)| n.prefix_len() == 120).count(),
+        1
+    );
+}
+
+#[test]
+fn modes_actions_and_scope() {
+    let c = compile("version: 1\nmode: monitor\naction: reject\nallow: [10.0.0.1]\n");
+    assert_eq!(
+        verdict(&c, "10.0.0.2", "tcp/80"),
+        ("would_drop", "not_allowed")
+    );
+    let c = compile("version: 1\naction: reject\nallow: [10.0.0.1]\n");
+    assert_eq!(verdict(&c, "10.0.0.2", "tcp/80"), ("reject", "not_allowed"));
+    assert_eq!(verdict(&c, "10.0.0.2", "udp/80"), ("drop", "not_allowed"));
+    assert_eq!(verdict(&c, "10.0.0.2", "-"), ("drop", "not_allowed"));
+    let c = compile("version: 1\nmode: off\ndeny: [any]\n");
+    assert_eq!(verdict(&c, "10.0.0.2", "tcp/80"), ("pass", "off"));
+    let c = compile(
+        "version: 1\nscope: services\nservices:\n  ssh: { ports: [tcp/22], allow: [10.0.0.1] }\n",
+    );
+    assert_eq!(verdict(&c, "10.0.0.2", "tcp/80"), ("pass", "out_of_scope"));
+    assert_eq!(verdict(&c, "10.0.0.2", "-"), ("pass", "out_of_scope"));
+    assert_eq!(verdict(&c, "10.0.0.2", "tcp/22"), ("drop", "not_allowed"));
+    assert_eq!(verdict(&c, "10.0.0.1", "tcp/22"), ("pass", "allowed"));
+}
+
+#[test]
+fn fragments_pass_when_any_list_allows() {
+    let c = compile(
+        "version: 1\nallow: [10.0.0.1]\nservices:\n  ssh: { ports: [tcp/22], allow: [10.0.0.2] }\n",
+    );
+    let ex = Explainer::new(&c);
+    let frag = |s: &str| ex.explain_ports(s.parse().unwrap(), Ports::Fragment);
+    assert_eq!(frag("10.0.0.1").decision.verdict, VERDICT_PASS);
+    let r = frag("10.0.0.2");
+    assert_eq!(
+        (r.decision.verdict, r.decision.reason),
+        (VERDICT_PASS, REASON_FRAGMENT)
+    );
+    assert_eq!(r.decider.unwrap().0.to_string(), "10.0.0.2/32");
+    assert_eq!(frag("10.0.0.3").decision.verdict, VERDICT_DROP);
+}
+
+#[test]
+fn explain_names_the_deciding_prefix_and_label() {
+    let text = r#"
+version: 1
+groups:
+  vpn: ["198.51.100.10-198.51.100.20"]
+allow:
+  - { from: 198.51.100.0/24, label: Lab }
+  - { from: vpn, label: Corporate VPN }
+deny:
+  - { from: 198.51.100.13, label: Lost laptop }
+always_allow:
+  - { from: 198.51.100.250, label: Bastion }
+"#;
+    let c = compile(text);
+    let ex = Explainer::new(&c);
+    let e = |s: &str| ex.explain(s.parse().unwrap(), Some((Proto::Tcp, 22)));
+    let x = e("198.51.100.15");
+    assert_eq!(x.entry.as_deref(), Some("198.51.100.12/30"));
+    assert_eq!(x.label.as_deref(), Some("Corporate VPN"));
+    assert_eq!(x.written.as_deref(), Some("vpn"));
+    assert_eq!(x.line, Some(7));
+    let x = e("198.51.100.99");
+    assert_eq!(
+        (x.entry.as_deref(), x.label.as_deref()),
+        (Some("198.51.100.0/24"), Some("Lab"))
+    );
+    let x = e("198.51.100.13");
+    assert_eq!(reason_str(x.reason), "deny");
+    assert_eq!(
+        (x.entry.as_deref(), x.label.as_deref()),
+        (Some("198.51.100.13/32"), Some("Lost laptop"))
+    );
+    let x = e("198.51.100.250");
+    assert_eq!(reason_str(x.reason), "always_allow");
+    assert_eq!(x.label.as_deref(), Some("Bastion"));
+    let x = e("192.0.2.1");
+    assert_eq!(reason_str(x.reason), "not_allowed");
+    assert_eq!((x.entry, x.label, x.service), (None, None, None));
+    let json = ex
+        .explain("198.51.100.13".parse().unwrap(), None)
+        .to_json("198.51.100.13", None);
+    assert_eq!(
+        json,
+        serde_json::json!({"src": "198.51.100.13", "port": null, "verdict": "drop", "reason": "deny",
+            "service": null, "entry": "198.51.100.13/32", "label": "Lost laptop",
+            "written": "198.51.100.13", "line": 9})
+    );
+    let line = ex
+        .explain_ref("203.0.113.9".parse().unwrap(), Some((Proto::Tcp, 22)))
+        .describe(Some("tcp/22"));
+    assert_eq!(line, "drop (not in the host-wide allowlist)");
+}
+
+#[test]
+fn readable_line_of_cli_md() {
+    let c = compile(
+        "version: 1\nallow: [any]\nservices:\n  ssh: { ports: [tcp/22], allow: [10.0.0.1] }\n",
+    );
+    let ex = Explainer::new(&c);
+    let r = ex.explain_ref("203.0.113.9".parse().unwrap(), Some((Proto::Tcp, 22)));
+    assert_eq!(
+        r.describe(Some("tcp/22")),
+        "drop (not in the allowlist of service ssh)"
+    );
+}
+
+#[test]
+fn runtime_entries_merge_into_the_right_list() {
+    let p = load(
+        "version: 1\nallow: [10.0.0.1]\nservices:\n  ssh: { ports: [tcp/22], allow: [10.0.0.2] }\n  \
+         web: { ports: [tcp/443] }\n",
+    );
+    let rt = |net: &str, svc: Option<&str>, until: Option<SystemTime>| RuntimeEntry {
+        net: net.parse().unwrap(),
+        service: svc.map(str::to_string),
+        label: Some(format!("rt {net}")),
+        until,
+    };
+    let runtime = [
+        rt("192.0.2.1/32", None, None),
+        rt("192.0.2.2/32", Some("ssh"), None),
+        rt("192.0.2.3/32", Some("web"), None),
+        rt("192.0.2.4/32", Some("nosuch"), None),
+        rt("192.0.2.5/32", None, Some(now() - Duration::from_secs(1))),
+        rt(
+            "192.0.2.6/32",
+            None,
+            Some(now() + Duration::from_secs(3600)),
+        ),
+    ];
+    let c = policy::compile(&p, now(), &runtime);
+    let v = |s: &str, q: &str| verdict(&c, s, q).0;
+    // Host-wide: every service inheriting it, not ssh.
+    assert_eq!(
+        (
+            v("192.0.2.1", "-"),
+            v("192.0.2.1", "tcp/443"),
+            v("192.0.2.1", "tcp/22")
+        ),
+        ("pass", "pass", "drop")
+    );
+    // ssh only.
+    assert_eq!(
+        (
+            v("192.0.2.2", "tcp/22"),
+            v("192.0.2.2", "-"),
+            v("192.0.2.2", "tcp/443")
+        ),
+        ("pass", "drop", "drop")
+    );
+    // A service without a list of its own: that service only, on top of
+    // what it inherits.
+    assert_eq!(
+        (
+            v("192.0.2.3", "tcp/443"),
+            v("192.0.2.3", "-"),
+            v("192.0.2.3", "tcp/22")
+        ),
+        ("pass", "drop", "drop")
+    );
+    assert_eq!(v("10.0.0.1", "tcp/443"), "pass");
+    // Unknown service: nothing. Expired: nothing. Running: until then.
+    assert_eq!(v("192.0.2.4", "-"), "drop");
+    assert_eq!(v("192.0.2.5", "-"), "drop");
+    assert_eq!(v("192.0.2.6", "-"), "pass");
+    assert_eq!(c.next_change, Some(now() + Duration::from_secs(3600)));
+    let ex = Explainer::new(&c);
+    let x = ex.explain("192.0.2.3".parse().unwrap(), Some((Proto::Tcp, 443)));
+    assert_eq!(
+        (x.label.as_deref(), x.line),
+        (Some("rt 192.0.2.3/32"), None)
+    );
+    let e = c.entries.iter().find(|e| e.text == "192.0.2.2/32").unwrap();
+    assert_eq!(e.list, ListKind::Service(1));
+}
+
+#[test]
+fn until_and_windows_change_the_result_at_next_change() {
+    let text = r#"
+version: 1
+allow:
+  - { from: 10.0.0.1, until: "2025-06-15T13:00:00Z" }
+  - from: 10.0.0.2
+    when: { days: mon-fri, time: "22:00-06:00", tz: Europe/Helsinki }
+"#;
+    let p = load(text);
+    // 2025-06-15 is a Sunday; 12:00Z is 15:00 in Helsinki.
+    let c = policy::compile(&p, now(), &[]);
+    let src =
+        |c: &CompiledPolicy, s: &str| Explainer::new(c).explain(s.parse().unwrap(), None).verdict;
+    assert_eq!(src(&c, "10.0.0.1"), VERDICT_PASS);
+    assert_eq!(src(&c, "10.0.0.2"), VERDICT_DROP);
+    assert_eq!(c.next_change, Some(ts("2025-06-15T13:00:00Z")));
+    let later = policy::compile(&p, ts("2025-06-15T13:00:00Z"), &[]);
+    assert_eq!(src(&later, "10.0.0.1"), VERDICT_DROP);
+    // Sunday night has no window (it starts on weekdays); Monday 22:00
+    // Helsinki is 19:00Z.
+    assert_eq!(later.next_change, Some(ts("2025-06-16T19:00:00Z")));
+    let night = policy::compile(&p, ts("2025-06-16T19:00:00Z"), &[]);
+    assert_eq!(src(&night, "10.0.0.2"), VERDICT_PASS);
+    assert_eq!(night.next_change, Some(ts("2025-06-17T03:00:00Z")));
+}
+
+#[test]
+fn compiled_prefixes_are_sorted_unique_and_owned() {
+    let c = compile(
+        "version: 1\ngroups:\n  a: [10.0.0.0/8, 10.1.0.0/16]\n  b: [a, 10.1.0.0/16, \"2001:db8::/32\"]\n\
+         allow: [a, b, 10.1.2.3]\ndeny: [b]\n",
+    );
+    let keys: Vec<_> =
+        c.v4.iter()
+            .map(|(n, _)| (u32::from(n.network()), n.prefix_len()))
+            .collect();
+    let mut sorted = keys.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(keys, sorted);
+    assert_eq!(c.v4.len(), 3);
+    assert_eq!(c.provenance.v4_first.len(), c.v4.len() + 1);
+    assert_eq!(c.provenance.v6_first.len(), c.v6.len() + 1);
+    for (i, (_, v)) in c.v4.iter().enumerate() {
+        let e = &c.entries[v.entry as usize];
+        let owners = &c.provenance.owners
+            [c.provenance.v4_first[i] as usize..c.provenance.v4_first[i + 1] as usize];
+        assert!(!owners.is_empty());
+        assert!(owners.iter().any(|o| o.entry == v.entry), "{e:?}");
+    }
+}
+
+#[test]
+fn explainer_lookup_is_longest_prefix_match() {
+    let c = compile(
+        "version: 1\nallow: [0.0.0.0/1, 10.0.0.0/8, 10.0.0.0/24, 10.0.0.128/25, 10.0.1.0/24, 255.255.255.255]\n",
+    );
+    let ex = Explainer::new(&c);
+    let lpm = |s: &str| {
+        ex.lookup(s.parse::<IpAddr>().unwrap())
+            .map(|(_, i)| c.v4[i].0.to_string())
+    };
+    assert_eq!(lpm("10.0.0.200").as_deref(), Some("10.0.0.128/25"));
+    assert_eq!(lpm("10.0.0.5").as_deref(), Some("10.0.0.0/24"));
+    assert_eq!(lpm("10.0.2.5").as_deref(), Some("10.0.0.0/8"));
+    assert_eq!(lpm("10.0.1.255").as_deref(), Some("10.0.1.0/24"));
+    assert_eq!(lpm("11.0.0.0").as_deref(), Some("0.0.0.0/1"));
+    assert_eq!(lpm("128.0.0.0"), None);
+    assert_eq!(
+        lpm("255.255.255.255").as_deref(),
+        Some("255.255.255.255/32")
+    );
+    assert_eq!(lpm("::1"), None);
+}
+
+#[test]
+fn empty_service_allow_means_nobody() {
+    for list in ["allow: []", "allow:"] {
+        let c = compile(&format!(
+            "version: 1\nallow: [any]\nservices:\n  legacy:\n    ports: [tcp/8080]\n    {list}\n"
+        ));
+        assert!(c.services[0].has_own_list, "{list}");
+        assert_eq!(
+            verdict(&c, "10.0.0.1", "tcp/8080"),
+            ("drop", "not_allowed"),
+            "{list}"
+        );
+        assert_eq!(
+            verdict(&c, "10.0.0.1", "tcp/8081"),
+            ("pass", "allowed"),
+            "{list}"
+        );
+    }
+}
+
+/// The YAML examples of docs/policy.md: every complete policy in them is
+/// valid, and the worked example there gives the table there.
+#[test]
+fn docs_examples_are_valid_policies() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/policy.md"))
+        .expect("docs/policy.md");
+    let mut blocks = Vec::new();
+    let mut cur: Option<String> = None;
+    for line in doc.lines() {
+        match (&mut cur, line.trim_start().starts_with("```")) {
+            (None, true) if line.trim() == "```yaml" => cur = Some(String::new()),
+            (Some(b), true) => {
+                blocks.push(std::mem::take(b));
+                cur = None;
+            }
+            (Some(b), false) => {
+                b.push_str(line);
+                b.push('\n');
+            }
+            _ => {}
+        }
+    }
+    let complete: Vec<&String> = blocks
+        .iter()
+        .filter(|b| b.starts_with("version: 1"))
+        .collect();
+    assert!(complete.len() >= 3, "{} complete examples", complete.len());
+    for b in &complete {
+        policy::parse_str_at("docs.yaml", b, now()).unwrap_or_else(|e| panic!("{e}\n{b}"));
+    }
+    let worked = complete
+        .iter()
+        .find(|b| b.contains("10.15.1.*"))
+        .expect("the worked example");
+    assert_eq!(worked.as_str(), WORKED_EXAMPLE.trim_start());
+}

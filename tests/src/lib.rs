@@ -1,0 +1,614 @@
+//! Network-namespace harness for ipguard's root integration tests (and the
+//! demo).
+//!
+//! Everything it creates lives in namespaces it creates: uniquely named
+//! network namespaces joined by a veth pair made inside them, addresses
+//! from 198.51.100.0/24, 203.0.113.0/24 and 2001:db8::/32 only, and pins
+//! under a private directory of /sys/fs/bpf. Every object has a guard whose
+//! `Drop` removes it, so a failing or panicking test leaves nothing behind.
+//! Nothing here touches an interface of the root network namespace.
+//!
+//! Commands run in a namespace are entered with `nsenter --net=...` (the
+//! network namespace only): `ip netns exec` would also give them a fresh
+//! mount namespace where /sys/fs/bpf and its pins are not visible.
+
+use std::{
+    fs::File,
+    io,
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use nix::sched::{CloneFlags, setns};
+
+pub mod frames;
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Fails with one clear line unless running as root: these tests create
+/// namespaces and load XDP programs. They are never skipped silently.
+pub fn require_root() {
+    if !nix::unistd::geteuid().is_root() {
+        panic!(
+            "the ipguard integration tests need root (network namespaces, XDP): run `sudo cargo xtask test`"
+        );
+    }
+}
+
+/// A short unique name (interface names are limited to 15 bytes).
+pub fn unique(prefix: &str) -> String {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let pid = std::process::id() % 100_000;
+    format!("{prefix}{pid}x{n}")
+}
+
+fn run_checked(cmd: &mut Command) -> Result<Output> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(out)
+}
+
+/// A network namespace, deleted on drop.
+#[derive(Debug)]
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(prefix: &str) -> Result<Self> {
+        let name = unique(prefix);
+        run_checked(Command::new("ip").args(["netns", "add", &name]))?;
+        let ns = Self { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.name)
+    }
+
+    /// A command that runs `program` inside this network namespace only.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", self.path().display()))
+            .arg("--")
+            .arg(program);
+        c
+    }
+
+    /// Runs `ip ARGS` inside the namespace; fails on a non-zero exit.
+    pub fn ip(&self, args: &[&str]) -> Result<Output> {
+        run_checked(self.command("ip").args(args))
+    }
+
+    /// Runs `f` on a thread that has entered this namespace: sockets it
+    /// opens belong to the namespace (and stay usable from any thread).
+    pub fn run_in<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+        let file =
+            File::open(self.path()).with_context(|| format!("open {}", self.path().display()))?;
+        let handle = thread::spawn(move || -> Result<T> {
+            setns(file.as_fd(), CloneFlags::CLONE_NEWNET).context("setns")?;
+            Ok(f())
+        });
+        handle
+            .join()
+            .map_err(|_| anyhow::anyhow!("thread in namespace panicked"))?
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Two namespaces joined by a veth pair: `server` is protected by ipguard,
+/// `client` sends traffic from several addresses.
+#[derive(Debug)]
+pub struct Pair {
+    // Field order: the client goes first so its half of the veth is gone
+    // before the server's namespace is deleted.
+    pub client: Netns,
+    pub server: Netns,
+    pub server_if: String,
+    pub client_if: String,
+}
+
+/// Addresses of a [`Pair`]; the client has one "allowed" and one
+/// "refused" address per family, the policy decides which is which.
+pub const SERVER_V4: &str = "198.51.100.1";
+pub const CLIENT_V4: &str = "198.51.100.2";
+pub const CLIENT_V4_ALT: &str = "203.0.113.9";
+pub const SERVER_V4_ALT: &str = "203.0.113.1";
+pub const SERVER_V6: &str = "2001:db8:1::1";
+pub const CLIENT_V6: &str = "2001:db8:1::2";
+pub const CLIENT_V6_ALT: &str = "2001:db8:1::9";
+
+impl Pair {
+    pub fn new() -> Result<Self> {
+        let server = Netns::new("ipgs")?;
+        let client = Netns::new("ipgc")?;
+        let server_if = unique("vs");
+        let client_if = unique("vc");
+        // Created inside the server namespace with the peer sent straight
+        // to the client's: the root namespace never sees either end.
+        server.ip(&[
+            "link",
+            "add",
+            &server_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &client_if,
+            "netns",
+            &client.name,
+        ])?;
+        for (ns, ifname, addrs) in [
+            (
+                &server,
+                &server_if,
+                [SERVER_V4, SERVER_V4_ALT, SERVER_V6, ""],
+            ),
+            (
+                &client,
+                &client_if,
+                [CLIENT_V4, CLIENT_V4_ALT, CLIENT_V6, CLIENT_V6_ALT],
+            ),
+        ] {
+            for a in addrs.iter().filter(|a| !a.is_empty()) {
+                if a.contains(':') {
+                    ns.ip(&[
+                        "-6",
+                        "addr",
+                        "add",
+                        &format!("{a}/64"),
+                        "dev",
+                        ifname,
+                        "nodad",
+                    ])?;
+                } else {
+                    ns.ip(&["addr", "add", &format!("{a}/24"), "dev", ifname])?;
+                }
+            }
+            ns.ip(&["link", "set", ifname, "up"])?;
+        }
+        Ok(Self {
+            client,
+            server,
+            server_if,
+            client_if,
+        })
+    }
+}
+
+/// A directory on the BPF filesystem for one test's pins, removed on drop
+/// (links first, which detaches them, then maps).
+#[derive(Debug)]
+pub struct PinDir {
+    pub path: PathBuf,
+}
+
+impl PinDir {
+    pub fn new() -> Result<Self> {
+        ensure_bpffs()?;
+        let path = Path::new("/sys/fs/bpf").join(unique("ipguard-test-"));
+        Ok(Self { path })
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        remove_pins(&self.path);
+    }
+}
+
+/// Removes a pin directory and everything in it.
+pub fn remove_pins(dir: &Path) {
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        let mut entries: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
+        // Links before maps: unpinning the link detaches the program.
+        entries.sort_by_key(|p| {
+            !p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("link_"))
+        });
+        for e in entries {
+            let _ = std::fs::remove_file(e);
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
+/// Mounts the BPF filesystem at /sys/fs/bpf if nothing is mounted there
+/// (systemd hosts have it; minimal containers and VMs may not).
+pub fn ensure_bpffs() -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").context("read /proc/self/mounts")?;
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
+    {
+        return Ok(());
+    }
+    run_checked(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
+        .context("mount the BPF filesystem at /sys/fs/bpf")?;
+    Ok(())
+}
+
+/// A child process killed (and reaped) on drop.
+pub struct ChildGuard {
+    pub child: Option<Child>,
+}
+
+impl ChildGuard {
+    pub fn new(child: Child) -> Self {
+        Self { child: Some(child) }
+    }
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+    /// Sends a signal (SIGTERM, SIGKILL...) and waits for the exit.
+    pub fn signal_and_wait(
+        &mut self,
+        sig: nix::sys::signal::Signal,
+    ) -> Result<std::process::ExitStatus> {
+        let mut c = self.child.take().context("process already gone")?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), sig)?;
+        Ok(c.wait()?)
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Polls `f` every 50 ms until it returns Some, for at most `limit`.
+pub fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if start.elapsed() > limit {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A TCP listener inside `ns` that accepts and closes connections on a
+/// background thread for as long as the process lives.
+pub fn tcp_listener(ns: &Netns, addr: SocketAddr) -> Result<SocketAddr> {
+    let l = ns.run_in(move || TcpListener::bind(addr))??;
+    let local = l.local_addr()?;
+    thread::spawn(move || {
+        for s in l.incoming() {
+            drop(s);
+        }
+    });
+    Ok(local)
+}
+
+/// Connects from `src` (an address of `ns`) to `dst`; Ok(true) when the
+/// handshake completes within `timeout`, Ok(false) when it times out or is
+/// refused.
+pub fn tcp_connect(
+    ns: &Netns,
+    src: IpAddr,
+    dst: SocketAddr,
+    timeout: Duration,
+) -> Result<io::Result<()>> {
+    ns.run_in(move || -> io::Result<()> {
+        let domain = if dst.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        };
+        // std's TcpStream cannot bind before connecting: do it by hand.
+        // SAFETY: plain socket(2); the fd is owned by TcpStream below.
+        let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh, valid socket.
+        let stream = unsafe { <TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let sa = nix::sys::socket::SockaddrStorage::from(SocketAddr::new(src, 0));
+        nix::sys::socket::bind(fd, &sa).map_err(io::Error::from)?;
+        stream.set_nonblocking(true)?;
+        let da = nix::sys::socket::SockaddrStorage::from(dst);
+        match nix::sys::socket::connect(fd, &da) {
+            Ok(()) => return Ok(()),
+            Err(nix::errno::Errno::EINPROGRESS) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let mut pfd = [nix::poll::PollFd::new(
+            stream.as_fd(),
+            nix::poll::PollFlags::POLLOUT,
+        )];
+        let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+        let n =
+            nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(ms)).map_err(io::Error::from)?;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"));
+        }
+        match stream.take_error()? {
+            None => Ok(()),
+            Some(e) => Err(e),
+        }
+    })
+}
+
+/// The `ipguard` binary of this build (cargo puts it beside the test's
+/// `deps` directory; `cargo xtask test` builds it with the workspace).
+pub fn ipguard_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target directory");
+    let bin = dir.join("ipguard");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (`cargo build -p ipguard-user`, or run `cargo xtask test`)",
+        bin.display()
+    );
+    bin
+}
+
+/// A daemon run in the server namespace of a pair, with its own pins,
+/// state and socket; killed on drop (its pins go with the `PinDir`).
+pub struct Daemon {
+    pub proc: ChildGuard,
+    pub pins: PinDir,
+    pub dir: PathBuf,
+    pub policy: PathBuf,
+}
+
+impl Daemon {
+    /// Writes `policy` and starts `ipguard run` on the server side of
+    /// `pair`, waiting until it has attached.
+    pub fn start(pair: &Pair, policy: &str) -> Result<Self> {
+        Self::start_with(pair, policy, &[])
+    }
+
+    /// Like [`Daemon::start`], with extra `ipguard run` arguments.
+    pub fn start_with(pair: &Pair, policy: &str, extra: &[&str]) -> Result<Self> {
+        let pins = PinDir::new()?;
+        let dir = std::env::temp_dir().join(unique("ipguard-test-"));
+        std::fs::create_dir_all(&dir)?;
+        let policy_path = dir.join("policy.yaml");
+        std::fs::write(&policy_path, policy)?;
+        let mut cmd = pair.server.command(ipguard_bin());
+        cmd.args(["run", "--config"])
+            .arg(&policy_path)
+            .args(["--iface", &pair.server_if, "--pin-dir"])
+            .arg(&pins.path)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--socket")
+            .arg(dir.join("ipguard.sock"))
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        let proc = ChildGuard::new(cmd.spawn().context("spawn ipguard run")?);
+        let mut d = Self {
+            proc,
+            pins,
+            dir,
+            policy: policy_path,
+        };
+        let link = d.pins.path.join(format!("link_{}", pair.server_if));
+        let socket = d.socket();
+        d.wait_ready(&link, &socket)?;
+        Ok(d)
+    }
+
+    /// Starts another `ipguard run` on the same pins, state and socket (a
+    /// restart or an upgrade), after the previous process is gone.
+    pub fn restart(&mut self, pair: &Pair) -> Result<()> {
+        if let Some(c) = self.proc.child.as_mut()
+            && c.try_wait()?.is_none()
+        {
+            bail!("the previous daemon still runs");
+        }
+        let mut cmd = pair.server.command(ipguard_bin());
+        cmd.args(["run", "--config"])
+            .arg(&self.policy)
+            .args(["--iface", &pair.server_if, "--pin-dir"])
+            .arg(&self.pins.path)
+            .arg("--state-dir")
+            .arg(self.dir.join("state"))
+            .arg("--socket")
+            .arg(self.socket())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        self.proc = ChildGuard::new(cmd.spawn().context("spawn ipguard run")?);
+        let link = self.pins.path.join(format!("link_{}", pair.server_if));
+        let socket = self.socket();
+        self.wait_ready(&link, &socket)
+    }
+
+    fn wait_ready(&mut self, link: &Path, socket: &Path) -> Result<()> {
+        let ok = wait_for(Duration::from_secs(30), || {
+            if let Some(c) = self.proc.child.as_mut()
+                && let Ok(Some(st)) = c.try_wait()
+            {
+                return Some(Err(anyhow::anyhow!("ipguard run exited: {st}")));
+            }
+            (link.exists() && std::os::unix::net::UnixStream::connect(socket).is_ok())
+                .then_some(Ok(()))
+        });
+        ok.context("ipguard run did not become ready within 30 s")?
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("ipguard.sock")
+    }
+
+    /// `ipguard ARGS --socket ...`: a command that talks to this daemon.
+    pub fn client(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(ipguard_bin());
+        c.args(args).arg("--socket").arg(self.socket());
+        c
+    }
+
+    /// `ipguard ARGS --pin-dir ... --state-dir ... --socket ...` (status,
+    /// unload), from the root namespace.
+    pub fn ipguard(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(ipguard_bin());
+        c.args(args)
+            .arg("--pin-dir")
+            .arg(&self.pins.path)
+            .arg("--state-dir")
+            .arg(self.dir.join("state"))
+            .arg("--socket")
+            .arg(self.socket());
+        c
+    }
+
+    /// `status --json` as JSON.
+    pub fn status(&self) -> Result<serde_json::Value> {
+        let out = self.ipguard(&["status", "--json"]).output()?;
+        if !out.status.success() {
+            bail!(
+                "ipguard status failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.proc.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        remove_pins(&self.pins.path);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Sends `count` UDP datagrams from `src` (an address of `ns`) to `dst`.
+pub fn udp_send(ns: &Netns, src: IpAddr, dst: SocketAddr, count: usize) -> Result<()> {
+    ns.run_in(move || -> io::Result<()> {
+        let s = std::net::UdpSocket::bind(SocketAddr::new(src, 0))?;
+        for i in 0..count {
+            s.send_to(format!("ipguard test {i}").as_bytes(), dst)?;
+        }
+        Ok(())
+    })??;
+    Ok(())
+}
+
+/// A UDP socket in a namespace that counts the datagrams it receives per
+/// source address, on a background thread.
+pub struct UdpCounter {
+    pub addr: SocketAddr,
+    counts: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<IpAddr, u64>>>,
+}
+
+impl UdpCounter {
+    pub fn new(ns: &Netns, addr: SocketAddr) -> Result<Self> {
+        let sock = ns.run_in(move || std::net::UdpSocket::bind(addr))??;
+        let addr = sock.local_addr()?;
+        let counts = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+        let c = counts.clone();
+        thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while let Ok((_, from)) = sock.recv_from(&mut buf) {
+                if let Ok(mut m) = c.lock() {
+                    *m.entry(from.ip()).or_insert(0) += 1;
+                }
+            }
+        });
+        Ok(Self { addr, counts })
+    }
+
+    pub fn count(&self, src: &str) -> u64 {
+        let ip: IpAddr = src.parse().expect("address");
+        self.counts
+            .lock()
+            .map(|m| m.get(&ip).copied().unwrap_or(0))
+            .unwrap_or(0)
+    }
+}
+
+/// BPF_PROG_TEST_RUN on a program given by file descriptor (any thread,
+/// any loader: also programs ipguard did not load). Returns the program's
+/// return value and the kernel-measured duration of one run in ns (the
+/// mean over `repeat` runs).
+pub fn prog_test_run(
+    prog_fd: std::os::fd::RawFd,
+    data: &[u8],
+    repeat: u32,
+) -> io::Result<(u32, u32)> {
+    /// `union bpf_attr`'s `test` member.
+    #[repr(C)]
+    #[derive(Default)]
+    struct TestAttr {
+        prog_fd: u32,
+        retval: u32,
+        data_size_in: u32,
+        data_size_out: u32,
+        data_in: u64,
+        data_out: u64,
+        repeat: u32,
+        duration: u32,
+        ctx_size_in: u32,
+        ctx_size_out: u32,
+        ctx_in: u64,
+        ctx_out: u64,
+        flags: u32,
+        cpu: u32,
+        batch_size: u32,
+        _pad: u32,
+    }
+    const BPF_PROG_TEST_RUN: libc::c_long = 10;
+    let mut a = TestAttr {
+        prog_fd: prog_fd as u32,
+        data_size_in: data.len() as u32,
+        data_in: data.as_ptr() as u64,
+        repeat,
+        ..Default::default()
+    };
+    // SAFETY: `a` is a valid bpf_attr member of the size passed; the kernel
+    // reads `data` (alive for the call) and writes only into `a`.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_TEST_RUN,
+            &mut a as *mut TestAttr,
+            std::mem::size_of::<TestAttr>() as libc::c_long,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((a.retval, a.duration))
+}

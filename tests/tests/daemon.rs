@@ -1,0 +1,549 @@
+//! The daemon and the operator commands, with real traffic in the netns
+//! harness (issue 4).
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{IpAddr, SocketAddr},
+    process::Output,
+    thread,
+    time::{Duration, Instant},
+};
+
+use ipguard_tests::*;
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+/// The client's main addresses are allowed; its alternates are not. A
+/// service `app` on udp/5000 has its own list (the main IPv4 address only),
+/// so its passed/refused counters count exactly the datagrams sent.
+const POLICY: &str = r#"
+version: 1
+allow:
+  - from: 198.51.100.2
+    label: client
+  - from: "2001:db8:1::2"
+    label: client v6
+services:
+  app: { ports: [udp/5000], allow: [198.51.100.2] }
+  ssh: { ports: [tcp/22] }
+"#;
+
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "exit {:?}: {}{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn connects(pair: &Pair, src: &str, dst: &str, port: u16) -> bool {
+    tcp_connect(
+        &pair.client,
+        src.parse().unwrap(),
+        SocketAddr::new(dst.parse().unwrap(), port),
+        Duration::from_millis(600),
+    )
+    .unwrap()
+    .is_ok()
+}
+
+fn setup() -> (Pair, Daemon) {
+    require_root();
+    let pair = Pair::new().unwrap();
+    for a in [SERVER_V4, SERVER_V4_ALT, SERVER_V6] {
+        tcp_listener(&pair.server, SocketAddr::new(a.parse().unwrap(), 7000)).unwrap();
+    }
+    let d = Daemon::start(&pair, POLICY).unwrap();
+    (pair, d)
+}
+
+fn n(v: &Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+#[test]
+fn status_counts_the_traffic_sent() {
+    let (pair, d) = setup();
+    let counter = UdpCounter::new(
+        &pair.server,
+        SocketAddr::new(SERVER_V4_ALT.parse().unwrap(), 5000),
+    )
+    .unwrap();
+    udp_send(&pair.client, CLIENT_V4.parse().unwrap(), counter.addr, 37).unwrap();
+    udp_send(
+        &pair.client,
+        CLIENT_V4_ALT.parse().unwrap(),
+        counter.addr,
+        23,
+    )
+    .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(5), || (counter.count(CLIENT_V4) == 37)
+            .then_some(()))
+        .is_some()
+    );
+    let st = d.status().unwrap();
+    assert_eq!(n(&st["services"]["app"]["passed"]), 37, "{st}");
+    assert_eq!(n(&st["services"]["app"]["refused"]), 23, "{st}");
+    assert_eq!(counter.count(CLIENT_V4_ALT), 0);
+    assert!(n(&st["counters"]["dropped"]) >= 23);
+    assert!(n(&st["counters"]["passed"]) >= 37);
+    assert_eq!(st["attached"][0]["iface"], pair.server_if.as_str());
+    assert!(st["attached"][0]["mode"].is_string());
+    assert_eq!(st["policy"]["path"], d.policy.display().to_string());
+    assert_eq!(st["policy"]["sha256"].as_str().unwrap().len(), 64);
+    assert!(st["policy"]["applied_at"].as_str().unwrap().contains('T'));
+    assert!(st["top_blocked"].is_array());
+    assert!(st["counters"]["would_drop"].is_number());
+}
+
+#[test]
+fn events_report_refusals_with_the_suppressed_count() {
+    let (pair, d) = setup();
+    let dst = SocketAddr::new(SERVER_V4_ALT.parse().unwrap(), 5000);
+    // The default limit is one event per source per second: the first
+    // datagram is reported, the next 19 are suppressed and counted in the
+    // event that follows a second later.
+    udp_send(&pair.client, CLIENT_V4_ALT.parse().unwrap(), dst, 20).unwrap();
+    thread::sleep(Duration::from_millis(1200));
+    udp_send(&pair.client, CLIENT_V4_ALT.parse().unwrap(), dst, 1).unwrap();
+    let events = wait_for(Duration::from_secs(5), || {
+        let out = d.client(&["events", "--json"]).output().ok()?;
+        let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .filter(|e: &Value| e["src"] == CLIENT_V4_ALT)
+            .collect();
+        (lines.len() >= 2).then_some(lines)
+    })
+    .expect("two events for the refused source");
+    assert_eq!(events[0]["service"], "app");
+    assert_eq!(events[0]["dport"], 5000);
+    assert_eq!(events[0]["protocol"], "udp");
+    assert_eq!(events[0]["verdict"], "drop");
+    assert_eq!(events[0]["iface"], pair.server_if.as_str());
+    assert_eq!(n(&events[0]["suppressed"]), 0);
+    assert_eq!(n(&events[1]["suppressed"]), 19, "{events:?}");
+    let blocked: Value =
+        serde_json::from_str(&ok(d.client(&["blocked", "--json"]).output().unwrap())).unwrap();
+    assert_eq!(blocked[0]["src"], CLIENT_V4_ALT);
+    assert_eq!(n(&blocked[0]["count"]), 21);
+    let st = d.status().unwrap();
+    assert_eq!(st["top_blocked"][0]["src"], CLIENT_V4_ALT);
+}
+
+#[test]
+fn runtime_allow_lets_a_source_in_until_it_expires() {
+    let (pair, d) = setup();
+    assert!(!connects(&pair, CLIENT_V4_ALT, SERVER_V4_ALT, 7000));
+    ok(d.client(&[
+        "allow",
+        CLIENT_V4_ALT,
+        "--for",
+        "3s",
+        "--label",
+        "ticket 42",
+    ])
+    .output()
+    .unwrap());
+    let granted = Instant::now();
+    assert!(
+        connects(&pair, CLIENT_V4_ALT, SERVER_V4_ALT, 7000),
+        "allowed at runtime"
+    );
+    assert_eq!(n(&d.status().unwrap()["runtime_entries"]), 1);
+    let wait = Duration::from_millis(3500).saturating_sub(granted.elapsed());
+    thread::sleep(wait);
+    assert!(
+        wait_for(Duration::from_secs(3), || (!connects(
+            &pair,
+            CLIENT_V4_ALT,
+            SERVER_V4_ALT,
+            7000
+        ))
+        .then_some(()))
+        .is_some(),
+        "refused again after the expiry"
+    );
+    assert_eq!(n(&d.status().unwrap()["runtime_entries"]), 0);
+    // revoke of an address without a runtime entry: refused input.
+    let out = d.client(&["revoke", CLIENT_V4_ALT]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn apply_with_confirm_rolls_back_by_itself() {
+    let (pair, d) = setup();
+    let wider = POLICY.replace("label: client\n", "label: client\n  - 203.0.113.0/24\n");
+    let file = d.dir.join("wider.yaml");
+    std::fs::write(&file, wider).unwrap();
+    ok(
+        d.client(&["apply", file.to_str().unwrap(), "--confirm", "2"])
+            .output()
+            .unwrap(),
+    );
+    assert!(
+        connects(&pair, CLIENT_V4_ALT, SERVER_V4_ALT, 7000),
+        "the applied policy is live"
+    );
+    thread::sleep(Duration::from_millis(2500));
+    assert!(
+        wait_for(Duration::from_secs(3), || (!connects(
+            &pair,
+            CLIENT_V4_ALT,
+            SERVER_V4_ALT,
+            7000
+        ))
+        .then_some(()))
+        .is_some(),
+        "rolled back"
+    );
+    // Confirmed, it stays.
+    ok(
+        d.client(&["apply", file.to_str().unwrap(), "--confirm", "2"])
+            .output()
+            .unwrap(),
+    );
+    ok(d.client(&["confirm"]).output().unwrap());
+    thread::sleep(Duration::from_millis(2500));
+    assert!(
+        connects(&pair, CLIENT_V4_ALT, SERVER_V4_ALT, 7000),
+        "confirmed policy stays"
+    );
+    let out = d.client(&["confirm"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "nothing left to confirm");
+}
+
+#[test]
+fn an_invalid_reload_leaves_the_old_policy_enforcing() {
+    let (pair, d) = setup();
+    let before = d.status().unwrap()["policy"]["sha256"].clone();
+    std::fs::write(&d.policy, "version: 1\nallow: [198.51.100.300]\n").unwrap();
+    thread::sleep(Duration::from_millis(800));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(d.proc.pid() as i32),
+        Signal::SIGHUP,
+    )
+    .unwrap();
+    thread::sleep(Duration::from_millis(500));
+    assert!(connects(&pair, CLIENT_V4, SERVER_V4, 7000));
+    assert!(!connects(&pair, CLIENT_V4_ALT, SERVER_V4_ALT, 7000));
+    assert_eq!(d.status().unwrap()["policy"]["sha256"], before);
+    // A valid edit is picked up by the watch.
+    std::fs::write(
+        &d.policy,
+        POLICY.replace("label: client\n", "label: client\n  - 203.0.113.9\n"),
+    )
+    .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(5), || connects(
+            &pair,
+            CLIENT_V4_ALT,
+            SERVER_V4_ALT,
+            7000
+        )
+        .then_some(()))
+        .is_some(),
+        "edited file reloaded"
+    );
+}
+
+#[test]
+fn a_configmap_style_symlink_swap_reloads() {
+    require_root();
+    let pair = Pair::new().unwrap();
+    tcp_listener(
+        &pair.server,
+        SocketAddr::new(SERVER_V4_ALT.parse().unwrap(), 7000),
+    )
+    .unwrap();
+    // Kubernetes' layout: cfg/policy.yaml -> ..data/policy.yaml,
+    // ..data -> ..v1; an update writes ..v2 and renames a new ..data over
+    // the old one.
+    let mut d = Daemon::start(&pair, POLICY).unwrap();
+    let cfg = d.dir.join("cfg");
+    std::fs::create_dir_all(cfg.join("..v1")).unwrap();
+    std::fs::write(cfg.join("..v1/policy.yaml"), POLICY).unwrap();
+    std::os::unix::fs::symlink("..v1", cfg.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/policy.yaml", cfg.join("policy.yaml")).unwrap();
+    d.proc.signal_and_wait(Signal::SIGTERM).unwrap();
+    d.policy = cfg.join("policy.yaml");
+    d.restart(&pair).unwrap();
+    assert!(!connects(&pair, CLIENT_V4_ALT, SERVER_V4_ALT, 7000));
+
+    std::fs::create_dir_all(cfg.join("..v2")).unwrap();
+    std::fs::write(
+        cfg.join("..v2/policy.yaml"),
+        POLICY.replace("label: client\n", "label: client\n  - 203.0.113.9\n"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("..v2", cfg.join("..data_tmp")).unwrap();
+    std::fs::rename(cfg.join("..data_tmp"), cfg.join("..data")).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(5), || connects(
+            &pair,
+            CLIENT_V4_ALT,
+            SERVER_V4_ALT,
+            7000
+        )
+        .then_some(()))
+        .is_some(),
+        "the swapped policy is enforced"
+    );
+}
+
+#[test]
+fn kill_9_and_restart_keep_enforcing_without_a_gap() {
+    let (pair, mut d) = setup();
+    let counter = UdpCounter::new(
+        &pair.server,
+        SocketAddr::new(SERVER_V4_ALT.parse().unwrap(), 5000),
+    )
+    .unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    // Sockets opened in the client namespace work from any thread.
+    let (a, b) = pair
+        .client
+        .run_in(|| {
+            let a =
+                std::net::UdpSocket::bind(SocketAddr::new(CLIENT_V4.parse::<IpAddr>().unwrap(), 0))
+                    .unwrap();
+            let b = std::net::UdpSocket::bind(SocketAddr::new(
+                CLIENT_V4_ALT.parse::<IpAddr>().unwrap(),
+                0,
+            ))
+            .unwrap();
+            (a, b)
+        })
+        .unwrap();
+    let sender = {
+        let (stop, sent) = (stop.clone(), sent.clone());
+        let dst = counter.addr;
+        thread::spawn(move || {
+            // Bounded: at most 4000 rounds of 2 ms.
+            for _ in 0..4000 {
+                if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
+                a.send_to(b"a", dst).unwrap();
+                b.send_to(b"b", dst).unwrap();
+                sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+    thread::sleep(Duration::from_millis(300));
+    d.proc.signal_and_wait(Signal::SIGKILL).unwrap();
+    thread::sleep(Duration::from_millis(500));
+    d.restart(&pair).unwrap();
+    thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    sender.join().unwrap();
+    let total = sent.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        total > 200,
+        "traffic flowed during the restart ({total} rounds)"
+    );
+    assert!(
+        wait_for(Duration::from_secs(3), || (counter.count(CLIENT_V4)
+            == total)
+            .then_some(()))
+        .is_some(),
+        "every allowed datagram arrived: {} of {total}",
+        counter.count(CLIENT_V4)
+    );
+    assert_eq!(
+        counter.count(CLIENT_V4_ALT),
+        0,
+        "no refused datagram got through"
+    );
+    let st = d.status().unwrap();
+    assert_eq!(n(&st["services"]["app"]["passed"]), total, "{st}");
+    assert_eq!(n(&st["services"]["app"]["refused"]), total, "{st}");
+}
+
+#[test]
+fn the_lockout_guard_refuses_to_cut_ssh_unless_forced() {
+    let (pair, d) = setup();
+    tcp_listener(
+        &pair.server,
+        SocketAddr::new(SERVER_V4.parse().unwrap(), 22),
+    )
+    .unwrap();
+    // An SSH-like session from the allowed client, held open.
+    let held = pair
+        .client
+        .run_in(|| {
+            std::net::TcpStream::connect_timeout(
+                &SocketAddr::new(SERVER_V4.parse().unwrap(), 22),
+                Duration::from_secs(2),
+            )
+        })
+        .unwrap();
+    let _held = held.expect("ssh-like session");
+    let cut = POLICY.replace("  - from: 198.51.100.2\n    label: client\n", "");
+    let file = d.dir.join("cut.yaml");
+    std::fs::write(&file, cut).unwrap();
+    let out = d
+        .client(&["apply", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("198.51.100.2"), "names the source: {err}");
+    assert!(err.contains("lockout"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        connects(&pair, CLIENT_V4, SERVER_V4, 7000),
+        "the old policy stays"
+    );
+    ok(d.client(&["apply", file.to_str().unwrap(), "--force"])
+        .output()
+        .unwrap());
+    assert!(
+        !connects(&pair, CLIENT_V4, SERVER_V4, 7000),
+        "forced policy applied"
+    );
+}
+
+#[test]
+fn metrics_are_served() {
+    require_root();
+    let pair = Pair::new().unwrap();
+    let port = 19_000 + (std::process::id() % 1000) as u16;
+    let addr = format!("127.0.0.1:{port}");
+    let d = Daemon::start_with(&pair, POLICY, &["--metrics", &addr]).unwrap();
+    let dst = SocketAddr::new(SERVER_V4_ALT.parse().unwrap(), 5000);
+    udp_send(&pair.client, CLIENT_V4_ALT.parse().unwrap(), dst, 5).unwrap();
+    let sa: SocketAddr = addr.parse().unwrap();
+    let body = pair
+        .server
+        .run_in(move || {
+            let mut s = std::net::TcpStream::connect_timeout(&sa, Duration::from_secs(2)).unwrap();
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap();
+            let mut body = String::new();
+            let mut r = BufReader::new(s);
+            let mut line = String::new();
+            while r.read_line(&mut line).unwrap_or(0) > 0 {
+                body.push_str(&line);
+                line.clear();
+            }
+            body
+        })
+        .unwrap();
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    assert!(
+        body.contains(r#"ipguard_service_packets_total{service="app",result="refused"} 5"#),
+        "{body}"
+    );
+    assert!(body.contains("ipguard_policy_info{sha256=\""), "{body}");
+    assert!(
+        body.contains(r#"ipguard_policy_reloads_total{result="success"} 1"#),
+        "{body}"
+    );
+    assert!(body.contains("ipguard_events_total"), "{body}");
+    drop(d);
+}
+
+fn one_line(out: &Output, code: i32, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains(needle), "{needle:?} not in {err}");
+}
+
+#[test]
+fn bad_input_gets_one_clear_line() {
+    let (pair, d) = setup();
+    // A second daemon on the same pins.
+    let out = pair
+        .server
+        .command(ipguard_bin())
+        .args(["run", "--config"])
+        .arg(&d.policy)
+        .args(["--iface", &pair.server_if, "--pin-dir"])
+        .arg(&d.pins.path)
+        .arg("--state-dir")
+        .arg(d.dir.join("state2"))
+        .arg("--socket")
+        .arg(d.dir.join("other.sock"))
+        .output()
+        .unwrap();
+    one_line(&out, 3, "already running");
+    // An invalid policy.
+    let bad = d.dir.join("bad.yaml");
+    std::fs::write(&bad, "version: 1\nallow: [198.51.100.300]\n").unwrap();
+    let out = d
+        .client(&["apply", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    one_line(&out, 1, "198.51.100.300");
+    let out = pair
+        .server
+        .command(ipguard_bin())
+        .args(["run", "--iface", &pair.server_if, "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    one_line(&out, 1, "bad.yaml:2:");
+    // An unreadable one.
+    let out = d
+        .client(&["apply", "/nonexistent/policy.yaml"])
+        .output()
+        .unwrap();
+    one_line(&out, 1, "/nonexistent/policy.yaml");
+    // No daemon behind the socket.
+    let out = std::process::Command::new(ipguard_bin())
+        .args(["allow", "203.0.113.9", "--socket"])
+        .arg(d.dir.join("nobody.sock"))
+        .output()
+        .unwrap();
+    one_line(&out, 3, "not running");
+    // Not an address.
+    let out = d.client(&["allow", "203.0.113.300"]).output().unwrap();
+    one_line(&out, 1, "not an IP address");
+    // A malformed request on the socket: answered, and the daemon lives on.
+    let mut s = std::os::unix::net::UnixStream::connect(d.socket()).unwrap();
+    s.write_all(b"{\"cmd\":\"reboot\"}\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).unwrap();
+    let resp: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(resp["ok"], false);
+    assert!(
+        resp["error"]
+            .as_str()
+            .unwrap()
+            .contains("malformed request")
+    );
+    assert!(d.status().is_ok(), "daemon still answers");
+    // unload refuses while the daemon runs.
+    let out = d.ipguard(&["unload"]).output().unwrap();
+    one_line(&out, 3, "daemon is running");
+}
+
+#[test]
+fn status_reads_the_pins_when_no_daemon_runs_and_unload_removes_them() {
+    let (pair, mut d) = setup();
+    assert!(!connects(&pair, CLIENT_V4_ALT, SERVER_V4_ALT, 7000));
+    d.proc.signal_and_wait(Signal::SIGTERM).unwrap();
+    assert!(
+        !connects(&pair, CLIENT_V4_ALT, SERVER_V4_ALT, 7000),
+        "still enforcing without the daemon"
+    );
+    assert!(connects(&pair, CLIENT_V4, SERVER_V4, 7000));
+    let st = d.status().unwrap();
+    assert_eq!(st["daemon"], false);
+    assert!(n(&st["counters"]["dropped"]) >= 1);
+    assert_eq!(st["attached"][0]["iface"], pair.server_if.as_str());
+    ok(d.ipguard(&["unload"]).output().unwrap());
+    assert!(!d.pins.path.exists(), "pins removed");
+    assert!(
+        connects(&pair, CLIENT_V4_ALT, SERVER_V4_ALT, 7000),
+        "protection gone after unload"
+    );
+}

@@ -1,0 +1,1226 @@
+//! In-kernel verdict tests: crafted frames run through the loaded XDP
+//! program with BPF_PROG_TEST_RUN, each with the XDP action and the
+//! (verdict, reason) counter it must move. Covers every rule of policy.md
+//! §5, VLAN and QinQ, IPv4 options, fragments, IPv6 extension chains,
+//! malformed frames, the RSTs of `action: reject`, return traffic (through
+//! the TC egress program, also run with BPF_PROG_TEST_RUN) and events.
+
+mod datapath_util;
+
+use std::{
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use aya::programs::{TestRun, TestRunOptions};
+use datapath_util::*;
+use ipguard::{events::EventReader, policy::Proto};
+use ipguard_common::*;
+use ipguard_common::{IPPROTO_TCP, IPPROTO_UDP};
+use ipguard_tests::frames::*;
+
+const H4: &str = "198.51.100.1";
+const H6: &str = "2001:db8:1::1";
+// Sources, named by what the base policy says of them.
+const A: &str = "198.51.100.2"; // host-wide list
+const U: &str = "203.0.113.99"; // nothing
+const D: &str = "198.51.100.66"; // deny (inside the allowed /25)
+const AA: &str = "203.0.113.250"; // always_allow
+const S: &str = "203.0.113.10"; // ssh's own list (and web's)
+const W: &str = "203.0.113.5"; // web's own list only
+const A6: &str = "2001:db8:1::2";
+const U6: &str = "2001:db8:9::9";
+const W6: &str = "2001:db8:2::5";
+
+const SSH: u8 = 1;
+const WEB: u8 = 2;
+const METRICS: u8 = 3;
+
+/// allow: [198.51.100.0/25, 2001:db8:1::/64]; deny: 198.51.100.66;
+/// always_allow: 203.0.113.250; services ssh tcp/22 {allow: [S]},
+/// web tcp/80,443 udp/443 {allow: [203.0.113.0/28, 2001:db8:2::/64]},
+/// metrics tcp/9100-9110 (inherits the host-wide list). Values as the
+/// compiler merges them (a prefix carries the bits of its containers).
+fn base(cfg: PolicyConfig) -> ipguard::policy::CompiledPolicy {
+    let host = 1 | 1 << METRICS;
+    policy(
+        cfg,
+        &[
+            ("198.51.100.0/25", value(host, 0, 0)),
+            ("2001:db8:1::/64", value(host, 0, 1)),
+            ("198.51.100.66/32", value(host, FLAG_DENY, 2)),
+            ("203.0.113.250/32", value(0, FLAG_ALWAYS_ALLOW, 3)),
+            ("203.0.113.10/32", value(1 << SSH | 1 << WEB, 0, 4)),
+            ("203.0.113.0/28", value(1 << WEB, 0, 5)),
+            ("2001:db8:2::/64", value(1 << WEB, 0, 6)),
+        ],
+        &[
+            (Proto::Tcp, 22, 22, SSH),
+            (Proto::Tcp, 80, 80, WEB),
+            (Proto::Tcp, 443, 443, WEB),
+            (Proto::Udp, 443, 443, WEB),
+            (Proto::Tcp, 9100, 9110, METRICS),
+        ],
+    )
+}
+
+fn host_of(src: &str) -> IpAddr {
+    if ip(src).is_ipv4() { ip(H4) } else { ip(H6) }
+}
+
+fn tcp(src: &str, dport: u16) -> Pkt {
+    Pkt::new(ip(src), host_of(src), L4::syn(40000, dport))
+}
+
+fn udp(src: &str, sport: u16, dport: u16) -> Pkt {
+    Pkt::new(ip(src), host_of(src), L4::udp(sport, dport))
+}
+
+fn icmp(src: &str, ty: u8, code: u8) -> Pkt {
+    Pkt::new(ip(src), host_of(src), L4::Icmp { ty, code })
+}
+
+fn raw(src: &str, proto: u8, bytes: &[u8]) -> Pkt {
+    Pkt::new(
+        ip(src),
+        host_of(src),
+        L4::Raw {
+            proto,
+            bytes: bytes.to_vec(),
+        },
+    )
+}
+
+/// An IPv4 frame cut inside its IP header.
+fn truncated_ip() -> Vec<u8> {
+    ether(ETH_P_IP, &[], &[0x45, 0, 0])
+}
+
+struct Case {
+    name: String,
+    frame: Vec<u8>,
+    action: u32,
+    verdict: u8,
+    reason: u8,
+}
+
+fn case(name: impl Into<String>, frame: Vec<u8>, action: u32, verdict: u8, reason: u8) -> Case {
+    Case {
+        name: name.into(),
+        frame,
+        action,
+        verdict,
+        reason,
+    }
+}
+
+fn pass(name: &str, p: Pkt, reason: u8) -> Case {
+    case(name, p.build(), XDP_PASS, VERDICT_PASS, reason)
+}
+
+fn drop_(name: &str, p: Pkt, reason: u8) -> Case {
+    case(name, p.build(), XDP_DROP, VERDICT_DROP, reason)
+}
+
+/// Runs every case and reports all the failures at once.
+fn check(l: &mut Loaded, cases: &[Case]) {
+    let mut failures = Vec::new();
+    for c in cases {
+        let j = l.judge(&c.frame);
+        if (j.action, j.verdict, j.reason) != (c.action, c.verdict, c.reason) {
+            failures.push(format!(
+                "{}: got action {} {}/{}, want action {} {}/{}",
+                c.name,
+                j.action,
+                verdict_name(j.verdict),
+                reason_name(j.reason),
+                c.action,
+                verdict_name(c.verdict),
+                reason_name(c.reason)
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+}
+
+const FRAG_LATER: u16 = 185; // offset 1480 bytes
+const FRAG_FIRST: u16 = 0x2000; // more fragments, offset 0
+
+#[test]
+fn policy_rules_of_section_5() {
+    let mut l = Loaded::new();
+    // Step 0: a slot never written passes everything.
+    check(
+        &mut l,
+        &[
+            pass("no policy", tcp(U, 7000), REASON_NO_POLICY),
+            case(
+                "no policy, malformed",
+                truncated_ip(),
+                XDP_PASS,
+                VERDICT_PASS,
+                REASON_NO_POLICY,
+            ),
+        ],
+    );
+
+    l.apply(&base(config(MODE_ENFORCE, ACTION_DROP, SCOPE_HOST)));
+    let arp = ether(ETH_P_ARP, &[], &[0u8; 28]);
+    let lldp = ether(ETH_P_LLDP, &[], &[0u8; 32]);
+    check(
+        &mut l,
+        &[
+            // Step 1: infrastructure, and frames that are not IP.
+            case("arp", arp, XDP_PASS, VERDICT_PASS, REASON_NON_IP),
+            case("lldp", lldp, XDP_PASS, VERDICT_PASS, REASON_NON_IP),
+            pass("ndp ns", icmp(U6, 135, 0), REASON_INFRASTRUCTURE),
+            pass("ndp na", icmp(U6, 136, 0), REASON_INFRASTRUCTURE),
+            pass("ndp rs..redirect", icmp(U6, 137, 0), REASON_INFRASTRUCTURE),
+            drop_(
+                "icmpv6 echo is not ndp",
+                icmp(U6, 128, 0),
+                REASON_NOT_ALLOWED,
+            ),
+            pass("dhcp reply", udp(U, 67, 68), REASON_INFRASTRUCTURE),
+            drop_(
+                "udp from 67 to 69 is not dhcp",
+                udp(U, 67, 69),
+                REASON_NOT_ALLOWED,
+            ),
+            drop_(
+                "udp from 68 to 67 is a request, not a reply",
+                udp(U, 68, 67),
+                REASON_NOT_ALLOWED,
+            ),
+            pass("dhcpv6 reply", udp(U6, 547, 546), REASON_INFRASTRUCTURE),
+            pass("pmtu v4", icmp(U, 3, 4), REASON_INFRASTRUCTURE),
+            drop_(
+                "port unreachable is not pmtu",
+                icmp(U, 3, 3),
+                REASON_NOT_ALLOWED,
+            ),
+            pass("pmtu v6", icmp(U6, 2, 0), REASON_INFRASTRUCTURE),
+            // Step 3 and 4.
+            pass("always_allow", tcp(AA, 22), REASON_ALWAYS_ALLOW),
+            pass("always_allow udp", udp(AA, 5353, 53), REASON_ALWAYS_ALLOW),
+            drop_("deny inside an allowed prefix", tcp(D, 7000), REASON_DENY),
+            drop_("deny beats a service", tcp(D, 9105), REASON_DENY),
+            // Step 5 to 7, host-wide list.
+            pass("allowed v4", tcp(A, 7000), REASON_ALLOWED),
+            drop_("unlisted v4", tcp(U, 7000), REASON_NOT_ALLOWED),
+            pass("allowed v6", tcp(A6, 7000), REASON_ALLOWED),
+            drop_("unlisted v6", tcp(U6, 7000), REASON_NOT_ALLOWED),
+            pass("icmp allowed", icmp(A, 8, 0), REASON_ALLOWED),
+            drop_("icmp unlisted", icmp(U, 8, 0), REASON_NOT_ALLOWED),
+            // Services with their own list replace the host-wide one.
+            drop_(
+                "ssh refuses the host-wide list",
+                tcp(A, 22),
+                REASON_NOT_ALLOWED,
+            ),
+            pass("ssh allows its own", tcp(S, 22), REASON_ALLOWED),
+            drop_(
+                "ssh's own is not host-wide",
+                tcp(S, 7000),
+                REASON_NOT_ALLOWED,
+            ),
+            pass("web tcp/80", tcp(W, 80), REASON_ALLOWED),
+            pass("web tcp/443", tcp(W, 443), REASON_ALLOWED),
+            pass("web udp/443", udp(W, 40000, 443), REASON_ALLOWED),
+            drop_(
+                "udp/444 is no service",
+                udp(W, 40000, 444),
+                REASON_NOT_ALLOWED,
+            ),
+            drop_(
+                "web refuses the host-wide list",
+                tcp(A, 80),
+                REASON_NOT_ALLOWED,
+            ),
+            pass("web v6", tcp(W6, 443), REASON_ALLOWED),
+            drop_("web v6 unlisted", tcp(U6, 443), REASON_NOT_ALLOWED),
+            // A service without a list inherits the host-wide one.
+            pass("metrics inherits", tcp(A, 9105), REASON_ALLOWED),
+            pass("metrics range end", tcp(A6, 9110), REASON_ALLOWED),
+            drop_("metrics refuses others", tcp(W, 9100), REASON_NOT_ALLOWED),
+            // Step 5: fragments, judged by the source only.
+            pass(
+                "later fragment, host-wide",
+                tcp(A, 7000).frag(FRAG_LATER),
+                REASON_FRAGMENT,
+            ),
+            pass(
+                "later fragment, a service's list",
+                tcp(S, 7000).frag(FRAG_LATER),
+                REASON_FRAGMENT,
+            ),
+            pass(
+                "later fragment, web's list",
+                udp(W, 1, 2).frag(FRAG_LATER),
+                REASON_FRAGMENT,
+            ),
+            drop_(
+                "later fragment, unlisted",
+                tcp(U, 80).frag(FRAG_LATER),
+                REASON_FRAGMENT,
+            ),
+            drop_(
+                "later fragment, denied",
+                tcp(D, 80).frag(FRAG_LATER),
+                REASON_DENY,
+            ),
+            pass(
+                "later fragment, always_allow",
+                tcp(AA, 80).frag(FRAG_LATER),
+                REASON_ALWAYS_ALLOW,
+            ),
+            pass(
+                "first fragment, by its ports",
+                tcp(W, 80).frag(FRAG_FIRST),
+                REASON_ALLOWED,
+            ),
+            drop_(
+                "first fragment, by its ports (refused)",
+                tcp(W, 7000).frag(FRAG_FIRST),
+                REASON_NOT_ALLOWED,
+            ),
+            pass(
+                "v6 later fragment, allowed",
+                tcp(A6, 7000).ext(Ext::Fragment {
+                    offset: 100,
+                    more: false,
+                }),
+                REASON_FRAGMENT,
+            ),
+            drop_(
+                "v6 later fragment, unlisted",
+                tcp(U6, 80).ext(Ext::Fragment {
+                    offset: 100,
+                    more: true,
+                }),
+                REASON_FRAGMENT,
+            ),
+            pass(
+                "v6 first fragment, by its ports",
+                tcp(W6, 80).ext(Ext::Fragment {
+                    offset: 0,
+                    more: true,
+                }),
+                REASON_ALLOWED,
+            ),
+            drop_(
+                "v6 first fragment, refused by its ports",
+                tcp(W6, 7000).ext(Ext::Fragment {
+                    offset: 0,
+                    more: true,
+                }),
+                REASON_NOT_ALLOWED,
+            ),
+            // Protocols without ports.
+            pass(
+                "esp allowed",
+                raw(A6, IPPROTO_ESP, &[0u8; 16]),
+                REASON_ALLOWED,
+            ),
+            drop_(
+                "esp unlisted",
+                raw(U6, IPPROTO_ESP, &[0u8; 16]),
+                REASON_NOT_ALLOWED,
+            ),
+            pass("no next header", raw(A6, IPPROTO_NONE, &[]), REASON_ALLOWED),
+            drop_(
+                "gre unlisted",
+                raw(U, IPPROTO_GRE, &[0u8; 8]),
+                REASON_NOT_ALLOWED,
+            ),
+        ],
+    );
+
+    // Without the infrastructure exemptions, those packets are judged.
+    let mut cfg = config(MODE_ENFORCE, ACTION_DROP, SCOPE_HOST);
+    cfg.infra = 0;
+    l.apply(&base(cfg));
+    check(
+        &mut l,
+        &[
+            drop_("ndp when not exempt", icmp(U6, 135, 0), REASON_NOT_ALLOWED),
+            drop_("dhcp when not exempt", udp(U, 67, 68), REASON_NOT_ALLOWED),
+            drop_("pmtu when not exempt", icmp(U, 3, 4), REASON_NOT_ALLOWED),
+            pass(
+                "ndp from an allowed source",
+                icmp(A6, 135, 0),
+                REASON_ALLOWED,
+            ),
+        ],
+    );
+
+    // Step 6: scope services.
+    l.apply(&base(config(MODE_ENFORCE, ACTION_DROP, SCOPE_SERVICES)));
+    check(
+        &mut l,
+        &[
+            pass(
+                "no service, services scope",
+                tcp(U, 7000),
+                REASON_OUT_OF_SCOPE,
+            ),
+            pass("icmp, services scope", icmp(U, 8, 0), REASON_OUT_OF_SCOPE),
+            drop_("a service still judges", tcp(U, 80), REASON_NOT_ALLOWED),
+            pass("a service still allows", tcp(W, 80), REASON_ALLOWED),
+            drop_(
+                "fragments come before scope",
+                tcp(U, 7000).frag(FRAG_LATER),
+                REASON_FRAGMENT,
+            ),
+            drop_("deny comes before scope", tcp(D, 7000), REASON_DENY),
+        ],
+    );
+
+    // Modes.
+    l.apply(&base(config(MODE_MONITOR, ACTION_REJECT, SCOPE_HOST)));
+    check(
+        &mut l,
+        &[
+            case(
+                "monitor passes",
+                tcp(U, 7000).build(),
+                XDP_PASS,
+                VERDICT_WOULD_DROP,
+                REASON_NOT_ALLOWED,
+            ),
+            case(
+                "monitor, deny",
+                tcp(D, 80).build(),
+                XDP_PASS,
+                VERDICT_WOULD_DROP,
+                REASON_DENY,
+            ),
+            case(
+                "monitor, malformed",
+                truncated_ip(),
+                XDP_PASS,
+                VERDICT_WOULD_DROP,
+                REASON_MALFORMED,
+            ),
+            pass("monitor, allowed", tcp(A, 7000), REASON_ALLOWED),
+        ],
+    );
+    l.apply(&base(config(MODE_OFF, ACTION_DROP, SCOPE_HOST)));
+    check(
+        &mut l,
+        &[
+            pass("off", tcp(U, 7000), REASON_OFF),
+            pass("off, deny", tcp(D, 7000), REASON_OFF),
+            case(
+                "off, malformed",
+                truncated_ip(),
+                XDP_PASS,
+                VERDICT_PASS,
+                REASON_OFF,
+            ),
+            pass(
+                "off, infrastructure first",
+                icmp(U6, 135, 0),
+                REASON_INFRASTRUCTURE,
+            ),
+        ],
+    );
+    l.apply(&base(config(MODE_ENFORCE, ACTION_REJECT, SCOPE_HOST)));
+    check(
+        &mut l,
+        &[
+            case(
+                "reject tcp",
+                tcp(U, 7000).build(),
+                XDP_TX,
+                VERDICT_REJECT,
+                REASON_NOT_ALLOWED,
+            ),
+            case(
+                "reject tcp, deny",
+                tcp(D, 22).build(),
+                XDP_TX,
+                VERDICT_REJECT,
+                REASON_DENY,
+            ),
+            case(
+                "reject v6",
+                tcp(U6, 7000).build(),
+                XDP_TX,
+                VERDICT_REJECT,
+                REASON_NOT_ALLOWED,
+            ),
+            drop_("reject drops udp", udp(U, 1000, 7000), REASON_NOT_ALLOWED),
+            drop_("reject drops icmp", icmp(U, 8, 0), REASON_NOT_ALLOWED),
+            drop_(
+                "reject drops a later fragment",
+                tcp(U, 7000).frag(FRAG_LATER),
+                REASON_FRAGMENT,
+            ),
+            drop_(
+                "reject drops a first fragment",
+                tcp(U, 7000).frag(FRAG_FIRST),
+                REASON_NOT_ALLOWED,
+            ),
+            pass("reject passes allowed", tcp(A, 7000), REASON_ALLOWED),
+        ],
+    );
+}
+
+#[test]
+fn service_and_entry_counters() {
+    let mut l = Loaded::new();
+    l.apply(&base(config(MODE_ENFORCE, ACTION_DROP, SCOPE_HOST)));
+    let slot = l.dp.maps.active_slot().unwrap();
+    let svc0 = l.dp.maps.service_counters().unwrap();
+    let hits0 = l.dp.maps.entry_hits(slot, 7).unwrap();
+    for f in [
+        tcp(S, 22),
+        tcp(S, 22),
+        tcp(A, 22),
+        tcp(W, 80),
+        tcp(U, 7000),
+        tcp(D, 7000),
+    ] {
+        l.judge(&f.build());
+    }
+    let svc = l.dp.maps.service_counters().unwrap();
+    let hits = l.dp.maps.entry_hits(slot, 7).unwrap();
+    let d = |i: usize| (svc[i].0 - svc0[i].0, svc[i].1 - svc0[i].1);
+    assert_eq!(d(SSH as usize), (2, 1), "ssh passed/refused");
+    assert_eq!(d(WEB as usize), (1, 0), "web passed/refused");
+    assert_eq!(d(0), (0, 2), "no service passed/refused");
+    let h: Vec<u64> = hits.iter().zip(&hits0).map(|(a, b)| a - b).collect();
+    // entries: 0 the /25 (A), 2 deny (D), 4 S, 5 web's /28 (W); U has none.
+    assert_eq!(h, vec![1, 0, 1, 0, 2, 1, 0], "hits per entry");
+}
+
+#[test]
+fn vlans_options_and_extension_chains() {
+    let mut l = Loaded::new();
+    l.apply(&base(config(MODE_ENFORCE, ACTION_DROP, SCOPE_HOST)));
+    let six = |p: Pkt| {
+        p.ext(Ext::HopByHop { units: 0 })
+            .ext(Ext::DestOpts { units: 1 })
+            .ext(Ext::Routing { units: 2 })
+            .ext(Ext::DestOpts { units: 0 })
+            .ext(Ext::Ah { len: 4 })
+            .ext(Ext::Fragment {
+                offset: 0,
+                more: false,
+            })
+    };
+    let hbh_loop = |p: Pkt, n: usize| (0..n).fold(p, |p, _| p.ext(Ext::HopByHop { units: 0 }));
+    check(
+        &mut l,
+        &[
+            pass("802.1Q", tcp(A, 7000).vlan(ETH_P_8021Q, 10), REASON_ALLOWED),
+            drop_(
+                "802.1Q refused",
+                tcp(U, 7000).vlan(ETH_P_8021Q, 10),
+                REASON_NOT_ALLOWED,
+            ),
+            pass(
+                "802.1ad alone",
+                tcp(W, 80).vlan(ETH_P_8021AD, 7),
+                REASON_ALLOWED,
+            ),
+            pass(
+                "QinQ",
+                tcp(A6, 7000).vlan(ETH_P_8021AD, 100).vlan(ETH_P_8021Q, 200),
+                REASON_ALLOWED,
+            ),
+            drop_(
+                "QinQ refused",
+                tcp(U, 80).vlan(ETH_P_8021AD, 100).vlan(ETH_P_8021Q, 200),
+                REASON_NOT_ALLOWED,
+            ),
+            drop_(
+                "three tags hide the packet: malformed",
+                tcp(A, 7000)
+                    .vlan(ETH_P_8021AD, 1)
+                    .vlan(ETH_P_8021Q, 2)
+                    .vlan(ETH_P_8021Q, 3),
+                REASON_MALFORMED,
+            ),
+            case(
+                "arp behind a tag",
+                ether(ETH_P_ARP, &[(ETH_P_8021Q, 5)], &[0u8; 28]),
+                XDP_PASS,
+                VERDICT_PASS,
+                REASON_NON_IP,
+            ),
+            pass(
+                "ipv4 options (NOP NOP NOP EOL)",
+                tcp(A, 7000).options(&[1, 1, 1, 0]),
+                REASON_ALLOWED,
+            ),
+            pass(
+                "ipv4 40 bytes of options (IHL 15)",
+                tcp(W, 80).options(&[1; 40]),
+                REASON_ALLOWED,
+            ),
+            drop_(
+                "ipv4 options, refused by port",
+                tcp(W, 7000).options(&[1; 40]),
+                REASON_NOT_ALLOWED,
+            ),
+            pass(
+                "ipv4 options + QinQ + udp",
+                udp(W, 1, 443)
+                    .options(&[1; 8])
+                    .vlan(ETH_P_8021AD, 1)
+                    .vlan(ETH_P_8021Q, 2),
+                REASON_ALLOWED,
+            ),
+            pass(
+                "hop-by-hop",
+                tcp(W6, 80).ext(Ext::HopByHop { units: 0 }),
+                REASON_ALLOWED,
+            ),
+            pass(
+                "hop-by-hop, dest opts, routing",
+                tcp(W6, 80)
+                    .ext(Ext::HopByHop { units: 1 })
+                    .ext(Ext::DestOpts { units: 0 })
+                    .ext(Ext::Routing { units: 2 }),
+                REASON_ALLOWED,
+            ),
+            drop_(
+                "the chain reaches the port: refused",
+                tcp(W6, 7000)
+                    .ext(Ext::HopByHop { units: 1 })
+                    .ext(Ext::Routing { units: 2 }),
+                REASON_NOT_ALLOWED,
+            ),
+            pass(
+                "authentication header",
+                tcp(W6, 443).ext(Ext::Ah { len: 4 }),
+                REASON_ALLOWED,
+            ),
+            drop_(
+                "authentication header, refused",
+                tcp(U6, 443).ext(Ext::Ah { len: 1 }),
+                REASON_NOT_ALLOWED,
+            ),
+            pass(
+                "six headers reach the port",
+                six(tcp(W6, 80)),
+                REASON_ALLOWED,
+            ),
+            drop_(
+                "six headers reach the port (refused)",
+                six(tcp(W6, 7000)),
+                REASON_NOT_ALLOWED,
+            ),
+            pass(
+                "seven headers: unreachable, judged like a fragment",
+                six(tcp(W6, 7000)).ext(Ext::DestOpts { units: 0 }),
+                REASON_FRAGMENT,
+            ),
+            drop_(
+                "seven headers from an unlisted source",
+                six(tcp(U6, 80)).ext(Ext::DestOpts { units: 0 }),
+                REASON_FRAGMENT,
+            ),
+            pass(
+                "a loop of hop-by-hop headers (allowed)",
+                hbh_loop(tcp(A6, 7000), 12),
+                REASON_FRAGMENT,
+            ),
+            drop_(
+                "a loop of hop-by-hop headers (unlisted)",
+                hbh_loop(udp(U6, 1, 2), 12),
+                REASON_FRAGMENT,
+            ),
+            pass(
+                "exactly six in a loop",
+                hbh_loop(tcp(A6, 7000), 6),
+                REASON_ALLOWED,
+            ),
+            pass(
+                "dhcpv6 behind extension headers",
+                udp(U6, 547, 546).ext(Ext::HopByHop { units: 0 }),
+                REASON_INFRASTRUCTURE,
+            ),
+            pass(
+                "ndp behind a tag",
+                icmp(U6, 135, 0).vlan(ETH_P_8021Q, 4),
+                REASON_INFRASTRUCTURE,
+            ),
+        ],
+    );
+}
+
+/// Overwrites bytes of a built frame.
+fn patch(mut f: Vec<u8>, at: usize, bytes: &[u8]) -> Vec<u8> {
+    f[at..at + bytes.len()].copy_from_slice(bytes);
+    f
+}
+
+#[test]
+fn malformed_frames_are_dropped_and_counted() {
+    let mut l = Loaded::new();
+    l.apply(&base(config(MODE_ENFORCE, ACTION_DROP, SCOPE_HOST)));
+    let mal = |name: String, f: Vec<u8>| case(name, f, XDP_DROP, VERDICT_DROP, REASON_MALFORMED);
+    let mut cases = Vec::new();
+    // Truncated at every length (so at every header boundary): the IP
+    // length then exceeds the frame, or a header is cut. The kernel refuses
+    // test frames shorter than an Ethernet header, as no NIC delivers them.
+    let full = [
+        ("v4 tcp", tcp(A, 7000).build()),
+        (
+            "v4 tcp + options + QinQ",
+            tcp(A, 7000)
+                .options(&[1; 12])
+                .vlan(ETH_P_8021AD, 1)
+                .vlan(ETH_P_8021Q, 2)
+                .build(),
+        ),
+        ("v4 udp", udp(A, 1, 2).build()),
+        ("v4 icmp", icmp(A, 8, 0).build()),
+        ("v6 tcp + extensions", six(tcp(A6, 7000)).build()),
+        ("v6 udp + vlan", udp(A6, 1, 2).vlan(ETH_P_8021Q, 9).build()),
+        ("v6 icmp", icmp(A6, 128, 0).build()),
+    ];
+    for (name, f) in &full {
+        for len in 14..f.len() {
+            cases.push(mal(format!("{name} cut to {len} bytes"), f[..len].to_vec()));
+        }
+    }
+    let v4 = tcp(A, 7000).build();
+    for ihl in 0..5u8 {
+        cases.push(mal(
+            format!("IHL {ihl}"),
+            patch(v4.clone(), 14, &[0x40 | ihl]),
+        ));
+    }
+    cases.push(mal(
+        "IPv4 version 6 in an IPv4 frame".into(),
+        patch(v4.clone(), 14, &[0x65]),
+    ));
+    cases.push(mal(
+        "IPv4 total length below IHL".into(),
+        patch(v4.clone(), 16, &19u16.to_be_bytes()),
+    ));
+    cases.push(mal(
+        "IPv4 total length past the frame".into(),
+        patch(v4.clone(), 16, &1500u16.to_be_bytes()),
+    ));
+    cases.push(mal(
+        "IPv4 total length cuts the TCP header (tiny fragment)".into(),
+        patch(v4.clone(), 16, &30u16.to_be_bytes()),
+    ));
+    cases.push(mal(
+        "IPv4 options past the total length".into(),
+        patch(patch(v4.clone(), 14, &[0x4f]), 16, &40u16.to_be_bytes()),
+    ));
+    cases.push(mal(
+        "tiny first fragment".into(),
+        patch(
+            patch(v4.clone(), 16, &28u16.to_be_bytes()),
+            20,
+            &FRAG_FIRST.to_be_bytes(),
+        ),
+    ));
+    let v6 = tcp(A6, 7000).build();
+    cases.push(mal(
+        "IPv6 version 4 in an IPv6 frame".into(),
+        patch(v6.clone(), 14, &[0x40]),
+    ));
+    cases.push(mal(
+        "IPv6 payload length past the frame".into(),
+        patch(v6.clone(), 18, &100u16.to_be_bytes()),
+    ));
+    cases.push(mal(
+        "IPv6 payload length cuts TCP".into(),
+        patch(v6.clone(), 18, &10u16.to_be_bytes()),
+    ));
+    let ext = tcp(A6, 7000).ext(Ext::HopByHop { units: 0 }).build();
+    cases.push(mal(
+        "extension header length past the datagram".into(),
+        patch(ext.clone(), 55, &[200]),
+    ));
+    cases.push(mal(
+        "AH length past the datagram".into(),
+        patch(tcp(A6, 7000).ext(Ext::Ah { len: 1 }).build(), 55, &[250]),
+    ));
+    let f = icmp(A, 8, 0).build();
+    cases.push(mal(
+        "ICMP cut by its IP length".into(),
+        patch(f, 16, &22u16.to_be_bytes()),
+    ));
+    check(&mut l, &cases);
+
+    // Ethernet padding past the IP datagram is not malformed.
+    let mut padded = tcp(A, 7000).build();
+    padded.extend_from_slice(&[0u8; 6]);
+    check(
+        &mut l,
+        &[case(
+            "padded frame",
+            padded,
+            XDP_PASS,
+            VERDICT_PASS,
+            REASON_ALLOWED,
+        )],
+    );
+}
+
+fn six(p: Pkt) -> Pkt {
+    p.ext(Ext::HopByHop { units: 0 })
+        .ext(Ext::DestOpts { units: 1 })
+        .ext(Ext::Routing { units: 2 })
+        .ext(Ext::DestOpts { units: 0 })
+        .ext(Ext::Ah { len: 4 })
+        .ext(Ext::Fragment {
+            offset: 0,
+            more: false,
+        })
+}
+
+#[test]
+fn reject_answers_with_a_correct_rst() {
+    let mut l = Loaded::new();
+    l.apply(&base(config(MODE_ENFORCE, ACTION_REJECT, SCOPE_HOST)));
+    let seg = |src: &str, seq: u32, ack: u32, flags: u8, payload: usize| {
+        Pkt::new(
+            ip(src),
+            host_of(src),
+            L4::Tcp {
+                sport: 40123,
+                dport: 7000,
+                seq,
+                ack,
+                flags,
+                payload: vec![0xab; payload],
+            },
+        )
+    };
+    // (name, frame, expected seq, ack, flags of the RST)
+    let cases: Vec<(&str, Pkt, u32, u32, u8)> = vec![
+        (
+            "v4 syn",
+            seg(U, 1_000_000, 0, TCP_SYN, 0),
+            0,
+            1_000_001,
+            TCP_RST | TCP_ACK,
+        ),
+        (
+            "v4 syn with data (fast open)",
+            seg(U, 5, 0, TCP_SYN, 20),
+            0,
+            26,
+            TCP_RST | TCP_ACK,
+        ),
+        (
+            "v4 data with ack",
+            seg(U, 5000, 777, TCP_ACK | TCP_PSH, 100),
+            777,
+            0,
+            TCP_RST,
+        ),
+        ("v4 fin", seg(U, 9, 0, TCP_FIN, 3), 0, 13, TCP_RST | TCP_ACK),
+        (
+            "v4 seq wraps",
+            seg(U, u32::MAX, 0, TCP_SYN, 0),
+            0,
+            0,
+            TCP_RST | TCP_ACK,
+        ),
+        (
+            "v4 options and QinQ",
+            seg(U, 42, 0, TCP_SYN, 0)
+                .options(&[1; 12])
+                .vlan(ETH_P_8021AD, 11)
+                .vlan(ETH_P_8021Q, 22),
+            0,
+            43,
+            TCP_RST | TCP_ACK,
+        ),
+        ("v6 syn", seg(U6, 7, 0, TCP_SYN, 0), 0, 8, TCP_RST | TCP_ACK),
+        (
+            "v6 extension headers and data",
+            seg(U6, 100, 55, TCP_ACK, 64)
+                .ext(Ext::HopByHop { units: 1 })
+                .ext(Ext::DestOpts { units: 0 }),
+            55,
+            0,
+            TCP_RST,
+        ),
+        (
+            "denied source",
+            seg(D, 1, 0, TCP_SYN, 0),
+            0,
+            2,
+            TCP_RST | TCP_ACK,
+        ),
+    ];
+    for (name, p, seq, ack, flags) in cases {
+        let mut frame = p.build();
+        if name == "v4 syn" {
+            // Ethernet padding must be cut off too.
+            frame.extend_from_slice(&[0u8; 8]);
+        }
+        let j = l.judge(&frame);
+        assert_eq!((j.action, j.verdict), (XDP_TX, VERDICT_REJECT), "{name}");
+        let rst = read_tcp(&j.out).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(rst.eth_dst, MAC_PEER, "{name}: MACs swapped");
+        assert_eq!(rst.eth_src, MAC_HOST, "{name}: MACs swapped");
+        assert_eq!(rst.vlans, p.vlans, "{name}: tags kept");
+        assert_eq!(
+            (rst.src, rst.dst),
+            (p.dst, p.src),
+            "{name}: addresses swapped"
+        );
+        assert_eq!(
+            (rst.sport, rst.dport),
+            (7000, 40123),
+            "{name}: ports swapped"
+        );
+        assert_eq!(
+            (rst.seq, rst.ack, rst.flags),
+            (seq, ack, flags),
+            "{name}: seq/ack/flags"
+        );
+        assert_eq!(rst.payload_len, 0, "{name}: payload cut");
+        assert_eq!(rst.trailing, 0, "{name}: nothing past the datagram");
+        assert!(rst.ip_checksum_ok, "{name}: IPv4 checksum");
+        assert!(rst.tcp_checksum_ok, "{name}: TCP checksum");
+        assert_eq!(rst.ttl, 64, "{name}: TTL");
+        let l3 = 14 + 4 * p.vlans.len();
+        let ip_len = if p.src.is_ipv4() { 20 } else { 40 };
+        assert_eq!(j.out.len(), l3 + ip_len + 20, "{name}: frame length");
+    }
+    // Never answer a RST, nor a segment whose header is bogus.
+    let rst = seg(U, 1, 2, TCP_RST | TCP_ACK, 0).build();
+    let j = l.judge(&rst);
+    assert_eq!(
+        (j.action, j.verdict),
+        (XDP_DROP, VERDICT_DROP),
+        "a RST is dropped, not answered"
+    );
+    let mut bogus = seg(U, 1, 0, TCP_SYN, 0).build();
+    bogus[14 + 20 + 12] = 0x40; // data offset 4 words
+    let j = l.judge(&bogus);
+    assert_eq!(
+        (j.action, j.verdict),
+        (XDP_DROP, VERDICT_DROP),
+        "bogus data offset"
+    );
+}
+
+/// The TC egress program, run like the XDP one: what it records from a
+/// packet leaving the host.
+fn egress(l: &mut Loaded, frame: &[u8]) {
+    let p = l.dp.egress_program().expect("egress program");
+    let r = p
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            ..Default::default()
+        })
+        .expect("BPF_PROG_TEST_RUN of the egress program");
+    assert_eq!(
+        r.return_value as i32, -1,
+        "the egress program only observes (TC_ACT_UNSPEC)"
+    );
+}
+
+fn seg(src: &str, dst: &str, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    Pkt::new(
+        ip(src),
+        ip(dst),
+        L4::Tcp {
+            sport,
+            dport,
+            seq: 1,
+            ack: 0,
+            flags,
+            payload: Vec::new(),
+        },
+    )
+    .build()
+}
+
+fn dgram(src: &str, dst: &str, sport: u16, dport: u16) -> Vec<u8> {
+    Pkt::new(ip(src), ip(dst), L4::udp(sport, dport)).build()
+}
+
+#[test]
+fn return_traffic_of_connections_the_host_opened() {
+    let mut l = Loaded::new();
+    l.apply(&base(config(MODE_ENFORCE, ACTION_DROP, SCOPE_HOST)));
+    let synack = TCP_SYN | TCP_ACK;
+    let reply = |l: &mut Loaded, f: Vec<u8>| {
+        let j = l.judge(&f);
+        (j.action, j.reason)
+    };
+    // Before the host opens anything, the peer is refused.
+    assert_eq!(
+        reply(&mut l, seg(U, H4, 443, 50000, synack)),
+        (XDP_DROP, REASON_NOT_ALLOWED)
+    );
+    egress(&mut l, &seg(H4, U, 50000, 443, TCP_SYN));
+    assert_eq!(
+        reply(&mut l, seg(U, H4, 443, 50000, synack)),
+        (XDP_PASS, REASON_RETURN_TRAFFIC)
+    );
+    assert_eq!(
+        reply(&mut l, seg(U, H4, 443, 50000, TCP_ACK)),
+        (XDP_PASS, REASON_RETURN_TRAFFIC)
+    );
+    // Only that exact connection.
+    assert_eq!(
+        reply(&mut l, seg(U, H4, 443, 50001, synack)),
+        (XDP_DROP, REASON_NOT_ALLOWED)
+    );
+    assert_eq!(
+        reply(&mut l, seg(U, H4, 444, 50000, synack)),
+        (XDP_DROP, REASON_NOT_ALLOWED)
+    );
+    assert_eq!(
+        reply(&mut l, seg(U, "198.51.100.9", 443, 50000, synack)),
+        (XDP_DROP, REASON_NOT_ALLOWED)
+    );
+    assert_eq!(
+        reply(&mut l, dgram(U, H4, 443, 50000)),
+        (XDP_DROP, REASON_NOT_ALLOWED)
+    );
+    // The peer opening a connection of its own is still refused.
+    assert_eq!(
+        reply(&mut l, seg(U, H4, 50000, 443, TCP_SYN)),
+        (XDP_DROP, REASON_NOT_ALLOWED)
+    );
+    // Answering an inbound connection is not opening one.
+    egress(&mut l, &seg(H4, U, 22, 41000, synack));
+    egress(&mut l, &seg(H4, U, 22, 41000, TCP_ACK));
+    assert_eq!(
+        reply(&mut l, seg(U, H4, 41000, 22, TCP_ACK)),
+        (XDP_DROP, REASON_NOT_ALLOWED)
+    );
+    // UDP: any datagram the host sends (DNS, NTP...).
+    egress(&mut l, &dgram(H4, U, 53000, 53));
+    assert_eq!(
+        reply(&mut l, dgram(U, H4, 53, 53000)),
+        (XDP_PASS, REASON_RETURN_TRAFFIC)
+    );
+    // IPv6, behind a VLAN tag.
+    let tagged = |src: &str, dst: &str, sport, dport, flags| {
+        Pkt::new(
+            ip(src),
+            ip(dst),
+            L4::Tcp {
+                sport,
+                dport,
+                seq: 1,
+                ack: 0,
+                flags,
+                payload: Vec::new(),
+            },
+        )
+        .vlan(ETH_P_8021Q, 3)
+        .build()
+    };
+    egress(&mut l, &tagged(H6, U6, 50000, 443, TCP_SYN));
+    assert_eq!(
+        reply(&mut l, tagged(U6, H6, 443, 50000, synack)),
+        (XDP_PASS, REASON_RETURN_TRAFFIC)
+    );
+    assert_eq!(
+        reply(&mut l, tagged(U6, H6, 443, 50009, synack)),
+        (XDP_DROP, REASON_NOT_ALLOWED)
+    );
+    // An explicit deny wins over return traffic.
+    egress(&mut l, &seg(H4, D, 50000, 443, TCP_SYN));
+    assert_eq!(
+        reply(&mut l, seg(D, H4, 443, 50000, synack)),
+        (XDP_DROP, REASON_DENY)
+    );
+    // Monitor mode: the reply is a pass, not a would_drop.
+    l.apply(&base(config(MODE_MONITOR, ACTION_DROP, SCOPE_HOST)));
+    let j = l.judge(&seg(U, H4, 443, 50000, TCP_ACK));
+    assert_eq!(
+        (j.action, j.verdict, j.reason),
+        (XDP_PASS, VERDICT_PASS, REASON_RETURN_TRAFFIC)
+    );
+
+    // Turned off: nothing is recorded and replies are judged as any packet.
+    let mut cfg = config(MODE_ENFORCE, ACTION_DROP, SCOPE_HOST);
+    cfg.infra &= !INFRA_RETURN_TRAFFIC;
+    l.apply(&base(cfg));
+    assert_eq!(
+        reply(&mut l, seg(U, H4, 443, 50000, synack)),
+        (XDP_DROP, REASON_NOT_ALLOWED)
+    );
+    egress(&mut l, &seg(H4, U, 50100, 443, TCP_SYN));
+    l.apply(&base(config(MODE_ENFORCE, ACTION_DROP, SCOPE_HOST)));
+    assert_eq!(
+        reply(&mut l, seg(U, H4, 443, 50100, synack)),
+        (XDP_DROP, REASON_NOT_ALLOWED),
+        "recorded while return traffic was off"
+    );
+
+    // flow_timeout: a reply after the host last sent plus the timeout is
+    // refused.
+    let mut cfg = config(MODE_ENFORCE, ACTION_DROP, SCOPE_HOST);
+    cfg.flow_timeout_ns = 200_000_000;
+    l.apply(&base(cfg));
+    egress(&mut l, &seg(H4, U, 50200, 443, TCP_SYN));
+    assert_eq!(
+        reply(&mut l, seg(U, H4, 443, 50200, synack)),
+        (XDP_PASS, REASON_RETURN_TRAFFIC)
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        reply(&mut l, seg(U, H4, 443, 50200, TCP_ACK)),
+        (XDP_DROP, REASON_NOT_ALLOWED)
+    );
+}
+
+/// Pins the calling thread to one CPU: the global event cap is per CPU and
+/// BPF_PROG_TEST_RUN runs on the caller's CPU.
+fn pin_to_cpu0() {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(0).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
+}
+
+#[test]
+fn events_are_rate_limited_and_every_one_is_counted() {
+    pin_to_cpu0();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .unwrap();
+    let mut l = Loaded::new();
+    let mut reader = rt
+        .block_on(async { EventReader::open(&l.pins.path) })
+        .unwrap();
+    let drain = |r: &mut EventReader| std::iter::from_fn(|| r.try_next()).collect::<Vec<_>>();
+    let counters = |l: &Loaded| {
+        let c = l.dp.maps.counters().unwrap();
+        [
+            c[COUNTER_EVENTS_SENT as usize],
+            c[COUNTER_EVENTS_SUPPRESSED_SOURCE as usize],
+            c[COUNTER_EVENTS_SUPPRESSED_GLOBAL as usize],
+            c[COUNTER_EVENTS_LOST as usize],
+        ]
+    };
+    let delta = |a: [u64; 4], b: [u64; 4]| [b[0] - a[0], b[1] - a[1], b[2] - a[2], b[3] - a[3]];
+
+    let mut cfg = config(MODE_ENFORCE, ACTION_DROP, SCOPE_HOST);
+    cfg.event_source_interval_ns = 300_000_000;
+    l.apply(&base(cfg));
+    let c0 = counters(&l);
+    for _ in 0..5 {
+        l.judge(&tcp(U, 7000).build());
+    }
+    l.judge(&udp(U6, 1, 9000).build());
+    l.judge(&tcp(A, 7000).build()); // passes: no event
+    assert_eq!(
+        delta(c0, counters(&l)),
+        [2, 4, 0, 0],
+        "sent, per source, global, lost"
+    );
+    let evs = drain(&mut reader);
+    assert_eq!(evs.len(), 2, "{evs:?}");
+    let e = evs[0];
+    assert_eq!(
+        (e.family, e.protocol, e.dport, e.service),
+        (FAMILY_V4, IPPROTO_TCP, 7000, 0)
+    );
+    assert_eq!(&e.src[..4], &[203, 0, 113, 99]);
+    assert_eq!(
+        (e.verdict, e.reason, e.entry, e.suppressed),
+        (VERDICT_DROP, REASON_NOT_ALLOWED, ENTRY_NONE, 0)
+    );
+    assert!(e.timestamp_ns > 0 && e.ifindex > 0, "{e:?}");
+    let e = evs[1];
+    assert_eq!(
+        (e.family, e.protocol, e.dport),
+        (FAMILY_V6, IPPROTO_UDP, 9000)
+    );
+    assert_eq!(std::net::Ipv6Addr::from(e.src), ip(U6));
+
+    // Once the interval is over, the next event tells how many were held.
+    std::thread::sleep(Duration::from_millis(350));
+    l.judge(&tcp(U, 22).build());
+    let evs = drain(&mut reader);
+    assert_eq!(evs.len(), 1);
+    assert_eq!(
+        (evs[0].suppressed, evs[0].dport, evs[0].service),
+        (4, 22, SSH)
+    );
+
+    // A denied source's event names its entry; monitor mode reports too.
+    l.judge(&tcp(D, 7000).build());
+    l.apply(&base({
+        let mut c = config(MODE_MONITOR, ACTION_DROP, SCOPE_HOST);
+        c.event_source_interval_ns = 0;
+        c
+    }));
+    let j = l.judge(&tcp(U, 9101).build());
+    assert_eq!(j.action, XDP_PASS);
+    let evs = drain(&mut reader);
+    assert_eq!(evs.len(), 2);
+    assert_eq!((evs[0].reason, evs[0].entry), (REASON_DENY, 2));
+    assert_eq!(
+        (evs[1].verdict, evs[1].service),
+        (VERDICT_WOULD_DROP, METRICS)
+    );
+
+    // The global cap: one event per second in all, no per-source limit.
+    let mut cfg = config(MODE_ENFORCE, ACTION_DROP, SCOPE_HOST);
+    cfg.event_source_interval_ns = 0;
+    cfg.event_max_per_sec = 1;
+    l.apply(&base(cfg));
+    std::thread::sleep(Duration::from_millis(1100));
+    let c0 = counters(&l);
+    for last in 20..30u8 {
+        l.judge(&tcp(&format!("203.0.113.{last}"), 7000).build());
+    }
+    assert_eq!(delta(c0, counters(&l)), [1, 0, 9, 0]);
+    assert_eq!(drain(&mut reader).len(), 1);
+
+    // No events at all.
+    let mut cfg = config(MODE_ENFORCE, ACTION_DROP, SCOPE_HOST);
+    cfg.event_max_per_sec = 0;
+    l.apply(&base(cfg));
+    let c0 = counters(&l);
+    l.judge(&tcp(U, 7000).build());
+    assert_eq!(delta(c0, counters(&l)), [0, 0, 1, 0]);
+    assert!(drain(&mut reader).is_empty());
+
+    // A full ring: what does not fit is lost, and counted.
+    let mut cfg = config(MODE_ENFORCE, ACTION_DROP, SCOPE_HOST);
+    cfg.event_source_interval_ns = 0;
+    cfg.event_max_per_sec = u32::MAX;
+    l.apply(&base(cfg));
+    let c0 = counters(&l);
+    let f = tcp(U, 7000).build();
+    let n = 25_000u64;
+    let p = l.dp.xdp_program(PROG_XDP).unwrap();
+    let started = Instant::now();
+    for _ in 0..n {
+        p.test_run(TestRunOptions {
+            data_in: Some(&f),
+            ..Default::default()
+        })
+        .unwrap();
+    }
+    let d = delta(c0, counters(&l));
+    assert!(d[3] > 0, "the ring never filled: {d:?}");
+    assert_eq!(
+        d[0] + d[3],
+        n,
+        "every refused packet either sent or lost: {d:?}"
+    );
+    assert_eq!(drain(&mut reader).len() as u64, d[0], "events read back");
+    assert!(started.elapsed() < Duration::from_secs(20));
+}
