@@ -379,6 +379,23 @@ pub fn ipguard_bin() -> PathBuf {
     bin
 }
 
+/// True when a daemon answers a status request on `socket`. A bare
+/// connect is not enough: the daemon binds its socket early (to refuse a
+/// second daemon at once) and only answers once its event loop runs, with
+/// the datapath attached and the policy file watched.
+fn answers_status(socket: &Path) -> bool {
+    use std::io::{BufRead, Write};
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(socket) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"{\"cmd\":\"status\"}\n").is_err() {
+        return false;
+    }
+    let mut line = String::new();
+    std::io::BufReader::new(s).read_line(&mut line).is_ok() && line.contains("\"ok\":true")
+}
+
 /// A daemon run in the server namespace of a pair, with its own pins,
 /// state and socket; killed on drop (its pins go with the `PinDir`).
 pub struct Daemon {
@@ -459,8 +476,7 @@ impl Daemon {
             {
                 return Some(Err(anyhow::anyhow!("ipguard run exited: {st}")));
             }
-            (link.exists() && std::os::unix::net::UnixStream::connect(socket).is_ok())
-                .then_some(Ok(()))
+            (link.exists() && answers_status(socket)).then_some(Ok(()))
         });
         ok.context("ipguard run did not become ready within 30 s")?
     }

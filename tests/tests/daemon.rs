@@ -369,11 +369,14 @@ fn kill_9_and_restart_keep_enforcing_without_a_gap() {
 #[test]
 fn the_lockout_guard_refuses_to_cut_ssh_unless_forced() {
     let (pair, d) = setup();
-    tcp_listener(
-        &pair.server,
-        SocketAddr::new(SERVER_V4.parse().unwrap(), 22),
-    )
-    .unwrap();
+    // This listener keeps what it accepts: the server side of the session
+    // must stay ESTABLISHED for the guard to see it.
+    let ssh = SocketAddr::new(SERVER_V4.parse().unwrap(), 22);
+    let listener = pair
+        .server
+        .run_in(move || std::net::TcpListener::bind(ssh))
+        .unwrap()
+        .unwrap();
     // An SSH-like session from the allowed client, held open.
     let held = pair
         .client
@@ -385,6 +388,7 @@ fn the_lockout_guard_refuses_to_cut_ssh_unless_forced() {
         })
         .unwrap();
     let _held = held.expect("ssh-like session");
+    let _accepted = listener.accept().expect("accept the ssh-like session");
     let cut = POLICY.replace("  - from: 198.51.100.2\n    label: client\n", "");
     let file = d.dir.join("cut.yaml");
     std::fs::write(&file, cut).unwrap();

@@ -79,6 +79,11 @@ fn lock_pin_dir(dir: &Path) -> Result<nix::fcntl::Flock<File>> {
 async fn start(args: &RunArgs, loaded: policy::LoadedPolicy, ifaces: Vec<String>) -> Result<()> {
     let _lock = lock_pin_dir(&args.loc.pin_dir)?;
     let listener = server::bind(&args.sock.socket)?;
+    // Watch first, then look at the file once more when the event loop
+    // starts: a change made while the datapath was being set up is not lost.
+    let (file_tx, file_rx) = mpsc::channel(1);
+    let _watcher = watch::watch(&args.config, file_tx.clone())?;
+    let _ = file_tx.try_send(());
     let runtime = RuntimeStore::load(&args.loc.state_dir)?;
     let caps = Capacities::default();
     let dp =
@@ -95,6 +100,7 @@ async fn start(args: &RunArgs, loaded: policy::LoadedPolicy, ifaces: Vec<String>
             sha256: String::new(),
             policy: loaded.policy.clone(),
         },
+        file_sha256: loaded.sha256.clone(),
         compiled: Default::default(),
         runtime,
         pending: None,
@@ -128,9 +134,7 @@ async fn start(args: &RunArgs, loaded: policy::LoadedPolicy, ifaces: Vec<String>
     d.metrics.lock().await.reload(true);
 
     let (calls_tx, calls_rx) = mpsc::channel(64);
-    let (file_tx, file_rx) = mpsc::channel(1);
     let (ev_tx, ev_rx) = mpsc::channel(4096);
-    let _watcher = watch::watch(&args.config, file_tx)?;
     tokio::spawn(server::serve(listener, calls_tx, events_tx));
     crate::events::spawn_reader(&args.loc.pin_dir, ev_tx)?;
     if let Some(addr) = args.metrics {

@@ -63,6 +63,10 @@ pub struct Daemon {
     pub attached: Vec<Attached>,
     pub dp: Datapath,
     pub current: Source,
+    /// The hash of the policy file as last read: a directory event reloads
+    /// only when the file's content differs, so a policy pushed with
+    /// `apply` is not replaced by an unchanged file.
+    pub file_sha256: String,
     pub compiled: CompiledPolicy,
     pub runtime: RuntimeStore,
     pub(crate) pending: Option<Pending>,
@@ -198,12 +202,23 @@ impl Daemon {
         self.metrics.lock().await.reload(ok);
     }
 
-    /// Re-reads the policy file (a change on disk, SIGHUP). An invalid or
+    /// Re-reads the policy file and installs it if its content changed since
+    /// it was last read (a directory event), or always when `force` (SIGHUP,
+    /// which also replaces a policy pushed with `apply`). An invalid or
     /// locking-out file is refused and the running policy stays.
-    async fn reload_file(&mut self, why: &str) {
+    async fn reload_file(&mut self, why: &str, force: bool) {
         let loaded = match policy::load_file(&self.config) {
             Ok(l) => l,
             Err(errs) => {
+                // The same broken file is reported once, not at every
+                // event in its directory.
+                let sha = std::fs::read(&self.config)
+                    .map(|b| policy::sha256_hex(&b))
+                    .unwrap_or_default();
+                if !force && !sha.is_empty() && sha == self.file_sha256 {
+                    return;
+                }
+                self.file_sha256 = sha;
                 for line in errs.to_string().lines() {
                     tracing::error!("{line}");
                 }
@@ -215,6 +230,10 @@ impl Daemon {
                 return;
             }
         };
+        if !force && loaded.sha256 == self.file_sha256 {
+            return;
+        }
+        self.file_sha256 = loaded.sha256.clone();
         if loaded.sha256 == self.current.sha256 && self.current.path == self.config {
             return;
         }
@@ -433,13 +452,13 @@ impl Daemon {
             tokio::select! {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
-                _ = hup.recv() => self.reload_file("SIGHUP").await,
+                _ = hup.recv() => self.reload_file("SIGHUP", true).await,
                 Some(()) = file_changes.recv() => {
                     // Editors and ConfigMap swaps write in several steps:
                     // let them settle, then read once.
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     while file_changes.try_recv().is_ok() {}
-                    self.reload_file("policy file changed").await;
+                    self.reload_file("policy file changed", false).await;
                 }
                 Some(call) = calls.recv() => {
                     let resp = self.handle(call.req).await;

@@ -19,12 +19,18 @@ pub fn watch(config: &Path, tx: mpsc::Sender<()>) -> Result<RecommendedWatcher> 
         .unwrap_or(Path::new("."))
         .to_path_buf();
     let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if res.is_ok() {
+        // Reading the file (our own reload included) produces access
+        // events; only changes may wake the daemon, or it would wake itself.
+        tracing::debug!(?res, "policy directory event");
+        if let Ok(ev) = res
+            && !matches!(ev.kind, notify::EventKind::Access(_))
+        {
             // Full channel: a reload is already queued, which is enough.
             let _ = tx.try_send(());
         }
     })
     .context("cannot create the file watcher")?;
+    tracing::debug!(dir = %dir.display(), "watching the policy directory");
     w.watch(&dir, RecursiveMode::NonRecursive)
         .with_context(|| format!("cannot watch {}", dir.display()))?;
     Ok(w)

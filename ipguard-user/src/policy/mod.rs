@@ -77,7 +77,7 @@ pub fn parse_str(name: &str, text: &str) -> Result<LoadedPolicy, PolicyErrors> {
 /// [`parse_str`] with "now" given, for the warnings that depend on it (an
 /// `until` that has passed).
 pub fn parse_str_at(name: &str, text: &str, now: SystemTime) -> Result<LoadedPolicy, PolicyErrors> {
-    let sha256 = hex(&Sha256::digest(text.as_bytes()));
+    let sha256 = sha256_hex(text.as_bytes());
     let mut sink = diag::Sink::new(name);
     let text_nobom = text.strip_prefix('\u{feff}').unwrap_or(text);
     let policy = if text_nobom.trim().is_empty() {
@@ -101,6 +101,12 @@ pub fn parse_str_at(name: &str, text: &str, now: SystemTime) -> Result<LoadedPol
         }),
         _ => Err(PolicyErrors { errors, warnings }),
     }
+}
+
+/// The policy hash of a file's bytes (lowercase hex SHA-256), as
+/// [`LoadedPolicy::sha256`] has it.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
 }
 
 fn hex(bytes: &[u8]) -> String {
