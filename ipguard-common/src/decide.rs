@@ -114,6 +114,13 @@ pub fn may_be_return_traffic(cfg: &PolicyConfig, d: &Decision, ports: Ports) -> 
         && matches!(ports, Ports::Port { .. })
 }
 
+/// Whether a decision with this reason was made by a policy entry (the
+/// prefix value's `entry`), and so counts as a hit of it.
+#[inline(always)]
+pub const fn decided_by_entry(reason: u8) -> bool {
+    matches!(reason, REASON_ALWAYS_ALLOW | REASON_DENY | REASON_ALLOWED)
+}
+
 /// The decision for a packet that answers a connection this host opened.
 #[inline(always)]
 pub const fn return_traffic(service: u8) -> Decision {

@@ -93,8 +93,12 @@ pub struct PrefixValue {
     pub allow_mask: u64,
     /// [`FLAG_ALWAYS_ALLOW`], [`FLAG_DENY`].
     pub flags: u32,
-    /// Policy entry whose prefix this is (the most specific one; ties go to
-    /// always_allow, deny, then the allow lists), for hit counters.
+    /// The policy entry that decides for this prefix, for hit counters and
+    /// events: the most specific always_allow entry containing it when
+    /// [`FLAG_ALWAYS_ALLOW`], else the most specific deny entry when
+    /// [`FLAG_DENY`], else the entry deciding every allow list that allows
+    /// it, or [`ENTRY_NONE`] when those lists are decided by different
+    /// entries (which one decides depends on the port).
     pub entry: u32,
 }
 pub const FLAG_ALWAYS_ALLOW: u32 = 1;

@@ -146,9 +146,11 @@ fn try_ipguard(ctx: &XdpContext) -> Result<u32, ()> {
         d = return_traffic(d.service);
     }
 
+    // Only a decision made by a listed entry credits it: a refusal for
+    // "not allowed" was made by no entry, whatever prefix the source hit.
     let entry = match value {
-        Some(v) => v.entry,
-        None => ENTRY_NONE,
+        Some(v) if decided_by_entry(d.reason) => v.entry,
+        _ => ENTRY_NONE,
     };
     if entry < ENTRY_CAPACITY {
         add(&IPG_ENTRY_HITS, slot * ENTRY_CAPACITY + entry);

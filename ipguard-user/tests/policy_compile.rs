@@ -156,7 +156,7 @@ fn deny_and_always_allow_propagate_to_contained_prefixes() {
 }
 
 #[test]
-fn entry_field_is_the_most_specific_owner_with_list_ties() {
+fn entry_field_names_the_deciding_entry_with_list_ties() {
     let c = compile(
         "version: 1\nallow:\n  - 10.0.0.0/8\n  - 10.1.1.1\n\
          services:\n  web: { ports: [tcp/443], allow: [10.1.1.1, 10.9.9.9] }\n\
@@ -186,6 +186,44 @@ fn entry_field_is_the_most_specific_owner_with_list_ties() {
     assert_eq!(get("10.1.1.1/32"), 5, "always_allow wins the tie");
     assert_eq!(get("10.9.9.9/32"), 4, "deny before a service list");
     assert_eq!(c.entries[0].line, Some(3));
+}
+
+#[test]
+fn entry_field_is_the_decider_not_just_the_most_specific_prefix() {
+    let c = compile(
+        "version: 1\nallow: [10.0.0.0/8, 10.3.0.0/16, 10.5.5.0/24]\n\
+         deny: [10.5.0.0/16]\nalways_allow: [172.16.0.0/12]\n\
+         services:\n  web: { ports: [tcp/443] }\n  ssh: { ports: [tcp/22], allow: [10.2.0.0/16, 172.16.1.0/24] }\n",
+    );
+    let get = |s: &str| {
+        let e =
+            c.v4.iter()
+                .find(|(n, _)| n.to_string() == s)
+                .unwrap()
+                .1
+                .entry;
+        c.entries.get(e as usize).map(|e| e.text.as_str())
+    };
+    // Host-wide nesting, and web uses the host-wide list: one decider.
+    assert_eq!(get("10.3.0.0/16"), Some("10.3.0.0/16"));
+    // Inside a deny, a more specific allow decides nothing: the deny does.
+    assert_eq!(get("10.5.5.0/24"), Some("10.5.0.0/16"));
+    // Inside an always_allow, a service's prefix decides nothing.
+    assert_eq!(get("172.16.1.0/24"), Some("172.16.0.0/12"));
+    // ssh's own 10.2/16 decides ssh packets, the host-wide 10/8 every other
+    // port: which one depends on the port, so none is credited.
+    assert_eq!(get("10.2.0.0/16"), None);
+    // explain, knowing the port, names each.
+    let e = Explainer::new(&c);
+    let entry = |src: &str, q: &str| e.explain(src.parse().unwrap(), port(q)).entry;
+    assert_eq!(entry("10.2.0.1", "tcp/22").as_deref(), Some("10.2.0.0/16"));
+    assert_eq!(entry("10.2.0.1", "tcp/443").as_deref(), Some("10.0.0.0/8"));
+    assert_eq!(entry("10.5.5.1", "tcp/443").as_deref(), Some("10.5.0.0/16"));
+    assert_eq!(
+        entry("10.9.0.1", "tcp/22"),
+        None,
+        "not allowed: no entry decided"
+    );
 }
 
 #[test]
@@ -430,12 +468,18 @@ fn compiled_prefixes_are_sorted_unique_and_owned() {
     assert_eq!(c.v4.len(), 3);
     assert_eq!(c.provenance.v4_first.len(), c.v4.len() + 1);
     assert_eq!(c.provenance.v6_first.len(), c.v6.len() + 1);
-    for (i, (_, v)) in c.v4.iter().enumerate() {
+    let owners = |i: usize| {
+        &c.provenance.owners
+            [c.provenance.v4_first[i] as usize..c.provenance.v4_first[i + 1] as usize]
+    };
+    for (i, (net, v)) in c.v4.iter().enumerate() {
+        assert!(!owners(i).is_empty());
+        // The credited entry owns this prefix or one containing it.
         let e = &c.entries[v.entry as usize];
-        let owners = &c.provenance.owners
-            [c.provenance.v4_first[i] as usize..c.provenance.v4_first[i + 1] as usize];
-        assert!(!owners.is_empty());
-        assert!(owners.iter().any(|o| o.entry == v.entry), "{e:?}");
+        let found = c.v4.iter().enumerate().any(|(j, (outer, _))| {
+            outer.contains(net) && owners(j).iter().any(|o| o.entry == v.entry)
+        });
+        assert!(found, "{net}: {e:?}");
     }
 }
 

@@ -611,16 +611,35 @@ proptest! {
                 }
                 None => prop_assert!(!decides, "no decider for {:?}\n{}", d, text),
             }
+            // What the datapath credits (hit counter, event entry) is
+            // explain's decider, or nothing when the allow lists at this
+            // prefix disagree; always_allow and deny are always credited.
+            let credited = ex.value(s.ip()).map_or(ENTRY_NONE, |v| v.entry);
+            if decided_by_entry(d.reason) {
+                let (_, e) = r.decider.expect("a decider");
+                if credited == ENTRY_NONE {
+                    prop_assert_eq!(d.reason, REASON_ALLOWED, "{} {:?}\n{}", s.ip(), q, text);
+                } else {
+                    prop_assert!(
+                        std::ptr::eq(e, &compiled.entries[credited as usize]),
+                        "{} {:?}: credited {:?}, explain says {:?}\n{}",
+                        s.ip(), q, compiled.entries[credited as usize], e, text
+                    );
+                }
+            }
         }
         // Every compiled prefix: sorted, unique, and its `entry` names an
-        // entry of the policy.
+        // entry of the policy or none.
         let keys: Vec<(u32, u8)> = compiled.v4.iter().map(|(n, _)| (u32::from(n.network()), n.prefix_len())).collect();
         prop_assert!(keys.windows(2).all(|w| w[0] < w[1]));
         let keys6: Vec<(u128, u8)> = compiled.v6.iter().map(|(n, _)| (u128::from(n.network()), n.prefix_len())).collect();
         prop_assert!(keys6.windows(2).all(|w| w[0] < w[1]));
         let values = compiled.v4.iter().map(|(_, v)| v).chain(compiled.v6.iter().map(|(_, v)| v));
         for v in values {
-            prop_assert!((v.entry as usize) < compiled.entries.len());
+            prop_assert!(v.entry == ENTRY_NONE || (v.entry as usize) < compiled.entries.len());
+            if v.flags != 0 {
+                prop_assert!(v.entry != ENTRY_NONE);
+            }
         }
     }
 

@@ -100,7 +100,9 @@ fn demo(bin: &Path) -> Result<()> {
             .arg("--pin-dir")
             .arg(&pins.path)
             .arg("--state-dir")
-            .arg(&state);
+            .arg(&state)
+            .arg("--socket")
+            .arg(&socket);
         c
     };
     println!(

@@ -108,14 +108,19 @@ fn sweep<K: Key>(mut claims: Vec<Claim<K>>, inherit: u64, owners: &mut Vec<Owner
     claims.sort_unstable();
     let mut prefixes: Vec<(K, u8, PrefixValue)> = Vec::with_capacity(claims.len());
     let mut first: Vec<u32> = Vec::with_capacity(claims.len() + 1);
-    // The prefixes containing the current one: (key, len, mask, flags).
+    // The prefixes containing the current one: (key, len, mask, flags), and
+    // beside it, per level, the deciding entry of every list at that prefix
+    // (the most specific owner of the list containing it), kept in buffers
+    // reused across prefixes so the sweep allocates only per nesting depth.
     let mut stack: Vec<(K, u8, u64, u32)> = Vec::with_capacity(usize::from(K::BITS) + 1);
+    let mut deciders: Vec<Vec<(u8, u32)>> = Vec::new();
+    let mut own: Vec<(u8, u32)> = Vec::new();
     let mut i = 0;
     while i < claims.len() {
         let (key, len) = (claims[i].key, claims[i].len);
-        let entry = claims[i].entry;
         let (mut mask, mut flags) = (0u64, 0u32);
         first.push(u32::try_from(owners.len()).unwrap_or(u32::MAX));
+        own.clear();
         let mut last_rank = None;
         while i < claims.len() && claims[i].key == key && claims[i].len == len {
             let c = claims[i];
@@ -132,6 +137,7 @@ fn sweep<K: Key>(mut claims: Vec<Claim<K>>, inherit: u64, owners: &mut Vec<Owner
                     list,
                     entry: c.entry,
                 });
+                own.push((list, c.entry));
                 last_rank = Some(c.rank);
             }
             i += 1;
@@ -142,11 +148,26 @@ fn sweep<K: Key>(mut claims: Vec<Claim<K>>, inherit: u64, owners: &mut Vec<Owner
             }
             stack.pop();
         }
+        let depth = stack.len();
         if let Some(&(_, _, m, f)) = stack.last() {
             mask |= m;
             flags |= f;
         }
         stack.push((key, len, mask, flags));
+        if deciders.len() <= depth {
+            deciders.resize_with(depth + 1, Vec::new);
+        }
+        let (outer, inner) = deciders.split_at_mut(depth);
+        let here = &mut inner[0];
+        here.clear();
+        here.extend_from_slice(&own);
+        if let Some(parent) = outer.last() {
+            here.extend(
+                parent
+                    .iter()
+                    .filter(|(l, _)| !own.iter().any(|(o, _)| o == l)),
+            );
+        }
         let allow_mask = if mask & 1 != 0 { mask | inherit } else { mask };
         prefixes.push((
             key,
@@ -154,12 +175,38 @@ fn sweep<K: Key>(mut claims: Vec<Claim<K>>, inherit: u64, owners: &mut Vec<Owner
             PrefixValue {
                 allow_mask,
                 flags,
-                entry,
+                entry: decider_of(here, flags),
             },
         ));
     }
     first.push(u32::try_from(owners.len()).unwrap_or(u32::MAX));
     Swept { prefixes, first }
+}
+
+/// The entry the datapath credits (hit counter, event) for a packet whose
+/// most specific prefix has these deciders: always_allow or deny decide
+/// alone when set; otherwise the packet is allowed by one of the allow
+/// lists, and which one depends on its port. When all the lists that allow
+/// the prefix are decided by the same entry, that entry is exact; when they
+/// differ (a service's own list nested in the host-wide one), no entry is
+/// credited rather than a wrong one ([`ENTRY_NONE`]); `explain`, which knows
+/// the port, still names the decider.
+fn decider_of(deciders: &[(u8, u32)], flags: u32) -> u32 {
+    let of = |list: u8| deciders.iter().find(|(l, _)| *l == list).map(|&(_, e)| e);
+    if flags & FLAG_ALWAYS_ALLOW != 0 {
+        return of(LIST_ALWAYS_ALLOW).unwrap_or(ENTRY_NONE);
+    }
+    if flags & FLAG_DENY != 0 {
+        return of(LIST_DENY).unwrap_or(ENTRY_NONE);
+    }
+    let mut allow = deciders
+        .iter()
+        .filter(|(l, _)| *l != LIST_ALWAYS_ALLOW && *l != LIST_DENY)
+        .map(|&(_, e)| e);
+    match allow.next() {
+        Some(e) if allow.all(|o| o == e) => e,
+        _ => ENTRY_NONE,
+    }
 }
 
 /// Collects the claims of the active entries and their descriptions.
