@@ -121,6 +121,36 @@ pub const fn decided_by_entry(reason: u8) -> bool {
     matches!(reason, REASON_ALWAYS_ALLOW | REASON_DENY | REASON_ALLOWED)
 }
 
+/// The entry credited with a decision (hit counter, event), given the
+/// source's prefix value; `decider(list)` looks the deciding entry of that
+/// allow list up in the deciders map, asked only for [`ENTRY_LOOKUP`].
+#[inline(always)]
+pub fn credited_entry(
+    cfg: &PolicyConfig,
+    value: &PrefixValue,
+    d: &Decision,
+    decider: impl FnOnce(u8) -> u32,
+) -> u32 {
+    if !decided_by_entry(d.reason) {
+        return ENTRY_NONE;
+    }
+    if value.entry != ENTRY_LOOKUP {
+        return value.entry;
+    }
+    if d.reason != REASON_ALLOWED {
+        // always_allow and deny are never ambiguous; a corrupt value is
+        // credited to nobody.
+        return ENTRY_NONE;
+    }
+    let s = d.service & 63;
+    let list = if s != 0 && cfg.decider_keys & (1u64 << s) != 0 {
+        s
+    } else {
+        0
+    };
+    decider(list)
+}
+
 /// The decision for a packet that answers a connection this host opened.
 #[inline(always)]
 pub const fn return_traffic(service: u8) -> Decision {

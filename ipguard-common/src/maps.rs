@@ -16,6 +16,12 @@ pub const SLOTS: u32 = 2;
 /// Map names as they appear in the object file and under the pin directory.
 pub const MAP_V4: [&str; 2] = ["IPG_V4_0", "IPG_V4_1"];
 pub const MAP_V6: [&str; 2] = ["IPG_V6_0", "IPG_V6_1"];
+/// Per slot, the allow entries that decide for sources whose prefix is
+/// allowed by several lists with different deciding entries (see
+/// [`ENTRY_LOOKUP`]). Key: the list (0 host-wide, 1..=63 a service's own
+/// list) then the address; prefix length 8 + the address prefix's.
+pub const MAP_DECIDERS_V4: [&str; 2] = ["IPG_DEC_V4_0", "IPG_DEC_V4_1"];
+pub const MAP_DECIDERS_V6: [&str; 2] = ["IPG_DEC_V6_0", "IPG_DEC_V6_1"];
 pub const MAP_PORTS: &str = "IPG_PORTS";
 pub const MAP_CONFIG: &str = "IPG_CONFIG";
 pub const MAP_ACTIVE: &str = "IPG_ACTIVE";
@@ -50,6 +56,10 @@ pub const DEFAULT_V4_CAPACITY: u32 = 1_048_576;
 pub const DEFAULT_V6_CAPACITY: u32 = 262_144;
 pub const DEFAULT_FLOW_CAPACITY: u32 = 65_536;
 pub const EVENT_RATE_CAPACITY: u32 = 65_536;
+/// Per slot; a policy needing more deciders than this credits the
+/// remaining ambiguous prefixes to no entry (enforcement is unaffected).
+pub const DECIDERS_V4_CAPACITY: u32 = 65_536;
+pub const DECIDERS_V6_CAPACITY: u32 = 16_384;
 pub const EVENTS_RING_BYTES: u32 = 1 << 20;
 /// A flow's timestamp is rewritten at most this often: a busy connection
 /// does not bounce the entry's cache line between CPUs on every segment.
@@ -72,6 +82,10 @@ pub const PROTO_INDEX_UDP: u32 = 1;
 pub const ENTRY_CAPACITY: u32 = 16_384;
 /// "No entry" in [`PrefixValue::entry`].
 pub const ENTRY_NONE: u32 = u32::MAX;
+/// In [`PrefixValue::entry`]: the allow lists that allow this prefix are
+/// decided by different entries; which one decides depends on the packet's
+/// service, and the deciders maps ([`MAP_DECIDERS_V4`]) answer it.
+pub const ENTRY_LOOKUP: u32 = u32::MAX - 1;
 
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
@@ -97,7 +111,7 @@ pub struct PrefixValue {
     /// events: the most specific always_allow entry containing it when
     /// [`FLAG_ALWAYS_ALLOW`], else the most specific deny entry when
     /// [`FLAG_DENY`], else the entry deciding every allow list that allows
-    /// it, or [`ENTRY_NONE`] when those lists are decided by different
+    /// it, or [`ENTRY_LOOKUP`] when those lists are decided by different
     /// entries (which one decides depends on the port).
     pub entry: u32,
 }
@@ -140,6 +154,10 @@ pub struct PolicyConfig {
     pub _pad0: u32,
     /// Increases with every policy the daemon writes; shown by status.
     pub generation: u64,
+    /// Bit `s`: the deciders map keys service `s`'s decisions by `s`: it
+    /// has an allow list of its own, or runtime entries beside the
+    /// host-wide list it uses. Other services are keyed by 0 (host-wide).
+    pub decider_keys: u64,
 }
 
 /// Verdicts, also the first coordinate of [`MAP_COUNTERS`].
@@ -265,7 +283,7 @@ pub const fn rate_key(family: u8, src: &[u8; 16]) -> [u8; 16] {
 }
 
 const _: () = assert!(core::mem::size_of::<PrefixValue>() == 16);
-const _: () = assert!(core::mem::size_of::<PolicyConfig>() == 48);
+const _: () = assert!(core::mem::size_of::<PolicyConfig>() == 56);
 const _: () = assert!(core::mem::size_of::<DropEvent>() == 48);
 const _: () = assert!(core::mem::size_of::<SourceRate>() == 16);
 const _: () = assert!(core::mem::size_of::<EventBudget>() == 16);

@@ -39,6 +39,14 @@ static IPG_V6_0: LpmTrie<[u8; 16], PrefixValue> = LpmTrie::pinned(DEFAULT_V6_CAP
 #[map]
 static IPG_V6_1: LpmTrie<[u8; 16], PrefixValue> = LpmTrie::pinned(DEFAULT_V6_CAPACITY, 0);
 #[map]
+static IPG_DEC_V4_0: LpmTrie<[u8; 5], u32> = LpmTrie::pinned(DECIDERS_V4_CAPACITY, 0);
+#[map]
+static IPG_DEC_V4_1: LpmTrie<[u8; 5], u32> = LpmTrie::pinned(DECIDERS_V4_CAPACITY, 0);
+#[map]
+static IPG_DEC_V6_0: LpmTrie<[u8; 17], u32> = LpmTrie::pinned(DECIDERS_V6_CAPACITY, 0);
+#[map]
+static IPG_DEC_V6_1: LpmTrie<[u8; 17], u32> = LpmTrie::pinned(DECIDERS_V6_CAPACITY, 0);
+#[map]
 static IPG_PORTS: Array<u8> = Array::pinned(PORT_TABLE_LEN, 0);
 #[map]
 static IPG_CONFIG: Array<PolicyConfig> = Array::pinned(SLOTS, 0);
@@ -149,8 +157,8 @@ fn try_ipguard(ctx: &XdpContext) -> Result<u32, ()> {
     // Only a decision made by a listed entry credits it: a refusal for
     // "not allowed" was made by no entry, whatever prefix the source hit.
     let entry = match value {
-        Some(v) if decided_by_entry(d.reason) => v.entry,
-        _ => ENTRY_NONE,
+        Some(v) => credited_entry(cfg, v, &d, |list| decider(slot, list, ip.family, &ip.src)),
+        None => ENTRY_NONE,
     };
     if entry < ENTRY_CAPACITY {
         add(&IPG_ENTRY_HITS, slot * ENTRY_CAPACITY + entry);
@@ -195,6 +203,32 @@ fn lookup(slot: u32, family: u8, src: &[u8; 16]) -> Option<&'static PrefixValue>
             IPG_V6_1.get(&key)
         }
     }
+}
+
+/// The allow entry of `list` that decides for `src`, for a prefix allowed
+/// by several lists with different entries (`ENTRY_LOOKUP`); only such
+/// packets pay this second lookup.
+#[inline(always)]
+fn decider(slot: u32, list: u8, family: u8, src: &[u8; 16]) -> u32 {
+    let found = if family == FAMILY_V4 {
+        let key = Key::new(8 + 32, [list, src[0], src[1], src[2], src[3]]);
+        if slot == 0 {
+            IPG_DEC_V4_0.get(&key)
+        } else {
+            IPG_DEC_V4_1.get(&key)
+        }
+    } else {
+        let mut data = [0u8; 17];
+        data[0] = list;
+        data[1..].copy_from_slice(src);
+        let key = Key::new(8 + 128, data);
+        if slot == 0 {
+            IPG_DEC_V6_0.get(&key)
+        } else {
+            IPG_DEC_V6_1.get(&key)
+        }
+    };
+    found.copied().unwrap_or(ENTRY_NONE)
 }
 
 /// Whether the packet answers a connection this host opened recently

@@ -571,6 +571,8 @@ pub struct Maps {
     pub pin_dir: PathBuf,
     v4: [LpmTrie<MapData, [u8; 4], PrefixValue>; 2],
     v6: [LpmTrie<MapData, [u8; 16], PrefixValue>; 2],
+    dec_v4: [LpmTrie<MapData, [u8; 5], u32>; 2],
+    dec_v6: [LpmTrie<MapData, [u8; 17], u32>; 2],
     ports: Array<MapData, u8>,
     config: Array<MapData, PolicyConfig>,
     active: Array<MapData, u32>,
@@ -670,6 +672,14 @@ impl Maps {
             pin_dir: pin_dir.to_path_buf(),
             v4: [typed!(pin_dir, MAP_V4[0]), typed!(pin_dir, MAP_V4[1])],
             v6: [typed!(pin_dir, MAP_V6[0]), typed!(pin_dir, MAP_V6[1])],
+            dec_v4: [
+                typed!(pin_dir, MAP_DECIDERS_V4[0]),
+                typed!(pin_dir, MAP_DECIDERS_V4[1]),
+            ],
+            dec_v6: [
+                typed!(pin_dir, MAP_DECIDERS_V6[0]),
+                typed!(pin_dir, MAP_DECIDERS_V6[1]),
+            ],
             ports: typed!(pin_dir, MAP_PORTS),
             config: typed!(pin_dir, MAP_CONFIG),
             active: typed!(pin_dir, MAP_ACTIVE),
@@ -784,6 +794,41 @@ impl Maps {
         let (removed4, written4) = self.sync_trie(slot, true, &old.v4, &v4)?;
         let (removed6, written6) = self.sync_trie(slot, false, &old.v6, &v6)?;
         self.sync_ports(slot, &old.ports, &ports)?;
+        let dec4: Vec<(TrieKey<5>, u32)> = policy
+            .deciders_v4
+            .iter()
+            .map(|(list, n, e)| {
+                let mut addr = [0u8; 5];
+                addr[0] = *list;
+                addr[1..].copy_from_slice(&n.trunc().network().octets());
+                (
+                    TrieKey {
+                        addr,
+                        len: 8 + u32::from(n.prefix_len()),
+                    },
+                    *e,
+                )
+            })
+            .collect();
+        let dec6: Vec<(TrieKey<17>, u32)> = policy
+            .deciders_v6
+            .iter()
+            .map(|(list, n, e)| {
+                let mut addr = [0u8; 17];
+                addr[0] = *list;
+                addr[1..].copy_from_slice(&n.trunc().network().octets());
+                (
+                    TrieKey {
+                        addr,
+                        len: 8 + u32::from(n.prefix_len()),
+                    },
+                    *e,
+                )
+            })
+            .collect();
+        let names = (MAP_DECIDERS_V4[s], MAP_DECIDERS_V6[s]);
+        self.replace_deciders(&self.dec_v4[s], names.0, &dec4)?;
+        self.replace_deciders(&self.dec_v6[s], names.1, &dec6)?;
         self.reset_entry_hits(slot, policy.entries.len())?;
         let mut cfg = policy.config;
         cfg.generation = generation;
@@ -891,6 +936,38 @@ impl Maps {
         }
         self.update(data, name, &keys, key_size, &values, 16)?;
         Ok((stale.len(), fresh.len()))
+    }
+
+    /// Makes a slot's deciders trie hold exactly `want`. The trie is small
+    /// (at most `DECIDERS_*_CAPACITY`) and the slot inactive, so it is
+    /// emptied and written again rather than diffed.
+    fn replace_deciders<const N: usize>(
+        &self,
+        trie: &LpmTrie<MapData, [u8; N], u32>,
+        name: &'static str,
+        want: &[(TrieKey<N>, u32)],
+    ) -> Result<()>
+    where
+        [u8; N]: aya::Pod,
+    {
+        let key_size = 4 + N;
+        let mut keys = Vec::new();
+        for k in trie.keys() {
+            let k: Key<[u8; N]> = k.map_err(map_err(name))?;
+            TrieKey {
+                addr: k.data(),
+                len: k.prefix_len(),
+            }
+            .write(&mut keys);
+        }
+        self.delete(trie.map(), name, &keys, key_size)?;
+        keys.clear();
+        let mut values = Vec::with_capacity(want.len() * 4);
+        for (k, v) in want {
+            k.write(&mut keys);
+            values.extend_from_slice(&v.to_ne_bytes());
+        }
+        self.update(trie.map(), name, &keys, key_size, &values, 4)
     }
 
     fn sync_ports(&mut self, slot: u32, have: &[u8], want: &[u8]) -> Result<()> {

@@ -211,8 +211,28 @@ fn entry_field_is_the_decider_not_just_the_most_specific_prefix() {
     // Inside an always_allow, a service's prefix decides nothing.
     assert_eq!(get("172.16.1.0/24"), Some("172.16.0.0/12"));
     // ssh's own 10.2/16 decides ssh packets, the host-wide 10/8 every other
-    // port: which one depends on the port, so none is credited.
-    assert_eq!(get("10.2.0.0/16"), None);
+    // port: the datapath asks the deciders map, keyed by list.
+    let v =
+        c.v4.iter()
+            .find(|(n, _)| n.to_string() == "10.2.0.0/16")
+            .unwrap()
+            .1;
+    assert_eq!(v.entry, ENTRY_LOOKUP);
+    let ssh = c.services.iter().find(|s| s.name == "ssh").unwrap().index;
+    assert_eq!(c.config.decider_keys, 1u64 << ssh);
+    let mut deciders: Vec<(u8, String, &str)> = c
+        .deciders_v4
+        .iter()
+        .map(|(l, n, e)| (*l, n.to_string(), c.entries[*e as usize].text.as_str()))
+        .collect();
+    deciders.sort();
+    assert_eq!(
+        deciders,
+        [
+            (0, "10.0.0.0/8".to_string(), "10.0.0.0/8"),
+            (ssh, "10.2.0.0/16".to_string(), "10.2.0.0/16"),
+        ]
+    );
     // explain, knowing the port, names each.
     let e = Explainer::new(&c);
     let entry = |src: &str, q: &str| e.explain(src.parse().unwrap(), port(q)).entry;

@@ -18,7 +18,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use ipguard::policy::{self, Explainer, Proto, RuntimeEntry, range_v4, range_v6};
+use ipguard::policy::{self, CompiledPolicy, Explainer, Proto, RuntimeEntry, range_v4, range_v6};
 use ipguard_common::*;
 use ipnet::{IpNet, Ipv6Net};
 use jiff::{Timestamp, tz::TimeZone};
@@ -574,6 +574,26 @@ fn cases(default: u32) -> ProptestConfig {
     }
 }
 
+/// The deciders map as the kernel's LPM trie answers it: the longest
+/// prefix of `list` containing `src`.
+fn deciders_lookup(c: &CompiledPolicy, list: u8, src: IpAddr) -> u32 {
+    let best = match src {
+        IpAddr::V4(a) => c
+            .deciders_v4
+            .iter()
+            .filter(|(l, n, _)| *l == list && n.contains(&a))
+            .max_by_key(|(_, n, _)| n.prefix_len())
+            .map(|&(_, _, e)| e),
+        IpAddr::V6(a) => c
+            .deciders_v6
+            .iter()
+            .filter(|(l, n, _)| *l == list && n.contains(&a))
+            .max_by_key(|(_, n, _)| n.prefix_len())
+            .map(|&(_, _, e)| e),
+    };
+    best.unwrap_or(ENTRY_NONE)
+}
+
 proptest! {
     #![proptest_config(cases(384))]
 
@@ -611,21 +631,22 @@ proptest! {
                 }
                 None => prop_assert!(!decides, "no decider for {:?}\n{}", d, text),
             }
-            // What the datapath credits (hit counter, event entry) is
-            // explain's decider, or nothing when the allow lists at this
-            // prefix disagree; always_allow and deny are always credited.
-            let credited = ex.value(s.ip()).map_or(ENTRY_NONE, |v| v.entry);
+            // What the datapath credits (hit counter, event entry), through
+            // the same function and a longest match over the deciders map,
+            // is explain's decider, for every decision an entry makes.
+            let credited = ex.value(s.ip()).map_or(ENTRY_NONE, |v| {
+                credited_entry(&compiled.config, v, &d, |list| deciders_lookup(&compiled, list, s.ip()))
+            });
             if decided_by_entry(d.reason) {
                 let (_, e) = r.decider.expect("a decider");
-                if credited == ENTRY_NONE {
-                    prop_assert_eq!(d.reason, REASON_ALLOWED, "{} {:?}\n{}", s.ip(), q, text);
-                } else {
-                    prop_assert!(
-                        std::ptr::eq(e, &compiled.entries[credited as usize]),
-                        "{} {:?}: credited {:?}, explain says {:?}\n{}",
-                        s.ip(), q, compiled.entries[credited as usize], e, text
-                    );
-                }
+                prop_assert!(credited != ENTRY_NONE, "{} {:?}: nothing credited\n{}", s.ip(), q, text);
+                prop_assert!(
+                    std::ptr::eq(e, &compiled.entries[credited as usize]),
+                    "{} {:?}: credited {:?}, explain says {:?}\n{}",
+                    s.ip(), q, compiled.entries[credited as usize], e, text
+                );
+            } else {
+                prop_assert_eq!(credited, ENTRY_NONE);
             }
         }
         // Every compiled prefix: sorted, unique, and its `entry` names an
@@ -636,7 +657,11 @@ proptest! {
         prop_assert!(keys6.windows(2).all(|w| w[0] < w[1]));
         let values = compiled.v4.iter().map(|(_, v)| v).chain(compiled.v6.iter().map(|(_, v)| v));
         for v in values {
-            prop_assert!(v.entry == ENTRY_NONE || (v.entry as usize) < compiled.entries.len());
+            prop_assert!(
+                v.entry == ENTRY_NONE
+                    || v.entry == ENTRY_LOOKUP
+                    || (v.entry as usize) < compiled.entries.len()
+            );
             if v.flags != 0 {
                 prop_assert!(v.entry != ENTRY_NONE);
             }

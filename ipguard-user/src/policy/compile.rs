@@ -9,6 +9,7 @@
 //! sweep maintains. Each prefix ORs its own bits into the bits of the top of
 //! that stack. O(n log n) for the sort, O(n) for the sweep.
 
+use std::collections::HashSet;
 use std::time::SystemTime;
 
 use ipguard_common::*;
@@ -68,7 +69,7 @@ fn unrank(r: u8) -> u8 {
 }
 
 /// An address family's prefix key.
-trait Key: Copy + Ord {
+trait Key: Copy + Ord + std::hash::Hash {
     const BITS: u8;
     fn contains(net: Self, len: u8, addr: Self) -> bool;
 }
@@ -102,19 +103,43 @@ struct Claim<K> {
 struct Swept<K> {
     prefixes: Vec<(K, u8, PrefixValue)>,
     first: Vec<u32>,
+    /// The deciders map's contents: (list, key, len, entry).
+    deciders: Vec<(u8, K, u8, u32)>,
 }
 
-fn sweep<K: Key>(mut claims: Vec<Claim<K>>, inherit: u64, owners: &mut Vec<Owner>) -> Swept<K> {
+/// The deciding entry of one list at a prefix: the most specific prefix of
+/// the list containing it, and its first entry.
+#[derive(Clone, Copy)]
+struct Decider<K> {
+    list: u8,
+    key: K,
+    len: u8,
+    entry: u32,
+}
+
+/// `merged`: services that use the host-wide list and also have runtime
+/// entries of their own; their packets are decided by the more specific of
+/// the two lists' entries.
+fn sweep<K: Key>(
+    mut claims: Vec<Claim<K>>,
+    inherit: u64,
+    merged: u64,
+    decider_capacity: usize,
+    owners: &mut Vec<Owner>,
+) -> Swept<K> {
     claims.sort_unstable();
     let mut prefixes: Vec<(K, u8, PrefixValue)> = Vec::with_capacity(claims.len());
     let mut first: Vec<u32> = Vec::with_capacity(claims.len() + 1);
     // The prefixes containing the current one: (key, len, mask, flags), and
-    // beside it, per level, the deciding entry of every list at that prefix
-    // (the most specific owner of the list containing it), kept in buffers
-    // reused across prefixes so the sweep allocates only per nesting depth.
+    // beside it, per level, the deciding entry of every list at that prefix,
+    // kept in buffers reused across prefixes so that the sweep allocates
+    // only per nesting depth.
     let mut stack: Vec<(K, u8, u64, u32)> = Vec::with_capacity(usize::from(K::BITS) + 1);
-    let mut deciders: Vec<Vec<(u8, u32)>> = Vec::new();
-    let mut own: Vec<(u8, u32)> = Vec::new();
+    let mut deciders: Vec<Vec<Decider<K>>> = Vec::new();
+    let mut own: Vec<Decider<K>> = Vec::new();
+    let mut classes: Vec<Decider<K>> = Vec::new();
+    let mut needed: Vec<(u8, K, u8, u32)> = Vec::new();
+    let mut needed_set: HashSet<(u8, K, u8)> = HashSet::new();
     let mut i = 0;
     while i < claims.len() {
         let (key, len) = (claims[i].key, claims[i].len);
@@ -137,7 +162,12 @@ fn sweep<K: Key>(mut claims: Vec<Claim<K>>, inherit: u64, owners: &mut Vec<Owner
                     list,
                     entry: c.entry,
                 });
-                own.push((list, c.entry));
+                own.push(Decider {
+                    list,
+                    key,
+                    len,
+                    entry: c.entry,
+                });
                 last_rank = Some(c.rank);
             }
             i += 1;
@@ -165,8 +195,28 @@ fn sweep<K: Key>(mut claims: Vec<Claim<K>>, inherit: u64, owners: &mut Vec<Owner
             here.extend(
                 parent
                     .iter()
-                    .filter(|(l, _)| !own.iter().any(|(o, _)| o == l)),
+                    .filter(|p| !own.iter().any(|o| o.list == p.list)),
             );
+        }
+        decision_classes(here, merged, &mut classes);
+        let mut entry = decider_of(here, &classes, flags);
+        if entry == ENTRY_LOOKUP {
+            // The packet's service picks the list; the deciders map answers
+            // for each list that allows the prefix. See `decider_of` for why
+            // a subset of the map (when it is full) still answers exactly.
+            let fresh: Vec<_> = classes
+                .iter()
+                .filter(|d| !needed_set.contains(&(d.list, d.key, d.len)))
+                .map(|d| (d.list, d.key, d.len, d.entry))
+                .collect();
+            if needed.len() + fresh.len() <= decider_capacity {
+                for f in fresh {
+                    needed_set.insert((f.0, f.1, f.2));
+                    needed.push(f);
+                }
+            } else {
+                entry = ENTRY_NONE;
+            }
         }
         let allow_mask = if mask & 1 != 0 { mask | inherit } else { mask };
         prefixes.push((
@@ -175,37 +225,70 @@ fn sweep<K: Key>(mut claims: Vec<Claim<K>>, inherit: u64, owners: &mut Vec<Owner
             PrefixValue {
                 allow_mask,
                 flags,
-                entry: decider_of(here, flags),
+                entry,
             },
         ));
     }
     first.push(u32::try_from(owners.len()).unwrap_or(u32::MAX));
-    Swept { prefixes, first }
+    Swept {
+        prefixes,
+        first,
+        deciders: needed,
+    }
+}
+
+/// The allow decisions possible at a prefix, one per key of the deciders
+/// map (`Decider::list` is the key): the host-wide list (also for services
+/// that use it), each service's own list, and for a `merged` service the
+/// more specific of the host-wide entry and its runtime entry.
+fn decision_classes<K: Key>(here: &[Decider<K>], merged: u64, out: &mut Vec<Decider<K>>) {
+    out.clear();
+    out.extend(
+        here.iter()
+            .filter(|d| d.list < LIST_DENY && merged & (1u64 << d.list) == 0),
+    );
+    let mut m = merged;
+    while m != 0 {
+        let s = m.trailing_zeros() as u8;
+        m &= m - 1;
+        let host = here.iter().find(|d| d.list == 0);
+        let own = here.iter().find(|d| d.list == s);
+        let best = match (host, own) {
+            // On the same prefix the host-wide entry comes first, as in `explain`.
+            (Some(h), Some(o)) => Some(if o.len > h.len { o } else { h }),
+            (h, o) => h.or(o),
+        };
+        if let Some(b) = best {
+            out.push(Decider { list: s, ..*b });
+        }
+    }
 }
 
 /// The entry the datapath credits (hit counter, event) for a packet whose
 /// most specific prefix has these deciders: always_allow or deny decide
 /// alone when set; otherwise the packet is allowed by one of the allow
 /// lists, and which one depends on its port. When all the lists that allow
-/// the prefix are decided by the same entry, that entry is exact; when they
-/// differ (a service's own list nested in the host-wide one), no entry is
-/// credited rather than a wrong one ([`ENTRY_NONE`]); `explain`, which knows
-/// the port, still names the decider.
-fn decider_of(deciders: &[(u8, u32)], flags: u32) -> u32 {
-    let of = |list: u8| deciders.iter().find(|(l, _)| *l == list).map(|&(_, e)| e);
+/// the prefix are decided by the same entry, that entry; when they differ (a
+/// service's own list nested in the host-wide one, say), [`ENTRY_LOOKUP`]:
+/// the datapath then looks up (list, source) in the deciders map, which
+/// holds each needed list's deciding prefix. That second lookup is exact
+/// even though the map holds only some prefixes of each list: any prefix of
+/// list L in it that contains the source also contains the source's most
+/// specific compiled prefix P (else it would be more specific than P), so
+/// it is no more specific than P's decider for L, which the map holds.
+fn decider_of<K>(deciders: &[Decider<K>], classes: &[Decider<K>], flags: u32) -> u32 {
+    let of = |list: u8| deciders.iter().find(|d| d.list == list).map(|d| d.entry);
     if flags & FLAG_ALWAYS_ALLOW != 0 {
         return of(LIST_ALWAYS_ALLOW).unwrap_or(ENTRY_NONE);
     }
     if flags & FLAG_DENY != 0 {
         return of(LIST_DENY).unwrap_or(ENTRY_NONE);
     }
-    let mut allow = deciders
-        .iter()
-        .filter(|(l, _)| *l != LIST_ALWAYS_ALLOW && *l != LIST_DENY)
-        .map(|&(_, e)| e);
+    let mut allow = classes.iter().map(|d| d.entry);
     match allow.next() {
         Some(e) if allow.all(|o| o == e) => e,
-        _ => ENTRY_NONE,
+        Some(_) => ENTRY_LOOKUP,
+        None => ENTRY_NONE,
     }
 }
 
@@ -216,6 +299,8 @@ struct Builder {
     v6: Vec<Claim<u128>>,
     now: Timestamp,
     next_change: Option<Timestamp>,
+    /// Bit `l`: allow list `l` (0..=63) claimed at least one prefix.
+    claimed: u64,
 }
 
 impl Builder {
@@ -228,6 +313,9 @@ impl Builder {
     }
 
     fn claim(&mut self, net: &IpNet, list: u8, entry: u32) {
+        if list < LIST_DENY {
+            self.claimed |= 1u64 << list;
+        }
         let rank = rank(list);
         match net {
             IpNet::V4(n) => self.v4.push(Claim {
@@ -284,6 +372,7 @@ pub fn compile(policy: &Policy, at: SystemTime, runtime: &[RuntimeEntry]) -> Com
         v6: Vec::new(),
         now,
         next_change: None,
+        claimed: 0,
     };
     b.list(&policy.allow, ListKind::Allow, 0);
     let mut services = Vec::with_capacity(policy.services.len());
@@ -343,11 +432,40 @@ pub fn compile(policy: &Policy, at: SystemTime, runtime: &[RuntimeEntry]) -> Com
         v4,
         v6,
         next_change,
+        claimed,
         ..
     } = b;
+    let merged = inherit & claimed;
     let mut owners = Vec::new();
-    let s4 = sweep(v4, inherit, &mut owners);
-    let s6 = sweep(v6, inherit, &mut owners);
+    let s4 = sweep(
+        v4,
+        inherit,
+        merged,
+        DECIDERS_V4_CAPACITY as usize,
+        &mut owners,
+    );
+    let s6 = sweep(
+        v6,
+        inherit,
+        merged,
+        DECIDERS_V6_CAPACITY as usize,
+        &mut owners,
+    );
+    let deciders_v4 = s4
+        .deciders
+        .iter()
+        .map(|&(list, k, l, e)| (list, Ipv4Net::new_assert(k.into(), l), e))
+        .collect();
+    let deciders_v6 = s6
+        .deciders
+        .iter()
+        .map(|&(list, k, l, e)| (list, Ipv6Net::new_assert(k.into(), l), e))
+        .collect();
+    let decider_keys = merged
+        | services
+            .iter()
+            .filter(|s| s.has_own_list)
+            .fold(0u64, |m, s| m | 1u64 << s.index);
     let v4 = s4
         .prefixes
         .into_iter()
@@ -360,9 +478,14 @@ pub fn compile(policy: &Policy, at: SystemTime, runtime: &[RuntimeEntry]) -> Com
         .collect();
 
     CompiledPolicy {
-        config: config(policy),
+        config: PolicyConfig {
+            decider_keys,
+            ..config(policy)
+        },
         v4,
         v6,
+        deciders_v4,
+        deciders_v6,
         ports,
         services,
         entries,
@@ -402,5 +525,6 @@ fn config(p: &Policy) -> PolicyConfig {
         event_max_per_sec: p.events.max_per_sec,
         _pad0: 0,
         generation: 0,
+        decider_keys: 0,
     }
 }

@@ -70,6 +70,10 @@ pub struct CompiledPolicy {
     /// Sorted by address then prefix length, no duplicates.
     pub v4: Vec<(Ipv4Net, PrefixValue)>,
     pub v6: Vec<(Ipv6Net, PrefixValue)>,
+    /// The deciders maps: (list, prefix, entry) for the prefixes whose
+    /// value says `ENTRY_LOOKUP`.
+    pub deciders_v4: Vec<(u8, Ipv4Net, u32)>,
+    pub deciders_v6: Vec<(u8, Ipv6Net, u32)>,
     pub ports: Vec<PortRange>,
     pub services: Vec<ServiceInfo>,
     pub entries: Vec<EntryInfo>,
