@@ -182,6 +182,37 @@ pub const REASON_NON_IP: u8 = 10;
 pub const REASON_NO_POLICY: u8 = 11;
 pub const REASON_SLOTS: u32 = 16;
 
+/// The stable name of a verdict, as `explain --json`, events, status and
+/// metrics spell it (cli.md).
+pub const fn verdict_name(v: u8) -> &'static str {
+    match v {
+        VERDICT_PASS => "pass",
+        VERDICT_DROP => "drop",
+        VERDICT_REJECT => "reject",
+        VERDICT_WOULD_DROP => "would_drop",
+        _ => "unknown",
+    }
+}
+
+/// The stable name of a reason (cli.md), as [`verdict_name`].
+pub const fn reason_name(r: u8) -> &'static str {
+    match r {
+        REASON_INFRASTRUCTURE => "infrastructure",
+        REASON_OFF => "off",
+        REASON_ALWAYS_ALLOW => "always_allow",
+        REASON_DENY => "deny",
+        REASON_FRAGMENT => "fragment",
+        REASON_OUT_OF_SCOPE => "out_of_scope",
+        REASON_ALLOWED => "allowed",
+        REASON_NOT_ALLOWED => "not_allowed",
+        REASON_RETURN_TRAFFIC => "return_traffic",
+        REASON_MALFORMED => "malformed",
+        REASON_NON_IP => "non_ip",
+        REASON_NO_POLICY => "no_policy",
+        _ => "unknown",
+    }
+}
+
 /// [`MAP_COUNTERS`] index of a verdict and reason.
 #[inline(always)]
 pub const fn counter_index(verdict: u8, reason: u8) -> u32 {

@@ -21,8 +21,6 @@ use tokio::{
     sync::Mutex,
 };
 
-use crate::commands::status::{reason_name, verdict_name};
-
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PacketLabels {
     verdict: &'static str,

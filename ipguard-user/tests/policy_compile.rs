@@ -7,9 +7,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use ipguard::policy::{
-    self, CompiledPolicy, Explainer, ListKind, Policy, Proto, RuntimeEntry, reason_str, verdict_str,
-};
+use ipguard::policy::{self, CompiledPolicy, Explainer, ListKind, Policy, Proto, RuntimeEntry};
 use ipguard_common::*;
 
 fn ts(s: &str) -> SystemTime {
@@ -37,7 +35,7 @@ fn port(q: &str) -> Option<(Proto, u16)> {
 /// (verdict, reason) as the JSON strings.
 fn verdict(c: &CompiledPolicy, src: &str, q: &str) -> (&'static str, &'static str) {
     let e = Explainer::new(c).explain(src.parse().unwrap(), port(q));
-    (verdict_str(e.verdict), reason_str(e.reason))
+    (verdict_name(e.verdict), reason_name(e.reason))
 }
 
 const WORKED_EXAMPLE: &str = r#"
@@ -335,16 +333,16 @@ always_allow:
         (Some("198.51.100.0/24"), Some("Lab"))
     );
     let x = e("198.51.100.13");
-    assert_eq!(reason_str(x.reason), "deny");
+    assert_eq!(reason_name(x.reason), "deny");
     assert_eq!(
         (x.entry.as_deref(), x.label.as_deref()),
         (Some("198.51.100.13/32"), Some("Lost laptop"))
     );
     let x = e("198.51.100.250");
-    assert_eq!(reason_str(x.reason), "always_allow");
+    assert_eq!(reason_name(x.reason), "always_allow");
     assert_eq!(x.label.as_deref(), Some("Bastion"));
     let x = e("192.0.2.1");
-    assert_eq!(reason_str(x.reason), "not_allowed");
+    assert_eq!(reason_name(x.reason), "not_allowed");
     assert_eq!((x.entry, x.label, x.service), (None, None, None));
     let json = ex
         .explain("198.51.100.13".parse().unwrap(), None)

@@ -84,34 +84,6 @@ pub struct EventCounters {
     pub lost: u64,
 }
 
-pub fn verdict_name(v: u8) -> &'static str {
-    match v {
-        VERDICT_PASS => "pass",
-        VERDICT_DROP => "drop",
-        VERDICT_REJECT => "reject",
-        VERDICT_WOULD_DROP => "would_drop",
-        _ => "unknown",
-    }
-}
-
-pub fn reason_name(r: u8) -> &'static str {
-    match r {
-        REASON_INFRASTRUCTURE => "infrastructure",
-        REASON_OFF => "off",
-        REASON_ALWAYS_ALLOW => "always_allow",
-        REASON_DENY => "deny",
-        REASON_FRAGMENT => "fragment",
-        REASON_OUT_OF_SCOPE => "out_of_scope",
-        REASON_ALLOWED => "allowed",
-        REASON_NOT_ALLOWED => "not_allowed",
-        REASON_RETURN_TRAFFIC => "return_traffic",
-        REASON_MALFORMED => "malformed",
-        REASON_NON_IP => "non_ip",
-        REASON_NO_POLICY => "no_policy",
-        _ => "unknown",
-    }
-}
-
 fn mode_name(m: u32) -> &'static str {
     match m {
         MODE_ENFORCE => "enforce",

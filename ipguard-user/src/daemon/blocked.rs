@@ -11,10 +11,7 @@ use std::{
 use ipguard_common::*;
 use serde::{Deserialize, Serialize};
 
-use crate::{
-    commands::status::{reason_name, verdict_name},
-    policy::CompiledPolicy,
-};
+use crate::policy::CompiledPolicy;
 
 /// Sources kept in the table; the least recently refused go first.
 const MAX_SOURCES: usize = 10_000;

@@ -25,36 +25,6 @@ use super::{
 
 const NONE: u32 = u32::MAX;
 
-/// The JSON name of a verdict (cli.md).
-pub fn verdict_str(v: u8) -> &'static str {
-    match v {
-        VERDICT_PASS => "pass",
-        VERDICT_DROP => "drop",
-        VERDICT_REJECT => "reject",
-        VERDICT_WOULD_DROP => "would_drop",
-        _ => "unknown",
-    }
-}
-
-/// The JSON name of a reason (cli.md).
-pub fn reason_str(r: u8) -> &'static str {
-    match r {
-        REASON_INFRASTRUCTURE => "infrastructure",
-        REASON_OFF => "off",
-        REASON_ALWAYS_ALLOW => "always_allow",
-        REASON_DENY => "deny",
-        REASON_FRAGMENT => "fragment",
-        REASON_OUT_OF_SCOPE => "out_of_scope",
-        REASON_ALLOWED => "allowed",
-        REASON_NOT_ALLOWED => "not_allowed",
-        REASON_RETURN_TRAFFIC => "return_traffic",
-        REASON_MALFORMED => "malformed",
-        REASON_NON_IP => "non_ip",
-        REASON_NO_POLICY => "no_policy",
-        _ => "unknown",
-    }
-}
-
 /// `tcp/22`, `udp/53`.
 pub fn parse_port_query(s: &str) -> Result<(Proto, u16), String> {
     let bad = || format!("{s:?} is not a protocol and port: write e.g. tcp/22 or udp/53");
@@ -95,11 +65,11 @@ impl Explanation {
     pub fn refuses(&self) -> bool {
         self.verdict == VERDICT_DROP || self.verdict == VERDICT_REJECT
     }
-    pub fn verdict_str(&self) -> &'static str {
-        verdict_str(self.verdict)
+    pub fn verdict_name(&self) -> &'static str {
+        verdict_name(self.verdict)
     }
-    pub fn reason_str(&self) -> &'static str {
-        reason_str(self.reason)
+    pub fn reason_name(&self) -> &'static str {
+        reason_name(self.reason)
     }
 
     /// The object of cli.md for this query.
@@ -107,8 +77,8 @@ impl Explanation {
         serde_json::json!({
             "src": src,
             "port": port,
-            "verdict": self.verdict_str(),
-            "reason": self.reason_str(),
+            "verdict": self.verdict_name(),
+            "reason": self.reason_name(),
             "service": self.service,
             "entry": self.entry,
             "label": self.label,
@@ -166,8 +136,8 @@ impl ExplainRef<'_> {
             &Out {
                 src,
                 port,
-                verdict: verdict_str(self.decision.verdict),
-                reason: reason_str(self.decision.reason),
+                verdict: verdict_name(self.decision.verdict),
+                reason: reason_name(self.decision.reason),
                 service: self.service,
                 entry: self.decider.map(|(n, _)| n),
                 label: self.decider.and_then(|(_, e)| e.label.as_deref()),
@@ -207,9 +177,9 @@ impl ExplainRef<'_> {
                 format!("a fragment without port, allowed by {}", decider())
             }
             REASON_FRAGMENT => "a fragment without port, allowed by no list".to_string(),
-            r => reason_str(r).to_string(),
+            r => reason_name(r).to_string(),
         };
-        format!("{} ({why})", verdict_str(d.verdict))
+        format!("{} ({why})", verdict_name(d.verdict))
     }
 }
 

@@ -25,7 +25,7 @@ pub use addr::{is_valid_name, range_v4, range_v6};
 pub use compile::{LIST_ALWAYS_ALLOW, LIST_DENY, RuntimeEntry, compile};
 pub use compiled::*;
 pub use diag::{Diagnostic, PolicyErrors, Pos, Severity};
-pub use explain::{ExplainRef, Explainer, Explanation, parse_port_query, reason_str, verdict_str};
+pub use explain::{ExplainRef, Explainer, Explanation, parse_port_query};
 pub use model::{Action, Entry, Events, Infrastructure, Mode, Policy, PortSpec, Scope, Service};
 pub use time::Window;
 
