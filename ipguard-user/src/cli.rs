@@ -87,6 +87,7 @@ pub struct EventsArgs {
     /// Keep printing new events as they come.
     #[arg(long)]
     pub follow: bool,
+    /// One JSON object per event and line, as the daemon relays them.
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
@@ -109,6 +110,7 @@ pub struct AllowArgs {
     /// Add it to this service's list instead of the host-wide one.
     #[arg(long)]
     pub service: Option<String>,
+    /// Shown by status, events and explain, e.g. the ticket it answers.
     #[arg(long)]
     pub label: Option<String>,
     #[command(flatten)]
@@ -119,6 +121,7 @@ pub struct AllowArgs {
 #[derive(Debug, Args)]
 #[command(after_help = "Example:\n  ipguard revoke 203.0.113.9")]
 pub struct RevokeArgs {
+    /// The address or CIDR as it was given to `ipguard allow`.
     pub addr: String,
     #[command(flatten)]
     pub sock: SocketArg,
@@ -128,6 +131,7 @@ pub struct RevokeArgs {
 #[derive(Debug, Args)]
 #[command(after_help = "Example:\n  ipguard blocked --json")]
 pub struct BlockedArgs {
+    /// The list as JSON on stdout.
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
@@ -168,6 +172,8 @@ pub struct ExplainArgs {
     /// The moment to judge at (RFC 3339), default now.
     #[arg(long)]
     pub at: Option<String>,
+    /// One JSON object per answer (fields: src, port, verdict, reason,
+    /// service, entry, label).
     #[arg(long)]
     pub json: bool,
 }
@@ -176,6 +182,7 @@ pub struct ExplainArgs {
 pub enum XdpModeArg {
     /// Native (driver) mode where the driver has it, else generic.
     Auto,
+    /// Native (driver) mode only: fails where the driver lacks it.
     Native,
     /// Generic (skb) mode: works on every interface, slower.
     Skb,
@@ -193,6 +200,14 @@ pub struct Locations {
 }
 
 /// The daemon: load and attach the XDP program and enforce the policy.
+///
+/// The policy is written into the maps before the program is attached.
+/// Refused-packet events go to stdout as JSON lines, logs to stderr. The
+/// policy file reloads when it changes (edit, rename, ConfigMap symlink
+/// swap) and on SIGHUP; an invalid one is refused, its errors logged, and
+/// the running policy stays. On SIGTERM, or if the daemon dies, the
+/// datapath stays attached and enforcing; the next `run` adopts it without
+/// a gap, and only `ipguard unload` removes it.
 #[derive(Debug, Args)]
 #[command(after_help = "Example:\n  ipguard run --config /etc/ipguard/policy.yaml --iface eth0")]
 pub struct RunArgs {
@@ -202,6 +217,7 @@ pub struct RunArgs {
     /// Interface to protect (repeatable); overrides the policy's `interfaces`.
     #[arg(long = "iface")]
     pub ifaces: Vec<String>,
+    /// How to attach the XDP program.
     #[arg(long, value_enum, default_value_t = XdpModeArg::Auto)]
     pub xdp_mode: XdpModeArg,
     #[command(flatten)]
@@ -224,6 +240,7 @@ pub struct StatusArgs {
     pub loc: Locations,
     #[command(flatten)]
     pub sock: SocketArg,
+    /// The status as JSON on stdout.
     #[arg(long)]
     pub json: bool,
 }
