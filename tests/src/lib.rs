@@ -403,6 +403,9 @@ pub struct Daemon {
     pub pins: PinDir,
     pub dir: PathBuf,
     pub policy: PathBuf,
+    /// Capabilities the daemon is confined to (see [`Daemon::start_confined`]),
+    /// also on restart; None: all of root's.
+    caps: Option<Vec<u32>>,
 }
 
 impl Daemon {
@@ -414,33 +417,31 @@ impl Daemon {
 
     /// Like [`Daemon::start`], with extra `ipguard run` arguments.
     pub fn start_with(pair: &Pair, policy: &str, extra: &[&str]) -> Result<Self> {
+        Self::launch(pair, policy, extra, None)
+    }
+
+    /// Like [`Daemon::start`], with the daemon's capability bounding set cut
+    /// down to `caps` (numbers of linux/capability.h), as a systemd unit's
+    /// `CapabilityBoundingSet` does: root keeps only those after exec.
+    pub fn start_confined(pair: &Pair, policy: &str, caps: &[u32]) -> Result<Self> {
+        Self::launch(pair, policy, &[], Some(caps.to_vec()))
+    }
+
+    fn launch(pair: &Pair, policy: &str, extra: &[&str], caps: Option<Vec<u32>>) -> Result<Self> {
         let pins = PinDir::new()?;
         let dir = std::env::temp_dir().join(unique("ipguard-test-"));
         std::fs::create_dir_all(&dir)?;
         let policy_path = dir.join("policy.yaml");
         std::fs::write(&policy_path, policy)?;
-        let mut cmd = pair.server.command(ipguard_bin());
-        cmd.args(["run", "--config"])
-            .arg(&policy_path)
-            .args(["--iface", &pair.server_if, "--pin-dir"])
-            .arg(&pins.path)
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .arg("--socket")
-            .arg(dir.join("ipguard.sock"))
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null());
-        let proc = ChildGuard::new(cmd.spawn().context("spawn ipguard run")?);
+        let placeholder = ChildGuard { child: None };
         let mut d = Self {
-            proc,
+            proc: placeholder,
             pins,
             dir,
             policy: policy_path,
+            caps,
         };
-        let link = d.pins.path.join(format!("link_{}", pair.server_if));
-        let socket = d.socket();
-        d.wait_ready(&link, &socket)?;
+        d.spawn(pair, extra)?;
         Ok(d)
     }
 
@@ -452,7 +453,16 @@ impl Daemon {
         {
             bail!("the previous daemon still runs");
         }
-        let mut cmd = pair.server.command(ipguard_bin());
+        self.spawn(pair, &[])
+    }
+
+    /// Runs `ipguard run` in the server namespace and waits until it has
+    /// attached and answers on its socket.
+    fn spawn(&mut self, pair: &Pair, extra: &[&str]) -> Result<()> {
+        let mut cmd = match &self.caps {
+            None => pair.server.command(ipguard_bin()),
+            Some(keep) => confined(&pair.server, keep)?,
+        };
         cmd.args(["run", "--config"])
             .arg(&self.policy)
             .args(["--iface", &pair.server_if, "--pin-dir"])
@@ -461,6 +471,7 @@ impl Daemon {
             .arg(self.dir.join("state"))
             .arg("--socket")
             .arg(self.socket())
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null());
         self.proc = ChildGuard::new(cmd.spawn().context("spawn ipguard run")?);
@@ -528,6 +539,42 @@ impl Drop for Daemon {
         remove_pins(&self.pins.path);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A command for `ipguard` that enters `ns` and then drops every
+/// capability but `keep` from its bounding set. Entering the namespace
+/// needs CAP_SYS_ADMIN, so the child does both itself, in that order,
+/// before exec (`nsenter` could not drop capabilities after entering).
+fn confined(ns: &Netns, keep: &[u32]) -> Result<Command> {
+    use std::os::unix::process::CommandExt;
+    let last: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .context("read /proc/sys/kernel/cap_last_cap")?
+        .trim()
+        .parse()
+        .context("parse /proc/sys/kernel/cap_last_cap")?;
+    let drop: Vec<libc::c_ulong> = (0..=last)
+        .filter(|c| !keep.contains(c))
+        .map(libc::c_ulong::from)
+        .collect();
+    let netns = File::open(ns.path()).with_context(|| format!("open {}", ns.path().display()))?;
+    let mut c = Command::new(ipguard_bin());
+    // SAFETY: only setns(2) and prctl(2) run between fork and exec: no
+    // allocation, no lock; `netns` and `drop` were made before the fork.
+    unsafe {
+        c.pre_exec(move || {
+            use std::os::fd::AsRawFd;
+            if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            for &cap in &drop {
+                if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    Ok(c)
 }
 
 /// Sends `count` UDP datagrams from `src` (an address of `ns`) to `dst`.

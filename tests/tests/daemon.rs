@@ -551,3 +551,76 @@ fn status_reads_the_pins_when_no_daemon_runs_and_unload_removes_them() {
         "protection gone after unload"
     );
 }
+
+/// The capabilities of packaging/ipguard.service's `CapabilityBoundingSet`,
+/// as numbers of linux/capability.h.
+fn unit_capabilities() -> Vec<u32> {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../packaging/ipguard.service"
+    ))
+    .unwrap();
+    let set = |key: &str| -> Vec<String> {
+        let line = unit
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_else(|| panic!("the unit has no {key}"));
+        line.split_whitespace().map(str::to_owned).collect()
+    };
+    let bounding = set("CapabilityBoundingSet=");
+    assert_eq!(
+        bounding,
+        set("AmbientCapabilities="),
+        "the unit grants what it bounds"
+    );
+    bounding
+        .iter()
+        .map(|name| match name.as_str() {
+            "CAP_NET_ADMIN" => 12,
+            "CAP_SYS_ADMIN" => 21,
+            "CAP_SYS_RESOURCE" => 24,
+            "CAP_PERFMON" => 38,
+            "CAP_BPF" => 39,
+            other => panic!("add {other} to this table"),
+        })
+        .collect()
+}
+
+/// The systemd unit's capability set is enough for everything the daemon
+/// does: a fresh load and attach, enforcing, `apply`, and adopting the
+/// pinned datapath after kill -9.
+#[test]
+fn the_daemon_runs_with_only_the_units_capabilities() {
+    require_root();
+    let pair = Pair::new().unwrap();
+    for a in [SERVER_V4, SERVER_V4_ALT] {
+        tcp_listener(&pair.server, SocketAddr::new(a.parse().unwrap(), 7000)).unwrap();
+    }
+    let caps = unit_capabilities();
+    let mut d = Daemon::start_confined(&pair, POLICY, &caps).unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", d.proc.pid())).unwrap();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(|h| u64::from_str_radix(h.trim(), 16).unwrap())
+        .unwrap();
+    let want = caps.iter().fold(0u64, |m, c| m | 1 << c);
+    assert_eq!(eff, want, "the daemon runs with exactly the unit's set");
+    assert!(connects(&pair, CLIENT_V4, SERVER_V4, 7000));
+    assert!(!connects(&pair, CLIENT_V4_ALT, SERVER_V4_ALT, 7000));
+
+    let file = d.dir.join("wider.yaml");
+    std::fs::write(&file, "version: 1\nallow: [198.51.100.2, 203.0.113.9]\n").unwrap();
+    ok(d.client(&["apply", file.to_str().unwrap()])
+        .output()
+        .unwrap());
+    assert!(connects(&pair, CLIENT_V4_ALT, SERVER_V4_ALT, 7000));
+
+    d.proc.signal_and_wait(Signal::SIGKILL).unwrap();
+    d.restart(&pair).unwrap();
+    assert!(connects(&pair, CLIENT_V4, SERVER_V4, 7000));
+    assert!(
+        !connects(&pair, CLIENT_V4_ALT, SERVER_V4_ALT, 7000),
+        "the restarted daemon enforces its policy file again"
+    );
+}
