@@ -51,7 +51,7 @@ const BATCH: usize = 16_384;
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
     #[error(
-        "this needs root (CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN): run it with sudo or from the ipguard systemd unit"
+        "this needs root (CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON): run it with sudo or from the ipguard systemd unit"
     )]
     NotRoot,
     #[error(
