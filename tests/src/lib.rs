@@ -193,6 +193,22 @@ impl Pair {
             }
             ns.ip(&["link", "set", ifname, "up"])?;
         }
+        // The kernel adds an interface's IPv6 multicast route a few hundred
+        // milliseconds after the link comes up; until then it discards
+        // inbound multicast (Ip6InNoRoutes), neighbour solicitations
+        // included, and a first connection to a not yet resolved address
+        // waits a whole NDP retransmit (1 s). Wait for it on both sides.
+        for (ns, ifname) in [(&server, &server_if), (&client, &client_if)] {
+            let ready = wait_for(Duration::from_secs(5), || {
+                let out = ns
+                    .ip(&["-6", "route", "show", "table", "local", "dev", ifname])
+                    .ok()?;
+                String::from_utf8_lossy(&out.stdout)
+                    .contains("ff00::/8")
+                    .then_some(())
+            });
+            ready.with_context(|| format!("IPv6 on {ifname} not up within 5 s"))?;
+        }
         Ok(Self {
             client,
             server,
