@@ -517,14 +517,20 @@ pub fn pinned_links(pin_dir: &Path) -> Vec<(String, Option<AttachMode>)> {
     out
 }
 
+/// Whether anything of ipguard is pinned under `pin_dir`: a link, or the
+/// maps of a policy.
+pub fn is_loaded(pin_dir: &Path) -> bool {
+    !pinned_links(pin_dir).is_empty() || pin_dir.join(MAP_ACTIVE).exists()
+}
+
 /// Detaches from `iface` (or every interface) and, when nothing stays
 /// attached, removes every pinned object.
 pub fn unload(pin_dir: &Path, ifaces: &[String]) -> Result<Vec<String>> {
     ensure_root()?;
-    let all = pinned_links(pin_dir);
-    if all.is_empty() && !pin_dir.join(MAP_ACTIVE).exists() {
+    if !is_loaded(pin_dir) {
         return Err(DatapathError::NotLoaded(pin_dir.to_path_buf()));
     }
+    let all = pinned_links(pin_dir);
     let mut detached = Vec::new();
     for (iface, _) in &all {
         if !ifaces.is_empty() && !ifaces.contains(iface) {

@@ -624,3 +624,52 @@ fn the_daemon_runs_with_only_the_units_capabilities() {
         "the restarted daemon enforces its policy file again"
     );
 }
+
+/// The id of the XDP program attached to `iface` in `ns`, from `ip link`.
+fn xdp_prog_id(ns: &Netns, iface: &str) -> Option<u64> {
+    let out = ns.ip(&["-j", "-d", "link", "show", "dev", iface]).unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v[0]["xdp"]["prog"]["id"].as_u64()
+}
+
+/// An XDP program that another owner (here: a second ipguard with other
+/// pins, which knows nothing of the first) finds on the interface is
+/// reported, left in place, and nothing of the refused start stays behind.
+#[test]
+fn an_xdp_program_attached_by_something_else_is_reported_never_replaced() {
+    let (pair, d) = setup();
+    let before = xdp_prog_id(&pair.server, &pair.server_if).expect("ipguard attached");
+    let other = PinDir::new().unwrap();
+    let out = pair
+        .server
+        .command(ipguard_bin())
+        .args(["run", "--config"])
+        .arg(&d.policy)
+        .args(["--iface", &pair.server_if, "--pin-dir"])
+        .arg(&other.path)
+        .arg("--state-dir")
+        .arg(d.dir.join("other-state"))
+        .arg("--socket")
+        .arg(d.dir.join("other.sock"))
+        .output()
+        .unwrap();
+    one_line(
+        &out,
+        3,
+        &format!(
+            "interface {} already has an XDP program that ipguard did not attach",
+            pair.server_if
+        ),
+    );
+    assert_eq!(
+        xdp_prog_id(&pair.server, &pair.server_if),
+        Some(before),
+        "the program already there stays attached"
+    );
+    let left: Vec<_> = std::fs::read_dir(&other.path)
+        .map(|r| r.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "the refused start left pins: {left:?}");
+    assert!(connects(&pair, CLIENT_V4, SERVER_V4, 7000));
+    assert!(!connects(&pair, CLIENT_V4_ALT, SERVER_V4_ALT, 7000));
+}

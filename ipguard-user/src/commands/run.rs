@@ -85,51 +85,24 @@ async fn start(args: &RunArgs, loaded: policy::LoadedPolicy, ifaces: Vec<String>
     let _watcher = watch::watch(&args.config, file_tx.clone())?;
     let _ = file_tx.try_send(());
     let runtime = RuntimeStore::load(&args.loc.state_dir)?;
-    let caps = Capacities::default();
-    let dp =
-        Datapath::load(&args.loc.pin_dir, caps).map_err(|e| CliError::system(e.to_string()))?;
     let (events_tx, _) = broadcast::channel(1024);
-    let mut d = Daemon {
-        config: args.config.clone(),
-        state_dir: args.loc.state_dir.clone(),
-        caps,
-        attached: Vec::new(),
-        dp,
-        current: Source {
-            path: args.config.clone(),
-            sha256: String::new(),
-            policy: loaded.policy.clone(),
-        },
-        file_sha256: loaded.sha256.clone(),
-        compiled: Default::default(),
-        runtime,
-        pending: None,
-        metrics: Arc::new(Mutex::new(Metrics::new())),
-        blocked: Arc::new(Mutex::new(Blocked::default())),
-        events_tx: events_tx.clone(),
-    };
-    // The policy goes in before the program is attached: a fresh install
-    // never passes a packet the policy would refuse.
-    let src = Source {
-        path: args.config.clone(),
-        sha256: loaded.sha256,
-        policy: loaded.policy,
-    };
-    d.install(src, args.force, "start")?;
-    for iface in &ifaces {
-        let (mode, adopted) =
-            d.dp.attach(iface, args.xdp_mode)
-                .map_err(|e| CliError::system(e.to_string()))?;
-        if adopted {
-            tracing::info!(%iface, mode = mode.as_str(), "took over the running datapath without a gap");
-        } else {
-            tracing::info!(%iface, mode = mode.as_str(), "attached");
+    // A first start that fails (an interface another program holds, a
+    // verifier refusal) leaves nothing behind: no pinned map, no link. A
+    // start that adopts a running datapath never removes it.
+    let fresh = !datapath::is_loaded(&args.loc.pin_dir);
+    let (d, stats) = match bring_up(args, loaded, &ifaces, runtime, events_tx.clone()) {
+        Ok(up) => up,
+        Err(e) => {
+            if fresh {
+                match datapath::unload(&args.loc.pin_dir, &[]) {
+                    Ok(_) | Err(datapath::DatapathError::NotLoaded(_)) => {}
+                    Err(u) => tracing::warn!("cannot remove what the failed start pinned: {u}"),
+                }
+            }
+            return Err(e);
         }
-        d.attached.push(Attached {
-            iface: iface.clone(),
-            mode,
-        });
-    }
+    };
+    d.log_applied("start", &stats);
     d.record()?;
     d.metrics.lock().await.reload(true);
 
@@ -174,4 +147,60 @@ async fn start(args: &RunArgs, loaded: policy::LoadedPolicy, ifaces: Vec<String>
     let r = d.serve(calls_rx, file_rx, ev_rx).await;
     let _ = std::fs::remove_file(&socket);
     r
+}
+
+/// Loads the datapath (or adopts the pinned one), writes the policy into
+/// it and attaches it to every interface.
+fn bring_up(
+    args: &RunArgs,
+    loaded: policy::LoadedPolicy,
+    ifaces: &[String],
+    runtime: RuntimeStore,
+    events_tx: broadcast::Sender<daemon::blocked::EventLine>,
+) -> Result<(Daemon, crate::datapath::ApplyStats)> {
+    let caps = Capacities::default();
+    let dp =
+        Datapath::load(&args.loc.pin_dir, caps).map_err(|e| CliError::system(e.to_string()))?;
+    let mut d = Daemon {
+        config: args.config.clone(),
+        state_dir: args.loc.state_dir.clone(),
+        caps,
+        attached: Vec::new(),
+        dp,
+        current: Source {
+            path: args.config.clone(),
+            sha256: String::new(),
+            policy: loaded.policy.clone(),
+        },
+        file_sha256: loaded.sha256.clone(),
+        compiled: Default::default(),
+        runtime,
+        pending: None,
+        metrics: Arc::new(Mutex::new(Metrics::new())),
+        blocked: Arc::new(Mutex::new(Blocked::default())),
+        events_tx,
+    };
+    // The policy goes in before the program is attached: a fresh install
+    // never passes a packet the policy would refuse.
+    let src = Source {
+        path: args.config.clone(),
+        sha256: loaded.sha256,
+        policy: loaded.policy,
+    };
+    let (stats, _) = d.write_policy(src, args.force)?;
+    for iface in ifaces {
+        let (mode, adopted) =
+            d.dp.attach(iface, args.xdp_mode)
+                .map_err(|e| CliError::system(e.to_string()))?;
+        if adopted {
+            tracing::info!(%iface, mode = mode.as_str(), "took over the running datapath without a gap");
+        } else {
+            tracing::info!(%iface, mode = mode.as_str(), "attached");
+        }
+        d.attached.push(Attached {
+            iface: iface.clone(),
+            mode,
+        });
+    }
+    Ok((d, stats))
 }

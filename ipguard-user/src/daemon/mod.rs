@@ -126,13 +126,39 @@ fn describe(list: &[sessions::Session]) -> String {
 
 impl Daemon {
     /// Compiles `src` with the runtime entries at `now`, checks it against
-    /// established sessions and writes it into the datapath.
+    /// established sessions, writes it into the datapath and logs it.
     pub fn install(
         &mut self,
         src: Source,
         force: bool,
         why: &str,
     ) -> Result<serde_json::Value, CliError> {
+        let (stats, answer) = self.write_policy(src, force)?;
+        self.log_applied(why, &stats);
+        Ok(answer)
+    }
+
+    /// Logs a policy [`Daemon::write_policy`] made live.
+    pub fn log_applied(&self, why: &str, stats: &crate::datapath::ApplyStats) {
+        tracing::info!(
+            policy = %self.current.path.display(),
+            sha256 = %self.current.sha256,
+            generation = stats.generation,
+            ipv4 = stats.v4,
+            ipv6 = stats.v6,
+            runtime_entries = self.runtime.entries.len(),
+            "{why}: policy applied"
+        );
+    }
+
+    /// [`Daemon::install`] without the log line: `run` logs its first
+    /// policy only once the program is attached, so a start that fails
+    /// later says only why it failed.
+    pub fn write_policy(
+        &mut self,
+        src: Source,
+        force: bool,
+    ) -> Result<(crate::datapath::ApplyStats, serde_json::Value), CliError> {
         let compiled = policy::compile(
             &src.policy,
             SystemTime::now(),
@@ -154,27 +180,19 @@ impl Daemon {
             .maps
             .apply(&compiled, Some(self.caps))
             .map_err(|e| CliError::system(e.to_string()))?;
-        tracing::info!(
-            policy = %src.path.display(),
-            sha256 = %src.sha256,
-            generation = stats.generation,
-            ipv4 = stats.v4,
-            ipv6 = stats.v6,
-            runtime_entries = self.runtime.entries.len(),
-            "{why}: policy applied"
-        );
         self.compiled = compiled;
         self.current = src;
         if let Err(e) = self.record() {
             tracing::warn!("{e:#}");
         }
-        Ok(json!({
+        let answer = json!({
             "generation": stats.generation,
             "prefixes": {"ipv4": stats.v4, "ipv6": stats.v6},
             "sha256": self.current.sha256,
             "cut_sessions": (ssh.len() + other.len()),
             "warnings": other.iter().map(|s| format!("cuts the established session {} -> port {}", s.remote, s.local_port)).collect::<Vec<_>>(),
-        }))
+        });
+        Ok((stats, answer))
     }
 
     pub fn record(&self) -> Result<()> {
