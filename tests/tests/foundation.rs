@@ -4,7 +4,7 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
-    process::{Command, Output},
+    process::Output,
     time::Duration,
 };
 
@@ -140,7 +140,11 @@ fn missing_interface_is_one_clear_line() {
 fn missing_privilege_is_one_clear_line() {
     require_root();
     let (d, policy) = policy_file();
-    let out = Command::new("setpriv")
+    // In a namespace of its own: even a regression that attached without
+    // privilege would only reach that namespace's loopback.
+    let ns = Netns::new("ipgp").unwrap();
+    let out = ns
+        .command("setpriv")
         .args([
             "--reuid=65534",
             "--regid=65534",
