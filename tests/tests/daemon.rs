@@ -461,23 +461,28 @@ fn one_line(out: &Output, code: i32, needle: &str) {
     assert!(err.contains(needle), "{needle:?} not in {err}");
 }
 
-#[test]
-fn bad_input_gets_one_clear_line() {
-    let (pair, d) = setup();
-    // A second daemon on the same pins.
-    let out = pair
-        .server
+/// A second `ipguard run` on the interface `d` protects, with `pins` and
+/// a state directory and socket of its own; it is expected to be refused.
+fn another_run(pair: &Pair, d: &Daemon, pins: &std::path::Path) -> Output {
+    pair.server
         .command(ipguard_bin())
         .args(["run", "--config"])
         .arg(&d.policy)
         .args(["--iface", &pair.server_if, "--pin-dir"])
-        .arg(&d.pins.path)
+        .arg(pins)
         .arg("--state-dir")
-        .arg(d.dir.join("state2"))
+        .arg(d.dir.join("other-state"))
         .arg("--socket")
         .arg(d.dir.join("other.sock"))
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn bad_input_gets_one_clear_line() {
+    let (pair, d) = setup();
+    // A second daemon on the same pins.
+    let out = another_run(&pair, &d, &d.pins.path);
     one_line(&out, 3, "already running");
     // An invalid policy.
     let bad = d.dir.join("bad.yaml");
@@ -640,19 +645,7 @@ fn an_xdp_program_attached_by_something_else_is_reported_never_replaced() {
     let (pair, d) = setup();
     let before = xdp_prog_id(&pair.server, &pair.server_if).expect("ipguard attached");
     let other = PinDir::new().unwrap();
-    let out = pair
-        .server
-        .command(ipguard_bin())
-        .args(["run", "--config"])
-        .arg(&d.policy)
-        .args(["--iface", &pair.server_if, "--pin-dir"])
-        .arg(&other.path)
-        .arg("--state-dir")
-        .arg(d.dir.join("other-state"))
-        .arg("--socket")
-        .arg(d.dir.join("other.sock"))
-        .output()
-        .unwrap();
+    let out = another_run(&pair, &d, &other.path);
     one_line(
         &out,
         3,
