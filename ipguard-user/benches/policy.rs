@@ -3,6 +3,8 @@
 //! `cargo bench -p ipguard-user --bench policy` runs:
 //! - `compile/1M_v4_100k_v6`: `policy::compile` of a policy of 1,000,000
 //!   IPv4 and 100,000 IPv6 prefixes (allow, deny through a group, services);
+//! - `compile/1M_v4_100k_v6_from_yaml`: the same from its YAML text
+//!   (parse, validate, compile);
 //! - `explain/1M_queries`: 1,000,000 `Explainer` lookups against it,
 //!   written as the JSON lines of `explain --stdin --json`.
 //!
@@ -187,14 +189,23 @@ fn phases() {
 fn benches(c: &mut Criterion) {
     let text = policy_text(1_000_000, 100_000);
     let loaded = policy::parse_str("bench.yaml", &text).expect("valid policy");
-    drop(text);
     let now = SystemTime::now();
     let mut g = c.benchmark_group("compile");
     g.sample_size(10).measurement_time(Duration::from_secs(20));
     g.bench_function("1M_v4_100k_v6", |b| {
         b.iter(|| black_box(policy::compile(&loaded.policy, now, &[])))
     });
+    // What `ipguard check`, `run` and every reload pay: the YAML text to
+    // the datapath's tables.
+    g.measurement_time(Duration::from_secs(40));
+    g.bench_function("1M_v4_100k_v6_from_yaml", |b| {
+        b.iter(|| {
+            let l = policy::parse_str("bench.yaml", &text).expect("valid policy");
+            black_box(policy::compile(&l.policy, now, &[]))
+        })
+    });
     g.finish();
+    drop(text);
 
     let compiled = policy::compile(&loaded.policy, now, &[]);
     let qs = queries(1_000_000);
