@@ -96,8 +96,22 @@ fn status_counts_the_traffic_sent() {
     assert_eq!(st["policy"]["path"], d.policy.display().to_string());
     assert_eq!(st["policy"]["sha256"].as_str().unwrap().len(), 64);
     assert!(st["policy"]["applied_at"].as_str().unwrap().contains('T'));
-    assert!(st["top_blocked"].is_array());
     assert!(st["counters"]["would_drop"].is_number());
+    // The refused source, as the relayed events name it.
+    let blocked = wait_for(Duration::from_secs(5), || {
+        let st = d.status().ok()?;
+        st["top_blocked"]
+            .as_array()?
+            .iter()
+            .find(|b| b["src"] == CLIENT_V4_ALT)
+            .cloned()
+    })
+    .expect("the refused source in top_blocked");
+    assert_eq!(blocked["service"], "app", "{blocked}");
+    assert!(n(&blocked["count"]) >= 1, "{blocked}");
+    for k in ["first_seen", "last_seen"] {
+        assert!(blocked[k].as_str().unwrap().contains('T'), "{blocked}");
+    }
 }
 
 #[test]
