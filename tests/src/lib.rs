@@ -449,9 +449,9 @@ impl Daemon {
         std::fs::create_dir_all(&dir)?;
         let policy_path = dir.join("policy.yaml");
         std::fs::write(&policy_path, policy)?;
-        let placeholder = ChildGuard { child: None };
         let mut d = Self {
-            proc: placeholder,
+            // Spawned just below, once `d` owns the pins and directory.
+            proc: ChildGuard { child: None },
             pins,
             dir,
             policy: policy_path,

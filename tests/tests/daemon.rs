@@ -677,6 +677,10 @@ fn an_xdp_program_attached_by_something_else_is_reported_never_replaced() {
         .map(|r| r.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "the refused start left pins: {left:?}");
+    assert!(
+        !d.dir.join("other-state/applied.json").exists(),
+        "the refused start recorded a policy as applied"
+    );
     assert!(connects(&pair, CLIENT_V4, SERVER_V4, 7000));
     assert!(!connects(&pair, CLIENT_V4_ALT, SERVER_V4_ALT, 7000));
 }

@@ -135,6 +135,9 @@ impl Daemon {
     ) -> Result<serde_json::Value, CliError> {
         let (stats, answer) = self.write_policy(src, force)?;
         self.log_applied(why, &stats);
+        if let Err(e) = self.record() {
+            tracing::warn!("{e:#}");
+        }
         Ok(answer)
     }
 
@@ -151,9 +154,10 @@ impl Daemon {
         );
     }
 
-    /// [`Daemon::install`] without the log line: `run` logs its first
-    /// policy only once the program is attached, so a start that fails
-    /// later says only why it failed.
+    /// [`Daemon::install`] without the log line and the state record: `run`
+    /// logs and records its first policy only once the program is attached,
+    /// so a start that fails later says only why it failed and records
+    /// nothing.
     pub fn write_policy(
         &mut self,
         src: Source,
@@ -182,9 +186,6 @@ impl Daemon {
             .map_err(|e| CliError::system(e.to_string()))?;
         self.compiled = compiled;
         self.current = src;
-        if let Err(e) = self.record() {
-            tracing::warn!("{e:#}");
-        }
         let answer = json!({
             "generation": stats.generation,
             "prefixes": {"ipv4": stats.v4, "ipv6": stats.v6},
