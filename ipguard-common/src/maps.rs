@@ -50,6 +50,11 @@ pub const PROG_BENCH_LOOKUP: &str = "ipguard_bench_lookup";
 /// possible CPUs: the global event cap is shared out per CPU (see
 /// [`EventBudget`]).
 pub const GLOBAL_NR_CPUS: &str = "IPG_NR_CPUS";
+/// Read-only global of the object, set at load time: 1 when the kernel has
+/// `bpf_ktime_get_coarse_ns` (5.11+), 0 to read `bpf_ktime_get_ns`. The
+/// verifier knows a frozen read-only value, so it never sees the call the
+/// kernel lacks (the branch is dead code to it).
+pub const GLOBAL_COARSE_CLOCK: &str = "IPG_COARSE_CLOCK";
 
 /// Default capacities; the daemon may override the trie sizes at load time.
 pub const DEFAULT_V4_CAPACITY: u32 = 1_048_576;

@@ -17,7 +17,9 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::generated::{bpf_ktime_get_coarse_ns, bpf_skb_pull_data, bpf_xdp_adjust_tail},
+    helpers::generated::{
+        bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_skb_pull_data, bpf_xdp_adjust_tail,
+    },
     macros::{classifier, map, xdp},
     maps::{Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{TcContext, XdpContext},
@@ -71,6 +73,10 @@ static IPG_FLOWS: LruHashMap<FlowKey, u64> = LruHashMap::pinned(DEFAULT_FLOW_CAP
 /// Possible CPUs, set by the loader (`GLOBAL_NR_CPUS`); 1 until then.
 #[unsafe(no_mangle)]
 static IPG_NR_CPUS: u32 = 1;
+/// Whether the kernel has the coarse clock, set by the loader
+/// (`GLOBAL_COARSE_CLOCK`).
+#[unsafe(no_mangle)]
+static IPG_COARSE_CLOCK: u32 = 0;
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 /// TC "no opinion": the next program or the default action decides. The
@@ -285,10 +291,19 @@ fn dst_addr(pkt: &Packet, ip: &IpPacket) -> Option<[u8; 16]> {
 /// event times need milliseconds, not nanoseconds, and the coarse clock is
 /// a plain read where the precise one reads the hardware clock (costly in
 /// virtual machines).
+/// On kernels before 5.11 (no coarse helper) it is the precise clock: same
+/// base, same unit.
 #[inline(always)]
 fn now() -> u64 {
-    // SAFETY: no arguments, no memory access.
-    unsafe { bpf_ktime_get_coarse_ns() }
+    // SAFETY: a read-only global the loader sets; the helpers take no
+    // arguments and touch no memory.
+    unsafe {
+        if core::ptr::read_volatile(&IPG_COARSE_CLOCK) != 0 {
+            bpf_ktime_get_coarse_ns()
+        } else {
+            bpf_ktime_get_ns()
+        }
+    }
 }
 
 #[inline(always)]

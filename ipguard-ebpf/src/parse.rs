@@ -91,6 +91,18 @@ fn opaque(x: usize) -> usize {
     unsafe { core::ptr::read_volatile(&v) }
 }
 
+/// A 16-bit length field of the packet, as a value every verifier can
+/// bound. A big-endian read compiles to a byte swap (or to shifts and an
+/// or), and verifiers before Linux 6.18 treat the result of either as a
+/// wholly unknown 64-bit value, so it could never be added to a packet
+/// pointer ("math between pkt pointer and register with unbounded min
+/// value"). An AND with a constant is what all of them track; `opaque`
+/// keeps LLVM from dropping the AND as redundant.
+#[inline(always)]
+fn len16(b: &[u8], i: usize) -> usize {
+    opaque(be16(b, i) as usize) & 0xffff
+}
+
 /// `ip_end` when the lengths are not checked (TC egress): larger than any
 /// offset the parser reads, so only the frame bounds limit it.
 const NO_END: usize = MAX_OFFSET + 64;
@@ -187,7 +199,7 @@ fn parse_v4<const STRICT: bool>(pkt: &Packet, l3: usize) -> Option<IpPacket> {
     if ihl < 20 {
         return None;
     }
-    let total = be16(h, 2) as usize;
+    let total = len16(h, 2);
     if total < ihl {
         return None;
     }
@@ -236,7 +248,7 @@ fn parse_v6<const STRICT: bool>(pkt: &Packet, l3: usize) -> Option<IpPacket> {
     if h[0] >> 4 != 6 {
         return None;
     }
-    let payload = be16(h, 4) as usize;
+    let payload = len16(h, 4);
     let ip_end = if STRICT {
         if !pkt.holds(l3 + IPV6_HLEN + payload) {
             return None;

@@ -72,6 +72,8 @@ pub enum DatapathError {
     },
     #[error("the kernel refused the XDP program: {0}")]
     Load(String),
+    #[error(transparent)]
+    Unsupported(#[from] crate::kernel::Unsupported),
     #[error(
         "ipguard is not loaded here: no pinned maps under {0} (start `ipguard run`, or pass the --pin-dir it uses)"
     )]
@@ -203,6 +205,8 @@ impl AttachMode {
 pub struct Datapath {
     ebpf: Ebpf,
     pub maps: Maps,
+    /// What the kernel offered at load (and what the program does instead).
+    pub kernel: crate::kernel::Kernel,
 }
 
 impl Datapath {
@@ -211,6 +215,7 @@ impl Datapath {
     /// goes on while a new daemon takes over.
     pub fn load(pin_dir: &Path, caps: Capacities) -> Result<Self> {
         ensure_root()?;
+        crate::kernel::check_supported(&crate::kernel::Release::current())?;
         ensure_bpffs(pin_dir)?;
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -222,6 +227,8 @@ impl Datapath {
                 source,
             })?;
         let ncpu = u32::try_from(cpus()?).unwrap_or(u32::MAX);
+        let kernel = crate::kernel::probe();
+        let coarse = u32::from(kernel.coarse_clock);
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
             .map_max_entries(MAP_V4[0], caps.v4)
@@ -229,6 +236,7 @@ impl Datapath {
             .map_max_entries(MAP_V6[0], caps.v6)
             .map_max_entries(MAP_V6[1], caps.v6)
             .override_global(GLOBAL_NR_CPUS, &ncpu, true)
+            .override_global(GLOBAL_COARSE_CLOCK, &coarse, true)
             .load(crate::EBPF_OBJECT)
             .map_err(|e| DatapathError::Load(format!("{e:#}")))?;
         let xdp: &mut Xdp = ebpf
@@ -246,7 +254,7 @@ impl Datapath {
         tc.load()
             .map_err(|e| DatapathError::Load(verifier_excerpt(&e)))?;
         let maps = Maps::open(pin_dir)?;
-        Ok(Self { ebpf, maps })
+        Ok(Self { ebpf, maps, kernel })
     }
 
     fn program(&mut self) -> Result<&mut Xdp> {
@@ -465,6 +473,9 @@ fn is_busy(e: &aya::programs::ProgramError) -> bool {
 /// The verifier's log is long; its last lines say what went wrong.
 fn verifier_excerpt(e: &aya::programs::ProgramError) -> String {
     let text = format!("{e:#}");
+    // The whole log is what a developer needs to fix the program; the
+    // operator's one line is its end.
+    tracing::debug!("verifier log:\n{text}");
     let lines: Vec<&str> = text.lines().collect();
     let tail = lines.len().saturating_sub(8);
     lines[tail..].join(" | ")

@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod error;
 pub mod events;
+pub mod kernel;
 pub mod metrics;
 pub mod policy;
 pub mod runtime;

@@ -30,6 +30,10 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
     }
     let sys = |e: datapath::DatapathError| CliError::system(e.to_string());
     datapath::ensure_root().map_err(sys)?;
+    // Before anything is created: a kernel too old is refused with nothing
+    // left behind.
+    crate::kernel::check_supported(&crate::kernel::Release::current())
+        .map_err(|e| CliError::system(e.to_string()))?;
     for i in &ifaces {
         datapath::if_index(i).map_err(sys)?;
     }
@@ -201,6 +205,13 @@ fn bring_up(
             iface: iface.clone(),
             mode,
         });
+    }
+    // Said once the start has succeeded: a refused start prints its one
+    // error line and nothing else.
+    if d.dp.kernel.missing.is_empty() {
+        tracing::info!("{}", d.dp.kernel.summary());
+    } else {
+        tracing::warn!("{}", d.dp.kernel.summary());
     }
     Ok((d, stats))
 }

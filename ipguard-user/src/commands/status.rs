@@ -15,6 +15,8 @@ use crate::{
 
 #[derive(Debug, Serialize)]
 pub struct Status {
+    /// The running kernel and the datapath features it lacks.
+    pub kernel: crate::kernel::Kernel,
     pub attached: Vec<AttachedJson>,
     pub mode: &'static str,
     pub action: &'static str,
@@ -184,6 +186,7 @@ pub fn collect(maps: &Maps, state_dir: &std::path::Path) -> Result<Status> {
         .collect();
     let caps = maps.capacities();
     Ok(Status {
+        kernel: crate::kernel::probe(),
         attached,
         mode: mode_name(cfg.mode),
         action: if cfg.action == ACTION_REJECT {
@@ -260,6 +263,22 @@ fn render(st: &serde_json::Value) -> String {
     } else {
         ""
     };
+    let missing: Vec<String> = st["kernel"]["missing"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(t)
+        .collect();
+    let _ = writeln!(
+        o,
+        "kernel:     {}{}",
+        t(&st["kernel"]["release"]),
+        if missing.is_empty() {
+            String::new()
+        } else {
+            format!(" (missing: {})", missing.join("; "))
+        }
+    );
     let _ = writeln!(
         o,
         "attached:   {}{daemon}",
