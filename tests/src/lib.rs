@@ -422,6 +422,8 @@ pub struct Daemon {
     /// Capabilities the daemon is confined to (see [`Daemon::start_confined`]),
     /// also on restart; None: all of root's.
     caps: Option<Vec<u32>>,
+    /// Run in the child before exec (see [`Daemon::start_prepared`]).
+    prepare: Option<fn() -> io::Result<()>>,
 }
 
 impl Daemon {
@@ -433,17 +435,34 @@ impl Daemon {
 
     /// Like [`Daemon::start`], with extra `ipguard run` arguments.
     pub fn start_with(pair: &Pair, policy: &str, extra: &[&str]) -> Result<Self> {
-        Self::launch(pair, policy, extra, None)
+        Self::launch(pair, policy, extra, None, None)
     }
 
     /// Like [`Daemon::start`], with the daemon's capability bounding set cut
     /// down to `caps` (numbers of linux/capability.h), as a systemd unit's
     /// `CapabilityBoundingSet` does: root keeps only those after exec.
     pub fn start_confined(pair: &Pair, policy: &str, caps: &[u32]) -> Result<Self> {
-        Self::launch(pair, policy, &[], Some(caps.to_vec()))
+        Self::launch(pair, policy, &[], Some(caps.to_vec()), None)
     }
 
-    fn launch(pair: &Pair, policy: &str, extra: &[&str], caps: Option<Vec<u32>>) -> Result<Self> {
+    /// Like [`Daemon::start`], with `prepare` run in the child between fork
+    /// and exec (to give the daemon a mount namespace of its own, say). It
+    /// must only make system calls: no allocation, no lock.
+    pub fn start_prepared(
+        pair: &Pair,
+        policy: &str,
+        prepare: fn() -> io::Result<()>,
+    ) -> Result<Self> {
+        Self::launch(pair, policy, &[], None, Some(prepare))
+    }
+
+    fn launch(
+        pair: &Pair,
+        policy: &str,
+        extra: &[&str],
+        caps: Option<Vec<u32>>,
+        prepare: Option<fn() -> io::Result<()>>,
+    ) -> Result<Self> {
         let pins = PinDir::new()?;
         let dir = std::env::temp_dir().join(unique("ipguard-test-"));
         std::fs::create_dir_all(&dir)?;
@@ -456,6 +475,7 @@ impl Daemon {
             dir,
             policy: policy_path,
             caps,
+            prepare,
         };
         d.spawn(pair, extra)?;
         Ok(d)
@@ -490,6 +510,11 @@ impl Daemon {
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null());
+        if let Some(f) = self.prepare {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: `prepare` only makes system calls (its contract).
+            unsafe { cmd.pre_exec(f) };
+        }
         self.proc = ChildGuard::new(cmd.spawn().context("spawn ipguard run")?);
         let link = self.pins.path.join(format!("link_{}", pair.server_if));
         let socket = self.socket();

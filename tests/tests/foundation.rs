@@ -3,7 +3,9 @@
 //! meets first.
 
 use std::{
+    io,
     net::{IpAddr, SocketAddr},
+    os::unix::process::CommandExt,
     process::Output,
     time::Duration,
 };
@@ -177,4 +179,140 @@ fn missing_bpffs_is_one_clear_line() {
         .output()
         .unwrap();
     one_error_line(&out, 3, "not on a BPF filesystem");
+}
+
+/// personality(2)'s UNAME26: the kernel reports its release to the process
+/// as 2.6.(40 + minor), as it does for old programs that cannot parse 3.x.
+/// The real kernel, the real uname(2), a release older than any ipguard
+/// supports.
+const UNAME26: libc::c_ulong = 0x0020000;
+
+#[test]
+fn unsupported_kernel_is_one_clear_line() {
+    require_root();
+    let (d, policy) = policy_file();
+    let ns = Netns::new("ipgk").unwrap();
+    let pins = PinDir::new().unwrap();
+    let mut c = ns.command(ipguard_bin());
+    c.args(["run", "--iface", "lo", "--config"])
+        .arg(&policy)
+        .arg("--pin-dir")
+        .arg(&pins.path)
+        .arg("--state-dir")
+        .arg(d.0.join("state"));
+    // SAFETY: one system call between fork and exec; the personality is
+    // inherited by nsenter's exec of ipguard.
+    unsafe {
+        c.pre_exec(|| {
+            if libc::personality(UNAME26) == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = c.output().unwrap();
+    one_error_line(
+        &out,
+        3,
+        "is not supported: ipguard needs Linux 5.10 or newer; this kernel lacks",
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("Linux 2.6."), "{stderr}");
+    assert!(stderr.contains("the BPF ring buffer (5.8)"), "{stderr}");
+    assert!(
+        !pins.path.exists(),
+        "nothing may be pinned for a refused start"
+    );
+}
+
+/// Hides the kernel's BTF from the daemon: a mount namespace of its own
+/// with an empty tmpfs over /sys/kernel/btf (what a kernel built without
+/// CONFIG_DEBUG_INFO_BTF shows). The BPF filesystem stays visible.
+fn without_kernel_btf() -> io::Result<()> {
+    // SAFETY: plain system calls on static NUL-terminated strings.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNS) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if libc::mount(
+            c"none".as_ptr(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        let dir = c"/sys/kernel/btf";
+        if libc::access(dir.as_ptr(), libc::F_OK) == 0
+            && libc::mount(
+                c"none".as_ptr(),
+                dir.as_ptr(),
+                c"tmpfs".as_ptr(),
+                0,
+                std::ptr::null(),
+            ) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// ipguard's program has no CO-RE relocations, so a kernel without BTF
+/// enforces exactly as one with it; the daemon says the BTF is absent.
+#[test]
+fn a_kernel_without_btf_still_enforces_and_says_so() {
+    require_root();
+    let pair = Pair::new().unwrap();
+    for a in [SERVER_V4, SERVER_V4_ALT] {
+        tcp_listener(&pair.server, SocketAddr::new(a.parse().unwrap(), 7000)).unwrap();
+    }
+    let d = Daemon::start_prepared(&pair, POLICY, without_kernel_btf).unwrap();
+    assert!(connect(&pair, CLIENT_V4, SERVER_V4, 7000));
+    assert!(!connect(&pair, CLIENT_V4_ALT, SERVER_V4_ALT, 7000));
+    let st = d.status().unwrap();
+    assert_eq!(st["kernel"]["btf"], false, "{st}");
+    let missing = st["kernel"]["missing"].to_string();
+    assert!(missing.contains("kernel BTF"), "{missing}");
+}
+
+/// What the daemon reports of the running kernel: its release, and the
+/// features it lacks (printed for `cargo xtask vm-test`'s per-kernel
+/// summary).
+#[test]
+fn status_names_the_kernel_and_what_it_lacks() {
+    require_root();
+    let pair = Pair::new().unwrap();
+    let d = Daemon::start(&pair, POLICY).unwrap();
+    let st = d.status().unwrap();
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert_eq!(st["kernel"]["release"], release.trim(), "{st}");
+    let missing: Vec<String> = st["kernel"]["missing"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        st["kernel"]["coarse_clock"] == false,
+        missing
+            .iter()
+            .any(|m| m.starts_with("bpf_ktime_get_coarse_ns")),
+        "{st}"
+    );
+    assert_eq!(
+        st["kernel"]["tcx"] == false,
+        missing.iter().any(|m| m.starts_with("TCX")),
+        "{st}"
+    );
+    println!(
+        "vm-report: daemon reports missing: {}",
+        if missing.is_empty() {
+            "nothing".to_string()
+        } else {
+            missing.join("; ")
+        }
+    );
 }

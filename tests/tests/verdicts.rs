@@ -147,6 +147,8 @@ fn check(l: &mut Loaded, cases: &[Case]) {
         cases.len(),
         failures.join("\n")
     );
+    // Summed per kernel by `cargo xtask vm-test`.
+    println!("vm-report: corpus-frames {}", cases.len());
 }
 
 const FRAG_LATER: u16 = 185; // offset 1480 bytes

@@ -23,7 +23,14 @@ use ipguard::policy::{self, CompiledPolicy, Explainer};
 use ipguard_common::*;
 use ipguard_tests::frames::{Ext, L4, Pkt};
 
-const POLICIES: usize = 1000;
+/// Random policies per run; `IPGUARD_DIFF_POLICIES` lowers it where each
+/// costs more (the qemu guests of `cargo xtask vm-test`).
+fn policies() -> usize {
+    std::env::var("IPGUARD_DIFF_POLICIES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000)
+}
 const PACKETS_PER_POLICY: usize = 100;
 
 /// xorshift64*: small, seeded, good enough to spread cases.
@@ -255,7 +262,7 @@ fn the_kernel_agrees_with_explain_on_random_policies_and_packets() {
     let started = Instant::now();
     let mut packets = 0usize;
     let mut seen: BTreeMap<(u8, u8), usize> = BTreeMap::new();
-    for n in 0..POLICIES {
+    for n in 0..policies() {
         let text = random_policy(&mut r);
         let loaded = policy::parse_str("random.yaml", &text)
             .unwrap_or_else(|e| panic!("seed {seed:#x}, policy {n} does not parse:\n{text}\n{e}"));
@@ -346,7 +353,8 @@ fn the_kernel_agrees_with_explain_on_random_policies_and_packets() {
         .map(|((v, r), n)| format!("{}/{}: {n}", verdict_name(*v), reason_name(*r)))
         .collect();
     println!(
-        "{POLICIES} policies, {packets} packets in {:?}: {}",
+        "vm-report: differential: {} policies, {packets} packets, kernel and explain agree on each, in {:?}: {}",
+        policies(),
         started.elapsed(),
         summary.join(", ")
     );
