@@ -3,6 +3,7 @@ mod bench;
 mod demo;
 mod fuzz;
 mod setup;
+mod vm;
 
 use std::process::{Command, ExitCode};
 
@@ -27,11 +28,26 @@ enum Cmd {
     /// Build the `ipguard` binary (release) with the XDP program embedded.
     Build,
     /// Run every test: formatting, clippy, unit and property tests, the
-    /// eBPF build, and the root integration tests in network namespaces.
+    /// eBPF build, the root integration tests in network namespaces, and
+    /// those again on each supported kernel under qemu (`vm-test`).
     Test {
         /// Extra arguments for the test runner (a test name filter, ...).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
+    },
+    /// Boot Debian's kernels (5.10, 6.1, 6.12, newest) under qemu and run
+    /// the datapath's root tests inside each.
+    VmTest {
+        /// Kernels to test: 5.10, 6.1, 6.12, newest (trixie-backports), or
+        /// all.
+        #[arg(long = "kernel", default_value = "all", value_delimiter = ',')]
+        kernels: Vec<String>,
+        /// Guests booted at once.
+        #[arg(long, default_value_t = 2)]
+        jobs: usize,
+        /// Accelerator: auto uses KVM only when a probe guest boots with it.
+        #[arg(long, value_enum, default_value_t = vm::Accel::Auto)]
+        accel: vm::Accel,
     },
     /// Run ipguard between two throw-away network namespaces and show what
     /// it passes, what it drops, and `ipguard status`.
@@ -57,6 +73,18 @@ fn main() -> ExitCode {
         Cmd::Setup => setup::setup().map(|_| ()),
         Cmd::Build => build_release().map(|_| ()),
         Cmd::Test { args } => test(&args),
+        Cmd::VmTest {
+            kernels,
+            jobs,
+            accel,
+        } => vm::parse_kernels(&kernels).and_then(|kernels| {
+            let results = vm::run(&vm::Options {
+                kernels,
+                jobs,
+                accel,
+            })?;
+            vm::report(&results)
+        }),
         Cmd::Demo => demo::run(),
         Cmd::Bench { args } => bench::run(&args),
         Cmd::Fuzz { seconds } => fuzz::run(seconds),
@@ -137,7 +165,29 @@ fn test(extra: &[String]) -> Result<()> {
     let mut c = cargo(&tools);
     c.args(["nextest", "run", "--no-fail-fast", "--cargo-quiet"]);
     c.args(extra);
-    run(&mut c)
+    let host = run(&mut c);
+    // The same root tests on every supported kernel, unless a filter
+    // asked for a part of the suite.
+    if !extra.is_empty() {
+        return host;
+    }
+    let results = vm::run(&vm::Options {
+        kernels: vm::KERNELS.to_vec(),
+        jobs: 2,
+        accel: vm::Accel::Auto,
+    });
+    let host_line = match &host {
+        Ok(()) => "passed",
+        Err(_) => "FAILED",
+    };
+    println!(
+        "host kernel {}: nextest {host_line} (above)",
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+    );
+    let vm = results.and_then(|r| vm::report(&r));
+    host.and(vm)
 }
 
 fn nix_is_root() -> bool {

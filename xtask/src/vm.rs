@@ -1,0 +1,1005 @@
+//! `cargo xtask vm-test`: the datapath's checks on the kernels servers run.
+//!
+//! For each kernel of the matrix it fetches Debian's own cloud kernel with
+//! apt into a private cache (sources, lists and archives of its own under
+//! target/vm; the machine's apt configuration is never read for sources
+//! nor changed), builds an initramfs holding busybox, iproute2, the
+//! `ipguard` binary, the root integration test binaries and the kernel's
+//! veth, sch_ingress and cls_bpf modules, boots it under qemu with no
+//! network device, and reads each test's verdict from the serial console.
+//! The guest runs the very test binaries `cargo xtask test` runs on the
+//! host (the verdict corpus, the differential test against `explain`, the
+//! netns daemon tests): one test per process, as nextest does.
+
+use std::{
+    collections::BTreeSet,
+    fmt::Write as _,
+    fs,
+    io::{BufRead, BufReader},
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::{Arc, Mutex},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::setup::{self, Tools};
+
+/// A kernel of the matrix: a Debian suite's newest cloud kernel.
+#[derive(Clone, Copy, Debug)]
+pub struct KernelSpec {
+    /// The name `--kernel` takes.
+    pub name: &'static str,
+    pub suite: &'static str,
+    pub distribution: &'static str,
+}
+
+pub const KERNELS: &[KernelSpec] = &[
+    KernelSpec {
+        name: "5.10",
+        suite: "bullseye",
+        distribution: "Debian 11",
+    },
+    KernelSpec {
+        name: "6.1",
+        suite: "bookworm",
+        distribution: "Debian 12",
+    },
+    KernelSpec {
+        name: "6.12",
+        suite: "trixie",
+        distribution: "Debian 13",
+    },
+    KernelSpec {
+        name: "newest",
+        suite: "trixie-backports",
+        distribution: "Debian 13 backports",
+    },
+];
+
+/// The test binaries of the `tests` crate that run in each guest. The
+/// benchmark is left out (its figures mean nothing under emulation).
+const GUEST_TESTS: &[&str] = &[
+    "verdicts",
+    "verdicts_differential",
+    "datapath_netns",
+    "datapath_swap",
+    "foundation",
+    "daemon",
+];
+/// Kernel modules the tests need that Debian's cloud kernels build as
+/// modules.
+const MODULES: &[&str] = &["veth", "sch_ingress", "cls_bpf"];
+/// Host programs the tests call by name (busybox's applets of the same
+/// names lack options they use: `ip netns`, `setpriv --inh-caps`).
+const HOST_TOOLS: &[&str] = &["ip", "nsenter", "setpriv"];
+/// Debian packages the run needs on the host.
+const HOST_PACKAGES: &[(&str, &str)] = &[
+    ("qemu-system-x86", "/usr/bin/qemu-system-x86_64"),
+    ("busybox-static", "/usr/bin/busybox"),
+    ("cpio", "/usr/bin/cpio"),
+];
+const MIRROR: &str = "http://deb.debian.org/debian";
+/// A guest that has printed nothing new for this long is hung.
+const GUEST_SILENCE: Duration = Duration::from_secs(300);
+/// And no guest runs longer than this in all.
+const GUEST_LIMIT: Duration = Duration::from_secs(1500);
+/// Differential policies per guest: the host runs 1,000; under emulation
+/// each costs about 20 times as much.
+const GUEST_DIFF_POLICIES: &str = "200";
+/// Policy swaps under traffic per guest (the host runs 1,000).
+const GUEST_SWAPS: &str = "100";
+
+pub struct Options {
+    pub kernels: Vec<KernelSpec>,
+    pub jobs: usize,
+    pub accel: Accel,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Accel {
+    /// KVM when a probe boot shows it works, else TCG.
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+pub fn parse_kernels(names: &[String]) -> Result<Vec<KernelSpec>> {
+    let mut out = Vec::new();
+    for n in names {
+        if n == "all" {
+            return Ok(KERNELS.to_vec());
+        }
+        match KERNELS.iter().find(|k| k.name == n || k.suite == n) {
+            Some(k) => out.push(*k),
+            None => bail!(
+                "unknown kernel {n:?}: choose one of {} or all",
+                KERNELS
+                    .iter()
+                    .map(|k| k.name)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
+    Ok(out)
+}
+
+/// One guest's outcome.
+#[derive(Debug, Default)]
+pub struct GuestResult {
+    pub kernel: String,
+    pub release: String,
+    pub passed: Vec<String>,
+    pub failed: Vec<String>,
+    pub reports: Vec<String>,
+    pub boot_secs: f64,
+    pub test_secs: f64,
+    pub error: Option<String>,
+    pub log: PathBuf,
+}
+
+impl GuestResult {
+    fn ok(&self) -> bool {
+        self.error.is_none() && self.failed.is_empty() && !self.passed.is_empty()
+    }
+
+    pub fn line(&self) -> String {
+        let mut s = format!(
+            "{} ({}): {}/{} checks passed, boot {:.0} s, tests {:.0} s",
+            self.kernel,
+            if self.release.is_empty() {
+                "?"
+            } else {
+                &self.release
+            },
+            self.passed.len(),
+            self.passed.len() + self.failed.len(),
+            self.boot_secs,
+            self.test_secs
+        );
+        if !self.failed.is_empty() {
+            let _ = write!(s, "; FAILED: {}", self.failed.join(", "));
+        }
+        if let Some(e) = &self.error {
+            let _ = write!(s, "; ERROR: {e}");
+        }
+        s
+    }
+}
+
+pub fn run(opts: &Options) -> Result<Vec<GuestResult>> {
+    require_root()?;
+    let root = setup::workspace_root()?;
+    let work = root.join("target/vm");
+    fs::create_dir_all(&work).with_context(|| format!("create {}", work.display()))?;
+    ensure_host_packages()?;
+    let tools = setup::setup()?;
+    let bins = build_test_binaries(&tools, &root)?;
+    let common = build_common_initramfs(&root, &work, &bins)?;
+
+    // Fetch every kernel first: a kernel whose packages cannot be fetched
+    // fails the run by name before any guest boots.
+    let mut fetched = Vec::new();
+    for k in &opts.kernels {
+        let f = fetch_kernel(&work.join("kernels"), k)
+            .with_context(|| format!("kernel {} ({}, {})", k.name, k.distribution, k.suite))?;
+        fetched.push((*k, f));
+    }
+    let mut images = Vec::new();
+    for (k, f) in &fetched {
+        let img = build_kernel_initramfs(&work, k, f, &common)
+            .with_context(|| format!("initramfs for kernel {}", k.name))?;
+        images.push((*k, f.vmlinuz.clone(), img));
+    }
+    let accel = choose_accel(opts.accel, &work, &images[0].1, &images[0].2)?;
+    eprintln!("xtask: vm-test: qemu with {accel}");
+
+    let queue = Arc::new(Mutex::new(images));
+    let results = Arc::new(Mutex::new(Vec::new()));
+    let mut workers = Vec::new();
+    for _ in 0..opts.jobs.max(1) {
+        let queue = Arc::clone(&queue);
+        let results = Arc::clone(&results);
+        let work = work.clone();
+        workers.push(thread::spawn(move || {
+            loop {
+                let next = queue.lock().map(|mut q| q.pop()).unwrap_or(None);
+                let Some((k, vmlinuz, img)) = next else { break };
+                let r = boot(&work, &k, &vmlinuz, &img, accel);
+                eprintln!("xtask: vm-test: {}", r.line());
+                if let Ok(mut v) = results.lock() {
+                    v.push(r);
+                }
+            }
+        }));
+    }
+    for w in workers {
+        let _ = w.join();
+    }
+    let mut results = Arc::try_unwrap(results)
+        .map_err(|_| anyhow::anyhow!("a guest thread still holds the results"))?
+        .into_inner()
+        .map_err(|_| anyhow::anyhow!("a guest thread panicked"))?;
+    let order = |r: &GuestResult| KERNELS.iter().position(|k| k.name == r.kernel);
+    results.sort_by_key(order);
+    Ok(results)
+}
+
+/// Prints the per-kernel summary; fails when any guest failed.
+pub fn report(results: &[GuestResult]) -> Result<()> {
+    let mut bad = Vec::new();
+    for r in results {
+        for f in &r.failed {
+            eprintln!(
+                "xtask: vm-test: {} {f} failed; console log {}",
+                r.kernel,
+                r.log.display()
+            );
+        }
+        let mut frames = 0u64;
+        for line in &r.reports {
+            match line.strip_prefix("corpus-frames ") {
+                Some(n) => frames += n.trim().parse::<u64>().unwrap_or(0),
+                None => eprintln!("xtask: vm-test: {}: {line}", r.kernel),
+            }
+        }
+        eprintln!(
+            "xtask: vm-test: {}: corpus: {frames} frames judged as expected",
+            r.kernel
+        );
+        if !r.ok() {
+            bad.push(r.kernel.clone());
+        }
+    }
+    let summary: Vec<String> = results
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {}/{}",
+                r.kernel,
+                r.passed.len(),
+                r.passed.len() + r.failed.len()
+            )
+        })
+        .collect();
+    println!("vm-test: checks passed per kernel: {}", summary.join(", "));
+    if !bad.is_empty() {
+        bail!("vm-test failed on kernel(s) {}", bad.join(", "));
+    }
+    Ok(())
+}
+
+fn require_root() -> Result<()> {
+    // SAFETY: geteuid has no failure mode.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "vm-test needs root (apt, qemu's initramfs of root-owned files): run `sudo -E cargo xtask vm-test`"
+        );
+    }
+    Ok(())
+}
+
+fn ensure_host_packages() -> Result<()> {
+    let missing: Vec<&str> = HOST_PACKAGES
+        .iter()
+        .filter(|(_, file)| !Path::new(file).exists())
+        .map(|(pkg, _)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing {} from Debian", missing.join(" "));
+    let install = |update: bool| -> Result<()> {
+        if update {
+            crate::run(Command::new("apt-get").args(["-q", "update"]))?;
+        }
+        crate::run(
+            Command::new("apt-get")
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(&missing),
+        )
+    };
+    // Stale package lists name files the mirror no longer has.
+    install(false).or_else(|_| install(true))
+}
+
+/// What the guest runs: test binaries and the `ipguard` binary next to
+/// their directory, as `ipguard_tests::ipguard_bin` expects.
+struct TestBinaries {
+    ipguard: PathBuf,
+    tests: Vec<(String, PathBuf)>,
+}
+
+fn build_test_binaries(tools: &Tools, root: &Path) -> Result<TestBinaries> {
+    crate::run(crate::cargo(tools).current_dir(root).args([
+        "build",
+        "--quiet",
+        "--package",
+        "ipguard-user",
+        "--bin",
+        "ipguard",
+    ]))?;
+    let out = crate::cargo(tools)
+        .current_dir(root)
+        .args([
+            "test",
+            "--quiet",
+            "--no-run",
+            "--package",
+            "ipguard-tests",
+            "--message-format=json",
+        ])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("cargo test --no-run")?;
+    if !out.status.success() {
+        bail!("building the test binaries failed");
+    }
+    let mut tests = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if v["reason"] != "compiler-artifact" || v["profile"]["test"] != true {
+            continue;
+        }
+        let (Some(name), Some(exe)) = (v["target"]["name"].as_str(), v["executable"].as_str())
+        else {
+            continue;
+        };
+        if GUEST_TESTS.contains(&name) {
+            tests.push((name.to_string(), PathBuf::from(exe)));
+        }
+    }
+    for t in GUEST_TESTS {
+        if !tests.iter().any(|(n, _)| n == t) {
+            bail!("cargo built no test binary {t}");
+        }
+    }
+    tests.sort_by_key(|(n, _)| GUEST_TESTS.iter().position(|t| t == n));
+    Ok(TestBinaries {
+        ipguard: root.join("target/debug/ipguard"),
+        tests,
+    })
+}
+
+/// The shared dynamic libraries `exe` loads (`ldd`), the loader included.
+fn libraries(exe: &Path) -> Result<Vec<PathBuf>> {
+    let out = Command::new("ldd")
+        .arg(exe)
+        .output()
+        .with_context(|| format!("ldd {}", exe.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if text.contains("not a dynamic executable") {
+        return Ok(Vec::new());
+    }
+    Ok(text
+        .split_whitespace()
+        .filter(|w| w.starts_with('/'))
+        .map(PathBuf::from)
+        .collect())
+}
+
+fn which(name: &str) -> Result<PathBuf> {
+    for dir in ["/usr/sbin", "/usr/bin", "/sbin", "/bin"] {
+        let p = Path::new(dir).join(name);
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    bail!("{name} is not installed on this machine (needed inside the guests)")
+}
+
+/// Copies `src` to `tree` + `dest` (absolute), following links.
+fn put(tree: &Path, src: &Path, dest: &Path) -> Result<()> {
+    let to = tree.join(dest.strip_prefix("/").unwrap_or(dest));
+    if let Some(p) = to.parent() {
+        fs::create_dir_all(p).with_context(|| format!("create {}", p.display()))?;
+    }
+    fs::copy(src, &to).with_context(|| format!("copy {} to {}", src.display(), to.display()))?;
+    Ok(())
+}
+
+/// Copies an executable without its debug information (the guest keeps
+/// the initramfs in memory).
+fn put_stripped(tree: &Path, src: &Path, dest: &Path) -> Result<()> {
+    let to = tree.join(dest.strip_prefix("/").unwrap_or(dest));
+    if let Some(p) = to.parent() {
+        fs::create_dir_all(p)?;
+    }
+    crate::run(
+        Command::new("objcopy")
+            .arg("--strip-debug")
+            .arg(src)
+            .arg(&to),
+    )
+}
+
+fn cpio(dir: &Path, out: &Path) -> Result<()> {
+    let list = Command::new("find")
+        .arg(".")
+        .current_dir(dir)
+        .output()
+        .context("find")?;
+    let mut names: Vec<&str> = std::str::from_utf8(&list.stdout)
+        .context("file names")?
+        .lines()
+        .collect();
+    names.sort_unstable();
+    let file = fs::File::create(out).with_context(|| format!("create {}", out.display()))?;
+    let mut child = Command::new("cpio")
+        .args(["-o", "-H", "newc", "--quiet", "--reproducible"])
+        .current_dir(dir)
+        .stdin(Stdio::piped())
+        .stdout(file)
+        .spawn()
+        .context("start cpio")?;
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().context("cpio stdin")?;
+        for n in names {
+            writeln!(stdin, "{n}")?;
+        }
+    }
+    if !child.wait()?.success() {
+        bail!("cpio failed for {}", dir.display());
+    }
+    Ok(())
+}
+
+/// The part of the initramfs every kernel shares.
+fn build_common_initramfs(root: &Path, work: &Path, bins: &TestBinaries) -> Result<PathBuf> {
+    let tree = work.join("common");
+    if tree.exists() {
+        fs::remove_dir_all(&tree)?;
+    }
+    for d in [
+        "bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "run", "tmp", "root", "ipg",
+    ] {
+        fs::create_dir_all(tree.join(d))?;
+    }
+    put(
+        &tree,
+        Path::new("/usr/bin/busybox"),
+        Path::new("/bin/busybox"),
+    )?;
+    let applets = Command::new("/usr/bin/busybox")
+        .arg("--list")
+        .output()
+        .context("busybox --list")?;
+    for a in String::from_utf8_lossy(&applets.stdout).lines() {
+        if a == "busybox" || HOST_TOOLS.contains(&a) {
+            continue;
+        }
+        let _ = std::os::unix::fs::symlink("busybox", tree.join("bin").join(a));
+    }
+    let mut dynamic = BTreeSet::new();
+    for t in HOST_TOOLS {
+        let src = which(t)?;
+        put(&tree, &src, &Path::new("/usr/sbin").join(t))?;
+        dynamic.insert(src);
+    }
+    // Test binaries in /ipg/deps, the ipguard binary in /ipg: the layout
+    // of a cargo target directory, so the tests find it where they look.
+    put_stripped(&tree, &bins.ipguard, Path::new("/ipg/ipguard"))?;
+    dynamic.insert(bins.ipguard.clone());
+    let mut names = String::new();
+    for (name, exe) in &bins.tests {
+        put_stripped(&tree, exe, &Path::new("/ipg/deps").join(name))?;
+        dynamic.insert(exe.clone());
+        let _ = writeln!(names, "{name}");
+    }
+    fs::write(tree.join("ipg/tests"), names)?;
+    for exe in &dynamic {
+        for lib in libraries(exe)? {
+            put(&tree, &lib, &lib)?;
+        }
+    }
+    // Files the tests read at run time through CARGO_MANIFEST_DIR.
+    // The tests' own directory must exist for `tests/../packaging` to
+    // resolve.
+    let unit = root.join("packaging/ipguard.service");
+    put(&tree, &unit, &unit)?;
+    fs::create_dir_all(tree.join(root.join("tests").strip_prefix("/")?))?;
+    let init = tree.join("init");
+    fs::write(&init, INIT)?;
+    fs::set_permissions(&init, fs::Permissions::from_mode(0o755))?;
+    let out = work.join("common.cpio");
+    cpio(&tree, &out)?;
+    Ok(out)
+}
+
+/// A kernel's files, extracted from its packages.
+struct Fetched {
+    vmlinuz: PathBuf,
+    modules: PathBuf,
+}
+
+fn apt_options(dir: &Path) -> Vec<String> {
+    let d = dir.display();
+    vec![
+        format!("-o=Dir::Etc::sourcelist={d}/sources.list"),
+        "-o=Dir::Etc::sourceparts=/dev/null".into(),
+        format!("-o=Dir::State::Lists={d}/lists"),
+        format!("-o=Dir::Cache={d}/cache"),
+        // The downloads land in a directory root owns; apt's sandbox user
+        // could not write them.
+        "-o=APT::Sandbox::User=root".into(),
+        "-q".into(),
+    ]
+}
+
+fn fetch_kernel(cache: &Path, k: &KernelSpec) -> Result<Fetched> {
+    let dir = cache.join(k.suite);
+    for d in ["lists/partial", "cache/archives/partial", "debs"] {
+        fs::create_dir_all(dir.join(d))?;
+    }
+    let mirror = std::env::var("IPGUARD_DEBIAN_MIRROR").unwrap_or_else(|_| MIRROR.into());
+    fs::write(
+        dir.join("sources.list"),
+        format!("deb {mirror} {} main\n", k.suite),
+    )?;
+    let opts = apt_options(&dir);
+    let out = Command::new("apt-get")
+        .args(&opts)
+        .arg("update")
+        .output()
+        .context("apt-get update")?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() || stderr.contains("W: Failed to fetch") {
+        bail!("apt-get update for {} failed: {}", k.suite, stderr.trim());
+    }
+    let deps = Command::new("apt-cache")
+        .args(&opts)
+        .args([
+            "depends",
+            "--recurse",
+            "--no-recommends",
+            "--no-suggests",
+            "--no-conflicts",
+            "--no-breaks",
+            "--no-replaces",
+            "--no-enhances",
+            "linux-image-cloud-amd64",
+        ])
+        .output()
+        .context("apt-cache depends")?;
+    if !deps.status.success() {
+        bail!(
+            "{} has no linux-image-cloud-amd64: {}",
+            k.suite,
+            String::from_utf8_lossy(&deps.stderr).trim()
+        );
+    }
+    // The versioned packages that hold the image and its modules: one
+    // linux-image-VERSION-cloud-amd64 up to Debian 13, split into
+    // linux-binary-* and linux-modules-* on the newest kernels.
+    let packages: BTreeSet<String> = String::from_utf8_lossy(&deps.stdout)
+        .lines()
+        .filter(|l| !l.starts_with(' ') && !l.starts_with('<'))
+        .filter(|l| {
+            ["linux-image-", "linux-binary-", "linux-modules-"]
+                .iter()
+                .any(|p| l.starts_with(p))
+        })
+        .filter(|l| l.chars().any(|c| c.is_ascii_digit()) && !l.ends_with("-dbg"))
+        .map(str::to_string)
+        .collect();
+    if packages.is_empty() {
+        bail!("no kernel package found in {}", k.suite);
+    }
+    let debs = dir.join("debs");
+    let stamp_want = packages.iter().cloned().collect::<Vec<_>>().join("\n");
+    let extracted = dir.join("root");
+    let stamp = dir.join("extracted.stamp");
+    if fs::read_to_string(&stamp).unwrap_or_default() != stamp_want {
+        let _ = fs::remove_dir_all(&debs);
+        fs::create_dir_all(&debs)?;
+        let out = Command::new("apt-get")
+            .args(&opts)
+            .arg("download")
+            .args(&packages)
+            .current_dir(&debs)
+            .output()
+            .context("apt-get download")?;
+        if !out.status.success() {
+            bail!(
+                "cannot download {}: {}",
+                packages.iter().cloned().collect::<Vec<_>>().join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let _ = fs::remove_dir_all(&extracted);
+        fs::create_dir_all(&extracted)?;
+        for e in fs::read_dir(&debs)? {
+            let p = e?.path();
+            if p.extension().is_some_and(|x| x == "deb") {
+                crate::run(Command::new("dpkg-deb").arg("-x").arg(&p).arg(&extracted))?;
+            }
+        }
+        fs::write(&stamp, &stamp_want)?;
+    }
+    let mut modules = None;
+    for base in ["lib/modules", "usr/lib/modules"] {
+        if let Ok(rd) = fs::read_dir(extracted.join(base)) {
+            for e in rd.flatten() {
+                if e.path().join("kernel").is_dir() {
+                    modules = Some(e.path());
+                }
+            }
+        }
+    }
+    let modules = modules.context("the packages hold no lib/modules/RELEASE/kernel")?;
+    let release = modules
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let vmlinuz = [
+        extracted.join(format!("boot/vmlinuz-{release}")),
+        modules.join("vmlinuz"),
+    ]
+    .into_iter()
+    .find(|p| p.exists())
+    .with_context(|| format!("no vmlinuz for {release} in the packages"))?;
+    Ok(Fetched { vmlinuz, modules })
+}
+
+/// Finds `name`.ko or `name`.ko.xz under the kernel's module tree.
+fn find_module(dir: &Path, name: &str) -> Option<PathBuf> {
+    let rd = fs::read_dir(dir).ok()?;
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            if let Some(f) = find_module(&p, name) {
+                return Some(f);
+            }
+        } else if let Some(f) = p.file_name().and_then(|f| f.to_str())
+            && (f == format!("{name}.ko") || f == format!("{name}.ko.xz"))
+        {
+            return Some(p);
+        }
+    }
+    None
+}
+
+/// A module's bytes, decompressed (busybox's insmod takes plain .ko).
+fn module_bytes(path: &Path) -> Result<Vec<u8>> {
+    if path.extension().is_some_and(|x| x == "xz") {
+        let out = Command::new("/usr/bin/busybox")
+            .arg("xzcat")
+            .arg(path)
+            .output()
+            .context("busybox xzcat")?;
+        if !out.status.success() {
+            bail!("cannot decompress {}", path.display());
+        }
+        Ok(out.stdout)
+    } else {
+        Ok(fs::read(path)?)
+    }
+}
+
+/// The `depends=` of a module's .modinfo.
+fn module_depends(ko: &[u8]) -> Vec<String> {
+    let key = b"depends=";
+    let Some(at) = ko.windows(key.len()).position(|w| w == key) else {
+        return Vec::new();
+    };
+    let rest = &ko[at + key.len()..];
+    let end = rest.iter().position(|&b| b == 0).unwrap_or(0);
+    String::from_utf8_lossy(&rest[..end])
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+fn build_kernel_initramfs(
+    work: &Path,
+    k: &KernelSpec,
+    f: &Fetched,
+    common: &Path,
+) -> Result<PathBuf> {
+    let tree = work.join(format!("modules-{}", k.suite));
+    if tree.exists() {
+        fs::remove_dir_all(&tree)?;
+    }
+    let mods = tree.join("ipg/modules");
+    fs::create_dir_all(&mods)?;
+    // Dependencies first: the load order file lists them before their
+    // users.
+    let mut order: Vec<String> = Vec::new();
+    let mut todo: Vec<String> = MODULES.iter().map(|m| m.to_string()).collect();
+    let mut seen = BTreeSet::new();
+    while let Some(m) = todo.pop() {
+        if !seen.insert(m.clone()) {
+            continue;
+        }
+        let Some(path) = find_module(&f.modules, &m) else {
+            // Built into this kernel.
+            continue;
+        };
+        let bytes = module_bytes(&path)?;
+        let deps = module_depends(&bytes);
+        fs::write(mods.join(format!("{m}.ko")), &bytes)?;
+        order.insert(0, m);
+        todo.extend(deps);
+    }
+    fs::write(tree.join("ipg/modules.order"), order.join("\n") + "\n")?;
+    let part = work.join(format!("modules-{}.cpio", k.suite));
+    cpio(&tree, &part)?;
+    let image = work.join(format!("initramfs-{}.cpio", k.suite));
+    let mut bytes = fs::read(common)?;
+    bytes.extend(fs::read(&part)?);
+    fs::write(&image, bytes)?;
+    Ok(image)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Using {
+    Kvm,
+    Tcg,
+}
+
+impl std::fmt::Display for Using {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Using::Kvm => "KVM",
+            Using::Tcg => "TCG (software emulation)",
+        })
+    }
+}
+
+/// KVM only when a guest boots with it: on some VMs /dev/kvm opens but a
+/// nested guest hangs in early boot. The answer is kept per host kernel.
+fn choose_accel(want: Accel, work: &Path, vmlinuz: &Path, image: &Path) -> Result<Using> {
+    match want {
+        Accel::Kvm => return Ok(Using::Kvm),
+        Accel::Tcg => return Ok(Using::Tcg),
+        Accel::Auto => {}
+    }
+    if fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        return Ok(Using::Tcg);
+    }
+    let host = nix_release();
+    let memo = work.join("kvm-probe");
+    if let Ok(s) = fs::read_to_string(&memo)
+        && let Some((rel, verdict)) = s.trim().split_once(' ')
+        && rel == host
+    {
+        return Ok(if verdict == "works" {
+            Using::Kvm
+        } else {
+            Using::Tcg
+        });
+    }
+    eprintln!("xtask: vm-test: probing whether KVM boots a guest here (at most 20 s)");
+    let log = work.join("kvm-probe.log");
+    let booted = qemu(
+        Using::Kvm,
+        vmlinuz,
+        image,
+        "ipgvm.probe=1",
+        &log,
+        Duration::from_secs(20),
+        Duration::from_secs(20),
+    )
+    .map(|lines| lines.iter().any(|l| l.starts_with("IPGVM BOOT")))
+    .unwrap_or(false);
+    let _ = fs::write(
+        &memo,
+        format!("{host} {}\n", if booted { "works" } else { "hangs" }),
+    );
+    Ok(if booted { Using::Kvm } else { Using::Tcg })
+}
+
+fn nix_release() -> String {
+    fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Boots a guest and returns the lines of its console; the guest is
+/// killed after `silence` without output or `limit` in all.
+fn qemu(
+    using: Using,
+    vmlinuz: &Path,
+    image: &Path,
+    extra_cmdline: &str,
+    log: &Path,
+    silence: Duration,
+    limit: Duration,
+) -> Result<Vec<String>> {
+    let mut c = Command::new("qemu-system-x86_64");
+    match using {
+        Using::Kvm => c.args(["-accel", "kvm", "-cpu", "host"]),
+        Using::Tcg => c.args(["-accel", "tcg,thread=multi", "-cpu", "max"]),
+    };
+    c.args(["-m", "2048", "-smp", "2"])
+        // No network device at all: the guest cannot reach anything.
+        .args(["-nic", "none", "-display", "none", "-monitor", "none"])
+        .args(["-no-reboot", "-serial", "stdio"])
+        .arg("-kernel")
+        .arg(vmlinuz)
+        .arg("-initrd")
+        .arg(image)
+        .arg("-append")
+        .arg(format!(
+            "console=ttyS0 panic=-1 quiet loglevel=3 rdinit=/init {extra_cmdline}"
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().context("start qemu-system-x86_64")?;
+    let stdout = child.stdout.take().context("qemu stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let start = Instant::now();
+    let mut lines = Vec::new();
+    let mut file = fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
+    let mut timed_out = None;
+    let mut last = Instant::now();
+    loop {
+        match rx.recv_timeout(Duration::from_secs(1)) {
+            Ok(l) => {
+                use std::io::Write;
+                let l = l.trim_end_matches('\r').to_string();
+                let _ = writeln!(file, "{l}");
+                lines.push(l);
+                last = Instant::now();
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        if start.elapsed() > limit {
+            timed_out = Some(format!("the guest ran longer than {} s", limit.as_secs()));
+            break;
+        }
+        if last.elapsed() > silence {
+            timed_out = Some(format!(
+                "the guest printed nothing for {} s",
+                silence.as_secs()
+            ));
+            break;
+        }
+    }
+    if timed_out.is_some() {
+        let _ = child.kill();
+    }
+    let status = child.wait()?;
+    let _ = reader.join();
+    if let Some(why) = timed_out {
+        lines.push(format!("IPGVM TIMEOUT {why}"));
+    } else if !status.success() {
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            use std::io::Read;
+            let _ = e.read_to_string(&mut err);
+        }
+        bail!("qemu failed ({status}): {}", err.trim());
+    }
+    Ok(lines)
+}
+
+fn boot(work: &Path, k: &KernelSpec, vmlinuz: &Path, image: &Path, using: Using) -> GuestResult {
+    let log = work.join(format!("console-{}.log", k.suite));
+    let mut r = GuestResult {
+        kernel: k.name.to_string(),
+        log: log.clone(),
+        ..Default::default()
+    };
+    let start = Instant::now();
+    let lines = match qemu(
+        using,
+        vmlinuz,
+        image,
+        &format!("ipgvm.diff_policies={GUEST_DIFF_POLICIES} ipgvm.swaps={GUEST_SWAPS}"),
+        &log,
+        GUEST_SILENCE,
+        GUEST_LIMIT,
+    ) {
+        Ok(l) => l,
+        Err(e) => {
+            r.error = Some(format!("{e:#}"));
+            return r;
+        }
+    };
+    let mut done = false;
+    let mut tests_started = None;
+    for l in &lines {
+        let Some(rest) = l.strip_prefix("IPGVM ") else {
+            continue;
+        };
+        let (word, arg) = rest.split_once(' ').unwrap_or((rest, ""));
+        match word {
+            "BOOT" => {
+                r.release = arg.to_string();
+            }
+            "UPTIME" => {
+                if tests_started.is_none() {
+                    let secs: f64 = arg.parse().unwrap_or(0.0);
+                    r.boot_secs = secs;
+                    tests_started = Some(secs);
+                } else {
+                    let secs: f64 = arg.parse().unwrap_or(0.0);
+                    r.test_secs = secs - tests_started.unwrap_or(0.0);
+                }
+            }
+            "PASS" => r.passed.push(arg.to_string()),
+            "FAIL" => r.failed.push(arg.to_string()),
+            "REPORT" => r.reports.push(arg.to_string()),
+            "ERROR" => r.error = Some(arg.to_string()),
+            "TIMEOUT" => r.error = Some(arg.to_string()),
+            "DONE" => done = true,
+            _ => {}
+        }
+    }
+    if r.boot_secs == 0.0 {
+        r.boot_secs = start.elapsed().as_secs_f64();
+    }
+    if !done && r.error.is_none() {
+        r.error = Some(format!(
+            "the guest stopped before the end of its tests; see {}",
+            log.display()
+        ));
+    }
+    r
+}
+
+/// The guest's /init (busybox sh). It prints `IPGVM ...` lines the host
+/// reads: BOOT (release), UPTIME (seconds since boot, before and after the
+/// tests), PASS/FAIL per test, REPORT (a test's `vm-report:` lines), DONE.
+const INIT: &str = r#"#!/bin/sh
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root RUST_BACKTRACE=1
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tmpfs tmp /tmp
+mount -t tmpfs run /run
+ip() { /usr/sbin/ip "$@"; }
+echo "IPGVM BOOT $(uname -r)"
+for a in $(cat /proc/cmdline); do
+  case "$a" in
+    ipgvm.probe=1) poweroff -f ;;
+    ipgvm.diff_policies=*) export IPGUARD_DIFF_POLICIES="${a#*=}" ;;
+    ipgvm.swaps=*) export IPGUARD_SWAPS="${a#*=}" ;;
+  esac
+done
+for m in $(cat /ipg/modules.order); do
+  insmod "/ipg/modules/$m.ko" || echo "IPGVM ERROR insmod $m failed"
+done
+/usr/sbin/ip link set lo up
+echo "IPGVM UPTIME $(cut -d' ' -f1 /proc/uptime)"
+for bin in $(cat /ipg/tests); do
+  for t in $(/ipg/deps/$bin --list --format terse 2>/dev/null | sed -n 's/: test$//p'); do
+    out=/tmp/test.out
+    if /ipg/deps/$bin --exact "$t" --test-threads 1 --nocapture > $out 2>&1; then
+      echo "IPGVM PASS $bin::$t"
+    else
+      echo "IPGVM FAIL $bin::$t"
+      tail -n 40 $out | sed 's/^/IPGVM| /'
+    fi
+    sed -n 's/.*vm-report: /IPGVM REPORT /p' $out
+  done
+done
+echo "IPGVM UPTIME $(cut -d' ' -f1 /proc/uptime)"
+echo "IPGVM DONE"
+poweroff -f
+"#;
