@@ -547,18 +547,19 @@ pub fn unload(pin_dir: &Path, ifaces: &[String]) -> Result<Vec<String>> {
         if !ifaces.is_empty() && !ifaces.contains(iface) {
             continue;
         }
-        // Dropping the last reference to an unpinned link detaches it.
+        // Detached at once, then unpinned; where the kernel cannot detach
+        // a link explicitly, dropping its last reference does it later.
         let xdp_pin = pin_dir.join(format!("link_{iface}"));
-        match PinnedLink::from_pin(&xdp_pin) {
-            Ok(l) => drop(l.unpin()),
-            Err(_) => drop(std::fs::remove_file(&xdp_pin)),
+        if let Err(e) = batch::detach_pinned_link(&xdp_pin) {
+            tracing::debug!(%iface, "BPF_LINK_DETACH: {e}; the link goes with its pin");
         }
+        let _ = std::fs::remove_file(&xdp_pin);
         let tc_pin = tc_link_pin(pin_dir, iface);
         if tc_pin.exists() {
-            match PinnedLink::from_pin(&tc_pin) {
-                Ok(l) => drop(l.unpin()),
-                Err(_) => drop(std::fs::remove_file(&tc_pin)),
+            if let Err(e) = batch::detach_pinned_link(&tc_pin) {
+                tracing::debug!(%iface, "BPF_LINK_DETACH: {e}; the egress link goes with its pin");
             }
+            let _ = std::fs::remove_file(&tc_pin);
         } else {
             // No TCX link: the clsact filter of kernels before 6.6.
             let _ =
@@ -1231,7 +1232,8 @@ where
     Ok(out)
 }
 
-/// The batched map commands of bpf(2), which aya 0.14 does not wrap.
+/// The bpf(2) commands aya 0.14 does not wrap: the batched map commands,
+/// and BPF_LINK_DETACH.
 mod batch {
     use std::{io, os::fd::RawFd};
 
@@ -1288,6 +1290,60 @@ mod batch {
         } else {
             Ok(())
         }
+    }
+
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+
+    /// `union bpf_attr`'s object member (pin, get).
+    #[repr(C)]
+    #[derive(Default)]
+    struct ObjAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+
+    /// `union bpf_attr`'s link_detach member (padded to 8 bytes).
+    #[repr(C)]
+    #[derive(Default)]
+    struct LinkDetachAttr {
+        link_fd: u32,
+        _pad: u32,
+    }
+
+    /// Detaches the link pinned at `path` now, whoever else holds it: an
+    /// unpinned link is only released after an RCU grace period and a work
+    /// item, so the program would go on judging packets for a while after
+    /// `unload` returned (long enough to see on a slow machine).
+    pub fn detach_pinned_link(path: &std::path::Path) -> io::Result<()> {
+        use std::os::{fd::FromRawFd, unix::ffi::OsStrExt};
+        let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let mut get = ObjAttr {
+            pathname: c.as_ptr() as u64,
+            ..Default::default()
+        };
+        // SAFETY: as in `bpf`; the path outlives the call.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_OBJ_GET,
+                &mut get as *mut ObjAttr,
+                size_of::<ObjAttr>() as libc::c_long,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh fd the kernel just returned, owned here.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as RawFd) };
+        use std::os::fd::AsRawFd;
+        let mut a = LinkDetachAttr {
+            link_fd: fd.as_raw_fd() as u32,
+            _pad: 0,
+        };
+        bpf(BPF_LINK_DETACH, &mut a)
     }
 
     pub fn unsupported(e: &io::Error) -> bool {
