@@ -440,7 +440,8 @@ impl Daemon {
 
     /// Like [`Daemon::start`], with the daemon's capability bounding set cut
     /// down to `caps` (numbers of linux/capability.h), as a systemd unit's
-    /// `CapabilityBoundingSet` does: root keeps only those after exec.
+    /// `CapabilityBoundingSet` does: root keeps only those after exec. The
+    /// memlock limit is lifted first, as `LimitMEMLOCK=infinity` does.
     pub fn start_confined(pair: &Pair, policy: &str, caps: &[u32]) -> Result<Self> {
         Self::launch(pair, policy, &[], Some(caps.to_vec()), None)
     }
@@ -605,6 +606,16 @@ fn confined(ns: &Netns, keep: &[u32]) -> Result<Command> {
         c.pre_exec(move || {
             use std::os::fd::AsRawFd;
             if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The unit's LimitMEMLOCK=infinity, which systemd sets before
+            // exec while it still has CAP_SYS_RESOURCE: kernels before 5.11
+            // charge BPF maps to RLIMIT_MEMLOCK.
+            let unlimited = libc::rlimit {
+                rlim_cur: libc::RLIM_INFINITY,
+                rlim_max: libc::RLIM_INFINITY,
+            };
+            if libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) != 0 {
                 return Err(io::Error::last_os_error());
             }
             for &cap in &drop {
