@@ -48,6 +48,9 @@ enum Cmd {
         /// Accelerator: auto uses KVM only when a probe guest boots with it.
         #[arg(long, value_enum, default_value_t = vm::Accel::Auto)]
         accel: vm::Accel,
+        /// Only the tests whose `binary::name` contains this (no spaces).
+        #[arg(long)]
+        filter: Option<String>,
     },
     /// Run ipguard between two throw-away network namespaces and show what
     /// it passes, what it drops, and `ipguard status`.
@@ -77,9 +80,11 @@ fn main() -> ExitCode {
             kernels,
             jobs,
             accel,
+            filter,
         } => vm::parse_kernels(&kernels).and_then(|kernels| {
             let results = vm::run(&vm::Options {
                 kernels,
+                filter,
                 jobs,
                 accel,
             })?;
@@ -173,6 +178,7 @@ fn test(extra: &[String]) -> Result<()> {
     }
     let results = vm::run(&vm::Options {
         kernels: vm::KERNELS.to_vec(),
+        filter: None,
         jobs: 2,
         accel: vm::Accel::Auto,
     });

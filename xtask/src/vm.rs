@@ -95,6 +95,8 @@ const GUEST_SWAPS: &str = "100";
 
 pub struct Options {
     pub kernels: Vec<KernelSpec>,
+    /// Only the tests whose `binary::name` contains this.
+    pub filter: Option<String>,
     pub jobs: usize,
     pub accel: Accel,
 }
@@ -205,11 +207,12 @@ pub fn run(opts: &Options) -> Result<Vec<GuestResult>> {
         let queue = Arc::clone(&queue);
         let results = Arc::clone(&results);
         let work = work.clone();
+        let filter = opts.filter.clone();
         workers.push(thread::spawn(move || {
             loop {
                 let next = queue.lock().map(|mut q| q.pop()).unwrap_or(None);
                 let Some((k, vmlinuz, img)) = next else { break };
-                let r = boot(&work, &k, &vmlinuz, &img, accel);
+                let r = boot(&work, &k, &vmlinuz, &img, accel, filter.as_deref());
                 eprintln!("xtask: vm-test: {}", r.line());
                 if let Ok(mut v) = results.lock() {
                     v.push(r);
@@ -898,7 +901,14 @@ fn qemu(
     Ok(lines)
 }
 
-fn boot(work: &Path, k: &KernelSpec, vmlinuz: &Path, image: &Path, using: Using) -> GuestResult {
+fn boot(
+    work: &Path,
+    k: &KernelSpec,
+    vmlinuz: &Path,
+    image: &Path,
+    using: Using,
+    filter: Option<&str>,
+) -> GuestResult {
     let log = work.join(format!("console-{}.log", k.suite));
     let mut r = GuestResult {
         kernel: k.name.to_string(),
@@ -910,7 +920,12 @@ fn boot(work: &Path, k: &KernelSpec, vmlinuz: &Path, image: &Path, using: Using)
         using,
         vmlinuz,
         image,
-        &format!("ipgvm.diff_policies={GUEST_DIFF_POLICIES} ipgvm.swaps={GUEST_SWAPS}"),
+        &format!(
+            "ipgvm.diff_policies={GUEST_DIFF_POLICIES} ipgvm.swaps={GUEST_SWAPS}{}",
+            filter
+                .map(|f| format!(" ipgvm.filter={f}"))
+                .unwrap_or_default()
+        ),
         &log,
         GUEST_SILENCE,
         GUEST_LIMIT,
@@ -967,7 +982,7 @@ fn boot(work: &Path, k: &KernelSpec, vmlinuz: &Path, image: &Path, using: Using)
 /// reads: BOOT (release), UPTIME (seconds since boot, before and after the
 /// tests), PASS/FAIL per test, REPORT (a test's `vm-report:` lines), DONE.
 const INIT: &str = r#"#!/bin/sh
-export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root RUST_BACKTRACE=1
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root RUST_BACKTRACE=0
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
@@ -980,6 +995,7 @@ for a in $(cat /proc/cmdline); do
     ipgvm.probe=1) poweroff -f ;;
     ipgvm.diff_policies=*) export IPGUARD_DIFF_POLICIES="${a#*=}" ;;
     ipgvm.swaps=*) export IPGUARD_SWAPS="${a#*=}" ;;
+    ipgvm.filter=*) filter="${a#*=}" ;;
   esac
 done
 for m in $(cat /ipg/modules.order); do
@@ -989,12 +1005,13 @@ done
 echo "IPGVM UPTIME $(cut -d' ' -f1 /proc/uptime)"
 for bin in $(cat /ipg/tests); do
   for t in $(/ipg/deps/$bin --list --format terse 2>/dev/null | sed -n 's/: test$//p'); do
+    case "$bin::$t" in *"$filter"*) ;; *) continue ;; esac
     out=/tmp/test.out
     if /ipg/deps/$bin --exact "$t" --test-threads 1 --nocapture > $out 2>&1; then
       echo "IPGVM PASS $bin::$t"
     else
       echo "IPGVM FAIL $bin::$t"
-      tail -n 40 $out | sed 's/^/IPGVM| /'
+      tail -n 60 $out | sed 's/^/IPGVM| /'
     fi
     sed -n 's/.*vm-report: /IPGVM REPORT /p' $out
   done
