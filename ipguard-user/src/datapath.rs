@@ -1274,6 +1274,12 @@ mod batch {
     }
 
     fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<()> {
+        sys_bpf(cmd, attr).map(|_| ())
+    }
+
+    /// bpf(2) itself: its non-negative result (an fd for the commands that
+    /// make one).
+    fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
         // SAFETY: `attr` is a properly laid out, live bpf_attr member of
         // the size passed; the kernel reads the user buffers it points to,
         // which the callers keep alive and sized for `count` elements.
@@ -1288,7 +1294,7 @@ mod batch {
         if r < 0 {
             Err(io::Error::last_os_error())
         } else {
-            Ok(())
+            Ok(r)
         }
     }
 
@@ -1324,18 +1330,8 @@ mod batch {
             pathname: c.as_ptr() as u64,
             ..Default::default()
         };
-        // SAFETY: as in `bpf`; the path outlives the call.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_OBJ_GET,
-                &mut get as *mut ObjAttr,
-                size_of::<ObjAttr>() as libc::c_long,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        // The path outlives the call.
+        let fd = sys_bpf(BPF_OBJ_GET, &mut get)?;
         // SAFETY: a fresh fd the kernel just returned, owned here.
         let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as RawFd) };
         use std::os::fd::AsRawFd;

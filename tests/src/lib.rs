@@ -611,12 +611,25 @@ fn confined(ns: &Netns, keep: &[u32]) -> Result<Command> {
             // The unit's LimitMEMLOCK=infinity, which systemd sets before
             // exec while it still has CAP_SYS_RESOURCE: kernels before 5.11
             // charge BPF maps to RLIMIT_MEMLOCK.
+            // Where the harness may not raise the hard limit itself (a
+            // container without CAP_SYS_RESOURCE), the soft one goes up to
+            // it: what systemd would get there too.
             let unlimited = libc::rlimit {
                 rlim_cur: libc::RLIM_INFINITY,
                 rlim_max: libc::RLIM_INFINITY,
             };
             if libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) != 0 {
-                return Err(io::Error::last_os_error());
+                let mut cur = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                if libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut cur) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                cur.rlim_cur = cur.rlim_max;
+                if libc::setrlimit(libc::RLIMIT_MEMLOCK, &cur) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
             }
             for &cap in &drop {
                 if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 {
