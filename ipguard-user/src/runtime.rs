@@ -68,7 +68,13 @@ impl RuntimeStore {
     ) -> Result<RuntimeRecord> {
         let now_ts = Timestamp::try_from(now).context("the clock is out of range")?;
         let until = match duration {
-            Some(d) => Some(Timestamp::try_from(now + d).context("--for is too long")?),
+            Some(d) => {
+                check_for(d).map_err(anyhow::Error::msg)?;
+                let t = now
+                    .checked_add(d)
+                    .context("--for reaches past the clock's range")?;
+                Some(Timestamp::try_from(t).context("--for reaches past the clock's range")?)
+            }
             None => None,
         };
         let rec = RuntimeRecord {
@@ -136,6 +142,33 @@ impl RuntimeStore {
     }
 }
 
+/// The longest time-boxed runtime entry (3650 days): longer is meant to
+/// stay, which is what an entry without `--for` does.
+pub const MAX_FOR: Duration = Duration::from_secs(3650 * 86_400);
+/// The longest `apply --confirm` wait: a day.
+pub const MAX_CONFIRM_SECS: u64 = 86_400;
+
+/// `--for` within [`MAX_FOR`]; the message is the one line a user sees.
+pub fn check_for(d: Duration) -> Result<(), String> {
+    if d > MAX_FOR {
+        return Err(format!(
+            "--for {}s is longer than a time-boxed entry may be (3650d): give a shorter time, or leave --for out for an entry that stays until revoked",
+            d.as_secs()
+        ));
+    }
+    Ok(())
+}
+
+/// `--confirm` from 1 s to [`MAX_CONFIRM_SECS`].
+pub fn check_confirm(secs: u64) -> Result<(), String> {
+    if secs == 0 || secs > MAX_CONFIRM_SECS {
+        return Err(format!(
+            "--confirm {secs} is out of range: give 1 to {MAX_CONFIRM_SECS} seconds"
+        ));
+    }
+    Ok(())
+}
+
 /// `8h`, `90m`, `2s`, `1d`, `1h30m`: what operators type for `--for`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let bad = || format!("{s:?} is not a duration: use e.g. 30s, 15m, 8h, 2d or 1h30m");
@@ -182,6 +215,13 @@ mod tests {
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("5y").is_err());
         assert!(parse_duration("").is_err());
+        // Parsed (no overflow), then refused by range, never a panic.
+        let huge = parse_duration("18446744073709551615s").unwrap();
+        assert!(check_for(huge).unwrap_err().contains("3650d"), "{huge:?}");
+        assert!(check_for(MAX_FOR).is_ok());
+        assert!(check_confirm(0).is_err());
+        assert!(check_confirm(u64::MAX).is_err());
+        assert!(check_confirm(60).is_ok());
     }
 
     #[test]

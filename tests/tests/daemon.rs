@@ -687,3 +687,59 @@ fn an_xdp_program_attached_by_something_else_is_reported_never_replaced() {
     assert!(connects(&pair, CLIENT_V4, SERVER_V4, 7000));
     assert!(!connects(&pair, CLIENT_V4_ALT, SERVER_V4_ALT, 7000));
 }
+
+/// Sends one raw request line on the daemon's socket and returns the
+/// answer: what a client that skips the CLI's checks can send.
+fn raw_request(d: &Daemon, line: &str) -> Value {
+    let mut s = std::os::unix::net::UnixStream::connect(d.socket()).unwrap();
+    s.write_all(line.as_bytes()).unwrap();
+    s.write_all(b"\n").unwrap();
+    let mut answer = String::new();
+    BufReader::new(&s).read_line(&mut answer).unwrap();
+    serde_json::from_str(&answer).unwrap()
+}
+
+/// A duration past what the clock can hold killed the daemon (a panic on
+/// `SystemTime + Duration`); it is refused in one line, from the CLI and
+/// from a raw request alike, and the daemon goes on.
+#[test]
+fn out_of_range_durations_are_refused_and_the_daemon_lives_on() {
+    let (_pair, d) = setup();
+    let huge = u64::MAX.to_string();
+    let out = d
+        .client(&["allow", "203.0.113.9", "--for", &format!("{huge}s")])
+        .output()
+        .unwrap();
+    one_line(&out, 1, "longer than a time-boxed entry may be");
+    let file = d.dir.join("same.yaml");
+    std::fs::write(&file, POLICY).unwrap();
+    let out = d
+        .client(&["apply", file.to_str().unwrap(), "--confirm", &huge])
+        .output()
+        .unwrap();
+    one_line(&out, 1, "--confirm 18446744073709551615 is out of range");
+
+    let r = raw_request(
+        &d,
+        &format!(
+            r#"{{"cmd":"allow","addr":"203.0.113.9","for_secs":{huge},"service":null,"label":null}}"#
+        ),
+    );
+    assert_eq!(r["ok"], false, "{r}");
+    assert_eq!(r["exit"], 1, "{r}");
+    let policy = serde_json::to_string(POLICY).unwrap();
+    let r = raw_request(
+        &d,
+        &format!(
+            r#"{{"cmd":"apply","path":"x.yaml","text":{policy},"confirm_secs":{huge},"force":false}}"#
+        ),
+    );
+    assert_eq!(r["ok"], false, "{r}");
+    assert_eq!(r["exit"], 1, "{r}");
+
+    // The daemon itself answers (not the pinned maps of a dead one), and
+    // the refused requests recorded nothing.
+    let st = d.status().unwrap();
+    assert_ne!(st["daemon"], false, "the daemon died: {st}");
+    assert_eq!(st["runtime_entries"], 0, "{st}");
+}

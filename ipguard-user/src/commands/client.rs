@@ -15,6 +15,9 @@ use crate::{
 pub fn apply(args: &ApplyArgs) -> Result<ExitCode> {
     let text = std::fs::read_to_string(&args.file)
         .map_err(|e| CliError::refused(format!("cannot read {}: {e}", args.file.display())))?;
+    if let Some(secs) = args.confirm {
+        crate::runtime::check_confirm(secs).map_err(CliError::refused)?;
+    }
     let path = std::fs::canonicalize(&args.file).unwrap_or_else(|_| args.file.clone());
     let mut c = Client::connect(&args.sock.socket)?;
     let data = c.call(&Request::Apply {
@@ -94,7 +97,11 @@ pub fn events(args: &EventsArgs) -> Result<ExitCode> {
 pub fn allow(args: &AllowArgs) -> Result<ExitCode> {
     parse_net(&args.addr).map_err(CliError::refused)?;
     let for_secs = match &args.duration {
-        Some(d) => Some(parse_duration(d).map_err(CliError::usage)?.as_secs()),
+        Some(d) => {
+            let d = parse_duration(d).map_err(CliError::usage)?;
+            crate::runtime::check_for(d).map_err(CliError::refused)?;
+            Some(d.as_secs())
+        }
         None => None,
     };
     let data = Client::connect(&args.sock.socket)?.call(&Request::Allow {

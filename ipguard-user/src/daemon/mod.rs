@@ -340,6 +340,11 @@ impl Daemon {
                     sha256: loaded.sha256,
                     policy: loaded.policy,
                 };
+                if let Some(secs) = confirm_secs
+                    && let Err(e) = crate::runtime::check_confirm(secs)
+                {
+                    return Response::err(Exit::Refused, e);
+                }
                 match self.install(src, force, "apply") {
                     Ok(mut data) => {
                         self.count_reload(true).await;
@@ -349,6 +354,7 @@ impl Daemon {
                                 self.pending.take().map(|p| p.previous).unwrap_or(previous);
                             self.pending = Some(Pending {
                                 previous,
+                                // In range (checked above): at most a day.
                                 deadline: Instant::now() + Duration::from_secs(secs),
                             });
                             tracing::info!(
@@ -412,6 +418,11 @@ impl Daemon {
                                 .join(", ")
                         ),
                     );
+                }
+                if let Some(secs) = for_secs
+                    && let Err(e) = crate::runtime::check_for(Duration::from_secs(secs))
+                {
+                    return Response::err(Exit::Refused, e);
                 }
                 let rec = match self.runtime.allow(
                     net,
