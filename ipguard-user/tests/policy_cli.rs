@@ -35,7 +35,9 @@ always_allow:
 /// A policy file of its own for each test (tests run in parallel).
 fn file(text: &str) -> PathBuf {
     static N: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!("ipguard-policy-cli-{}", std::process::id()));
+    // Under the target directory, never the shared temp directory.
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("policy-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let p = dir.join(format!("policy-{}.yaml", N.fetch_add(1, Ordering::SeqCst)));
     std::fs::write(&p, text).unwrap();
@@ -378,4 +380,108 @@ fn check_non_utf8_file_points_at_the_byte() {
         "{}",
         stderr(&o)
     );
+}
+
+/// Runs `ipguard ARGS` and kills it if it has not ended within 10 s (a
+/// read that blocks must fail the test, not hang it).
+fn run_bounded(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env_remove("IPGUARD_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("run ipguard");
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > std::time::Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("ipguard {args:?} was still running after 10 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Exit 1 and one error diagnostic (beside `check`'s summary line).
+fn one_error_line(o: &Output, needle: &str) {
+    let err = stderr(o);
+    assert_eq!(code(o), 1, "{err}");
+    let errors: Vec<&str> = err.lines().filter(|l| l.contains(": error: ")).collect();
+    assert_eq!(errors.len(), 1, "not one error line: {err}");
+    assert!(errors[0].contains(needle), "{needle:?} not in {err}");
+}
+
+/// A FIFO in place of the policy blocked `check`, `run` and every reload
+/// on open; it is refused at once, naming the file.
+#[test]
+fn a_policy_that_is_not_a_regular_file_is_refused_without_blocking() {
+    let p = file("");
+    std::fs::remove_file(&p).unwrap();
+    let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+    // SAFETY: a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let o = run_bounded(&["check", p.to_str().unwrap()], &[]);
+    one_error_line(&o, "not a regular file");
+    assert!(stderr(&o).contains(p.to_str().unwrap()), "{}", stderr(&o));
+    let dir = p.parent().unwrap();
+    let o = run_bounded(&["check", dir.to_str().unwrap()], &[]);
+    one_error_line(&o, "not a regular file");
+    std::fs::remove_file(&p).unwrap();
+}
+
+/// Files over the size limit are refused before they are read, naming the
+/// file and the limit; the limit can be raised.
+#[test]
+fn a_policy_over_the_size_limit_is_refused() {
+    let p = file(POLICY);
+    let o = run_bounded(
+        &["check", p.to_str().unwrap()],
+        &[("IPGUARD_MAX_POLICY_BYTES", "100")],
+    );
+    one_error_line(&o, "larger than the limit of 100 bytes");
+    assert!(stderr(&o).contains(p.to_str().unwrap()), "{}", stderr(&o));
+    assert!(stderr(&o).contains("IPGUARD_MAX_POLICY_BYTES"));
+    let o = run_bounded(
+        &["check", p.to_str().unwrap()],
+        &[("IPGUARD_MAX_POLICY_BYTES", "1000000")],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let o = run_bounded(
+        &["check", p.to_str().unwrap()],
+        &[("IPGUARD_MAX_POLICY_BYTES", "lots")],
+    );
+    one_error_line(&o, "is not a number of bytes");
+}
+
+/// Aliases of one list in many groups: 300 aliases of a 300-address list
+/// are 90,000 addresses from a file of 9 KB (quadratic; nesting makes it
+/// exponential). The parser's budget grows with the file only: refused,
+/// naming the file, with the YAML way out.
+#[test]
+fn aliases_cannot_expand_a_small_file() {
+    let (k, m) = (300, 300);
+    let items: Vec<String> = (0..k)
+        .map(|i| format!("203.0.{}.{}", i / 256, i % 256))
+        .collect();
+    let mut text = format!("version: 1\ngroups:\n  g0: &g0 [{}]\n", items.join(", "));
+    for i in 1..m {
+        text.push_str(&format!("  g{i}: *g0\n"));
+    }
+    let names: Vec<String> = (0..m).map(|i| format!("g{i}")).collect();
+    text.push_str(&format!("allow: [{}]\n", names.join(", ")));
+    let p = file(&text);
+    let o = run_bounded(&["check", p.to_str().unwrap()], &[]);
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains(p.to_str().unwrap()), "{err}");
+    assert!(err.contains("through anchors and aliases"), "{err}");
+    // The list itself, named once, is a valid policy.
+    let flat = format!("version: 1\nallow: [{}]\n", items.join(", "));
+    let o = run_bounded(&["check", file(&flat).to_str().unwrap()], &[]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
 }

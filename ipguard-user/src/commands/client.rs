@@ -13,8 +13,14 @@ use crate::{
 };
 
 pub fn apply(args: &ApplyArgs) -> Result<ExitCode> {
-    let text = std::fs::read_to_string(&args.file)
-        .map_err(|e| CliError::refused(format!("cannot read {}: {e}", args.file.display())))?;
+    let bytes = crate::policy::read_policy_bytes(&args.file)
+        .map_err(|e| CliError::refused(format!("{}: {e}", args.file.display())))?;
+    let text = String::from_utf8(bytes).map_err(|_| {
+        CliError::refused(format!(
+            "{}: the policy is not UTF-8 (`ipguard check` shows where)",
+            args.file.display()
+        ))
+    })?;
     if let Some(secs) = args.confirm {
         crate::runtime::check_confirm(secs).map_err(CliError::refused)?;
     }

@@ -39,6 +39,61 @@ pub struct LoadedPolicy {
 }
 
 /// Reads and checks a policy file. Diagnostics name the file as given.
+/// Policy files larger than this are refused unless
+/// [`MAX_POLICY_BYTES_ENV`] raises it: a policy of a million prefixes is
+/// about 25 MB.
+pub const DEFAULT_MAX_POLICY_BYTES: u64 = 256 << 20;
+pub const MAX_POLICY_BYTES_ENV: &str = "IPGUARD_MAX_POLICY_BYTES";
+
+fn max_policy_bytes() -> Result<u64, String> {
+    match std::env::var(MAX_POLICY_BYTES_ENV) {
+        Err(_) => Ok(DEFAULT_MAX_POLICY_BYTES),
+        Ok(v) => v.trim().parse().map_err(|_| {
+            format!("{MAX_POLICY_BYTES_ENV}={v:?} is not a number of bytes: set it to e.g. 536870912, or unset it")
+        }),
+    }
+}
+
+/// Reads a policy file: a regular file (a FIFO or a device would block a
+/// reload or never end) of at most the size limit. Opened without
+/// blocking and checked on the open file, so swapping the path for a FIFO
+/// after a check cannot hang the daemon. Symbolic links are followed (a
+/// Kubernetes ConfigMap is one).
+pub fn read_policy_bytes(path: &Path) -> Result<Vec<u8>, String> {
+    use std::{io::Read, os::unix::fs::OpenOptionsExt};
+    let limit = max_policy_bytes()?;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| format!("cannot read the policy: {e}"))?;
+    let meta = f
+        .metadata()
+        .map_err(|e| format!("cannot read the policy: {e}"))?;
+    if !meta.is_file() {
+        return Err(
+            "the policy is not a regular file (a FIFO, a device or a directory): give the path of a file".into(),
+        );
+    }
+    let too_big = || {
+        format!(
+            "the policy is larger than the limit of {limit} bytes: make it smaller, or raise {MAX_POLICY_BYTES_ENV}"
+        )
+    };
+    if meta.len() > limit {
+        return Err(too_big());
+    }
+    let mut bytes = Vec::new();
+    f.take(limit.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read the policy: {e}"))?;
+    // It may have grown since the check.
+    if bytes.len() as u64 > limit {
+        return Err(too_big());
+    }
+    Ok(bytes)
+}
+
 pub fn load_file(path: &Path) -> Result<LoadedPolicy, PolicyErrors> {
     let name = path.display().to_string();
     let fail = |pos: Option<Pos>, message: String| PolicyErrors {
@@ -50,8 +105,7 @@ pub fn load_file(path: &Path) -> Result<LoadedPolicy, PolicyErrors> {
         }],
         warnings: Vec::new(),
     };
-    let bytes =
-        std::fs::read(path).map_err(|e| fail(None, format!("cannot read the policy: {e}")))?;
+    let bytes = read_policy_bytes(path).map_err(|e| fail(None, e))?;
     let text = std::str::from_utf8(&bytes).map_err(|e| {
         // The valid prefix is UTF-8: count lines and characters in it.
         let good = std::str::from_utf8(&bytes[..e.valid_up_to()]).unwrap_or_default();

@@ -368,17 +368,25 @@ impl serde_saphyr::Localizer for NoLocation {
     }
 }
 
+/// Events and nodes the parser may produce for `text`.
+fn budget_nodes(text: &str) -> usize {
+    text.len().saturating_add(4096)
+}
+
 fn options(text: &str, duplicates: serde_saphyr::DuplicateKeyPolicy) -> serde_saphyr::Options {
-    // No event budget: its default (250,000 nodes) is far below a policy of
-    // a million prefixes, and its bookkeeping costs more than the parse
-    // itself. What it guards against stays guarded: nesting by the parser's
-    // own limits (255 levels of flow or block nesting, taken from the
-    // default budget even without one), alias bombs by the alias replay
-    // limits (1,000,000 replayed events in all), and the size of everything
-    // else by the size of the file.
-    let _ = text;
+    // The budget grows with the file: a node costs at least a byte of text
+    // unless an alias replays it, so a budget of about one event and one
+    // node per byte never refuses a real policy (a million prefixes is
+    // about 25 MB) and bounds what aliases can expand a small file to
+    // (the "billion laughs"). The parser's nesting limits stay at their
+    // defaults.
+    let n = budget_nodes(text);
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_events = n;
+    budget.max_nodes = n;
+    budget.max_recorded_anchor_events = n;
     serde_saphyr::options! {
-        budget: None,
+        budget: Some(budget),
         duplicate_keys: duplicates,
         strict_booleans: true,
         with_snippet: false,
@@ -429,6 +437,12 @@ pub(crate) fn parse(text: &str) -> Result<RawPolicy, YamlError> {
 
 /// Adds the hint an operator needs for the YAML mistakes policies invite.
 fn explain_yaml_message(message: &str, text: &str, pos: Option<Pos>) -> String {
+    if message.starts_with("budget breached") {
+        return format!(
+            "the file expands to more than {} YAML nodes (one per byte of the file) through anchors and aliases: name a group where an alias repeats a list",
+            budget_nodes(text)
+        );
+    }
     // serde speaks of fields; a policy has keys.
     for (from, to) in [
         ("unknown field", "unknown key"),
