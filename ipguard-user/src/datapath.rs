@@ -293,14 +293,26 @@ impl Datapath {
     /// Attaches to `iface`, or takes over the links an earlier run pinned
     /// there (an atomic program replacement: no packet goes unjudged).
     /// Attaches the egress recorder of return traffic beside it. Returns the
-    /// XDP mode and whether an existing link was adopted.
-    pub fn attach(&mut self, iface: &str, mode: XdpModeArg) -> Result<(AttachMode, bool)> {
-        let r = self.attach_xdp(iface, mode)?;
+    /// XDP mode and whether an existing link was adopted. A link does not
+    /// say its mode: `recorded` is what the previous run wrote in the
+    /// state directory, reported for an adopted link (native if unknown).
+    pub fn attach(
+        &mut self,
+        iface: &str,
+        mode: XdpModeArg,
+        recorded: Option<AttachMode>,
+    ) -> Result<(AttachMode, bool)> {
+        let r = self.attach_xdp(iface, mode, recorded)?;
         self.attach_egress(iface)?;
         Ok(r)
     }
 
-    fn attach_xdp(&mut self, iface: &str, mode: XdpModeArg) -> Result<(AttachMode, bool)> {
+    fn attach_xdp(
+        &mut self,
+        iface: &str,
+        mode: XdpModeArg,
+        recorded: Option<AttachMode>,
+    ) -> Result<(AttachMode, bool)> {
         let idx = if_index(iface)?;
         let pin = self.maps.pin_dir.join(format!("link_{iface}"));
         if pin.exists() {
@@ -311,10 +323,7 @@ impl Datapath {
             if let Some(link) = adopted {
                 let prog = self.program()?;
                 match prog.attach_to_link(link) {
-                    Ok(_) => {
-                        let recorded = read_link_mode(&self.maps.pin_dir, iface);
-                        return Ok((recorded.unwrap_or(AttachMode::Native), true));
-                    }
+                    Ok(_) => return Ok((recorded.unwrap_or(AttachMode::Native), true)),
                     Err(e) => {
                         tracing::warn!(%iface, "cannot adopt the pinned link ({e}); attaching anew")
                     }
@@ -352,7 +361,6 @@ impl Datapath {
                         path: pin.clone(),
                         source,
                     })?;
-                    write_link_mode(&self.maps.pin_dir, iface, *am);
                     return Ok((*am, false));
                 }
                 Err(e) => {
@@ -481,46 +489,14 @@ fn verifier_excerpt(e: &aya::programs::ProgramError) -> String {
     lines[tail..].join(" | ")
 }
 
-/// The attach mode is not queryable from a link; remember it beside the
-/// pin (bpffs holds only BPF objects, so it goes in the state next to the
-/// pin directory's name).
-fn mode_file(pin_dir: &Path, iface: &str) -> PathBuf {
-    let name = pin_dir
-        .to_string_lossy()
-        .trim_matches('/')
-        .replace('/', "_");
-    std::env::temp_dir()
-        .join("ipguard-link-modes")
-        .join(format!("{name}__{iface}"))
-}
-
-fn write_link_mode(pin_dir: &Path, iface: &str, mode: AttachMode) {
-    let f = mode_file(pin_dir, iface);
-    if let Some(d) = f.parent() {
-        let _ = std::fs::create_dir_all(d);
-    }
-    let _ = std::fs::write(f, mode.as_str());
-}
-
-fn read_link_mode(pin_dir: &Path, iface: &str) -> Option<AttachMode> {
-    match std::fs::read_to_string(mode_file(pin_dir, iface))
-        .ok()?
-        .trim()
-    {
-        "native" => Some(AttachMode::Native),
-        "skb" => Some(AttachMode::Skb),
-        _ => None,
-    }
-}
-
 /// The interfaces with a pinned ipguard link.
-pub fn pinned_links(pin_dir: &Path) -> Vec<(String, Option<AttachMode>)> {
+pub fn pinned_links(pin_dir: &Path) -> Vec<String> {
     let mut out = Vec::new();
     if let Ok(rd) = std::fs::read_dir(pin_dir) {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if let Some(iface) = name.strip_prefix("link_") {
-                out.push((iface.to_string(), read_link_mode(pin_dir, iface)));
+                out.push(iface.to_string());
             }
         }
     }
@@ -543,7 +519,7 @@ pub fn unload(pin_dir: &Path, ifaces: &[String]) -> Result<Vec<String>> {
     }
     let all = pinned_links(pin_dir);
     let mut detached = Vec::new();
-    for (iface, _) in &all {
+    for iface in &all {
         if !ifaces.is_empty() && !ifaces.contains(iface) {
             continue;
         }
@@ -565,7 +541,6 @@ pub fn unload(pin_dir: &Path, ifaces: &[String]) -> Result<Vec<String>> {
             let _ =
                 aya::programs::tc::qdisc_detach_program(iface, TcAttachType::Egress, PROG_EGRESS);
         }
-        let _ = std::fs::remove_file(mode_file(pin_dir, iface));
         detached.push(iface.clone());
     }
     if pinned_links(pin_dir).is_empty() {

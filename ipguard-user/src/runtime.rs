@@ -226,7 +226,10 @@ mod tests {
 
     #[test]
     fn allow_expire_revoke_persist() {
-        let dir = std::env::temp_dir().join(format!("ipguard-rt-{}", std::process::id()));
+        // Under the target directory, not the shared temp directory.
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../target/tmp")
+            .join(format!("runtime-unit-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let now = SystemTime::now();
         let mut st = RuntimeStore::load(&dir).unwrap();

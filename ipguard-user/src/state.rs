@@ -131,8 +131,15 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let tmp = path.with_extension("tmp");
     {
-        let mut f =
-            File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+        // A new file, never one that is there already (a leftover of a
+        // crash is removed first; a planted symbolic link is removed, not
+        // followed).
+        let _ = fs::remove_file(&tmp);
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
         f.write_all(data)?;
         f.sync_all()?;
     }

@@ -380,6 +380,18 @@ pub fn tcp_connect(
 
 /// The `ipguard` binary of this build (cargo puts it beside the test's
 /// `deps` directory; `cargo xtask test` builds it with the workspace).
+/// A directory of the tests' own under the target directory (beside the
+/// `ipguard` binary, so also inside the vm-test guests): nothing of theirs
+/// goes into the shared temp directory.
+pub fn scratch_dir(prefix: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let target = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target directory");
+    target.join("tmp").join(unique(prefix))
+}
+
 pub fn ipguard_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     let dir = exe
@@ -464,8 +476,24 @@ impl Daemon {
         caps: Option<Vec<u32>>,
         prepare: Option<fn() -> io::Result<()>>,
     ) -> Result<Self> {
-        let pins = PinDir::new()?;
-        let dir = std::env::temp_dir().join(unique("ipguard-test-"));
+        Self::launch_on(PinDir::new()?, pair, policy, extra, caps, prepare)
+    }
+
+    /// Like [`Daemon::start`], on pins the caller chose (whose path it
+    /// needs to know before the daemon runs).
+    pub fn start_on(pins: PinDir, pair: &Pair, policy: &str) -> Result<Self> {
+        Self::launch_on(pins, pair, policy, &[], None, None)
+    }
+
+    fn launch_on(
+        pins: PinDir,
+        pair: &Pair,
+        policy: &str,
+        extra: &[&str],
+        caps: Option<Vec<u32>>,
+        prepare: Option<fn() -> io::Result<()>>,
+    ) -> Result<Self> {
+        let dir = scratch_dir("daemon-");
         std::fs::create_dir_all(&dir)?;
         let policy_path = dir.join("policy.yaml");
         std::fs::write(&policy_path, policy)?;

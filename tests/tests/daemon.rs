@@ -743,3 +743,57 @@ fn out_of_range_durations_are_refused_and_the_daemon_lives_on() {
     assert_ne!(st["daemon"], false, "the daemon died: {st}");
     assert_eq!(st["runtime_entries"], 0, "{st}");
 }
+
+/// Removes a planted file in the shared temp directory, also when the
+/// test fails.
+struct Planted(std::path::PathBuf);
+
+impl Drop for Planted {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+        if let Some(d) = self.0.parent() {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
+/// The attach mode used to be written to $TMPDIR/ipguard-link-modes/, by
+/// root, following symbolic links: anyone could plant a link there and
+/// have any file overwritten with "native". The mode now lives in the
+/// state directory; nothing is written to the shared temp directory, and
+/// an adopted link still reports the mode it was attached in.
+#[test]
+fn the_attach_mode_is_kept_in_the_state_directory_not_in_shared_temp() {
+    require_root();
+    let pair = Pair::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    // Where the old scheme wrote for these pins and this interface.
+    let name = pins
+        .path
+        .to_string_lossy()
+        .trim_matches('/')
+        .replace('/', "_");
+    let planted_dir = std::env::temp_dir().join("ipguard-link-modes");
+    let _ = std::fs::create_dir(&planted_dir);
+    let planted = Planted(planted_dir.join(format!("{name}__{}", pair.server_if)));
+    let victim_dir = scratch_dir("victim-");
+    std::fs::create_dir_all(&victim_dir).unwrap();
+    let victim = victim_dir.join("victim");
+    std::fs::write(&victim, "precious\n").unwrap();
+    std::os::unix::fs::symlink(&victim, &planted.0).unwrap();
+
+    let mut d = Daemon::start_on(pins, &pair, POLICY).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&victim).unwrap(),
+        "precious\n",
+        "the daemon wrote through a link planted in the shared temp directory"
+    );
+    let st = d.status().unwrap();
+    assert_eq!(st["attached"][0]["mode"], "native", "{st}");
+    d.proc.signal_and_wait(Signal::SIGKILL).unwrap();
+    d.restart(&pair).unwrap();
+    let st = d.status().unwrap();
+    assert_eq!(st["attached"][0]["mode"], "native", "adopted: {st}");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+    let _ = std::fs::remove_dir_all(&victim_dir);
+}

@@ -32,7 +32,7 @@ fn protect(pair: &Pair, policy: CompiledPolicy) -> PinDir {
         .run_in(move || -> anyhow::Result<()> {
             let mut dp = Datapath::load(&dir, Capacities { v4: 4096, v6: 4096 })?;
             dp.maps.apply(&policy, None)?;
-            dp.attach(&iface, XdpModeArg::Native)?;
+            dp.attach(&iface, XdpModeArg::Native, None)?;
             Ok(())
         })
         .unwrap()

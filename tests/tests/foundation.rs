@@ -103,7 +103,7 @@ mod tempdir {
     pub struct Dir(pub std::path::PathBuf);
     impl Dir {
         pub fn new() -> Self {
-            let p = std::env::temp_dir().join(ipguard_tests::unique("ipguard-t-"));
+            let p = ipguard_tests::scratch_dir("foundation-");
             std::fs::create_dir_all(&p).unwrap();
             Self(p)
         }

@@ -74,7 +74,13 @@ pub fn run() -> Result<()> {
 }
 
 fn demo(bin: &Path) -> Result<()> {
-    let tmp = TempDir(std::env::temp_dir().join(unique("ipguard-demo-")));
+    // Under the target directory: nothing of ipguard's in the shared temp
+    // directory.
+    let tmp = TempDir(
+        crate::setup::workspace_root()?
+            .join("target/tmp")
+            .join(unique("demo-")),
+    );
     std::fs::create_dir_all(&tmp.0)?;
     let policy = tmp.0.join("policy.yaml");
     std::fs::write(&policy, POLICY)?;

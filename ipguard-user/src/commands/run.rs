@@ -191,10 +191,16 @@ fn bring_up(
         sha256: loaded.sha256,
         policy: loaded.policy,
     };
+    // The modes the previous run recorded (links do not say theirs).
+    let previous = crate::state::read_applied(&args.loc.state_dir);
     let (stats, _) = d.write_policy(src, args.force)?;
     for iface in ifaces {
+        let recorded = previous
+            .as_ref()
+            .and_then(|a| a.attached.iter().find(|x| &x.iface == iface))
+            .map(|x| x.mode);
         let (mode, adopted) =
-            d.dp.attach(iface, args.xdp_mode)
+            d.dp.attach(iface, args.xdp_mode, recorded)
                 .map_err(|e| CliError::system(e.to_string()))?;
         if adopted {
             tracing::info!(%iface, mode = mode.as_str(), "took over the running datapath without a gap");

@@ -172,15 +172,11 @@ pub fn collect(maps: &Maps, state_dir: &std::path::Path) -> Result<Status> {
     };
     let attached = datapath::pinned_links(&maps.pin_dir)
         .into_iter()
-        .map(|(iface, mode)| {
-            let mode = mode
-                .or_else(|| {
-                    attached_modes
-                        .iter()
-                        .find(|a| a.iface == iface)
-                        .map(|a| a.mode)
-                })
-                .map(|m| m.as_str());
+        .map(|iface| {
+            let mode = attached_modes
+                .iter()
+                .find(|a| a.iface == iface)
+                .map(|a| a.mode.as_str());
             AttachedJson { iface, mode }
         })
         .collect();
