@@ -28,8 +28,9 @@ pub enum Ports {
     Port { service: u8, tcp: u8 },
     /// Any other protocol (ICMP, ...): no service can match.
     NoPort,
-    /// A non-first IPv4 fragment or an IPv6 packet whose upper-layer header
-    /// cannot be reached: judged by source only.
+    /// A non-first fragment (IPv4 or IPv6): judged by source only. (An
+    /// unfragmented IPv6 packet whose upper-layer header is beyond the
+    /// headers the parser walks is malformed, not a fragment.)
     Fragment,
 }
 
@@ -99,6 +100,33 @@ pub fn decide(cfg: &PolicyConfig, value: Option<&PrefixValue>, ports: Ports) -> 
             }
         }
     }
+}
+
+/// [`decide`] for a packet of an infrastructure class (`infra`: the
+/// packet's `INFRA_*` bit, 0 for none). `always_allow` and `deny` decide
+/// first, then the exemption, then the lists: an operator's deny means
+/// "never", also for a DHCP reply or an ICMP "fragmentation needed" from
+/// that source.
+#[inline(always)]
+pub fn decide_packet(
+    cfg: &PolicyConfig,
+    value: Option<&PrefixValue>,
+    ports: Ports,
+    infra: u32,
+) -> Decision {
+    let listed = value.map_or(0, |v| v.flags) & (FLAG_ALWAYS_ALLOW | FLAG_DENY);
+    if infra & cfg.infra != 0 && cfg.mode != MODE_UNSET && cfg.mode != MODE_OFF && listed == 0 {
+        let service = match ports {
+            Ports::Port { service, .. } => service,
+            _ => 0,
+        };
+        return Decision {
+            verdict: VERDICT_PASS,
+            reason: REASON_INFRASTRUCTURE,
+            service,
+        };
+    }
+    decide(cfg, value, ports)
 }
 
 /// Whether a refusal may still be turned into a pass by
@@ -325,5 +353,40 @@ mod tests {
         assert!(decide(&c, Some(&v), Ports::Port { service: 2, tcp: 1 }).passes());
         assert!(!decide(&c, Some(&v), Ports::Port { service: 1, tcp: 1 }).passes());
         assert!(!decide(&c, Some(&v), Ports::NoPort).passes());
+    }
+
+    #[test]
+    fn deny_and_always_allow_decide_before_the_infrastructure_exemption() {
+        let mut c = cfg(MODE_ENFORCE, ACTION_DROP, SCOPE_HOST);
+        c.infra = INFRA_DHCP | INFRA_PMTU;
+        let port = Ports::Port { service: 0, tcp: 0 };
+        let deny = PrefixValue {
+            flags: FLAG_DENY,
+            ..Default::default()
+        };
+        let aa = PrefixValue {
+            flags: FLAG_ALWAYS_ALLOW,
+            ..Default::default()
+        };
+        assert_eq!(
+            decide_packet(&c, Some(&deny), port, INFRA_DHCP).reason,
+            REASON_DENY
+        );
+        assert!(!decide_packet(&c, Some(&deny), port, INFRA_DHCP).passes());
+        assert_eq!(
+            decide_packet(&c, Some(&aa), Ports::NoPort, INFRA_PMTU).reason,
+            REASON_ALWAYS_ALLOW
+        );
+        assert_eq!(
+            decide_packet(&c, None, port, INFRA_DHCP).reason,
+            REASON_INFRASTRUCTURE
+        );
+        // A class the policy does not exempt is judged by the lists.
+        assert_eq!(
+            decide_packet(&c, None, port, INFRA_NDP).reason,
+            REASON_NOT_ALLOWED
+        );
+        c.mode = MODE_OFF;
+        assert_eq!(decide_packet(&c, None, port, INFRA_DHCP).reason, REASON_OFF);
     }
 }

@@ -129,11 +129,6 @@ fn try_ipguard(ctx: &XdpContext) -> Result<u32, ()> {
         }
         Parsed::Ip(ip) => ip,
     };
-    if ip.infra & cfg.infra != 0 && cfg.mode != MODE_UNSET {
-        count(counter_index(VERDICT_PASS, REASON_INFRASTRUCTURE));
-        return Ok(xdp_action::XDP_PASS);
-    }
-
     let value = lookup(slot, ip.family, &ip.src);
     let ports = match ip.l4 {
         L4::Port { dport, .. } => {
@@ -155,7 +150,7 @@ fn try_ipguard(ctx: &XdpContext) -> Result<u32, ()> {
         L4::NoPort => Ports::NoPort,
         L4::Fragment => Ports::Fragment,
     };
-    let mut d = decide(cfg, value, ports);
+    let mut d = decide_packet(cfg, value, ports, ip.infra);
     if may_be_return_traffic(cfg, &d, ports) && is_reply(&pkt, &ip, cfg) {
         d = return_traffic(d.service);
     }

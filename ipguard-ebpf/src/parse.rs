@@ -21,9 +21,14 @@ pub const TCP_HLEN: usize = 20;
 const UDP_HLEN: usize = 8;
 const ICMP_MIN: usize = 4;
 
-/// IPv6 extension headers walked before giving up (then the packet is
-/// judged like a fragment: its upper-layer header is unreachable).
-const MAX_EXT_HEADERS: usize = 6;
+/// IPv6 extension headers walked before giving up: RFC 8200 section 4.1
+/// orders at most hop-by-hop, destination options, routing, fragment,
+/// authentication, ESP and destination options again, so 8 holds any
+/// chain real traffic uses (one header to spare). A complete datagram
+/// whose upper-layer header lies beyond is malformed: it is refused
+/// whatever the lists say, never judged by its source like a fragment
+/// (which let it past a service's own list).
+pub const MAX_EXT_HEADERS: usize = 8;
 /// No header offset beyond this is ever read; keeps every offset bounded
 /// for the verifier. Larger than any XDP frame (one page), so it never
 /// refuses a real packet.
@@ -123,8 +128,8 @@ pub enum L4 {
     Port { sport: u16, dport: u16 },
     /// Another upper-layer protocol (ICMP, ESP, ...), or none.
     NoPort,
-    /// A non-first fragment, or an IPv6 upper-layer header past
-    /// [`MAX_EXT_HEADERS`]: judged by the source only.
+    /// A non-first fragment (IPv4 offset, or an IPv6 fragment header with
+    /// an offset): judged by the source only.
     Fragment,
 }
 
@@ -316,7 +321,8 @@ fn parse_v6<const STRICT: bool>(pkt: &Packet, l3: usize) -> Option<IpPacket> {
     }
     ip.proto = next;
     match next {
-        0 | 43 | 44 | 51 | 60 => ip.l4 = L4::Fragment,
+        // The upper-layer header is out of reach: malformed.
+        0 | 43 | 44 | 51 | 60 => return None,
         _ => {
             ip.l4_off = off;
             l4_info(pkt, next, &mut ip)?;

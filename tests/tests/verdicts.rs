@@ -208,6 +208,15 @@ fn policy_rules_of_section_5() {
                 REASON_NOT_ALLOWED,
             ),
             pass("pmtu v6", icmp(U6, 2, 0), REASON_INFRASTRUCTURE),
+            // Deny wins over the exemptions (they once passed a denied
+            // source's DHCP reply and "fragmentation needed").
+            drop_("deny beats the dhcp exemption", udp(D, 67, 68), REASON_DENY),
+            drop_("deny beats the pmtu exemption", icmp(D, 3, 4), REASON_DENY),
+            pass(
+                "always_allow before the exemption",
+                icmp(AA, 3, 4),
+                REASON_ALWAYS_ALLOW,
+            ),
             // Step 3 and 4.
             pass("always_allow", tcp(AA, 22), REASON_ALWAYS_ALLOW),
             pass("always_allow udp", udp(AA, 5353, 53), REASON_ALWAYS_ALLOW),
@@ -427,9 +436,9 @@ fn policy_rules_of_section_5() {
                 REASON_OFF,
             ),
             pass(
-                "off, infrastructure first",
+                "off: infrastructure passes as everything does",
                 icmp(U6, 135, 0),
-                REASON_INFRASTRUCTURE,
+                REASON_OFF,
             ),
         ],
     );
@@ -522,6 +531,7 @@ fn vlans_options_and_extension_chains() {
             })
     };
     let hbh_loop = |p: Pkt, n: usize| (0..n).fold(p, |p, _| p.ext(Ext::HopByHop { units: 0 }));
+    let dst_loop = |p: Pkt, n: usize| (0..n).fold(p, |p, _| p.ext(Ext::DestOpts { units: 0 }));
     check(
         &mut l,
         &[
@@ -624,30 +634,69 @@ fn vlans_options_and_extension_chains() {
                 six(tcp(W6, 7000)),
                 REASON_NOT_ALLOWED,
             ),
-            pass(
-                "seven headers: unreachable, judged like a fragment",
+            // Seven headers are walked (up to eight are): judged by port.
+            drop_(
+                "seven headers, web-only source to a host-wide port",
                 six(tcp(W6, 7000)).ext(Ext::DestOpts { units: 0 }),
-                REASON_FRAGMENT,
+                REASON_NOT_ALLOWED,
+            ),
+            pass(
+                "seven headers, web-only source to web",
+                six(tcp(W6, 80)).ext(Ext::DestOpts { units: 0 }),
+                REASON_ALLOWED,
             ),
             drop_(
                 "seven headers from an unlisted source",
                 six(tcp(U6, 80)).ext(Ext::DestOpts { units: 0 }),
-                REASON_FRAGMENT,
+                REASON_NOT_ALLOWED,
             ),
-            pass(
-                "a loop of hop-by-hop headers (allowed)",
+            // More headers than the parser walks hide the upper layer: a
+            // complete datagram like that is malformed, whoever sends it
+            // (it used to be judged like a fragment, by source alone).
+            drop_(
+                "a loop of hop-by-hop headers (allowed source): malformed",
                 hbh_loop(tcp(A6, 7000), 12),
-                REASON_FRAGMENT,
+                REASON_MALFORMED,
             ),
             drop_(
                 "a loop of hop-by-hop headers (unlisted)",
                 hbh_loop(udp(U6, 1, 2), 12),
-                REASON_FRAGMENT,
+                REASON_MALFORMED,
             ),
             pass(
                 "exactly six in a loop",
                 hbh_loop(tcp(A6, 7000), 6),
                 REASON_ALLOWED,
+            ),
+            pass(
+                "eight, the most the parser walks",
+                hbh_loop(tcp(A6, 7000), 8),
+                REASON_ALLOWED,
+            ),
+            drop_(
+                "nine: the upper layer is out of reach",
+                hbh_loop(tcp(A6, 7000), 9),
+                REASON_MALFORMED,
+            ),
+            // The side door: ssh allows one admin, web allows W6; nine
+            // destination options once got W6's SYN to tcp/22 through.
+            drop_(
+                "eight destination options to ssh from a web-only source",
+                dst_loop(tcp(W6, 22), 8),
+                REASON_NOT_ALLOWED,
+            ),
+            drop_(
+                "nine destination options to ssh from a web-only source",
+                dst_loop(tcp(W6, 22), 9),
+                REASON_MALFORMED,
+            ),
+            pass(
+                "a non-first fragment behind seven headers: judged by source",
+                hbh_loop(tcp(A6, 7000), 7).ext(Ext::Fragment {
+                    offset: 100,
+                    more: false,
+                }),
+                REASON_FRAGMENT,
             ),
             pass(
                 "dhcpv6 behind extension headers",
