@@ -16,7 +16,7 @@ mod parse;
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
-    bindings::xdp_action,
+    bindings::{BPF_NOEXIST, xdp_action},
     helpers::generated::{
         bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_skb_pull_data, bpf_xdp_adjust_tail,
     },
@@ -371,7 +371,15 @@ fn report(ctx: &XdpContext, cfg: &PolicyConfig, ip: &IpPacket, d: &Decision, ent
             return;
         }
         // SAFETY: as above.
-        carried = unsafe { core::ptr::read_volatile(&(*r).suppressed) };
+        let held = unsafe { core::ptr::read_volatile(&(*r).suppressed) };
+        // Two CPUs may pass the interval check together and both subtract
+        // what they read below: the count then dips under zero until the
+        // next suppressions make it up. Read as signed and saturated, the
+        // dip is never reported (as 2^64 - n), and over time every
+        // suppression is reported once: the sum of what events carry plus
+        // what the map holds is exact. (5.10 has no atomic exchange to do
+        // better: its only atomic is add.)
+        carried = if (held as i64) < 0 { 0 } else { held };
     }
     budget.used += 1;
     let sent = match IPG_EVENTS.reserve::<DropEvent>(0) {
@@ -419,7 +427,17 @@ fn report(ctx: &XdpContext, cfg: &PolicyConfig, ip: &IpPacket, d: &Decision, ent
                 last_sent_ns: if sent { t } else { 0 },
                 suppressed: (!sent) as u64,
             };
-            let _ = IPG_EVENT_RATE.insert(key, fresh, 0);
+            // Only if no other CPU inserted it meanwhile: overwriting
+            // would wipe the suppressions counted into its entry.
+            if IPG_EVENT_RATE
+                .insert(key, fresh, BPF_NOEXIST as u64)
+                .is_err()
+                && !sent
+                && let Some(r) = IPG_EVENT_RATE.get_ptr_mut(key)
+            {
+                // SAFETY: as above.
+                atomic_add(unsafe { &raw mut (*r).suppressed }, 1);
+            }
         }
     }
 }
