@@ -140,6 +140,10 @@ pub const INFRA_NDP: u32 = 1;
 pub const INFRA_DHCP: u32 = 2;
 pub const INFRA_PMTU: u32 = 4;
 pub const INFRA_RETURN_TRAFFIC: u32 = 8;
+/// MLD (ICMPv6 130, 131, 132, 143) from a link-local source with hop
+/// limit 1: what a router's multicast listener queries and a snooping
+/// switch need answered.
+pub const INFRA_MLD: u32 = 16;
 
 /// One per slot, in [`MAP_CONFIG`].
 #[repr(C)]

@@ -384,6 +384,15 @@ fn l4_info(pkt: &Packet, proto: u8, ip: &mut IpPacket) -> Option<()> {
                 ip.infra = INFRA_NDP;
             } else if i[0] == 2 {
                 ip.infra = INFRA_PMTU;
+            } else if matches!(i[0], 130 | 131 | 132 | 143)
+                && ip.src[0] == 0xfe
+                && ip.src[1] & 0xc0 == 0x80
+                && pkt.bytes::<8>(ip.l3)?[7] == 1
+            {
+                // MLD is link-local by RFC 2710/3810 (fe80::/10, hop
+                // limit 1): a listener report from elsewhere is no MLD
+                // this host needs.
+                ip.infra = INFRA_MLD;
             }
         }
         _ => {}

@@ -115,7 +115,7 @@ fn worked_example_compiled_values() {
     assert_eq!(c.config.scope, SCOPE_HOST);
     assert_eq!(
         c.config.infra,
-        INFRA_NDP | INFRA_DHCP | INFRA_PMTU | INFRA_RETURN_TRAFFIC
+        INFRA_NDP | INFRA_DHCP | INFRA_PMTU | INFRA_MLD | INFRA_RETURN_TRAFFIC
     );
     assert_eq!(c.config.flow_timeout_ns, 120_000_000_000);
     assert_eq!(c.config.event_source_interval_ns, 1_000_000_000);
@@ -579,4 +579,21 @@ fn docs_examples_are_valid_policies() {
         .find(|b| b.contains("10.15.1.*"))
         .expect("the worked example");
     assert_eq!(worked.as_str(), WORKED_EXAMPLE.trim_start());
+}
+
+#[test]
+fn each_infrastructure_exemption_can_be_turned_off() {
+    let all = INFRA_NDP | INFRA_DHCP | INFRA_PMTU | INFRA_MLD | INFRA_RETURN_TRAFFIC;
+    for (key, bit) in [
+        ("ndp", INFRA_NDP),
+        ("dhcp", INFRA_DHCP),
+        ("pmtu", INFRA_PMTU),
+        ("mld", INFRA_MLD),
+        ("return_traffic", INFRA_RETURN_TRAFFIC),
+    ] {
+        let c = compile(&format!(
+            "version: 1\nallow: [203.0.113.0/24]\ninfrastructure: {{ {key}: false }}\n"
+        ));
+        assert_eq!(c.config.infra, all & !bit, "{key}: false");
+    }
 }

@@ -158,6 +158,8 @@ pub struct Pkt {
     /// a first fragment, 185 for a later one.
     pub frag: u16,
     pub exts: Vec<Ext>,
+    /// IPv6 hop limit (64 unless set).
+    pub hop_limit: u8,
 }
 
 impl Pkt {
@@ -170,7 +172,13 @@ impl Pkt {
             options: Vec::new(),
             frag: 0,
             exts: Vec::new(),
+            hop_limit: 64,
         }
+    }
+
+    pub fn hops(mut self, h: u8) -> Self {
+        self.hop_limit = h;
+        self
     }
 
     pub fn vlan(mut self, tpid: u16, id: u16) -> Self {
@@ -210,7 +218,8 @@ impl Pkt {
                     next = e.proto();
                 }
                 payload.extend_from_slice(&l4);
-                let ip = ipv6(s, d, next, &payload);
+                let mut ip = ipv6(s, d, next, &payload);
+                ip[7] = self.hop_limit;
                 ether(ETH_P_IPV6, &self.vlans, &ip)
             }
             _ => panic!("mixed address families in {self:?}"),

@@ -24,6 +24,7 @@ const H6: &str = "2001:db8:1::1";
 // Sources, named by what the base policy says of them.
 const A: &str = "198.51.100.2"; // host-wide list
 const U: &str = "203.0.113.99"; // nothing
+const LL6: &str = "fe80::1"; // a link-local neighbour, in no list
 const D: &str = "198.51.100.66"; // deny (inside the allowed /25)
 const AA: &str = "203.0.113.250"; // always_allow
 const S: &str = "203.0.113.10"; // ssh's own list (and web's)
@@ -78,6 +79,11 @@ fn udp(src: &str, sport: u16, dport: u16) -> Pkt {
 
 fn icmp(src: &str, ty: u8, code: u8) -> Pkt {
     Pkt::new(ip(src), host_of(src), L4::Icmp { ty, code })
+}
+
+/// An MLD message (`ty`) with the router alert hop-by-hop header.
+fn mld(src: &str, ty: u8, hops: u8) -> Pkt {
+    icmp(src, ty, 0).ext(Ext::HopByHop { units: 0 }).hops(hops)
 }
 
 fn raw(src: &str, proto: u8, bytes: &[u8]) -> Pkt {
@@ -208,6 +214,27 @@ fn policy_rules_of_section_5() {
                 REASON_NOT_ALLOWED,
             ),
             pass("pmtu v6", icmp(U6, 2, 0), REASON_INFRASTRUCTURE),
+            // MLD: link-local, hop limit 1, behind a hop-by-hop header
+            // (the router alert option), as routers and hosts send it.
+            pass("mld query", mld(LL6, 130, 1), REASON_INFRASTRUCTURE),
+            pass("mldv1 report", mld(LL6, 131, 1), REASON_INFRASTRUCTURE),
+            pass("mldv1 done", mld(LL6, 132, 1), REASON_INFRASTRUCTURE),
+            pass("mldv2 report", mld(LL6, 143, 1), REASON_INFRASTRUCTURE),
+            drop_(
+                "mld from a global address is not mld",
+                mld(U6, 143, 1),
+                REASON_NOT_ALLOWED,
+            ),
+            drop_(
+                "mld with a hop limit above 1 is not mld",
+                mld(LL6, 143, 2),
+                REASON_NOT_ALLOWED,
+            ),
+            drop_(
+                "icmpv6 echo from link-local stays subject to the lists",
+                icmp(LL6, 128, 0).hops(1),
+                REASON_NOT_ALLOWED,
+            ),
             // Deny wins over the exemptions (they once passed a denied
             // source's DHCP reply and "fragmentation needed").
             drop_("deny beats the dhcp exemption", udp(D, 67, 68), REASON_DENY),
@@ -363,6 +390,7 @@ fn policy_rules_of_section_5() {
             drop_("ndp when not exempt", icmp(U6, 135, 0), REASON_NOT_ALLOWED),
             drop_("dhcp when not exempt", udp(U, 67, 68), REASON_NOT_ALLOWED),
             drop_("pmtu when not exempt", icmp(U, 3, 4), REASON_NOT_ALLOWED),
+            drop_("mld when not exempt", mld(LL6, 143, 1), REASON_NOT_ALLOWED),
             pass(
                 "ndp from an allowed source",
                 icmp(A6, 135, 0),
@@ -1277,4 +1305,103 @@ fn events_are_rate_limited_and_every_one_is_counted() {
     );
     assert_eq!(drain(&mut reader).len() as u64, d[0], "events read back");
     assert!(started.elapsed() < Duration::from_secs(20));
+}
+
+/// The per-source limiter under a flood from one source on every CPU at
+/// once, with an interval of one clock tick so CPUs keep meeting at its
+/// end. Two CPUs could both pass the interval check and both subtract
+/// what they read: the count wrapped, and an event reported nearly 2^64
+/// suppressed packets. Now no event reports more than was sent, and what
+/// events carry plus what the map still holds is exactly the count of
+/// suppressed packets.
+#[test]
+fn per_source_suppression_counts_stay_exact_in_a_flood_on_every_cpu() {
+    use std::os::fd::{AsFd, AsRawFd};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .unwrap();
+    let mut l = Loaded::new();
+    let mut reader = rt
+        .block_on(async { EventReader::open(&l.pins.path) })
+        .unwrap();
+    let mut cfg = config(MODE_ENFORCE, ACTION_DROP, SCOPE_HOST);
+    cfg.event_source_interval_ns = 1_000_000;
+    cfg.event_max_per_sec = 10_000_000;
+    l.apply(&base(cfg));
+    let fd =
+        l.dp.xdp_program(PROG_XDP)
+            .unwrap()
+            .fd()
+            .unwrap()
+            .as_fd()
+            .as_raw_fd();
+    let counters = |l: &Loaded| {
+        let c = l.dp.maps.counters().unwrap();
+        [
+            c[COUNTER_EVENTS_SENT as usize],
+            c[COUNTER_EVENTS_SUPPRESSED_SOURCE as usize],
+            c[COUNTER_EVENTS_SUPPRESSED_GLOBAL as usize],
+            c[COUNTER_EVENTS_LOST as usize],
+        ]
+    };
+    let before = counters(&l);
+    let cpus = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .min(8);
+    // Each call runs the program 1,000 times on its CPU; every CPU floods
+    // for 1.5 s (bounded also in calls).
+    const CALLS: u32 = 5_000;
+    const REPEAT: u32 = 1_000;
+    let frame = tcp(U, 7000).build();
+    std::thread::scope(|s| {
+        for cpu in 0..cpus {
+            let frame = &frame;
+            s.spawn(move || {
+                let mut set = nix::sched::CpuSet::new();
+                set.set(cpu).unwrap();
+                nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
+                let deadline = std::time::Instant::now() + Duration::from_millis(1500);
+                for _ in 0..CALLS {
+                    let (a, _) = ipguard_tests::prog_test_run(fd, frame, REPEAT).unwrap();
+                    assert_eq!(a, XDP_DROP);
+                    if std::time::Instant::now() > deadline {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let after = counters(&l);
+    let d: Vec<u64> = (0..4).map(|i| after[i] - before[i]).collect();
+    let events: Vec<DropEvent> = std::iter::from_fn(|| reader.try_next()).collect();
+    let sent = d[0];
+    let suppressed = d[1];
+    assert_eq!((d[2], d[3]), (0, 0), "no global cap, nothing lost: {d:?}");
+    assert_eq!(events.len() as u64, sent, "every counted event arrived");
+    let total = sent + suppressed;
+    for e in &events {
+        assert!(
+            e.suppressed <= total,
+            "an event reports {} suppressed of {total} packets",
+            e.suppressed
+        );
+    }
+    let carried: u64 = events.iter().map(|e| e.suppressed).sum();
+    let rate: aya::maps::HashMap<_, [u8; 16], SourceRate> =
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(
+            aya::maps::MapData::from_pin(l.pins.path.join(MAP_EVENT_RATE)).unwrap(),
+        ))
+        .unwrap();
+    let mut src = [0u8; 16];
+    src[..4].copy_from_slice(&[203, 0, 113, 99]);
+    let held = rate.get(&rate_key(FAMILY_V4, &src), 0).unwrap().suppressed as i64;
+    assert_eq!(
+        carried as i64 + held,
+        suppressed as i64,
+        "what events carried plus what the map holds is every suppression"
+    );
+    println!(
+        "vm-report: event flood: {cpus} CPUs, {total} refused packets, {sent} events carrying {carried} suppressed, {held} held, {suppressed} counted"
+    );
 }

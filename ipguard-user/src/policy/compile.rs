@@ -518,6 +518,7 @@ fn config(p: &Policy) -> PolicyConfig {
         infra: bit(infra.ndp, INFRA_NDP)
             | bit(infra.dhcp, INFRA_DHCP)
             | bit(infra.pmtu, INFRA_PMTU)
+            | bit(infra.mld, INFRA_MLD)
             | bit(infra.return_traffic, INFRA_RETURN_TRAFFIC),
         flow_timeout_ns: u64::try_from(infra.flow_timeout.as_nanos()).unwrap_or(u64::MAX),
         event_source_interval_ns: u64::try_from(p.events.per_source_interval.as_nanos())

@@ -127,6 +127,7 @@ pub struct Infrastructure {
     pub ndp: bool,
     pub dhcp: bool,
     pub pmtu: bool,
+    pub mld: bool,
     pub return_traffic: bool,
     pub flow_timeout: Duration,
 }
@@ -137,6 +138,7 @@ impl Default for Infrastructure {
             ndp: true,
             dhcp: true,
             pmtu: true,
+            mld: true,
             return_traffic: true,
             flow_timeout: Duration::from_secs(120),
         }

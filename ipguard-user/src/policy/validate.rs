@@ -651,6 +651,7 @@ fn infrastructure(sink: &mut Sink, raw: Option<&super::yaml::RawInfra>) -> Infra
     infra.ndp = b(&raw.ndp, infra.ndp);
     infra.dhcp = b(&raw.dhcp, infra.dhcp);
     infra.pmtu = b(&raw.pmtu, infra.pmtu);
+    infra.mld = b(&raw.mld, infra.mld);
     infra.return_traffic = b(&raw.return_traffic, infra.return_traffic);
     if let Some(t) = &raw.flow_timeout {
         match time::parse_duration(&t.value.0) {

@@ -79,6 +79,7 @@ pub(crate) struct RawInfra {
     pub ndp: Option<Spanned<bool>>,
     pub dhcp: Option<Spanned<bool>>,
     pub pmtu: Option<Spanned<bool>>,
+    pub mld: Option<Spanned<bool>>,
     pub return_traffic: Option<Spanned<bool>>,
     pub flow_timeout: Option<Spanned<Scalar>>,
 }

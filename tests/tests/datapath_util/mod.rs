@@ -97,7 +97,7 @@ pub fn config(mode: u32, action: u32, scope: u32) -> PolicyConfig {
         mode,
         action,
         scope,
-        infra: INFRA_NDP | INFRA_DHCP | INFRA_PMTU | INFRA_RETURN_TRAFFIC,
+        infra: INFRA_NDP | INFRA_DHCP | INFRA_PMTU | INFRA_MLD | INFRA_RETURN_TRAFFIC,
         flow_timeout_ns: 120_000_000_000,
         event_source_interval_ns: 1_000_000_000,
         event_max_per_sec: 1000,
