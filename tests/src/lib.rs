@@ -436,6 +436,9 @@ pub struct Daemon {
     caps: Option<Vec<u32>>,
     /// Run in the child before exec (see [`Daemon::start_prepared`]).
     prepare: Option<fn() -> io::Result<()>>,
+    /// stdout is a pipe this side never reads (see
+    /// [`Daemon::start_with_stdout_unread`]).
+    stdout_unread: bool,
 }
 
 impl Daemon {
@@ -476,20 +479,32 @@ impl Daemon {
         caps: Option<Vec<u32>>,
         prepare: Option<fn() -> io::Result<()>>,
     ) -> Result<Self> {
-        Self::launch_on(PinDir::new()?, pair, policy, extra, caps, prepare)
+        let mut d = Self::unspawned(PinDir::new()?, policy, caps, prepare)?;
+        d.spawn(pair, extra)?;
+        Ok(d)
     }
 
     /// Like [`Daemon::start`], on pins the caller chose (whose path it
     /// needs to know before the daemon runs).
     pub fn start_on(pins: PinDir, pair: &Pair, policy: &str) -> Result<Self> {
-        Self::launch_on(pins, pair, policy, &[], None, None)
+        let mut d = Self::unspawned(pins, policy, None, None)?;
+        d.spawn(pair, &[])?;
+        Ok(d)
     }
 
-    fn launch_on(
+    /// Like [`Daemon::start`], with the daemon's stdout (its event stream)
+    /// a pipe that nobody reads: it fills after 64 KiB.
+    pub fn start_with_stdout_unread(pair: &Pair, policy: &str) -> Result<Self> {
+        let mut d = Self::unspawned(PinDir::new()?, policy, None, None)?;
+        d.stdout_unread = true;
+        d.spawn(pair, &[])?;
+        Ok(d)
+    }
+
+    /// The daemon's directory and policy file, not started yet.
+    fn unspawned(
         pins: PinDir,
-        pair: &Pair,
         policy: &str,
-        extra: &[&str],
         caps: Option<Vec<u32>>,
         prepare: Option<fn() -> io::Result<()>>,
     ) -> Result<Self> {
@@ -497,17 +512,15 @@ impl Daemon {
         std::fs::create_dir_all(&dir)?;
         let policy_path = dir.join("policy.yaml");
         std::fs::write(&policy_path, policy)?;
-        let mut d = Self {
-            // Spawned just below, once `d` owns the pins and directory.
+        Ok(Self {
             proc: ChildGuard { child: None },
             pins,
             dir,
             policy: policy_path,
             caps,
             prepare,
-        };
-        d.spawn(pair, extra)?;
-        Ok(d)
+            stdout_unread: false,
+        })
     }
 
     /// Starts another `ipguard run` on the same pins, state and socket (a
@@ -538,7 +551,11 @@ impl Daemon {
             .arg(self.socket())
             .args(extra)
             .stdin(Stdio::null())
-            .stdout(Stdio::null());
+            .stdout(if self.stdout_unread {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            });
         if let Some(f) = self.prepare {
             use std::os::unix::process::CommandExt;
             // SAFETY: `prepare` only makes system calls (its contract).

@@ -797,3 +797,37 @@ fn the_attach_mode_is_kept_in_the_state_directory_not_in_shared_temp() {
     assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
     let _ = std::fs::remove_dir_all(&victim_dir);
 }
+
+/// The event stream on stdout used to be written from the event loop: a
+/// reader that stops reading (a full pipe) stopped the loop, so the control
+/// socket went unanswered and runtime entries never expired. Here stdout is
+/// a pipe nobody reads while refused traffic makes several pipes' worth of
+/// events; the daemon still answers, and an entry still expires on time.
+#[test]
+fn a_stalled_stdout_never_stops_the_daemon() {
+    require_root();
+    let pair = Pair::new().unwrap();
+    let policy = format!("{POLICY}events: {{ per_source: 1000/s, max_rate: 1000/s }}\n");
+    let d = Daemon::start_with_stdout_unread(&pair, &policy).unwrap();
+    let src: IpAddr = CLIENT_V4_ALT.parse().unwrap();
+    let dst = SocketAddr::new(SERVER_V4_ALT.parse().unwrap(), 9);
+    // About 600 events of some 230 bytes: more than twice a 64 KiB pipe.
+    let start = Instant::now();
+    for _ in 0..600 {
+        udp_send(&pair.client, src, dst, 1).unwrap();
+        thread::sleep(Duration::from_millis(2));
+        if start.elapsed() > Duration::from_secs(10) {
+            break;
+        }
+    }
+    let st = d.status().unwrap();
+    assert_ne!(st["daemon"], false, "the daemon did not answer: {st}");
+    assert!(n(&st["events"]["sent"]) > 300, "{}", st["events"]);
+    ok(d.client(&["allow", "203.0.113.77", "--for", "1s"])
+        .output()
+        .unwrap());
+    thread::sleep(Duration::from_millis(2500));
+    let st = d.status().unwrap();
+    assert_ne!(st["daemon"], false, "the daemon did not answer: {st}");
+    assert_eq!(st["runtime_entries"], 0, "the entry did not expire: {st}");
+}

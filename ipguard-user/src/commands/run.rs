@@ -183,6 +183,7 @@ fn bring_up(
         metrics: Arc::new(Mutex::new(Metrics::new())),
         blocked: Arc::new(Mutex::new(Blocked::default())),
         events_tx,
+        stdout: daemon::stdout::EventOut::spawn()?,
     };
     // The policy goes in before the program is attached: a fresh install
     // never passes a packet the policy would refuse.

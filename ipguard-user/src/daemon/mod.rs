@@ -6,6 +6,7 @@
 
 pub mod blocked;
 pub mod server;
+pub mod stdout;
 pub mod watch;
 
 use std::{
@@ -73,6 +74,8 @@ pub struct Daemon {
     pub metrics: Arc<Mutex<Metrics>>,
     pub blocked: Arc<Mutex<Blocked>>,
     pub events_tx: broadcast::Sender<EventLine>,
+    /// The event stream on stdout (a thread of its own).
+    pub stdout: stdout::EventOut,
 }
 
 /// Sessions a policy would cut: (SSH ones, others).
@@ -517,7 +520,7 @@ impl Daemon {
         let line = EventLine::from_event(&ev, &self.compiled);
         // One JSON object per line on stdout: the daemon's event stream.
         if let Ok(text) = serde_json::to_string(&line) {
-            println!("{text}");
+            self.stdout.send(text);
         }
         self.blocked.lock().await.record(&line);
         let _ = self.events_tx.send(line);
