@@ -191,6 +191,12 @@ impl Metrics {
 
 /// Serves GET /metrics on a bound listener; `refresh` is called before
 /// each scrape to read the datapath.
+/// Metrics connections served at once.
+pub const MAX_CONNECTIONS: usize = 8;
+/// How long a connection may take to send its request, and to take the
+/// answer.
+const IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub async fn serve_on<F>(
     listener: TcpListener,
     metrics: Arc<Mutex<Metrics>>,
@@ -203,21 +209,32 @@ where
         tracing::info!(%addr, "serving Prometheus metrics on /metrics");
     }
     let refresh = Arc::new(refresh);
+    // A scraper needs one connection at a time; a few more cover several.
+    // Beyond, connections are closed at once: idle or slow clients cannot
+    // pile up tasks and file descriptors in the daemon.
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (mut sock, _) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!("metrics accept: {e}");
+                // Out of descriptors, say: do not spin.
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 continue;
             }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            drop(sock);
+            continue;
         };
         let metrics = metrics.clone();
         let refresh = refresh.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let mut buf = vec![0u8; 4096];
             let mut len = 0;
             // Read the request head, bounded in size and time.
-            let head = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            let head = tokio::time::timeout(IO_TIMEOUT, async {
                 while len < buf.len() {
                     let n = sock.read(&mut buf[len..]).await.ok()?;
                     if n == 0 {
@@ -252,7 +269,7 @@ where
                 "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             );
-            let _ = sock.write_all(resp.as_bytes()).await;
+            let _ = tokio::time::timeout(IO_TIMEOUT, sock.write_all(resp.as_bytes())).await;
         });
     }
 }

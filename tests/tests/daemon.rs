@@ -831,3 +831,67 @@ fn a_stalled_stdout_never_stops_the_daemon() {
     assert_ne!(st["daemon"], false, "the daemon did not answer: {st}");
     assert_eq!(st["runtime_entries"], 0, "the entry did not expire: {st}");
 }
+
+/// Open descriptors of a process.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// The metrics endpoint held every connection up to 5 s, without a bound:
+/// idle clients piled up descriptors and tasks in the daemon. 200 idle
+/// connections now cost at most MAX_CONNECTIONS descriptors, the control
+/// socket answers meanwhile, and /metrics is served once they are gone.
+#[test]
+fn idle_metrics_connections_are_bounded() {
+    require_root();
+    let pair = Pair::new().unwrap();
+    let port = 20_000 + (std::process::id() % 1000) as u16;
+    let addr = format!("127.0.0.1:{port}");
+    let d = Daemon::start_with(&pair, POLICY, &["--metrics", &addr]).unwrap();
+    let pid = d.proc.pid();
+    let base = open_fds(pid);
+    let sa: SocketAddr = addr.parse().unwrap();
+    let idle = pair
+        .server
+        .run_in(move || {
+            (0..200)
+                .filter_map(|_| {
+                    std::net::TcpStream::connect_timeout(&sa, Duration::from_secs(2)).ok()
+                })
+                .collect::<Vec<_>>()
+        })
+        .unwrap();
+    thread::sleep(Duration::from_millis(500));
+    let held = open_fds(pid);
+    assert!(
+        // MAX_CONNECTIONS (8) and a little slack, far from 200.
+        held <= base + 16,
+        "{} idle connections: the daemon holds {held} descriptors, {base} before",
+        idle.len()
+    );
+    let st = d.status().unwrap();
+    assert_ne!(st["daemon"], false, "{st}");
+    drop(idle);
+    // The slots free as the daemon sees the closes (or after its 5 s
+    // timeout at most).
+    let served = wait_for(Duration::from_secs(8), || {
+        let body = pair
+            .server
+            .run_in(move || -> Option<String> {
+                let mut s =
+                    std::net::TcpStream::connect_timeout(&sa, Duration::from_secs(2)).ok()?;
+                s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                    .ok()?;
+                let mut body = String::new();
+                std::io::Read::read_to_string(&mut s, &mut body).ok()?;
+                Some(body)
+            })
+            .ok()
+            .flatten()?;
+        body.starts_with("HTTP/1.1 200").then_some(())
+    });
+    assert!(
+        served.is_some(),
+        "/metrics not served after the idle ones left"
+    );
+}
