@@ -138,6 +138,8 @@ pub struct GuestResult {
     pub passed: Vec<String>,
     pub failed: Vec<String>,
     pub reports: Vec<String>,
+    /// (seconds, test) for each test run.
+    pub times: Vec<(f64, String)>,
     pub boot_secs: f64,
     pub test_secs: f64,
     pub error: Option<String>,
@@ -253,6 +255,18 @@ pub fn report(results: &[GuestResult]) -> Result<()> {
         eprintln!(
             "xtask: vm-test: {}: corpus: {frames} frames judged as expected",
             r.kernel
+        );
+        let mut times = r.times.clone();
+        times.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let slowest: Vec<String> = times
+            .iter()
+            .take(4)
+            .map(|(t, n)| format!("{n} {t:.0} s"))
+            .collect();
+        eprintln!(
+            "xtask: vm-test: {}: slowest: {}",
+            r.kernel,
+            slowest.join(", ")
         );
         if !r.ok() {
             bad.push(r.kernel.clone());
@@ -960,6 +974,14 @@ fn boot(
             "PASS" => r.passed.push(arg.to_string()),
             "FAIL" => r.failed.push(arg.to_string()),
             "REPORT" => r.reports.push(arg.to_string()),
+            "TIME" => {
+                let mut w = arg.split_whitespace();
+                if let (Some(name), Some(a), Some(b)) = (w.next(), w.next(), w.next())
+                    && let (Ok(a), Ok(b)) = (a.parse::<f64>(), b.parse::<f64>())
+                {
+                    r.times.push((b - a, name.to_string()));
+                }
+            }
             "ERROR" => r.error = Some(arg.to_string()),
             "TIMEOUT" => r.error = Some(arg.to_string()),
             "DONE" => done = true,
@@ -980,7 +1002,8 @@ fn boot(
 
 /// The guest's /init (busybox sh). It prints `IPGVM ...` lines the host
 /// reads: BOOT (release), UPTIME (seconds since boot, before and after the
-/// tests), PASS/FAIL per test, REPORT (a test's `vm-report:` lines), DONE.
+/// tests), PASS/FAIL and TIME per test, REPORT (a test's `vm-report:`
+/// lines), DONE.
 const INIT: &str = r#"#!/bin/sh
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root RUST_BACKTRACE=0
 mount -t proc proc /proc
@@ -1003,19 +1026,36 @@ for m in $(cat /ipg/modules.order); do
 done
 /usr/sbin/ip link set lo up
 echo "IPGVM UPTIME $(cut -d' ' -f1 /proc/uptime)"
+# One test per process, two at a time (as nextest runs them on a two-core
+# host): lane N runs every other test of the list.
+: > /tmp/tests.list
 for bin in $(cat /ipg/tests); do
   for t in $(/ipg/deps/$bin --list --format terse 2>/dev/null | sed -n 's/: test$//p'); do
-    case "$bin::$t" in *"$filter"*) ;; *) continue ;; esac
-    out=/tmp/test.out
-    if /ipg/deps/$bin --exact "$t" --test-threads 1 --nocapture > $out 2>&1; then
-      echo "IPGVM PASS $bin::$t"
-    else
-      echo "IPGVM FAIL $bin::$t"
-      tail -n 60 $out | sed 's/^/IPGVM| /'
-    fi
-    sed -n 's/.*vm-report: /IPGVM REPORT /p' $out
+    case "$bin::$t" in *"$filter"*) echo "$bin $t" >> /tmp/tests.list ;; esac
   done
 done
+lane() {
+  i=0
+  while read -r bin t; do
+    i=$((i + 1))
+    [ $((i % 2)) -eq "$1" ] || continue
+    out=/tmp/test.out.$1
+    res=/tmp/test.res.$1
+    t0=$(cut -d' ' -f1 /proc/uptime)
+    if /ipg/deps/$bin --exact "$t" --test-threads 1 --nocapture > $out 2>&1; then
+      echo "IPGVM PASS $bin::$t" > $res
+    else
+      echo "IPGVM FAIL $bin::$t" > $res
+      tail -n 60 $out | sed 's/^/IPGVM| /' >> $res
+    fi
+    echo "IPGVM TIME $bin::$t $t0 $(cut -d' ' -f1 /proc/uptime)" >> $res
+    sed -n 's/.*vm-report: /IPGVM REPORT /p' $out >> $res
+    cat $res
+  done < /tmp/tests.list
+}
+lane 0 &
+lane 1 &
+wait
 echo "IPGVM UPTIME $(cut -d' ' -f1 /proc/uptime)"
 echo "IPGVM DONE"
 poweroff -f
