@@ -57,7 +57,8 @@ impl RuntimeStore {
         write_atomic(&self.path, &json)
     }
 
-    /// Adds (or replaces: same address and service) an entry.
+    /// Adds (or replaces: same address and service) an entry, in memory:
+    /// the caller writes the datapath, then [`RuntimeStore::save`]s.
     pub fn allow(
         &mut self,
         addr: IpNet,
@@ -87,20 +88,16 @@ impl RuntimeStore {
         self.entries
             .retain(|e| !(e.addr == rec.addr && e.service == rec.service));
         self.entries.push(rec.clone());
-        self.save()?;
         Ok(rec)
     }
 
-    /// Removes every runtime entry for `addr`; returns how many.
+    /// Removes every runtime entry for `addr`, in memory (as
+    /// [`RuntimeStore::allow`]); returns how many.
     pub fn revoke(&mut self, addr: IpNet) -> Result<usize> {
         let before = self.entries.len();
         let addr = addr.trunc();
         self.entries.retain(|e| e.addr != addr);
-        let n = before - self.entries.len();
-        if n > 0 {
-            self.save()?;
-        }
-        Ok(n)
+        Ok(before - self.entries.len())
     }
 
     /// Drops the entries whose time is up; returns them.
@@ -244,6 +241,7 @@ mod tests {
         )
         .unwrap();
         st.allow(b, None, Some("ssh".into()), None, now).unwrap();
+        st.save().unwrap();
         let again = RuntimeStore::load(&dir).unwrap();
         assert_eq!(again.entries, st.entries, "survives a restart");
         assert_eq!(
@@ -259,6 +257,7 @@ mod tests {
         assert_eq!(gone.len(), 1);
         assert_eq!(gone[0].addr, a);
         assert_eq!(st.revoke(b).unwrap(), 1);
+        st.save().unwrap();
         assert!(RuntimeStore::load(&dir).unwrap().entries.is_empty());
         std::fs::remove_dir_all(&dir).unwrap();
     }

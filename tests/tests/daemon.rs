@@ -895,3 +895,39 @@ fn idle_metrics_connections_are_bounded() {
         "/metrics not served after the idle ones left"
     );
 }
+
+/// `allow` whose state file cannot be written answered with an error but
+/// kept the entry in memory: the next reload put it into the kernel, and
+/// the source the operator was told had not been added got in. The answer
+/// now follows the datapath write and the state save, and a failure undoes
+/// the change everywhere.
+#[test]
+fn a_failed_runtime_allow_changes_nothing_anywhere() {
+    let (pair, d) = setup();
+    assert!(!connects(&pair, CLIENT_V4_ALT, SERVER_V4_ALT, 7000));
+    // The store is written to runtime.tmp and renamed: a directory there
+    // makes every save fail.
+    let state = d.dir.join("state");
+    std::fs::create_dir_all(state.join("runtime.tmp")).unwrap();
+    let out = d.client(&["allow", CLIENT_V4_ALT]).output().unwrap();
+    assert_ne!(out.status.code(), Some(0), "the allow must fail");
+    // (Now "cannot save the runtime entries ...; nothing changed".)
+    one_line(&out, 3, "runtime");
+    // A reload recompiles from what the daemon holds in memory.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(d.proc.pid() as i32),
+        Signal::SIGHUP,
+    )
+    .unwrap();
+    thread::sleep(Duration::from_millis(700));
+    assert!(
+        !connects(&pair, CLIENT_V4_ALT, SERVER_V4_ALT, 7000),
+        "the refused allow was enforced after a reload"
+    );
+    let st = d.status().unwrap();
+    assert_eq!(st["runtime_entries"], 0, "{st}");
+    // Once the state can be written again, allow works end to end.
+    std::fs::remove_dir(state.join("runtime.tmp")).unwrap();
+    ok(d.client(&["allow", CLIENT_V4_ALT]).output().unwrap());
+    assert!(connects(&pair, CLIENT_V4_ALT, SERVER_V4_ALT, 7000));
+}

@@ -279,6 +279,36 @@ impl Daemon {
     }
 
     /// Recompiles the current policy (time edge, runtime entry change).
+    /// Makes a change of the runtime entries (already made in memory;
+    /// `before` is what they were) take effect: the datapath first, then
+    /// the state file. After an error the change is undone wherever it was
+    /// made, so memory, disk and kernel agree, and the answer says so.
+    fn commit_runtime(
+        &mut self,
+        why: &str,
+        before: Vec<crate::runtime::RuntimeRecord>,
+    ) -> Result<(), String> {
+        let src = self.current.clone();
+        if let Err(e) = self.install(src.clone(), true, why) {
+            self.runtime.entries = before;
+            return Err(format!(
+                "{why}: the datapath was not updated ({e}); nothing changed"
+            ));
+        }
+        if let Err(e) = self.runtime.save() {
+            self.runtime.entries = before;
+            if let Err(u) = self.install(src, true, "undo of a failed save") {
+                tracing::error!(
+                    "{why}: cannot undo the datapath write ({u}); the kernel enforces the change until the next reload"
+                );
+            }
+            return Err(format!(
+                "{why}: cannot save the runtime entries ({e:#}); nothing changed"
+            ));
+        }
+        Ok(())
+    }
+
     async fn refresh(&mut self, why: &str) {
         match self.runtime.expire(SystemTime::now()) {
             Ok(gone) => {
@@ -427,6 +457,7 @@ impl Daemon {
                 {
                     return Response::err(Exit::Refused, e);
                 }
+                let before = self.runtime.entries.clone();
                 let rec = match self.runtime.allow(
                     net,
                     for_secs.map(Duration::from_secs),
@@ -437,8 +468,10 @@ impl Daemon {
                     Ok(r) => r,
                     Err(e) => return Response::err(Exit::System, format!("{e:#}")),
                 };
+                if let Err(e) = self.commit_runtime("runtime allow", before) {
+                    return Response::err(Exit::System, e);
+                }
                 tracing::info!(addr = %rec.addr, until = ?rec.until, "runtime allow");
-                self.refresh("runtime allow").await;
                 Response::ok(json!(rec))
             }
             Request::Revoke { addr } => {
@@ -446,6 +479,7 @@ impl Daemon {
                     Ok(n) => n,
                     Err(e) => return Response::err(Exit::Refused, e),
                 };
+                let before = self.runtime.entries.clone();
                 match self.runtime.revoke(net) {
                     Ok(0) => Response::err(
                         Exit::Refused,
@@ -454,8 +488,10 @@ impl Daemon {
                         ),
                     ),
                     Ok(n) => {
+                        if let Err(e) = self.commit_runtime("runtime revoke", before) {
+                            return Response::err(Exit::System, e);
+                        }
                         tracing::info!(addr = %net, "runtime entry revoked");
-                        self.refresh("runtime revoke").await;
                         Response::ok(json!({"revoked": n}))
                     }
                     Err(e) => Response::err(Exit::System, format!("{e:#}")),
