@@ -428,6 +428,22 @@ fn the_lockout_guard_refuses_to_cut_ssh_unless_forced() {
     );
 }
 
+/// `GET /metrics` from the server's namespace (the daemon listens there):
+/// the whole answer, or None if there was none.
+fn get_metrics(pair: &Pair, sa: SocketAddr) -> Option<String> {
+    pair.server
+        .run_in(move || -> Option<String> {
+            let mut s = std::net::TcpStream::connect_timeout(&sa, Duration::from_secs(2)).ok()?;
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                .ok()?;
+            let mut body = String::new();
+            std::io::Read::read_to_string(&mut s, &mut body).ok()?;
+            Some(body)
+        })
+        .ok()
+        .flatten()
+}
+
 #[test]
 fn metrics_are_served() {
     require_root();
@@ -437,23 +453,7 @@ fn metrics_are_served() {
     let d = Daemon::start_with(&pair, POLICY, &["--metrics", &addr]).unwrap();
     let dst = SocketAddr::new(SERVER_V4_ALT.parse().unwrap(), 5000);
     udp_send(&pair.client, CLIENT_V4_ALT.parse().unwrap(), dst, 5).unwrap();
-    let sa: SocketAddr = addr.parse().unwrap();
-    let body = pair
-        .server
-        .run_in(move || {
-            let mut s = std::net::TcpStream::connect_timeout(&sa, Duration::from_secs(2)).unwrap();
-            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-                .unwrap();
-            let mut body = String::new();
-            let mut r = BufReader::new(s);
-            let mut line = String::new();
-            while r.read_line(&mut line).unwrap_or(0) > 0 {
-                body.push_str(&line);
-                line.clear();
-            }
-            body
-        })
-        .unwrap();
+    let body = get_metrics(&pair, addr.parse().unwrap()).expect("an answer from /metrics");
     assert!(body.starts_with("HTTP/1.1 200"), "{body}");
     assert!(
         body.contains(r#"ipguard_service_packets_total{service="app",result="refused"} 5"#),
@@ -875,20 +875,9 @@ fn idle_metrics_connections_are_bounded() {
     // The slots free as the daemon sees the closes (or after its 5 s
     // timeout at most).
     let served = wait_for(Duration::from_secs(8), || {
-        let body = pair
-            .server
-            .run_in(move || -> Option<String> {
-                let mut s =
-                    std::net::TcpStream::connect_timeout(&sa, Duration::from_secs(2)).ok()?;
-                s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-                    .ok()?;
-                let mut body = String::new();
-                std::io::Read::read_to_string(&mut s, &mut body).ok()?;
-                Some(body)
-            })
-            .ok()
-            .flatten()?;
-        body.starts_with("HTTP/1.1 200").then_some(())
+        get_metrics(&pair, sa)?
+            .starts_with("HTTP/1.1 200")
+            .then_some(())
     });
     assert!(
         served.is_some(),
