@@ -59,7 +59,9 @@ pub const GLOBAL_COARSE_CLOCK: &str = "IPG_COARSE_CLOCK";
 /// Default capacities; the daemon may override the trie sizes at load time.
 pub const DEFAULT_V4_CAPACITY: u32 = 1_048_576;
 pub const DEFAULT_V6_CAPACITY: u32 = 262_144;
-pub const DEFAULT_FLOW_CAPACITY: u32 = 65_536;
+/// Flows of connections this host opened (see [`FlowKey`]); `ipguard run
+/// --flow-capacity` sets another size. About 100 bytes each in the kernel.
+pub const DEFAULT_FLOW_CAPACITY: u32 = 262_144;
 pub const EVENT_RATE_CAPACITY: u32 = 65_536;
 /// Per slot; a policy needing more deciders than this credits the
 /// remaining ambiguous prefixes to no entry (enforcement is unaffected).
@@ -81,6 +83,18 @@ pub const PORT_SLOT_STRIDE: u32 = PORT_PROTOS * 65_536;
 pub const PORT_TABLE_LEN: u32 = SLOTS * PORT_SLOT_STRIDE;
 pub const PROTO_INDEX_TCP: u32 = 0;
 pub const PROTO_INDEX_UDP: u32 = 1;
+
+/// Index in [`MAP_PORTS`] of a TCP or UDP port of a slot; None for other
+/// protocols.
+#[inline(always)]
+pub const fn port_index(slot: u32, protocol: u8, port: u16) -> Option<u32> {
+    let proto = match protocol {
+        IPPROTO_TCP => PROTO_INDEX_TCP,
+        IPPROTO_UDP => PROTO_INDEX_UDP,
+        _ => return None,
+    };
+    Some(slot * PORT_SLOT_STRIDE + proto * 65_536 + port as u32)
+}
 
 /// Policy entries counted per slot in [`MAP_ENTRY_HITS`]; entries past this
 /// many are still enforced but their hits are not counted per entry.
@@ -153,8 +167,8 @@ pub struct PolicyConfig {
     pub action: u32,
     pub scope: u32,
     pub infra: u32,
-    /// Replies to a connection this host opened pass for this long after
-    /// the host last sent on it.
+    /// Replies to a UDP flow this host opened pass for this long after the
+    /// host last sent on it.
     pub flow_timeout_ns: u64,
     /// Minimum time between two events of one source (0: no limit).
     pub event_source_interval_ns: u64,
@@ -167,6 +181,14 @@ pub struct PolicyConfig {
     /// has an allow list of its own, or runtime entries beside the
     /// host-wide list it uses. Other services are keyed by 0 (host-wide).
     pub decider_keys: u64,
+    /// As `flow_timeout_ns`, for TCP connections.
+    pub flow_timeout_tcp_ns: u64,
+    /// The host's ephemeral port range (`net.ipv4.ip_local_port_range`),
+    /// set by the loader at every apply: an unconnected UDP socket on a
+    /// port in it is a client's, elsewhere a server's (see [`FlowKey`]).
+    pub ephemeral_first: u16,
+    pub ephemeral_last: u16,
+    pub _pad1: u32,
 }
 
 /// Verdicts, also the first coordinate of [`MAP_COUNTERS`].
@@ -232,6 +254,17 @@ pub const COUNTER_EVENTS_SENT: u32 = VERDICT_COUNT * REASON_SLOTS;
 pub const COUNTER_EVENTS_SUPPRESSED_SOURCE: u32 = COUNTER_EVENTS_SENT + 1;
 pub const COUNTER_EVENTS_SUPPRESSED_GLOBAL: u32 = COUNTER_EVENTS_SENT + 2;
 pub const COUNTER_EVENTS_LOST: u32 = COUNTER_EVENTS_SENT + 3;
+/// Flows the egress program created in [`MAP_FLOWS`] (inserts that added
+/// an element).
+pub const COUNTER_FLOWS_CREATED: u32 = COUNTER_EVENTS_SENT + 4;
+/// Flows the daemon deleted (sources a new policy refuses). Written by
+/// user space only, in CPU 0's slot: the kernel never touches it. Every
+/// other flow that left the map was evicted, so evictions are
+/// `created - deleted - live`.
+pub const COUNTER_FLOWS_DELETED: u32 = COUNTER_EVENTS_SENT + 5;
+/// Flows the map could not take (the kernel found no free element), so
+/// their replies are judged as any packet.
+pub const COUNTER_FLOWS_NOT_RECORDED: u32 = COUNTER_EVENTS_SENT + 6;
 pub const COUNTER_LEN: u32 = COUNTER_EVENTS_SENT + 16;
 
 /// [`MAP_SERVICE_COUNTERS`]: `service * 2 + (0 passed | 1 refused)`.
@@ -289,14 +322,23 @@ pub struct EventBudget {
 /// from the point of view of the reply that will come back: `remote` is the
 /// reply's source, `local` its destination, ports in host byte order, IPv4
 /// in the first 4 bytes of each address. The value in [`MAP_FLOWS`] is the
-/// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC, tick resolution) at which
-/// the host last sent on it (a `u64`).
+/// CLOCK_MONOTONIC time (tick resolution) at which the host last sent on it
+/// (a `u64`).
 ///
-/// TCP flows are created only by a SYN without ACK that leaves the host (a
-/// connection it opens) and refreshed by its later segments, so answering
-/// an inbound connection never makes its client a "reply". UDP has no
-/// opening packet: every datagram the host sends creates or refreshes the
-/// flow of its reply, as connection tracking does.
+/// Which packets leaving the host record a flow:
+/// - a TCP SYN without ACK: the host opens a connection;
+/// - any other TCP segment but a RST, and any UDP datagram, unless it is
+///   sent from a local port that serves: a TCP or UDP port of a service of
+///   the active policy, a port with a TCP listener, or a UDP port with an
+///   unconnected socket bound to it outside the ephemeral port range (a
+///   server's socket; a client's unconnected socket gets an ephemeral
+///   port). So a server's answers never make its clients "replies", and a
+///   connection the host opened gets its entry back from its next segment
+///   after an eviction, a timeout, or an attach after it was opened.
+///
+/// The same rule decides whether a packet refreshes an existing flow (at
+/// most every [`FLOW_REFRESH_NS`]), so an entry that a serving port keeps
+/// using ages out.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
@@ -323,7 +365,7 @@ pub const fn rate_key(family: u8, src: &[u8; 16]) -> [u8; 16] {
 }
 
 const _: () = assert!(core::mem::size_of::<PrefixValue>() == 16);
-const _: () = assert!(core::mem::size_of::<PolicyConfig>() == 56);
+const _: () = assert!(core::mem::size_of::<PolicyConfig>() == 72);
 const _: () = assert!(core::mem::size_of::<DropEvent>() == 48);
 const _: () = assert!(core::mem::size_of::<SourceRate>() == 16);
 const _: () = assert!(core::mem::size_of::<EventBudget>() == 16);

@@ -16,9 +16,10 @@ mod parse;
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, xdp_action},
+    bindings::{BPF_NOEXIST, bpf_sock_tuple, xdp_action},
     helpers::generated::{
-        bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_skb_pull_data, bpf_xdp_adjust_tail,
+        bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_sk_lookup_tcp, bpf_sk_lookup_udp,
+        bpf_sk_release, bpf_skb_pull_data, bpf_xdp_adjust_tail,
     },
     macros::{classifier, map, xdp},
     maps::{Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
@@ -132,15 +133,7 @@ fn try_ipguard(ctx: &XdpContext) -> Result<u32, ()> {
     let value = lookup(slot, ip.family, &ip.src);
     let ports = match ip.l4 {
         L4::Port { dport, .. } => {
-            let idx = if ip.proto == IPPROTO_TCP {
-                PROTO_INDEX_TCP
-            } else {
-                PROTO_INDEX_UDP
-            };
-            let service = IPG_PORTS
-                .get(slot * PORT_SLOT_STRIDE + idx * 65_536 + dport as u32)
-                .copied()
-                .unwrap_or(0);
+            let service = service_of(slot, ip.proto, dport);
             Ports::Port {
                 service,
                 // A fragment's segment length is unknown: no RST for it.
@@ -176,6 +169,15 @@ fn try_ipguard(ctx: &XdpContext) -> Result<u32, ()> {
     let refused = d.verdict != VERDICT_PASS;
     add(&IPG_SVC_COUNTERS, d.service as u32 * 2 + refused as u32);
     Ok(action(d.verdict))
+}
+
+/// The service of a local TCP or UDP port in `slot` (0: none).
+#[inline(always)]
+fn service_of(slot: u32, protocol: u8, port: u16) -> u8 {
+    match port_index(slot, protocol, port) {
+        Some(i) => IPG_PORTS.get(i).copied().unwrap_or(0),
+        None => 0,
+    }
 }
 
 #[inline(always)]
@@ -264,7 +266,12 @@ fn is_reply(pkt: &Packet, ip: &IpPacket, cfg: &PolicyConfig) -> bool {
             // SAFETY: a value pointer the map just returned; a racing
             // egress update rewrites the whole u64 at once.
             let last = unsafe { core::ptr::read_volatile(t) };
-            now().saturating_sub(last) <= cfg.flow_timeout_ns
+            let timeout = if ip.proto == IPPROTO_TCP {
+                cfg.flow_timeout_tcp_ns
+            } else {
+                cfg.flow_timeout_ns
+            };
+            now().saturating_sub(last) <= timeout
         }
         None => false,
     }
@@ -589,7 +596,8 @@ pub fn ipguard_egress(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn record_flow(ctx: &TcContext) -> Option<()> {
-    let cfg = IPG_CONFIG.get(active_slot())?;
+    let slot = active_slot();
+    let cfg = IPG_CONFIG.get(slot)?;
     if cfg.infra & INFRA_RETURN_TRAFFIC == 0 || cfg.mode == MODE_UNSET {
         return None;
     }
@@ -623,28 +631,94 @@ fn record_flow(ctx: &TcContext) -> Option<()> {
         _pad0: [0; 2],
     };
     let t = now();
+    let existing = IPG_FLOWS.get_ptr_mut(key);
+    if let Some(p) = existing {
+        // SAFETY: a value pointer the map just returned.
+        if t.wrapping_sub(unsafe { core::ptr::read_volatile(p) }) <= FLOW_REFRESH_NS {
+            return Some(());
+        }
+    }
+    // Record or refresh only a connection this host opened (see
+    // `FlowKey`). Checked at most once per refresh interval of a flow, so
+    // an entry an older version recorded for a server's answers ages out.
     let opens = if ip.proto == IPPROTO_TCP {
         let flags = pkt.bytes::<TCP_HLEN>(ip.l4_off)?[13];
+        if flags & TCP_RST != 0 {
+            return None;
+        }
         flags & (TCP_SYN | TCP_ACK) == TCP_SYN
     } else {
-        true
+        false
     };
-    match IPG_FLOWS.get_ptr_mut(key) {
-        Some(p) => {
-            // SAFETY: a value pointer the map just returned; a whole-u64
-            // store, so the XDP side never reads a torn time.
-            unsafe {
-                if t.wrapping_sub(core::ptr::read_volatile(p)) > FLOW_REFRESH_NS {
-                    core::ptr::write_volatile(p, t);
-                }
-            }
-        }
-        None if opens => {
-            let _ = IPG_FLOWS.insert(key, t, 0);
-        }
-        None => {}
+    if !opens && serves(ctx, slot, cfg, &ip, &key) {
+        return None;
+    }
+    if let Some(p) = existing {
+        // SAFETY: as above; a whole-u64 store, so the XDP side never reads
+        // a torn time.
+        unsafe { core::ptr::write_volatile(p, t) };
+        return Some(());
+    }
+    // Only a new element counts: another CPU may insert the same flow.
+    match IPG_FLOWS.insert(key, t, BPF_NOEXIST as u64) {
+        Ok(()) => count(COUNTER_FLOWS_CREATED),
+        Err(e) if e == -EEXIST => {}
+        Err(_) => count(COUNTER_FLOWS_NOT_RECORDED),
     }
     Some(())
+}
+
+const EEXIST: i32 = 17;
+/// `bpf_sk_lookup_*`: the network namespace of the packet's device.
+const CURRENT_NETNS: u64 = u64::MAX;
+
+/// Whether the packet leaves from a local port that serves: a port of a
+/// service of the policy in `slot`, or one a listening socket is bound to
+/// (for UDP, an unconnected socket outside the ephemeral range). Only
+/// called for packets that have no flow yet.
+#[inline(always)]
+fn serves(ctx: &TcContext, slot: u32, cfg: &PolicyConfig, ip: &IpPacket, key: &FlowKey) -> bool {
+    let port = key.local_port;
+    if service_of(slot, ip.proto, port) != 0 {
+        return true;
+    }
+    if ip.proto == IPPROTO_UDP && cfg.ephemeral_first <= port && port <= cfg.ephemeral_last {
+        return false;
+    }
+    // The socket an inbound packet from the remote address to this port
+    // would reach, from remote port 0: no connected or established socket
+    // has that peer, so only a listener (TCP) or an unconnected socket
+    // (UDP) can match.
+    let mut tuple = [0u8; 36];
+    let port = port.to_be_bytes();
+    let size = if ip.family == FAMILY_V4 {
+        tuple[0..4].copy_from_slice(&key.remote[..4]);
+        tuple[4..8].copy_from_slice(&key.local[..4]);
+        tuple[10..12].copy_from_slice(&port);
+        12
+    } else {
+        tuple[0..16].copy_from_slice(&key.remote);
+        tuple[16..32].copy_from_slice(&key.local);
+        tuple[34..36].copy_from_slice(&port);
+        36
+    };
+    let ptr = tuple.as_mut_ptr() as *mut bpf_sock_tuple;
+    let skb = ctx.skb.skb as *mut core::ffi::c_void;
+    // SAFETY: `tuple` is a stack buffer of at least `size` bytes laid out
+    // as `struct bpf_sock_tuple`; a socket returned is released below.
+    let sk = unsafe {
+        if ip.proto == IPPROTO_TCP {
+            bpf_sk_lookup_tcp(skb, ptr, size, CURRENT_NETNS, 0)
+        } else {
+            bpf_sk_lookup_udp(skb, ptr, size, CURRENT_NETNS, 0)
+        }
+    };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: a socket reference the lookup returned, released once.
+    unsafe { bpf_sk_release(sk as *mut core::ffi::c_void) };
+    true
 }
 
 /// Bench only: the cost of running any XDP program at all.

@@ -230,6 +230,13 @@ pub struct RunArgs {
     /// Start even if the policy would cut an established SSH session.
     #[arg(long)]
     pub force: bool,
+    /// Entries of the flow table (return traffic of connections the host
+    /// opened), about 100 bytes of kernel memory each. A new size replaces
+    /// the table; the host's connections get their entries back from their
+    /// next outgoing packet.
+    #[arg(long, value_name = "N", default_value_t = ipguard_common::DEFAULT_FLOW_CAPACITY,
+          value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
+    pub flow_capacity: u32,
 }
 
 /// Show what is enforced and what it has done.

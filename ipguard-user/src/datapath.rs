@@ -171,6 +171,8 @@ pub fn if_index(iface: &str) -> Result<u32> {
 pub struct Capacities {
     pub v4: u32,
     pub v6: u32,
+    /// Flows of connections the host opened (`--flow-capacity`).
+    pub flows: u32,
 }
 
 impl Default for Capacities {
@@ -178,6 +180,7 @@ impl Default for Capacities {
         Self {
             v4: DEFAULT_V4_CAPACITY,
             v6: DEFAULT_V6_CAPACITY,
+            flows: DEFAULT_FLOW_CAPACITY,
         }
     }
 }
@@ -227,6 +230,7 @@ impl Datapath {
                 source,
             })?;
         let ncpu = u32::try_from(cpus()?).unwrap_or(u32::MAX);
+        let new_flow_map = replace_flow_map(pin_dir, caps.flows);
         let kernel = crate::kernel::probe();
         let coarse = u32::from(kernel.coarse_clock);
         let mut ebpf = EbpfLoader::new()
@@ -235,6 +239,7 @@ impl Datapath {
             .map_max_entries(MAP_V4[1], caps.v4)
             .map_max_entries(MAP_V6[0], caps.v6)
             .map_max_entries(MAP_V6[1], caps.v6)
+            .map_max_entries(MAP_FLOWS, caps.flows.max(1))
             .override_global(GLOBAL_NR_CPUS, &ncpu, true)
             .override_global(GLOBAL_COARSE_CLOCK, &coarse, true)
             .load(crate::EBPF_OBJECT)
@@ -253,7 +258,12 @@ impl Datapath {
             .map_err(|e| DatapathError::Load(format!("{e}")))?;
         tc.load()
             .map_err(|e| DatapathError::Load(verifier_excerpt(&e)))?;
-        let maps = Maps::open(pin_dir)?;
+        let mut maps = Maps::open(pin_dir)?;
+        if new_flow_map {
+            // The counters behind the eviction figure describe the map
+            // that was replaced.
+            maps.reset_flow_counters()?;
+        }
         Ok(Self { ebpf, maps, kernel })
     }
 
@@ -572,6 +582,7 @@ pub struct Maps {
     counters: PerCpuArray<MapData, u64>,
     svc_counters: PerCpuArray<MapData, u64>,
     entry_hits: PerCpuArray<MapData, u64>,
+    flows: aya::maps::HashMap<MapData, FlowKey, u64>,
     /// What this process last wrote into each slot.
     shadow: [Option<Shadow>; 2],
     /// Batched map writes (`BPF_MAP_*_BATCH`); false writes one element
@@ -593,6 +604,22 @@ macro_rules! typed {
         let name: &'static str = $name;
         open_map($dir, name)?.try_into().map_err(map_err(name))?
     }};
+}
+
+/// This network namespace's ephemeral port range
+/// (`net.ipv4.ip_local_port_range`, which IPv6 uses too), read at every
+/// apply so a changed range takes effect with the next policy. Linux's
+/// default when the file cannot be read.
+pub fn ephemeral_ports() -> (u16, u16) {
+    const LINUX_DEFAULT: (u16, u16) = (32_768, 60_999);
+    let Ok(text) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") else {
+        return LINUX_DEFAULT;
+    };
+    let mut it = text.split_whitespace().map(str::parse::<u16>);
+    match (it.next(), it.next()) {
+        (Some(Ok(a)), Some(Ok(b))) if a <= b => (a, b),
+        _ => LINUX_DEFAULT,
+    }
 }
 
 /// Per-slot numbers written by the last apply.
@@ -679,6 +706,7 @@ impl Maps {
             counters: typed!(pin_dir, MAP_COUNTERS),
             svc_counters: typed!(pin_dir, MAP_SERVICE_COUNTERS),
             entry_hits: typed!(pin_dir, MAP_ENTRY_HITS),
+            flows: typed!(pin_dir, MAP_FLOWS),
             shadow: [None, None],
             batch: true,
         })
@@ -825,6 +853,7 @@ impl Maps {
         self.reset_entry_hits(slot, policy.entries.len())?;
         let mut cfg = policy.config;
         cfg.generation = generation;
+        (cfg.ephemeral_first, cfg.ephemeral_last) = ephemeral_ports();
         self.config.set(slot, cfg, 0).map_err(map_err(MAP_CONFIG))?;
         // x86 keeps stores in order, so a reader that sees the new index
         // sees the slot written before it. Weaker memory models get an
@@ -1131,8 +1160,181 @@ impl Maps {
                 .info()
                 .map(|i| i.max_entries())
                 .unwrap_or(0),
+            flows: self
+                .flows
+                .map()
+                .info()
+                .map(|i| i.max_entries())
+                .unwrap_or(0),
         }
     }
+
+    /// Every flow in the map (the key; see [`FlowKey`]).
+    pub fn flows(&self) -> Result<Vec<(FlowKey, u64)>> {
+        const KEY: usize = std::mem::size_of::<FlowKey>();
+        match dump(self.flows.map(), MAP_FLOWS, KEY, 8) {
+            Ok((keys, values)) => Ok(keys
+                .chunks_exact(KEY)
+                .zip(values.chunks_exact(8))
+                .map(|(k, v)| {
+                    // SAFETY: FlowKey is Pod (integers only, no padding),
+                    // and `k` holds exactly its size.
+                    let key = unsafe { std::ptr::read_unaligned(k.as_ptr().cast::<FlowKey>()) };
+                    let mut t = [0u8; 8];
+                    t.copy_from_slice(v);
+                    (key, u64::from_ne_bytes(t))
+                })
+                .collect()),
+            // Kernels without batched lookups, or a hash bucket larger
+            // than a batch (ENOSPC): walk the keys.
+            Err(_) => self
+                .flows
+                .iter()
+                .filter_map(|r| match r {
+                    Ok(kv) => Some(Ok(kv)),
+                    // Evicted between the key and its value.
+                    Err(aya::maps::MapError::KeyNotFound) => None,
+                    Err(e) => Some(Err(DatapathError::Map {
+                        name: MAP_FLOWS,
+                        source: e,
+                    })),
+                })
+                .collect(),
+        }
+    }
+
+    /// Capacity, live entries and the counts behind evictions.
+    pub fn flow_stats(&self) -> Result<FlowStats> {
+        let live = self.flows()?.len() as u64;
+        let created = Self::sum(&self.counters, MAP_COUNTERS, COUNTER_FLOWS_CREATED)?;
+        let deleted = Self::sum(&self.counters, MAP_COUNTERS, COUNTER_FLOWS_DELETED)?;
+        Ok(FlowStats {
+            capacity: self.capacities().flows,
+            live,
+            created,
+            deleted,
+            not_recorded: Self::sum(&self.counters, MAP_COUNTERS, COUNTER_FLOWS_NOT_RECORDED)?,
+            evicted: created.saturating_sub(deleted).saturating_sub(live),
+        })
+    }
+
+    /// Deletes the flows `doomed` picks; returns how many it deleted (a
+    /// flow evicted meanwhile is not counted) and adds them to
+    /// [`COUNTER_FLOWS_DELETED`].
+    pub fn delete_flows(&mut self, mut doomed: impl FnMut(&FlowKey) -> bool) -> Result<u64> {
+        let fd = self.flows.map().fd().as_fd().as_raw_fd();
+        let mut n = 0u64;
+        for (key, _) in self.flows()? {
+            if !doomed(&key) {
+                continue;
+            }
+            // SAFETY: FlowKey is Pod: its bytes are its whole value.
+            let bytes = unsafe {
+                std::slice::from_raw_parts(
+                    (&key as *const FlowKey).cast::<u8>(),
+                    std::mem::size_of::<FlowKey>(),
+                )
+            };
+            match batch::delete_one(fd, bytes) {
+                Ok(()) => n += 1,
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(source) => {
+                    return Err(DatapathError::MapIo {
+                        name: MAP_FLOWS,
+                        op: "BPF_MAP_DELETE_ELEM",
+                        source,
+                    });
+                }
+            }
+        }
+        if n > 0 {
+            self.add_user_counter(COUNTER_FLOWS_DELETED, n)?;
+        }
+        Ok(n)
+    }
+
+    /// Adds to a counter only user space writes, kept in CPU 0's slot.
+    fn add_user_counter(&mut self, index: u32, n: u64) -> Result<()> {
+        let mut values = self
+            .counters
+            .get(&index, 0)
+            .map_err(map_err(MAP_COUNTERS))?;
+        let mut all: Vec<u64> = values.iter().copied().collect();
+        if let Some(first) = all.first_mut() {
+            *first = first.saturating_add(n);
+        }
+        values = aya::maps::PerCpuValues::try_from(all).map_err(|source| DatapathError::MapIo {
+            name: MAP_COUNTERS,
+            op: "per-CPU values",
+            source,
+        })?;
+        self.counters
+            .set(index, values, 0)
+            .map_err(map_err(MAP_COUNTERS))
+    }
+
+    fn reset_flow_counters(&mut self) -> Result<()> {
+        let n = cpus()?;
+        for index in [
+            COUNTER_FLOWS_CREATED,
+            COUNTER_FLOWS_DELETED,
+            COUNTER_FLOWS_NOT_RECORDED,
+        ] {
+            let zero = aya::maps::PerCpuValues::try_from(vec![0u64; n]).map_err(|source| {
+                DatapathError::MapIo {
+                    name: MAP_COUNTERS,
+                    op: "per-CPU values",
+                    source,
+                }
+            })?;
+            self.counters
+                .set(index, zero, 0)
+                .map_err(map_err(MAP_COUNTERS))?;
+        }
+        Ok(())
+    }
+}
+
+/// The flow table in numbers. `evicted` is exact: every flow that left the
+/// map without the daemon deleting it was evicted by a newer one (LRU).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FlowStats {
+    pub capacity: u32,
+    pub live: u64,
+    pub created: u64,
+    pub deleted: u64,
+    pub evicted: u64,
+    /// Flows the kernel found no free element for.
+    pub not_recorded: u64,
+}
+
+/// Removes the pinned flow map when its size is not `capacity`, so the load
+/// creates one of the size asked for (the programs attached until the new
+/// ones replace them keep the old map alive). Connections the host opened
+/// get their entries back from their next outgoing segment. Returns
+/// whether the map will be new.
+fn replace_flow_map(pin_dir: &Path, capacity: u32) -> bool {
+    let path = pin_dir.join(MAP_FLOWS);
+    if !path.exists() {
+        return true;
+    }
+    let size = MapData::from_pin(&path)
+        .ok()
+        .and_then(|m| m.info().ok())
+        .map(|i| i.max_entries());
+    if size == Some(capacity.max(1)) {
+        return false;
+    }
+    tracing::info!(
+        old = size,
+        new = capacity,
+        "the flow table changes size: a new one replaces it"
+    );
+    if let Err(e) = std::fs::remove_file(&path) {
+        tracing::warn!("cannot remove {}: {e}", path.display());
+        return false;
+    }
+    true
 }
 
 /// Waits until every XDP and TC program run that may have read the slot

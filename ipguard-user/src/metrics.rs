@@ -45,6 +45,11 @@ struct PolicyLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FlowLabels {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EventLabels {
     outcome: &'static str,
 }
@@ -56,6 +61,8 @@ pub struct Snapshot {
     pub counters: Vec<u64>,
     /// (service name, passed, refused).
     pub services: Vec<(String, u64, u64)>,
+    /// The flow table (return traffic); None when it could not be read.
+    pub flows: Option<crate::datapath::FlowStats>,
 }
 
 pub struct Metrics {
@@ -63,6 +70,9 @@ pub struct Metrics {
     packets: Family<PacketLabels, Counter>,
     services: Family<ServiceLabels, Counter>,
     events: Family<EventLabels, Counter>,
+    flows: Family<FlowLabels, Counter>,
+    flow_entries: Gauge,
+    flow_capacity: Gauge,
     reloads: Family<ResultLabels, Counter>,
     policy: Family<PolicyLabels, Gauge>,
     last: HashMap<String, u64>,
@@ -80,6 +90,9 @@ impl Metrics {
         let packets = Family::<PacketLabels, Counter>::default();
         let services = Family::<ServiceLabels, Counter>::default();
         let events = Family::<EventLabels, Counter>::default();
+        let flows = Family::<FlowLabels, Counter>::default();
+        let flow_entries = Gauge::default();
+        let flow_capacity = Gauge::default();
         let reloads = Family::<ResultLabels, Counter>::default();
         let policy = Family::<PolicyLabels, Gauge>::default();
         registry.register(
@@ -98,6 +111,21 @@ impl Metrics {
             events.clone(),
         );
         registry.register(
+            "flows",
+            "Return-traffic flows of connections the host opened: created by the egress program, deleted by the daemon (sources a new policy refuses), evicted by newer ones (the table was full), not recorded (no free element)",
+            flows.clone(),
+        );
+        registry.register(
+            "flow_entries",
+            "Flows in the table now",
+            flow_entries.clone(),
+        );
+        registry.register(
+            "flow_capacity",
+            "Size of the flow table (--flow-capacity)",
+            flow_capacity.clone(),
+        );
+        registry.register(
             "policy_reloads",
             "Policy loads (file change, SIGHUP, apply, time edge) by result",
             reloads.clone(),
@@ -112,6 +140,9 @@ impl Metrics {
             packets,
             services,
             events,
+            flows,
+            flow_entries,
+            flow_capacity,
             reloads,
             policy,
             last: HashMap::new(),
@@ -151,6 +182,20 @@ impl Metrics {
             let n = snap.counters.get(idx as usize).copied().unwrap_or(0);
             let c = self.events.get_or_create_owned(&EventLabels { outcome });
             self.advance(format!("e{idx}"), n, &c);
+        }
+        if let Some(f) = &snap.flows {
+            for (outcome, n) in [
+                ("created", f.created),
+                ("deleted", f.deleted),
+                ("evicted", f.evicted),
+                ("not_recorded", f.not_recorded),
+            ] {
+                let c = self.flows.get_or_create_owned(&FlowLabels { outcome });
+                self.advance(format!("f{outcome}"), n, &c);
+            }
+            self.flow_entries
+                .set(i64::try_from(f.live).unwrap_or(i64::MAX));
+            self.flow_capacity.set(i64::from(f.capacity));
         }
         for (name, passed, refused) in &snap.services {
             for (result, n) in [("passed", *passed), ("refused", *refused)] {
@@ -287,6 +332,7 @@ mod tests {
         let mut snap = Snapshot {
             counters: counters.clone(),
             services: vec![("ssh".into(), 3, 1)],
+            flows: None,
         };
         m.update(&snap);
         snap.counters[counter_index(VERDICT_DROP, REASON_NOT_ALLOWED) as usize] = 8;

@@ -118,6 +118,7 @@ fn worked_example_compiled_values() {
         INFRA_NDP | INFRA_DHCP | INFRA_PMTU | INFRA_MLD | INFRA_RETURN_TRAFFIC
     );
     assert_eq!(c.config.flow_timeout_ns, 120_000_000_000);
+    assert_eq!(c.config.flow_timeout_tcp_ns, 3_600_000_000_000);
     assert_eq!(c.config.event_source_interval_ns, 1_000_000_000);
     assert_eq!(c.config.event_max_per_sec, 1000);
     assert_eq!(c.config.generation, 0);
@@ -596,4 +597,13 @@ fn each_infrastructure_exemption_can_be_turned_off() {
         ));
         assert_eq!(c.config.infra, all & !bit, "{key}: false");
     }
+}
+
+#[test]
+fn flow_timeouts_are_set_per_protocol() {
+    let c = compile(
+        "version: 1\nallow: [10.0.0.0/8]\ninfrastructure: { flow_timeout: 30s, flow_timeout_tcp: 2h30m }\n",
+    );
+    assert_eq!(c.config.flow_timeout_ns, 30_000_000_000);
+    assert_eq!(c.config.flow_timeout_tcp_ns, 9_000_000_000_000);
 }

@@ -583,3 +583,11 @@ fn empty_file() {
     assert_eq!((l, c), (None, None));
     assert!(m.starts_with("missing key `version`"), "{m}");
 }
+
+#[test]
+fn flow_timeout_tcp_too_short() {
+    let p = "version: 1\nallow: [any]\ninfrastructure:\n  flow_timeout_tcp: 500ms\n";
+    let (line, _, msg) = error(p);
+    assert_eq!(line, Some(4), "{msg}");
+    assert!(msg.contains("flow_timeout_tcp"), "{msg}");
+}

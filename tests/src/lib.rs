@@ -732,6 +732,104 @@ impl UdpCounter {
     }
 }
 
+/// A UDP server in a namespace that answers every datagram with a copy
+/// from an unconnected socket (recv_from, send_to: as DNS and NTP servers
+/// do), on a thread that stops when this is dropped.
+pub struct UdpEcho {
+    pub addr: SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl UdpEcho {
+    pub fn new(ns: &Netns, addr: SocketAddr) -> Result<Self> {
+        let sock = ns.run_in(move || std::net::UdpSocket::bind(addr))??;
+        sock.set_read_timeout(Some(Duration::from_millis(50)))?;
+        let addr = sock.local_addr()?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                    let _ = sock.send_to(&buf[..n], from);
+                }
+            }
+        });
+        Ok(Self {
+            addr,
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl UdpEcho {
+    /// Sends a question from `src` in `ns` from an unconnected socket and
+    /// waits up to a second for the echo (three tries).
+    pub fn ask(&self, ns: &Netns, src: &str) -> bool {
+        let dst = self.addr;
+        let Ok(src) = src.parse::<IpAddr>() else {
+            return false;
+        };
+        ns.run_in(move || -> io::Result<bool> {
+            let s = std::net::UdpSocket::bind(SocketAddr::new(src, 0))?;
+            s.set_read_timeout(Some(Duration::from_millis(330)))?;
+            let mut buf = [0u8; 64];
+            for _ in 0..3 {
+                s.send_to(b"question", dst)?;
+                if matches!(s.recv_from(&mut buf), Ok((8, _))) {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        })
+        .ok()
+        .and_then(|r| r.ok())
+        .unwrap_or(false)
+    }
+}
+
+impl Drop for UdpEcho {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A UDP client socket of a namespace connected to one server: every
+/// question leaves from the same port, as a resolver's do.
+pub struct UdpClient {
+    sock: std::net::UdpSocket,
+}
+
+impl UdpClient {
+    pub fn new(ns: &Netns, src: IpAddr, dst: SocketAddr) -> Result<Self> {
+        let sock = ns.run_in(move || -> io::Result<std::net::UdpSocket> {
+            let s = std::net::UdpSocket::bind(SocketAddr::new(src, 0))?;
+            s.connect(dst)?;
+            Ok(s)
+        })??;
+        Ok(Self { sock })
+    }
+
+    /// Sends one question; whether its answer came within `timeout`.
+    pub fn ask(&self, timeout: Duration) -> bool {
+        let mut buf = [0u8; 64];
+        // Answers to earlier questions that came late.
+        let _ = self.sock.set_nonblocking(true);
+        while self.sock.recv(&mut buf).is_ok() {}
+        let _ = self.sock.set_nonblocking(false);
+        if self.sock.send(b"ipguard question").is_err() {
+            return false;
+        }
+        let _ = self.sock.set_read_timeout(Some(timeout));
+        self.sock.recv(&mut buf).is_ok()
+    }
+}
+
 /// BPF_PROG_TEST_RUN on a program given by file descriptor (any thread,
 /// any loader: also programs ipguard did not load). Returns the program's
 /// return value and the kernel-measured duration of one run in ns (the

@@ -920,3 +920,36 @@ fn a_failed_runtime_allow_changes_nothing_anywhere() {
     ok(d.client(&["allow", CLIENT_V4_ALT]).output().unwrap());
     assert!(connects(&pair, CLIENT_V4_ALT, SERVER_V4_ALT, 7000));
 }
+
+/// A revoke (as a new policy or an expiry) deletes the flows of the source
+/// it refuses: here a UDP server on a port in the ephemeral range, whose
+/// answers count as a client's and record flows, must not keep answering
+/// the revoked client as "return traffic".
+#[test]
+fn a_revoke_deletes_the_flows_of_the_refused_source() {
+    let (pair, d) = setup();
+    let echo = UdpEcho::new(
+        &pair.server,
+        SocketAddr::new(SERVER_V4_ALT.parse().unwrap(), 40_000),
+    )
+    .unwrap();
+    let client = UdpClient::new(&pair.client, CLIENT_V4_ALT.parse().unwrap(), echo.addr).unwrap();
+    assert!(!client.ask(Duration::from_millis(600)), "refused at first");
+    ok(d.client(&["allow", CLIENT_V4_ALT]).output().unwrap());
+    assert!(
+        client.ask(Duration::from_millis(1500)),
+        "answered once allowed"
+    );
+    let flows = d.status().unwrap()["flows"].clone();
+    assert!(
+        n(&flows["live"]) >= 1,
+        "the answer recorded a flow: {flows}"
+    );
+    ok(d.client(&["revoke", CLIENT_V4_ALT]).output().unwrap());
+    assert!(
+        !client.ask(Duration::from_millis(600)),
+        "the revoked client was answered"
+    );
+    let flows = d.status().unwrap()["flows"].clone();
+    assert!(n(&flows["deleted"]) >= 1, "{flows}");
+}

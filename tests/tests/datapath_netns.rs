@@ -7,7 +7,7 @@ mod datapath_util;
 
 use std::{
     io,
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     time::{Duration, Instant},
 };
 
@@ -30,7 +30,14 @@ fn protect(pair: &Pair, policy: CompiledPolicy) -> PinDir {
     let iface = pair.server_if.clone();
     pair.server
         .run_in(move || -> anyhow::Result<()> {
-            let mut dp = Datapath::load(&dir, Capacities { v4: 4096, v6: 4096 })?;
+            let mut dp = Datapath::load(
+                &dir,
+                Capacities {
+                    v4: 4096,
+                    v6: 4096,
+                    flows: 4096,
+                },
+            )?;
             dp.maps.apply(&policy, None)?;
             dp.attach(&iface, XdpModeArg::Native, None)?;
             Ok(())
@@ -208,7 +215,14 @@ fn xdp_pass_on_client(pair: &Pair) -> PinDir {
     let iface = pair.client_if.clone();
     pair.client
         .run_in(move || -> anyhow::Result<()> {
-            let mut dp = Datapath::load(&dir, Capacities { v4: 16, v6: 16 })?;
+            let mut dp = Datapath::load(
+                &dir,
+                Capacities {
+                    v4: 16,
+                    v6: 16,
+                    flows: 16,
+                },
+            )?;
             let prog = dp.xdp_program(PROG_BENCH_EMPTY)?;
             let idx = ipguard::datapath::if_index(&iface)?;
             let id = prog.attach_to_if_index(idx, aya::programs::XdpMode::Driver)?;
@@ -259,7 +273,7 @@ fn host_initiated_connections_to_a_refused_peer_work() {
     for a in [CLIENT_V4_ALT, CLIENT_V6_ALT] {
         tcp_listener(&pair.client, SocketAddr::new(ip(a), 8000)).unwrap();
     }
-    let udp_peer = UdpEcho::new(&pair.client, SocketAddr::new(ip(CLIENT_V4_ALT), 5353));
+    let udp_peer = UdpEcho::new(&pair.client, SocketAddr::new(ip(CLIENT_V4_ALT), 5353)).unwrap();
     let pins = protect(
         &pair,
         two_lists(config(MODE_ENFORCE, ACTION_DROP, SCOPE_HOST)),
@@ -304,41 +318,40 @@ fn host_initiated_connections_to_a_refused_peer_work() {
     );
 }
 
-/// A UDP echo server in a namespace.
-struct UdpEcho {
-    addr: SocketAddr,
-}
-
-impl UdpEcho {
-    fn new(ns: &Netns, addr: SocketAddr) -> Self {
-        let sock = ns
-            .run_in(move || std::net::UdpSocket::bind(addr))
+/// A UDP server's answers are not connections the host opened: they must
+/// not make its client "return traffic" (which would let the client in
+/// after the policy stops allowing it).
+#[test]
+fn a_udp_servers_answers_never_keep_a_refused_client_in() {
+    require_root();
+    let pair = Pair::new().unwrap();
+    // A server's port, outside the ephemeral range (as DNS on 53).
+    let echo = UdpEcho::new(&pair.server, SocketAddr::new(ip(SERVER_V4), 5300)).unwrap();
+    let pins = protect(
+        &pair,
+        two_lists(config(MODE_ENFORCE, ACTION_DROP, SCOPE_HOST)),
+    );
+    let mut maps = Maps::open(&pins.path).unwrap();
+    let client = UdpClient::new(&pair.client, ip(CLIENT_V4), echo.addr).unwrap();
+    assert!(client.ask(Duration::from_millis(1500)), "allowed: answered");
+    let server_flows = |maps: &Maps| {
+        maps.flows()
             .unwrap()
-            .unwrap();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 512];
-            while let Ok((n, from)) = sock.recv_from(&mut buf) {
-                let _ = sock.send_to(&buf[..n], from);
-            }
-        });
-        Self { addr }
-    }
-
-    /// Sends a question from `src` in `ns` and waits up to a second for
-    /// the echo (three tries).
-    fn ask(&self, ns: &Netns, src: &str) -> bool {
-        let dst = self.addr;
-        let src: IpAddr = ip(src);
-        ns.run_in(move || {
-            let s = std::net::UdpSocket::bind(SocketAddr::new(src, 0)).unwrap();
-            s.set_read_timeout(Some(Duration::from_millis(330)))
-                .unwrap();
-            let mut buf = [0u8; 64];
-            (0..3).any(|_| {
-                s.send_to(b"question", dst).unwrap();
-                matches!(s.recv_from(&mut buf), Ok((8, _)))
-            })
-        })
-        .unwrap()
-    }
+            .iter()
+            .filter(|(k, _)| k.local_port == 5300)
+            .count()
+    };
+    assert_eq!(server_flows(&maps), 0, "the answer recorded no flow");
+    // The client is no longer allowed: its next question gets no answer.
+    let without = policy(
+        config(MODE_ENFORCE, ACTION_DROP, SCOPE_HOST),
+        &[(&format!("{CLIENT_V6}/128"), value(1, 0, 0))],
+        &[],
+    );
+    maps.apply(&without, None).unwrap();
+    assert!(
+        !client.ask(Duration::from_millis(600)),
+        "a refused client was answered"
+    );
+    assert!(counter(&maps, VERDICT_DROP, REASON_NOT_ALLOWED) >= 1);
 }

@@ -1148,21 +1148,204 @@ fn return_traffic_of_connections_the_host_opened() {
         "recorded while return traffic was off"
     );
 
-    // flow_timeout: a reply after the host last sent plus the timeout is
-    // refused.
+    // flow_timeout (UDP) and flow_timeout_tcp: a reply after the host
+    // last sent plus its protocol's timeout is refused.
     let mut cfg = config(MODE_ENFORCE, ACTION_DROP, SCOPE_HOST);
     cfg.flow_timeout_ns = 200_000_000;
     l.apply(&base(cfg));
     egress(&mut l, &seg(H4, U, 50200, 443, TCP_SYN));
+    egress(&mut l, &dgram(H4, U, 50200, 53));
     assert_eq!(
         reply(&mut l, seg(U, H4, 443, 50200, synack)),
         (XDP_PASS, REASON_RETURN_TRAFFIC)
     );
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
-        reply(&mut l, seg(U, H4, 443, 50200, TCP_ACK)),
-        (XDP_DROP, REASON_NOT_ALLOWED)
+        reply(&mut l, dgram(U, H4, 53, 50200)),
+        (XDP_DROP, REASON_NOT_ALLOWED),
+        "UDP: past flow_timeout"
     );
+    assert_eq!(
+        reply(&mut l, seg(U, H4, 443, 50200, TCP_ACK)),
+        (XDP_PASS, REASON_RETURN_TRAFFIC),
+        "TCP has its own timeout (1 h by default)"
+    );
+    cfg.flow_timeout_tcp_ns = 200_000_000;
+    l.apply(&base(cfg));
+    egress(&mut l, &seg(H4, U, 50201, 443, TCP_SYN));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        reply(&mut l, seg(U, H4, 443, 50201, TCP_ACK)),
+        (XDP_DROP, REASON_NOT_ALLOWED),
+        "TCP: past flow_timeout_tcp"
+    );
+}
+
+/// CLOCK_MONOTONIC in nanoseconds, the clock of flow times.
+fn monotonic_ns() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill.
+    assert_eq!(
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) },
+        0
+    );
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
+fn flow_key(remote: &str, remote_port: u16, local: &str, local_port: u16, protocol: u8) -> FlowKey {
+    let addr = |s: &str| match ip(s) {
+        IpAddr::V4(a) => {
+            let mut b = [0u8; 16];
+            b[..4].copy_from_slice(&a.octets());
+            b
+        }
+        IpAddr::V6(a) => a.octets(),
+    };
+    FlowKey {
+        remote: addr(remote),
+        local: addr(local),
+        remote_port,
+        local_port,
+        protocol,
+        family: if ip(remote).is_ipv4() {
+            FAMILY_V4
+        } else {
+            FAMILY_V6
+        },
+        _pad0: [0; 2],
+    }
+}
+
+fn flow_map(l: &Loaded) -> aya::maps::HashMap<aya::maps::MapData, FlowKey, u64> {
+    aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(
+        aya::maps::MapData::from_pin(l.pins.path.join(MAP_FLOWS)).unwrap(),
+    ))
+    .unwrap()
+}
+
+/// Which packets leaving the host record a flow (see `FlowKey`): never an
+/// answer from a port that serves (a TCP listener, an unconnected UDP
+/// socket outside the ephemeral range, a policy service's port), always a
+/// segment of a connection the host opened, even one whose SYN it never
+/// saw (evicted, timed out, or opened before ipguard attached). Run in a
+/// namespace of its own: socket lookups see the sockets of the namespace
+/// the test runs in, and this one has only the test's.
+#[test]
+fn flows_are_recorded_only_for_connections_the_host_opened() {
+    ipguard_tests::require_root();
+    let ns = ipguard_tests::Netns::new("ipgflow").unwrap();
+    ns.run_in(|| {
+        use std::net::{TcpListener, UdpSocket};
+        let mut l = Loaded::new();
+        let mut cfg = config(MODE_ENFORCE, ACTION_DROP, SCOPE_HOST);
+        cfg.flow_timeout_ns = 300_000_000;
+        l.apply(&base(cfg));
+        let _tcp4 = TcpListener::bind("0.0.0.0:7100").unwrap();
+        let _tcp6 = TcpListener::bind("[::]:7101").unwrap();
+        let _server = UdpSocket::bind("0.0.0.0:5300").unwrap();
+        let client = UdpSocket::bind("0.0.0.0:0").unwrap();
+        let eph = client.local_addr().unwrap().port();
+        let (first, last) = ipguard::datapath::ephemeral_ports();
+        assert!((first..=last).contains(&eph), "an ephemeral port");
+        let reply = |l: &mut Loaded, f: Vec<u8>| {
+            let j = l.judge(&f);
+            (j.action, j.reason)
+        };
+        let refused = (XDP_DROP, REASON_NOT_ALLOWED);
+        let passed = (XDP_PASS, REASON_RETURN_TRAFFIC);
+        let created = |l: &Loaded| l.dp.maps.flow_stats().unwrap().created;
+        let c0 = created(&l);
+
+        // TCP: a listener's answers are not connections the host opened.
+        egress(&mut l, &seg(H4, U, 7100, 41000, TCP_SYN | TCP_ACK));
+        egress(&mut l, &seg(H4, U, 7100, 41000, TCP_ACK));
+        assert_eq!(
+            reply(&mut l, seg(U, H4, 41000, 7100, TCP_ACK)),
+            refused,
+            "listener"
+        );
+        egress(&mut l, &seg(H6, U6, 7101, 41000, TCP_ACK));
+        assert_eq!(
+            reply(&mut l, seg(U6, H6, 41000, 7101, TCP_ACK)),
+            refused,
+            "IPv6 listener"
+        );
+        // A segment of a connection the host opened without a flow (its
+        // SYN was never seen) gets one back; a RST does not.
+        egress(&mut l, &seg(H4, U, 50300, 443, TCP_ACK));
+        assert_eq!(
+            reply(&mut l, seg(U, H4, 443, 50300, TCP_ACK)),
+            passed,
+            "re-created"
+        );
+        egress(&mut l, &seg(H6, U6, 50300, 443, TCP_ACK | TCP_FIN));
+        assert_eq!(
+            reply(&mut l, seg(U6, H6, 443, 50300, TCP_ACK)),
+            passed,
+            "IPv6 re-created"
+        );
+        egress(&mut l, &seg(H4, U, 50301, 443, TCP_RST | TCP_ACK));
+        assert_eq!(
+            reply(&mut l, seg(U, H4, 443, 50301, TCP_ACK)),
+            refused,
+            "RST"
+        );
+
+        // UDP: a server socket's answers are not flows; a client's are,
+        // connected or not.
+        egress(&mut l, &dgram(H4, U, 5300, 40000));
+        assert_eq!(
+            reply(&mut l, dgram(U, H4, 40000, 5300)),
+            refused,
+            "UDP server socket"
+        );
+        egress(&mut l, &dgram(H4, U, 443, 40000));
+        assert_eq!(
+            reply(&mut l, dgram(U, H4, 40000, 443)),
+            refused,
+            "a policy service's port"
+        );
+        egress(&mut l, &dgram(H4, U, eph, 53));
+        assert_eq!(
+            reply(&mut l, dgram(U, H4, 53, eph)),
+            passed,
+            "unconnected client"
+        );
+        egress(&mut l, &dgram(H4, U, 5301, 53));
+        assert_eq!(
+            reply(&mut l, dgram(U, H4, 53, 5301)),
+            passed,
+            "no local socket (forwarded)"
+        );
+        assert_eq!(
+            created(&l) - c0,
+            4,
+            "exactly the four flows above were created"
+        );
+
+        // The same rule decides refreshes: an entry a server's answers
+        // recorded (as versions before this one did) ages out while the
+        // server keeps answering; a client's is refreshed.
+        let mut flows = flow_map(&l);
+        let stale = monotonic_ns() - 150_000_000;
+        let old_server = flow_key(U, 40001, H4, 5300, IPPROTO_UDP);
+        let old_client = flow_key(U, 53, H4, 5302, IPPROTO_UDP);
+        flows.insert(old_server, stale, 0).unwrap();
+        flows.insert(old_client, stale, 0).unwrap();
+        egress(&mut l, &dgram(H4, U, 5300, 40001));
+        egress(&mut l, &dgram(H4, U, 5302, 53));
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(
+            reply(&mut l, dgram(U, H4, 40001, 5300)),
+            refused,
+            "not refreshed"
+        );
+        assert_eq!(reply(&mut l, dgram(U, H4, 53, 5302)), passed, "refreshed");
+    })
+    .unwrap();
 }
 
 /// Pins the calling thread to one CPU: the global event cap is per CPU and
@@ -1403,5 +1586,90 @@ fn per_source_suppression_counts_stay_exact_in_a_flood_on_every_cpu() {
     );
     println!(
         "vm-report: event flood: {cpus} CPUs, {total} refused packets, {sent} events carrying {carried} suppressed, {held} held, {suppressed} counted"
+    );
+}
+
+/// A flood of flows the host opens, from every CPU, into a table smaller
+/// than the flood: every flow is counted once (created, or not recorded
+/// when the kernel found no free element), the table never holds more
+/// than its capacity, evictions are exactly the flows that left it, and a
+/// connection whose entry was evicted gets it back from its next segment.
+#[test]
+fn a_flow_flood_counts_every_eviction_and_connections_come_back() {
+    use std::os::fd::{AsFd, AsRawFd};
+    const CAPACITY: u32 = 4096;
+    const PER_CPU: u16 = 5_000;
+    let mut l = Loaded::with_caps(ipguard::datapath::Capacities {
+        v4: 65_536,
+        v6: 16_384,
+        flows: CAPACITY,
+    });
+    l.apply(&base(config(MODE_ENFORCE, ACTION_DROP, SCOPE_HOST)));
+    // A connection the host opened before the flood (its entry not read
+    // since, so the LRU may evict it).
+    egress(&mut l, &seg(H4, U, 50400, 443, TCP_SYN));
+    let fd =
+        l.dp.egress_program()
+            .unwrap()
+            .fd()
+            .unwrap()
+            .as_fd()
+            .as_raw_fd();
+    let cpus = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .min(8);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let sent: u64 = std::thread::scope(|s| {
+        let threads: Vec<_> = (0..cpus)
+            .map(|cpu| {
+                s.spawn(move || {
+                    let mut set = nix::sched::CpuSet::new();
+                    set.set(cpu).unwrap();
+                    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
+                    // Distinct flows: a remote per CPU, a local port per
+                    // flow, inside the ephemeral range (a client's).
+                    let remote = format!("203.0.113.{}", 100 + cpu);
+                    let mut n = 0u64;
+                    for i in 0..PER_CPU {
+                        if Instant::now() > deadline {
+                            break;
+                        }
+                        let f = dgram(H4, &remote, 33_000 + i, 53);
+                        ipguard_tests::prog_test_run(fd, &f, 1).unwrap();
+                        n += 1;
+                    }
+                    n
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).sum()
+    });
+    let st = l.dp.maps.flow_stats().unwrap();
+    let flows = sent + 1;
+    assert_eq!(
+        st.created + st.not_recorded,
+        flows,
+        "every flow counted once: {st:?}"
+    );
+    assert!(st.live <= u64::from(CAPACITY), "{st:?}");
+    assert_eq!(st.live, l.dp.maps.flows().unwrap().len() as u64);
+    assert_eq!(st.deleted, 0);
+    assert_eq!(st.evicted, st.created - st.live, "{st:?}");
+    assert!(
+        st.evicted >= flows - u64::from(CAPACITY) - st.not_recorded,
+        "{st:?}"
+    );
+    // The early connection: if its entry went, its next segment brings it
+    // back.
+    let evicted = l.judge(&seg(U, H4, 443, 50400, TCP_ACK)).reason != REASON_RETURN_TRAFFIC;
+    egress(&mut l, &seg(H4, U, 50400, 443, TCP_ACK));
+    assert_eq!(
+        l.judge(&seg(U, H4, 443, 50400, TCP_ACK)).reason,
+        REASON_RETURN_TRAFFIC,
+        "re-created by the host's next segment"
+    );
+    println!(
+        "vm-report: flow flood: {cpus} CPUs, {flows} flows into {CAPACITY}: {} created, {} not recorded, {} live, {} evicted; early connection evicted: {evicted}",
+        st.created, st.not_recorded, st.live, st.evicted
     );
 }

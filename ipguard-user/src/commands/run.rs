@@ -162,7 +162,10 @@ fn bring_up(
     runtime: RuntimeStore,
     events_tx: broadcast::Sender<daemon::blocked::EventLine>,
 ) -> Result<(Daemon, crate::datapath::ApplyStats)> {
-    let caps = Capacities::default();
+    let caps = Capacities {
+        flows: args.flow_capacity,
+        ..Capacities::default()
+    };
     let dp =
         Datapath::load(&args.loc.pin_dir, caps).map_err(|e| CliError::system(e.to_string()))?;
     let mut d = Daemon {

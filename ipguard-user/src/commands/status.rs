@@ -31,6 +31,9 @@ pub struct Status {
     pub services: BTreeMap<String, ServiceJson>,
     pub top_entries: Vec<EntryHits>,
     pub events: EventCounters,
+    /// Return-traffic flows (connections the host opened); None when the
+    /// table could not be read.
+    pub flows: Option<datapath::FlowStats>,
     /// Filled by the daemon from relayed events; empty without a daemon.
     pub top_blocked: Vec<crate::daemon::blocked::BlockedSource>,
     pub runtime_entries: usize,
@@ -216,6 +219,7 @@ pub fn collect(maps: &Maps, state_dir: &std::path::Path) -> Result<Status> {
             suppressed_global: raw[COUNTER_EVENTS_SUPPRESSED_GLOBAL as usize],
             lost: raw[COUNTER_EVENTS_LOST as usize],
         },
+        flows: maps.flow_stats().ok(),
         top_blocked: Vec::new(),
         runtime_entries: 0,
     })
@@ -368,6 +372,19 @@ fn render(st: &serde_json::Value) -> String {
         n(&ev["suppressed_global"]),
         n(&ev["lost"])
     );
+    let f = &st["flows"];
+    if f.is_object() {
+        let _ = writeln!(
+            o,
+            "flows:      {} of {} (return traffic); {} created, {} deleted, {} evicted, {} not recorded",
+            n(&f["live"]),
+            n(&f["capacity"]),
+            n(&f["created"]),
+            n(&f["deleted"]),
+            n(&f["evicted"]),
+            n(&f["not_recorded"])
+        );
+    }
     if let Some(top) = st["top_blocked"].as_array().filter(|a| !a.is_empty()) {
         let _ = writeln!(o, "top refused sources:");
         for b in top {

@@ -120,6 +120,61 @@ pub fn lockout_check(compiled: &CompiledPolicy) -> Cuts {
     (ssh, other)
 }
 
+/// Deletes the flows (return traffic, see [`FlowKey`]) whose remote `old`
+/// let in on the flow's local port and `new` refuses there: a flow a
+/// server's answers recorded before this version, or one of a port that
+/// became a service, must not keep a refused client in. Flows of
+/// connections the host opened to sources neither policy allows stay; one
+/// deleted here comes back with the host's next segment on it.
+pub fn delete_refused_flows(
+    maps: &mut crate::datapath::Maps,
+    old: &CompiledPolicy,
+    new: &CompiledPolicy,
+) -> Result<u64, crate::datapath::DatapathError> {
+    // The first policy of this process: what the previous one enforced is
+    // unknown, and deleting every flow of a refused remote would drop the
+    // host's own connections' entries too (they come back, but an idle
+    // UDP flow only when the host sends again). Flows a serving port
+    // refreshes age out by themselves.
+    if old.config.mode == MODE_UNSET || maps.flows()?.is_empty() {
+        return Ok(0);
+    }
+    let (old, new) = (Explainer::new(old), Explainer::new(new));
+    maps.delete_flows(|k| {
+        let Some(src) = flow_remote(k) else {
+            return false;
+        };
+        let proto = if k.protocol == IPPROTO_TCP {
+            Proto::Tcp
+        } else {
+            Proto::Udp
+        };
+        let judged = |e: &Explainer| {
+            e.decide(
+                src,
+                Ports::Port {
+                    service: e.service_of(proto, k.local_port),
+                    tcp: 0,
+                },
+            )
+        };
+        judged(&old).verdict == VERDICT_PASS && !judged(&new).passes()
+    })
+}
+
+fn flow_remote(k: &FlowKey) -> Option<IpAddr> {
+    match k.family {
+        FAMILY_V4 => Some(IpAddr::from([
+            k.remote[0],
+            k.remote[1],
+            k.remote[2],
+            k.remote[3],
+        ])),
+        FAMILY_V6 => Some(IpAddr::from(k.remote)),
+        _ => None,
+    }
+}
+
 fn describe(list: &[sessions::Session]) -> String {
     list.iter()
         .map(|s| format!("{} -> port {}", s.remote, s.local_port))
@@ -187,8 +242,16 @@ impl Daemon {
             .maps
             .apply(&compiled, Some(self.caps))
             .map_err(|e| CliError::system(e.to_string()))?;
-        self.compiled = compiled;
+        let old = std::mem::replace(&mut self.compiled, compiled);
         self.current = src;
+        match delete_refused_flows(&mut self.dp.maps, &old, &self.compiled) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                flows = n,
+                "deleted the return-traffic flows of sources the new policy refuses"
+            ),
+            Err(e) => tracing::warn!("cannot prune the flow table: {e}"),
+        }
         let answer = json!({
             "generation": stats.generation,
             "prefixes": {"ipv4": stats.v4, "ipv6": stats.v6},
@@ -576,7 +639,11 @@ pub fn snapshot(maps: &crate::datapath::Maps, compiled: &CompiledPolicy) -> Opti
             services.push((s.name.clone(), *p, *r));
         }
     }
-    Some(Snapshot { counters, services })
+    Some(Snapshot {
+        counters,
+        services,
+        flows: maps.flow_stats().ok(),
+    })
 }
 
 pub fn parse_net(s: &str) -> Result<ipnet::IpNet, String> {

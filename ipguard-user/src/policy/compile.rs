@@ -527,5 +527,10 @@ fn config(p: &Policy) -> PolicyConfig {
         _pad0: 0,
         generation: 0,
         decider_keys: 0,
+        flow_timeout_tcp_ns: u64::try_from(infra.flow_timeout_tcp.as_nanos()).unwrap_or(u64::MAX),
+        // The host's, not the policy's: the loader fills them in.
+        ephemeral_first: 0,
+        ephemeral_last: 0,
+        _pad1: 0,
     }
 }

@@ -129,7 +129,10 @@ pub struct Infrastructure {
     pub pmtu: bool,
     pub mld: bool,
     pub return_traffic: bool,
+    /// UDP flows (and the default of nothing else: only TCP and UDP have
+    /// flows).
     pub flow_timeout: Duration,
+    pub flow_timeout_tcp: Duration,
 }
 
 impl Default for Infrastructure {
@@ -141,6 +144,10 @@ impl Default for Infrastructure {
             mld: true,
             return_traffic: true,
             flow_timeout: Duration::from_secs(120),
+            // An idle SSH or database session of the host's own lives
+            // this long without a keepalive (conntrack's established
+            // timeout is 5 days; most stateful middleboxes use 1 h).
+            flow_timeout_tcp: Duration::from_secs(3600),
         }
     }
 }

@@ -653,12 +653,20 @@ fn infrastructure(sink: &mut Sink, raw: Option<&super::yaml::RawInfra>) -> Infra
     infra.pmtu = b(&raw.pmtu, infra.pmtu);
     infra.mld = b(&raw.mld, infra.mld);
     infra.return_traffic = b(&raw.return_traffic, infra.return_traffic);
-    if let Some(t) = &raw.flow_timeout {
+    for (name, raw, out) in [
+        ("flow_timeout", &raw.flow_timeout, &mut infra.flow_timeout),
+        (
+            "flow_timeout_tcp",
+            &raw.flow_timeout_tcp,
+            &mut infra.flow_timeout_tcp,
+        ),
+    ] {
+        let Some(t) = raw else { continue };
         match time::parse_duration(&t.value.0) {
-            Ok(d) if d >= Duration::from_secs(1) => infra.flow_timeout = d,
+            Ok(d) if d >= Duration::from_secs(1) => *out = d,
             Ok(_) => sink.error(
                 spos(t),
-                format!("flow_timeout {:?} is too short: at least 1s", t.value.0),
+                format!("{name} {:?} is too short: at least 1s", t.value.0),
             ),
             Err(msg) => sink.error(spos(t), msg),
         }

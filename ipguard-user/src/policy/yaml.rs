@@ -82,6 +82,7 @@ pub(crate) struct RawInfra {
     pub mld: Option<Spanned<bool>>,
     pub return_traffic: Option<Spanned<bool>>,
     pub flow_timeout: Option<Spanned<Scalar>>,
+    pub flow_timeout_tcp: Option<Spanned<Scalar>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -25,6 +25,7 @@ impl Loaded {
         Self::with_caps(Capacities {
             v4: 65_536,
             v6: 16_384,
+            flows: 65_536,
         })
     }
 
@@ -99,6 +100,7 @@ pub fn config(mode: u32, action: u32, scope: u32) -> PolicyConfig {
         scope,
         infra: INFRA_NDP | INFRA_DHCP | INFRA_PMTU | INFRA_MLD | INFRA_RETURN_TRAFFIC,
         flow_timeout_ns: 120_000_000_000,
+        flow_timeout_tcp_ns: 3_600_000_000_000,
         event_source_interval_ns: 1_000_000_000,
         event_max_per_sec: 1000,
         ..Default::default()
