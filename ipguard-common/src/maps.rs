@@ -32,6 +32,7 @@ pub const MAP_EVENTS: &str = "IPG_EVENTS";
 pub const MAP_EVENT_RATE: &str = "IPG_EVENT_RATE";
 pub const MAP_EVENT_BUDGET: &str = "IPG_EVENT_BUDGET";
 pub const MAP_FLOWS: &str = "IPG_FLOWS";
+pub const MAP_REJECT_BUDGET: &str = "IPG_RST_BUDGET";
 
 /// Program names in the object file. The daemon loads the first two; the
 /// `ipguard_bench_*` programs share the maps and exist only so that
@@ -188,7 +189,10 @@ pub struct PolicyConfig {
     /// port in it is a client's, elsewhere a server's (see [`FlowKey`]).
     pub ephemeral_first: u16,
     pub ephemeral_last: u16,
-    pub _pad1: u32,
+    /// RSTs `action: reject` sends per second in all, shared out per CPU
+    /// like the event cap ([`EventBudget`]); a refusal past it is dropped
+    /// silently (0: never answer).
+    pub reject_max_per_sec: u32,
 }
 
 /// Verdicts, also the first coordinate of [`MAP_COUNTERS`].
@@ -265,6 +269,10 @@ pub const COUNTER_FLOWS_DELETED: u32 = COUNTER_EVENTS_SENT + 5;
 /// Flows the map could not take (the kernel found no free element), so
 /// their replies are judged as any packet.
 pub const COUNTER_FLOWS_NOT_RECORDED: u32 = COUNTER_EVENTS_SENT + 6;
+/// `action: reject` refusals dropped without a RST because this second's
+/// RST budget was spent (a spoofed flood must not make the host a
+/// reflector). Their verdict counts as drop.
+pub const COUNTER_REJECTS_OVER_BUDGET: u32 = COUNTER_EVENTS_SENT + 7;
 pub const COUNTER_LEN: u32 = COUNTER_EVENTS_SENT + 16;
 
 /// [`MAP_SERVICE_COUNTERS`]: `service * 2 + (0 passed | 1 refused)`.
@@ -306,7 +314,8 @@ pub struct SourceRate {
 }
 
 /// Global event budget in [`MAP_EVENT_BUDGET`] (one per CPU): the per-second
-/// window and how many events it has used. Each CPU may send
+/// window and how many events it has used. The RST budget of
+/// [`MAP_REJECT_BUDGET`] works the same way. Each CPU may send
 /// `ceil(event_max_per_sec / possible CPUs)` per window, so the whole host
 /// never sends more than the cap (rounded up per CPU) and a flood never
 /// makes CPUs contend on one shared counter. Traffic spread over fewer CPUs

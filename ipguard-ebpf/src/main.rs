@@ -69,6 +69,8 @@ static IPG_EVENT_RATE: LruHashMap<[u8; 16], SourceRate> =
 #[map]
 static IPG_EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::pinned(1, 0);
 #[map]
+static IPG_RST_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::pinned(1, 0);
+#[map]
 static IPG_FLOWS: LruHashMap<FlowKey, u64> = LruHashMap::pinned(DEFAULT_FLOW_CAPACITY, 0);
 
 /// Possible CPUs, set by the loader (`GLOBAL_NR_CPUS`); 1 until then.
@@ -156,6 +158,15 @@ fn try_ipguard(ctx: &XdpContext) -> Result<u32, ()> {
     };
     if entry < ENTRY_CAPACITY {
         add(&IPG_ENTRY_HITS, slot * ENTRY_CAPACITY + entry);
+    }
+    if d.verdict == VERDICT_REJECT {
+        match room(&IPG_RST_BUDGET, cfg.reject_max_per_sec) {
+            Some(b) => spend(b),
+            None => {
+                d.verdict = VERDICT_DROP;
+                count(COUNTER_REJECTS_OVER_BUDGET);
+            }
+        }
     }
     if d.verdict != VERDICT_PASS {
         report(ctx, cfg, &ip, &d, entry);
@@ -330,6 +341,37 @@ fn atomic_add(p: *mut u64, v: u64) {
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, v) };
 }
 
+/// This CPU's share of a per-second budget of `max_per_sec` for the whole
+/// host (see `EventBudget`), when it has room left; the caller counts what
+/// it uses with [`spend`].
+#[inline(always)]
+fn room(budget: &PerCpuArray<EventBudget>, max_per_sec: u32) -> Option<*mut EventBudget> {
+    if max_per_sec == 0 {
+        return None;
+    }
+    let p = budget.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot: no other writer.
+    let b = unsafe { &mut *p };
+    let t = now();
+    if t.wrapping_sub(b.window_start_ns) >= NS_PER_SEC {
+        b.window_start_ns = t;
+        b.used = 0;
+    }
+    // SAFETY: a read-only global the loader sets.
+    let cpus = unsafe { core::ptr::read_volatile(&IPG_NR_CPUS) }.max(1);
+    if b.used >= max_per_sec.div_ceil(cpus) as u64 {
+        return None;
+    }
+    Some(p)
+}
+
+/// Uses one of the budget [`room`] found room in.
+#[inline(always)]
+fn spend(b: *mut EventBudget) {
+    // SAFETY: this CPU's slot, as `room` returned it: no other writer.
+    unsafe { (*b).used += 1 };
+}
+
 /// Sends a `DropEvent` for a refused packet unless the global cap or the
 /// per-source limit holds it back; every packet that sends none is counted.
 ///
@@ -339,26 +381,11 @@ fn atomic_add(p: *mut u64, v: u64) {
 /// map (which only sources that actually got an event enter).
 #[inline(always)]
 fn report(ctx: &XdpContext, cfg: &PolicyConfig, ip: &IpPacket, d: &Decision, entry: u32) {
-    if cfg.event_max_per_sec == 0 {
+    let Some(budget) = room(&IPG_EVENT_BUDGET, cfg.event_max_per_sec) else {
         count(COUNTER_EVENTS_SUPPRESSED_GLOBAL);
-        return;
-    }
-    let Some(budget) = IPG_EVENT_BUDGET.get_ptr_mut(0) else {
         return;
     };
-    // SAFETY: this CPU's slot: no other writer.
-    let budget = unsafe { &mut *budget };
     let t = now();
-    if t.wrapping_sub(budget.window_start_ns) >= NS_PER_SEC {
-        budget.window_start_ns = t;
-        budget.used = 0;
-    }
-    // SAFETY: a read-only global the loader sets.
-    let cpus = unsafe { core::ptr::read_volatile(&IPG_NR_CPUS) }.max(1);
-    if budget.used >= cfg.event_max_per_sec.div_ceil(cpus) as u64 {
-        count(COUNTER_EVENTS_SUPPRESSED_GLOBAL);
-        return;
-    }
     let per_source = cfg.event_source_interval_ns != 0;
     let key = rate_key(ip.family, &ip.src);
     let rate = if per_source {
@@ -388,7 +415,7 @@ fn report(ctx: &XdpContext, cfg: &PolicyConfig, ip: &IpPacket, d: &Decision, ent
         // better: its only atomic is add.)
         carried = if (held as i64) < 0 { 0 } else { held };
     }
-    budget.used += 1;
+    spend(budget);
     let sent = match IPG_EVENTS.reserve::<DropEvent>(0) {
         Some(mut e) => {
             let (dport, _) = ports_of(ip);

@@ -119,6 +119,7 @@ fn worked_example_compiled_values() {
     );
     assert_eq!(c.config.flow_timeout_ns, 120_000_000_000);
     assert_eq!(c.config.flow_timeout_tcp_ns, 3_600_000_000_000);
+    assert_eq!(c.config.reject_max_per_sec, 1000);
     assert_eq!(c.config.event_source_interval_ns, 1_000_000_000);
     assert_eq!(c.config.event_max_per_sec, 1000);
     assert_eq!(c.config.generation, 0);
@@ -606,4 +607,23 @@ fn flow_timeouts_are_set_per_protocol() {
     );
     assert_eq!(c.config.flow_timeout_ns, 30_000_000_000);
     assert_eq!(c.config.flow_timeout_tcp_ns, 9_000_000_000_000);
+}
+
+#[test]
+fn the_rst_budget_is_per_second() {
+    let rate = |r: &str| {
+        compile(&format!(
+            "version: 1\naction: reject\nallow: [10.0.0.0/8]\nreject_max_rate: {r}\n"
+        ))
+        .config
+        .reject_max_per_sec
+    };
+    assert_eq!(rate("50/s"), 50);
+    assert_eq!(rate("0/s"), 0);
+    assert_eq!(rate("120/m"), 2);
+    assert_eq!(
+        rate("1/h"),
+        1,
+        "rounded up: a budget below one a second still answers"
+    );
 }

@@ -591,3 +591,11 @@ fn flow_timeout_tcp_too_short() {
     assert_eq!(line, Some(4), "{msg}");
     assert!(msg.contains("flow_timeout_tcp"), "{msg}");
 }
+
+#[test]
+fn reject_max_rate_is_a_rate() {
+    let p = "version: 1\nallow: [any]\nreject_max_rate: fast\n";
+    let (line, _, msg) = error(p);
+    assert_eq!(line, Some(3), "{msg}");
+    assert!(msg.contains("is not a rate"), "{msg}");
+}

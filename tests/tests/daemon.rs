@@ -953,3 +953,22 @@ fn a_revoke_deletes_the_flows_of_the_refused_source() {
     let flows = d.status().unwrap()["flows"].clone();
     assert!(n(&flows["deleted"]) >= 1, "{flows}");
 }
+
+/// On a veth attached in native mode, the RSTs of `action: reject` reach
+/// the peer only if it runs NAPI: `status` says so beside the interface
+/// (here the harness's veth, as `run` attaches it: native). The text form
+/// also shows the flow table.
+#[test]
+fn status_notes_how_rejects_fare_on_a_native_veth() {
+    let (_pair, d) = setup();
+    let st = d.status().unwrap();
+    let att = &st["attached"][0];
+    assert_eq!(att["mode"], "native", "{st}");
+    let note = att["note"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no note: {st}"));
+    assert!(note.contains("veth") && note.contains("GRO"), "{note}");
+    let text = ok(d.client(&["status"]).output().unwrap());
+    assert!(text.contains(note), "{text}");
+    assert!(text.contains("flows:"), "{text}");
+}

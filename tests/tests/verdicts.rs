@@ -1673,3 +1673,61 @@ fn a_flow_flood_counts_every_eviction_and_connections_come_back() {
         st.created, st.not_recorded, st.live, st.evicted
     );
 }
+
+/// `action: reject` answers at most `reject_max_per_sec` RSTs a second,
+/// shared out per CPU; past this CPU's share a refusal is dropped silently
+/// and counted, so a spoofed flood cannot make the host a reflector.
+#[test]
+fn rsts_are_budgeted_per_cpu_and_the_rest_dropped() {
+    pin_to_cpu0();
+    let cpus = aya::util::nr_cpus().unwrap() as u32;
+    const SHARE: u32 = 10;
+    let mut l = Loaded::new();
+    let mut cfg = config(MODE_ENFORCE, ACTION_REJECT, SCOPE_HOST);
+    cfg.reject_max_per_sec = SHARE * cpus;
+    l.apply(&base(cfg));
+    let over = |l: &Loaded| l.dp.maps.counters().unwrap()[COUNTER_REJECTS_OVER_BUDGET as usize];
+    let c0 = over(&l);
+    let started = Instant::now();
+    let verdicts: Vec<(u32, u8)> = (0..25)
+        .map(|_| {
+            let j = l.judge(&tcp(U, 7000).build());
+            (j.action, j.verdict)
+        })
+        .collect();
+    // The budget's window is one second from its first RST.
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "too slow to test"
+    );
+    let answered = verdicts
+        .iter()
+        .filter(|v| **v == (XDP_TX, VERDICT_REJECT))
+        .count();
+    let dropped = verdicts
+        .iter()
+        .filter(|v| **v == (XDP_DROP, VERDICT_DROP))
+        .count();
+    assert_eq!(
+        (answered, dropped),
+        (SHARE as usize, 25 - SHARE as usize),
+        "{verdicts:?}"
+    );
+    assert_eq!(
+        &verdicts[..SHARE as usize],
+        &[(XDP_TX, VERDICT_REJECT); SHARE as usize]
+    );
+    assert_eq!(over(&l) - c0, 25 - u64::from(SHARE));
+    // A new second, a new budget.
+    std::thread::sleep(Duration::from_millis(1100));
+    let j = l.judge(&tcp(U, 7000).build());
+    assert_eq!((j.action, j.verdict), (XDP_TX, VERDICT_REJECT));
+    // 0: never answer.
+    cfg.reject_max_per_sec = 0;
+    l.apply(&base(cfg));
+    let j = l.judge(&tcp(U, 7000).build());
+    assert_eq!(
+        (j.action, j.verdict, j.reason),
+        (XDP_DROP, VERDICT_DROP, REASON_NOT_ALLOWED)
+    );
+}

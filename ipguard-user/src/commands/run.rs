@@ -211,6 +211,13 @@ fn bring_up(
         } else {
             tracing::info!(%iface, mode = mode.as_str(), "attached");
         }
+        if let Some(note) = crate::datapath::reject_note(iface, mode) {
+            if d.compiled.config.action == ipguard_common::ACTION_REJECT {
+                tracing::warn!(%iface, "{note}");
+            } else {
+                tracing::info!(%iface, "{note}");
+            }
+        }
         d.attached.push(Attached {
             iface: iface.clone(),
             mode,

@@ -43,6 +43,9 @@ pub struct Status {
 pub struct AttachedJson {
     pub iface: String,
     pub mode: Option<&'static str>,
+    /// How `action: reject` fares on this interface, when it needs saying.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<&'static str>,
 }
 
 #[derive(Debug, Serialize)]
@@ -65,6 +68,9 @@ pub struct Counters {
     pub would_drop: u64,
     pub rejected: u64,
     pub malformed: u64,
+    /// Refusals of `action: reject` dropped without a RST: the second's
+    /// RST budget (`reject_max_rate`) was spent. Counted in `dropped`.
+    pub rejects_over_budget: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -123,6 +129,7 @@ pub fn collect(maps: &Maps, state_dir: &std::path::Path) -> Result<Status> {
             }
         }
     }
+    counters.rejects_over_budget = raw[COUNTER_REJECTS_OVER_BUDGET as usize];
     let mut services = BTreeMap::new();
     for (i, (passed, refused)) in maps.service_counters()?.into_iter().enumerate() {
         let name = match (i, &applied) {
@@ -179,8 +186,12 @@ pub fn collect(maps: &Maps, state_dir: &std::path::Path) -> Result<Status> {
             let mode = attached_modes
                 .iter()
                 .find(|a| a.iface == iface)
-                .map(|a| a.mode.as_str());
-            AttachedJson { iface, mode }
+                .map(|a| a.mode);
+            AttachedJson {
+                note: mode.and_then(|m| datapath::reject_note(&iface, m)),
+                mode: mode.map(|m| m.as_str()),
+                iface,
+            }
         })
         .collect();
     let caps = maps.capacities();
@@ -258,6 +269,13 @@ fn render(st: &serde_json::Value) -> String {
         .flatten()
         .map(|a| format!("{} ({})", t(&a["iface"]), t(&a["mode"])))
         .collect();
+    let notes: Vec<String> = st["attached"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|a| a["note"].is_string())
+        .map(|a| format!("            {}: {}", t(&a["iface"]), t(&a["note"])))
+        .collect();
     let daemon = if st["daemon"] == serde_json::json!(false) {
         " (daemon not running: read from the pinned maps)"
     } else {
@@ -288,6 +306,9 @@ fn render(st: &serde_json::Value) -> String {
             att.join(", ")
         }
     );
+    for line in notes {
+        let _ = writeln!(o, "{line}");
+    }
     let _ = writeln!(
         o,
         "mode:       {}, action {}, scope {}",
@@ -325,12 +346,16 @@ fn render(st: &serde_json::Value) -> String {
     let c = &st["counters"];
     let _ = writeln!(
         o,
-        "packets:    {} passed, {} dropped, {} rejected, {} would_drop ({} malformed)",
+        "packets:    {} passed, {} dropped, {} rejected, {} would_drop ({} malformed{})",
         n(&c["passed"]),
         n(&c["dropped"]),
         n(&c["rejected"]),
         n(&c["would_drop"]),
-        n(&c["malformed"])
+        n(&c["malformed"]),
+        match n(&c["rejects_over_budget"]) {
+            0 => String::new(),
+            k => format!("; {k} rejects dropped over the RST budget"),
+        }
     );
     for (k, v) in st["verdicts"].as_object().into_iter().flatten() {
         let _ = writeln!(o, "            {k:<28} {}", n(v));

@@ -531,6 +531,6 @@ fn config(p: &Policy) -> PolicyConfig {
         // The host's, not the policy's: the loader fills them in.
         ephemeral_first: 0,
         ephemeral_last: 0,
-        _pad1: 0,
+        reject_max_per_sec: p.reject_max_per_sec,
     }
 }

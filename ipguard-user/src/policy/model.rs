@@ -169,6 +169,10 @@ impl Default for Events {
     }
 }
 
+/// `reject_max_rate` when the file does not say: a RST is 54 to 74 bytes,
+/// so a spoofed flood reflects at most about 0.6 Mbit/s.
+pub const DEFAULT_REJECT_MAX_PER_SEC: u32 = 1000;
+
 /// A valid policy file (policy.md), ready to compile at any moment.
 #[derive(Clone, Debug)]
 pub struct Policy {
@@ -185,6 +189,9 @@ pub struct Policy {
     pub always_allow: Vec<Entry>,
     pub infrastructure: Infrastructure,
     pub events: Events,
+    /// RSTs per second `action: reject` sends in all (`reject_max_rate`);
+    /// past it, refusals are dropped silently.
+    pub reject_max_per_sec: u32,
 }
 
 impl Policy {

@@ -90,6 +90,16 @@ pub(crate) fn validate(raw: RawPolicy, now: Timestamp, sink: &mut Sink) -> Optio
 
     let infrastructure = infrastructure(sink, raw.infrastructure.as_ref());
     let events = events(sink, raw.events.as_ref());
+    let reject_max_per_sec = match &raw.reject_max_rate {
+        None => DEFAULT_REJECT_MAX_PER_SEC,
+        Some(r) => match parse_rate(&r.value.0) {
+            Ok((n, secs)) => u32::try_from(n.div_ceil(secs)).unwrap_or(u32::MAX),
+            Err(msg) => {
+                sink.error(spos(r), msg);
+                0
+            }
+        },
+    };
 
     if sink.errors.len() > errors_before {
         return None;
@@ -106,6 +116,7 @@ pub(crate) fn validate(raw: RawPolicy, now: Timestamp, sink: &mut Sink) -> Optio
         always_allow,
         infrastructure,
         events,
+        reject_max_per_sec,
     };
     warn_covered(sink, &policy);
     warn_allows_nobody(sink, &policy, raw.mode.as_ref().and_then(spos), now);

@@ -55,6 +55,7 @@ pub(crate) struct RawPolicy {
     pub always_allow: Option<Spanned<EntryList>>,
     pub infrastructure: Option<RawInfra>,
     pub events: Option<RawEvents>,
+    pub reject_max_rate: Option<Spanned<Scalar>>,
 }
 
 #[derive(Debug, Deserialize)]

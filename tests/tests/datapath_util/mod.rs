@@ -101,6 +101,9 @@ pub fn config(mode: u32, action: u32, scope: u32) -> PolicyConfig {
         infra: INFRA_NDP | INFRA_DHCP | INFRA_PMTU | INFRA_MLD | INFRA_RETURN_TRAFFIC,
         flow_timeout_ns: 120_000_000_000,
         flow_timeout_tcp_ns: 3_600_000_000_000,
+        // Tests of the verdicts answer every reject; the budget has a test
+        // of its own.
+        reject_max_per_sec: u32::MAX,
         event_source_interval_ns: 1_000_000_000,
         event_max_per_sec: 1000,
         ..Default::default()
