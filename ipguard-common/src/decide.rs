@@ -131,7 +131,8 @@ pub fn decide_packet(
 
 /// Whether a refusal may still be turned into a pass by
 /// [`return_traffic`]: the policy enables it, the packet has ports (a
-/// connection can be looked up) and neither `deny` nor a malformed header
+/// connection can be looked up) or is a later fragment (of a reply whose
+/// first fragment passed), and neither `deny` nor a malformed header
 /// refused it.
 #[inline(always)]
 pub fn may_be_return_traffic(cfg: &PolicyConfig, d: &Decision, ports: Ports) -> bool {
@@ -139,7 +140,7 @@ pub fn may_be_return_traffic(cfg: &PolicyConfig, d: &Decision, ports: Ports) -> 
         && d.verdict != VERDICT_PASS
         && d.reason != REASON_DENY
         && d.reason != REASON_MALFORMED
-        && matches!(ports, Ports::Port { .. })
+        && matches!(ports, Ports::Port { .. } | Ports::Fragment)
 }
 
 /// Whether a decision with this reason was made by a policy entry (the
@@ -304,7 +305,7 @@ mod tests {
         let refused = decide(&c, None, port);
         assert!(may_be_return_traffic(&c, &refused, port));
         assert!(!may_be_return_traffic(&c, &refused, Ports::NoPort));
-        assert!(!may_be_return_traffic(&c, &refused, Ports::Fragment));
+        assert!(may_be_return_traffic(&c, &refused, Ports::Fragment));
         let deny = PrefixValue {
             allow_mask: 1,
             flags: FLAG_DENY,

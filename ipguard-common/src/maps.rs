@@ -33,6 +33,7 @@ pub const MAP_EVENT_RATE: &str = "IPG_EVENT_RATE";
 pub const MAP_EVENT_BUDGET: &str = "IPG_EVENT_BUDGET";
 pub const MAP_FLOWS: &str = "IPG_FLOWS";
 pub const MAP_REJECT_BUDGET: &str = "IPG_RST_BUDGET";
+pub const MAP_FRAGMENTS: &str = "IPG_FRAGS";
 
 /// Program names in the object file. The daemon loads the first two; the
 /// `ipguard_bench_*` programs share the maps and exist only so that
@@ -69,6 +70,12 @@ pub const EVENT_RATE_CAPACITY: u32 = 65_536;
 pub const DECIDERS_V4_CAPACITY: u32 = 65_536;
 pub const DECIDERS_V6_CAPACITY: u32 = 16_384;
 pub const EVENTS_RING_BYTES: u32 = 1 << 20;
+/// Fragmented replies whose later fragments may still come ([`FragKey`]).
+pub const FRAGMENTS_CAPACITY: u32 = 16_384;
+/// How long after its first fragment passed as return traffic the later
+/// fragments of a datagram pass too. Fragments of one datagram leave the
+/// sender back to back; Linux gives up reassembling after 30 s.
+pub const FRAGMENT_TIMEOUT_NS: u64 = 5_000_000_000;
 /// A flow's timestamp is rewritten at most this often: a busy connection
 /// does not bounce the entry's cache line between CPUs on every segment.
 pub const FLOW_REFRESH_NS: u64 = 100_000_000;
@@ -360,6 +367,25 @@ pub struct FlowKey {
     pub _pad0: [u8; 2],
 }
 
+/// A fragmented datagram whose first fragment passed as return traffic
+/// (a large DNS answer with EDNS, say): its later fragments carry no ports,
+/// so they pass by this key, [`FRAGMENT_TIMEOUT_NS`] from the first. The
+/// value in [`MAP_FRAGMENTS`] is the time the first passed (a `u64`).
+/// Addresses as in [`FlowKey`], from the fragment's point of view
+/// (`remote` its source). A later fragment that arrives before the first
+/// is judged by its source alone, as any fragment.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub remote: [u8; 16],
+    pub local: [u8; 16],
+    /// IPv4's identification (zero-extended) or IPv6's fragment header's.
+    pub id: u32,
+    pub protocol: u8,
+    pub family: u8,
+    pub _pad0: [u8; 2],
+}
+
 /// Key of [`MAP_EVENT_RATE`]: the source as in [`DropEvent::src`], with
 /// the family in the last byte (unused by IPv4), so that an IPv4 source
 /// does not share its limit with the IPv6 address made of the same four
@@ -379,6 +405,7 @@ const _: () = assert!(core::mem::size_of::<DropEvent>() == 48);
 const _: () = assert!(core::mem::size_of::<SourceRate>() == 16);
 const _: () = assert!(core::mem::size_of::<EventBudget>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+const _: () = assert!(core::mem::size_of::<FragKey>() == 40);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -391,4 +418,5 @@ mod pod {
     unsafe impl aya::Pod for SourceRate {}
     unsafe impl aya::Pod for EventBudget {}
     unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FragKey {}
 }

@@ -71,6 +71,8 @@ static IPG_EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::pinned(1, 0);
 #[map]
 static IPG_RST_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::pinned(1, 0);
 #[map]
+static IPG_FRAGS: LruHashMap<FragKey, u64> = LruHashMap::pinned(FRAGMENTS_CAPACITY, 0);
+#[map]
 static IPG_FLOWS: LruHashMap<FlowKey, u64> = LruHashMap::pinned(DEFAULT_FLOW_CAPACITY, 0);
 
 /// Possible CPUs, set by the loader (`GLOBAL_NR_CPUS`); 1 until then.
@@ -146,8 +148,17 @@ fn try_ipguard(ctx: &XdpContext) -> Result<u32, ()> {
         L4::Fragment => Ports::Fragment,
     };
     let mut d = decide_packet(cfg, value, ports, ip.infra);
-    if may_be_return_traffic(cfg, &d, ports) && is_reply(&pkt, &ip, cfg) {
-        d = return_traffic(d.service);
+    if may_be_return_traffic(cfg, &d, ports) {
+        let reply = match ip.l4 {
+            L4::Port { .. } => is_reply(&pkt, &ip, cfg),
+            _ => is_later_fragment_of_reply(&pkt, &ip),
+        };
+        if reply {
+            d = return_traffic(d.service);
+            if ip.fragmented && matches!(ip.l4, L4::Port { .. }) {
+                expect_fragments(&pkt, &ip);
+            }
+        }
     }
 
     // Only a decision made by a listed entry credits it: a refusal for
@@ -283,6 +294,47 @@ fn is_reply(pkt: &Packet, ip: &IpPacket, cfg: &PolicyConfig) -> bool {
                 cfg.flow_timeout_ns
             };
             now().saturating_sub(last) <= timeout
+        }
+        None => false,
+    }
+}
+
+#[inline(always)]
+fn frag_key(pkt: &Packet, ip: &IpPacket) -> Option<FragKey> {
+    Some(FragKey {
+        remote: ip.src,
+        local: dst_addr(pkt, ip)?,
+        id: ip.frag_id,
+        protocol: ip.proto,
+        family: ip.family,
+        _pad0: [0; 2],
+    })
+}
+
+/// The first fragment of a reply passed: let its later fragments pass too.
+#[inline(always)]
+fn expect_fragments(pkt: &Packet, ip: &IpPacket) {
+    if let Some(key) = frag_key(pkt, ip) {
+        let _ = IPG_FRAGS.insert(key, now(), 0);
+    }
+}
+
+/// Whether a later fragment belongs to a datagram whose first fragment
+/// passed as return traffic, recently enough.
+#[inline(always)]
+fn is_later_fragment_of_reply(pkt: &Packet, ip: &IpPacket) -> bool {
+    if !matches!(ip.l4, L4::Fragment) {
+        return false;
+    }
+    let Some(key) = frag_key(pkt, ip) else {
+        return false;
+    };
+    match IPG_FRAGS.get_ptr(key) {
+        Some(t) => {
+            // SAFETY: a value pointer the map just returned; whole-u64
+            // stores only.
+            let first = unsafe { core::ptr::read_volatile(t) };
+            now().saturating_sub(first) <= FRAGMENT_TIMEOUT_NS
         }
         None => false,
     }

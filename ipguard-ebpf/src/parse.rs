@@ -152,6 +152,9 @@ pub struct IpPacket {
     pub ip_end: usize,
     /// Part of a fragmented datagram (more fragments follow, or an offset).
     pub fragmented: bool,
+    /// The datagram's identification (IPv4's 16 bits, IPv6's fragment
+    /// header's 32), meaningful when `fragmented`.
+    pub frag_id: u32,
 }
 
 pub enum Parsed {
@@ -238,6 +241,7 @@ fn parse_v4<const STRICT: bool>(pkt: &Packet, l3: usize) -> Option<IpPacket> {
         l4_off,
         ip_end,
         fragmented: frag & 0x3fff != 0,
+        frag_id: be16(h, 4) as u32,
     };
     if frag & 0x1fff != 0 {
         ip.l4 = L4::Fragment;
@@ -274,6 +278,7 @@ fn parse_v6<const STRICT: bool>(pkt: &Packet, l3: usize) -> Option<IpPacket> {
         l4_off: l3 + IPV6_HLEN,
         ip_end,
         fragmented: false,
+        frag_id: 0,
     };
     let mut next = h[6];
     let mut off = l3 + IPV6_HLEN;
@@ -291,6 +296,7 @@ fn parse_v6<const STRICT: bool>(pkt: &Packet, l3: usize) -> Option<IpPacket> {
                 let offset_flags = be16(e, 2);
                 if offset_flags & 0xfff9 != 0 {
                     ip.fragmented = true;
+                    ip.frag_id = be32(e, 4);
                 }
                 if offset_flags >> 3 != 0 {
                     ip.proto = e[0];

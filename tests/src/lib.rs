@@ -749,7 +749,7 @@ impl UdpEcho {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let s = stop.clone();
         let thread = thread::spawn(move || {
-            let mut buf = [0u8; 2048];
+            let mut buf = vec![0u8; 65_536];
             while !s.load(std::sync::atomic::Ordering::Relaxed) {
                 if let Ok((n, from)) = sock.recv_from(&mut buf) {
                     let _ = sock.send_to(&buf[..n], from);
@@ -768,6 +768,12 @@ impl UdpEcho {
     /// Sends a question from `src` in `ns` from an unconnected socket and
     /// waits up to a second for the echo (three tries).
     pub fn ask(&self, ns: &Netns, src: &str) -> bool {
+        self.ask_sized(ns, src, 8)
+    }
+
+    /// [`UdpEcho::ask`] with a question (and so an answer) of `size`
+    /// bytes: past the link's MTU both travel as IP fragments.
+    pub fn ask_sized(&self, ns: &Netns, src: &str, size: usize) -> bool {
         let dst = self.addr;
         let Ok(src) = src.parse::<IpAddr>() else {
             return false;
@@ -775,10 +781,11 @@ impl UdpEcho {
         ns.run_in(move || -> io::Result<bool> {
             let s = std::net::UdpSocket::bind(SocketAddr::new(src, 0))?;
             s.set_read_timeout(Some(Duration::from_millis(330)))?;
-            let mut buf = [0u8; 64];
+            let question = vec![b'q'; size];
+            let mut buf = vec![0u8; size + 1];
             for _ in 0..3 {
-                s.send_to(b"question", dst)?;
-                if matches!(s.recv_from(&mut buf), Ok((8, _))) {
+                s.send_to(&question, dst)?;
+                if matches!(s.recv_from(&mut buf), Ok((n, _)) if n == size) {
                     return Ok(true);
                 }
             }

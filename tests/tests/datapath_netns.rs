@@ -355,3 +355,55 @@ fn a_udp_servers_answers_never_keep_a_refused_client_in() {
     );
     assert!(counter(&maps, VERDICT_DROP, REASON_NOT_ALLOWED) >= 1);
 }
+
+/// A UDP answer larger than the link's MTU (a DNS answer with EDNS) comes
+/// back to the host in IP fragments from a peer the policy refuses: the
+/// first fragment passes as return traffic, the later ones with it, and
+/// the host's socket gets the whole datagram.
+#[test]
+fn fragmented_answers_to_the_hosts_questions_arrive_whole() {
+    require_root();
+    let pair = Pair::new().unwrap();
+    let peer4 = UdpEcho::new(&pair.client, SocketAddr::new(ip(CLIENT_V4_ALT), 5353)).unwrap();
+    let peer6 = UdpEcho::new(&pair.client, SocketAddr::new(ip(CLIENT_V6_ALT), 5353)).unwrap();
+    // The peer's addresses are in no list: a later fragment, judged by
+    // its source alone, would be refused.
+    let pins = protect(
+        &pair,
+        policy(
+            config(MODE_ENFORCE, ACTION_DROP, SCOPE_HOST),
+            &[
+                (&format!("{CLIENT_V4}/32"), value(1, 0, 0)),
+                (&format!("{CLIENT_V6}/128"), value(1, 0, 1)),
+            ],
+            &[],
+        ),
+    );
+    let maps = Maps::open(&pins.path).unwrap();
+    // Three fragments each way on a 1500-byte link.
+    assert!(
+        peer4.ask_sized(&pair.server, SERVER_V4_ALT, 4000),
+        "a fragmented IPv4 answer arrives whole"
+    );
+    assert!(
+        peer6.ask_sized(&pair.server, SERVER_V6, 4000),
+        "a fragmented IPv6 answer arrives whole"
+    );
+    let c = maps.counters().unwrap();
+    let moved: Vec<String> = (0..VERDICT_COUNT * REASON_SLOTS)
+        .filter(|&i| c[i as usize] != 0)
+        .map(|i| {
+            format!(
+                "{}/{}: {}",
+                verdict_name((i / REASON_SLOTS) as u8),
+                reason_name((i % REASON_SLOTS) as u8),
+                c[i as usize]
+            )
+        })
+        .collect();
+    assert!(
+        counter(&maps, VERDICT_PASS, REASON_RETURN_TRAFFIC) >= 6,
+        "first and later fragments of both answers passed as return traffic: {moved:?}"
+    );
+    assert_eq!(counter(&maps, VERDICT_DROP, REASON_FRAGMENT), 0);
+}

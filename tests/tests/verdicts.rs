@@ -1731,3 +1731,116 @@ fn rsts_are_budgeted_per_cpu_and_the_rest_dropped() {
         (XDP_DROP, VERDICT_DROP, REASON_NOT_ALLOWED)
     );
 }
+
+/// `frame` with its IPv4 identification, or its (first) IPv6 fragment
+/// header's, set to `id`.
+fn with_frag_id(mut frame: Vec<u8>, id: u32) -> Vec<u8> {
+    if frame[12..14] == [0x08, 0x00] {
+        frame[18..20].copy_from_slice(&(id as u16).to_be_bytes());
+    } else {
+        // The fragment header right after the IPv6 header.
+        frame[14 + 40 + 4..14 + 40 + 8].copy_from_slice(&id.to_be_bytes());
+    }
+    frame
+}
+
+/// A reply that arrives fragmented (a large DNS answer with EDNS): once
+/// its first fragment passed as return traffic, its later fragments (no
+/// ports in them) pass too, keyed by source, destination, protocol and
+/// identification, for FRAGMENT_TIMEOUT_NS; other datagrams' fragments
+/// are judged by their source as before.
+#[test]
+fn later_fragments_of_a_passed_reply_pass_too() {
+    let mut l = Loaded::new();
+    l.apply(&base(config(MODE_ENFORCE, ACTION_DROP, SCOPE_HOST)));
+    let j = |l: &mut Loaded, f: Vec<u8>| {
+        let j = l.judge(&f);
+        (j.action, j.reason)
+    };
+    let passed = (XDP_PASS, REASON_RETURN_TRAFFIC);
+    let refused = (XDP_DROP, REASON_FRAGMENT);
+    let answer = |src: &str, dst: &str| Pkt::new(ip(src), ip(dst), L4::udp(53, 50500));
+
+    // IPv4.
+    let later = |id: u32| with_frag_id(answer(U, H4).frag(FRAG_LATER).build(), id);
+    assert_eq!(j(&mut l, later(7)), refused, "nothing passed yet");
+    egress(&mut l, &dgram(H4, U, 50500, 53));
+    assert_eq!(
+        j(
+            &mut l,
+            with_frag_id(answer(U, H4).frag(FRAG_FIRST).build(), 7)
+        ),
+        passed,
+        "the first fragment carries the ports"
+    );
+    assert_eq!(j(&mut l, later(7)), passed, "a later fragment of it");
+    assert_eq!(j(&mut l, later(7)), passed, "and the next");
+    assert_eq!(j(&mut l, later(8)), refused, "another datagram");
+    let other_src = with_frag_id(answer("203.0.113.98", H4).frag(FRAG_LATER).build(), 7);
+    assert_eq!(j(&mut l, other_src), refused, "another source");
+    let mut tcp_later = Pkt::new(ip(U), ip(H4), L4::syn(53, 50500))
+        .frag(FRAG_LATER)
+        .build();
+    tcp_later = with_frag_id(tcp_later, 7);
+    assert_eq!(j(&mut l, tcp_later), refused, "another protocol");
+
+    // IPv6.
+    egress(&mut l, &dgram(H6, U6, 50500, 53));
+    let frag6 = |offset: u16, more: bool, id: u32| {
+        with_frag_id(
+            answer(U6, H6).ext(Ext::Fragment { offset, more }).build(),
+            id,
+        )
+    };
+    assert_eq!(j(&mut l, frag6(185, false, 9)), refused, "before its first");
+    assert_eq!(j(&mut l, frag6(0, true, 9)), passed);
+    assert_eq!(j(&mut l, frag6(185, false, 9)), passed);
+    assert_eq!(j(&mut l, frag6(185, false, 10)), refused);
+
+    // Deny still means never, fragments included.
+    egress(&mut l, &dgram(H4, D, 50500, 53));
+    assert_eq!(
+        j(
+            &mut l,
+            with_frag_id(answer(D, H4).frag(FRAG_FIRST).build(), 11)
+        ),
+        (XDP_DROP, REASON_DENY)
+    );
+    assert_eq!(
+        j(
+            &mut l,
+            with_frag_id(answer(D, H4).frag(FRAG_LATER).build(), 11)
+        ),
+        (XDP_DROP, REASON_DENY)
+    );
+
+    // Past FRAGMENT_TIMEOUT_NS a later fragment is judged by its source.
+    let mut frags: aya::maps::HashMap<_, FragKey, u64> =
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(
+            aya::maps::MapData::from_pin(l.pins.path.join(MAP_FRAGMENTS)).unwrap(),
+        ))
+        .unwrap();
+    let key = |id| {
+        let k = flow_key(U, 0, H4, 0, IPPROTO_UDP);
+        FragKey {
+            remote: k.remote,
+            local: k.local,
+            id,
+            protocol: IPPROTO_UDP,
+            family: FAMILY_V4,
+            _pad0: [0; 2],
+        }
+    };
+    assert!(
+        frags.get(&key(7), 0).is_ok(),
+        "the key is as the kernel writes it"
+    );
+    frags
+        .insert(
+            key(7),
+            monotonic_ns() - FRAGMENT_TIMEOUT_NS - 1_000_000_000,
+            0,
+        )
+        .unwrap();
+    assert_eq!(j(&mut l, later(7)), refused, "expired");
+}
