@@ -34,6 +34,10 @@ pub const MAP_EVENT_BUDGET: &str = "IPG_EVENT_BUDGET";
 pub const MAP_FLOWS: &str = "IPG_FLOWS";
 pub const MAP_REJECT_BUDGET: &str = "IPG_RST_BUDGET";
 pub const MAP_FRAGMENTS: &str = "IPG_FRAGS";
+/// The DHCP servers the policies of both slots name (`dhcp: [...]`), at
+/// most [`MAX_DHCP_SERVERS`] per slot; keyed by [`dhcp_key`].
+pub const MAP_DHCP_SERVERS: &str = "IPG_DHCP";
+pub const MAX_DHCP_SERVERS: u32 = 8;
 
 /// Program names in the object file. The daemon loads the first two; the
 /// `ipguard_bench_*` programs share the maps and exist only so that
@@ -200,7 +204,31 @@ pub struct PolicyConfig {
     /// like the event cap ([`EventBudget`]); a refusal past it is dropped
     /// silently (0: never answer).
     pub reject_max_per_sec: u32,
+    /// How many server prefixes this slot has in [`MAP_DHCP_SERVERS`]: 0
+    /// exempts DHCP replies from any source (`dhcp: true`), N only from
+    /// those servers.
+    pub dhcp_servers: u32,
+    pub _pad1: u32,
 }
+
+/// Key of [`MAP_DHCP_SERVERS`], an LPM trie of both slots' servers: the
+/// slot, the family, then the address as in [`FlowKey`]; a server prefix
+/// of length `l` is stored with length [`DHCP_KEY_BITS`] + `l`, a source
+/// looked up with [`DHCP_KEY_BITS`] + 128. One lookup, whatever the
+/// number of servers.
+#[inline(always)]
+pub const fn dhcp_key(slot: u32, family: u8, addr: &[u8; 16]) -> [u8; 18] {
+    let mut k = [0u8; 18];
+    k[0] = slot as u8;
+    k[1] = family;
+    let mut i = 0;
+    while i < 16 {
+        k[2 + i] = addr[i];
+        i += 1;
+    }
+    k
+}
+pub const DHCP_KEY_BITS: u32 = 16;
 
 /// Verdicts, also the first coordinate of [`MAP_COUNTERS`].
 pub const VERDICT_PASS: u8 = 0;
@@ -400,7 +428,7 @@ pub const fn rate_key(family: u8, src: &[u8; 16]) -> [u8; 16] {
 }
 
 const _: () = assert!(core::mem::size_of::<PrefixValue>() == 16);
-const _: () = assert!(core::mem::size_of::<PolicyConfig>() == 72);
+const _: () = assert!(core::mem::size_of::<PolicyConfig>() == 80);
 const _: () = assert!(core::mem::size_of::<DropEvent>() == 48);
 const _: () = assert!(core::mem::size_of::<SourceRate>() == 16);
 const _: () = assert!(core::mem::size_of::<EventBudget>() == 16);

@@ -73,6 +73,8 @@ static IPG_RST_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::pinned(1, 0);
 #[map]
 static IPG_FRAGS: LruHashMap<FragKey, u64> = LruHashMap::pinned(FRAGMENTS_CAPACITY, 0);
 #[map]
+static IPG_DHCP: LpmTrie<[u8; 18], u8> = LpmTrie::pinned(SLOTS * MAX_DHCP_SERVERS, 0);
+#[map]
 static IPG_FLOWS: LruHashMap<FlowKey, u64> = LruHashMap::pinned(DEFAULT_FLOW_CAPACITY, 0);
 
 /// Possible CPUs, set by the loader (`GLOBAL_NR_CPUS`); 1 until then.
@@ -147,7 +149,11 @@ fn try_ipguard(ctx: &XdpContext) -> Result<u32, ()> {
         L4::NoPort => Ports::NoPort,
         L4::Fragment => Ports::Fragment,
     };
-    let mut d = decide_packet(cfg, value, ports, ip.infra);
+    let mut infra = ip.infra;
+    if infra == INFRA_DHCP && cfg.dhcp_servers != 0 && !from_dhcp_server(slot, &ip) {
+        infra = 0;
+    }
+    let mut d = decide_packet(cfg, value, ports, infra);
     if may_be_return_traffic(cfg, &d, ports) {
         let reply = match ip.l4 {
             L4::Port { .. } => is_reply(&pkt, &ip, cfg),
@@ -191,6 +197,13 @@ fn try_ipguard(ctx: &XdpContext) -> Result<u32, ()> {
     let refused = d.verdict != VERDICT_PASS;
     add(&IPG_SVC_COUNTERS, d.service as u32 * 2 + refused as u32);
     Ok(action(d.verdict))
+}
+
+/// Whether a DHCP reply comes from a server the policy names.
+#[inline(always)]
+fn from_dhcp_server(slot: u32, ip: &IpPacket) -> bool {
+    let key = Key::new(DHCP_KEY_BITS + 128, dhcp_key(slot, ip.family, &ip.src));
+    IPG_DHCP.get(&key).is_some()
 }
 
 /// The service of a local TCP or UDP port in `slot` (0: none).

@@ -647,6 +647,7 @@ pub struct Maps {
     svc_counters: PerCpuArray<MapData, u64>,
     entry_hits: PerCpuArray<MapData, u64>,
     flows: aya::maps::HashMap<MapData, FlowKey, u64>,
+    dhcp: LpmTrie<MapData, [u8; 18], u8>,
     /// What this process last wrote into each slot.
     shadow: [Option<Shadow>; 2],
     /// Batched map writes (`BPF_MAP_*_BATCH`); false writes one element
@@ -771,6 +772,7 @@ impl Maps {
             svc_counters: typed!(pin_dir, MAP_SERVICE_COUNTERS),
             entry_hits: typed!(pin_dir, MAP_ENTRY_HITS),
             flows: typed!(pin_dir, MAP_FLOWS),
+            dhcp: typed!(pin_dir, MAP_DHCP_SERVERS),
             shadow: [None, None],
             batch: true,
         })
@@ -915,9 +917,11 @@ impl Maps {
         self.replace_deciders(&self.dec_v4[s], names.0, &dec4)?;
         self.replace_deciders(&self.dec_v6[s], names.1, &dec6)?;
         self.reset_entry_hits(slot, policy.entries.len())?;
+        let dhcp_servers = self.write_dhcp_servers(slot, &policy.dhcp_servers)?;
         let mut cfg = policy.config;
         cfg.generation = generation;
         (cfg.ephemeral_first, cfg.ephemeral_last) = ephemeral_ports();
+        cfg.dhcp_servers = dhcp_servers;
         self.config.set(slot, cfg, 0).map_err(map_err(MAP_CONFIG))?;
         // x86 keeps stores in order, so a reader that sees the new index
         // sees the slot written before it. Weaker memory models get an
@@ -1231,6 +1235,47 @@ impl Maps {
                 .map(|i| i.max_entries())
                 .unwrap_or(0),
         }
+    }
+
+    /// Replaces a slot's DHCP servers; returns how many it wrote.
+    fn write_dhcp_servers(&mut self, slot: u32, servers: &[ipnet::IpNet]) -> Result<u32> {
+        if servers.len() > MAX_DHCP_SERVERS as usize {
+            return Err(DatapathError::Capacity {
+                family: "DHCP server",
+                need: servers.len(),
+                capacity: MAX_DHCP_SERVERS,
+            });
+        }
+        let old: Vec<Key<[u8; 18]>> = self
+            .dhcp
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.data()[0] == slot as u8)
+            .collect();
+        for k in old {
+            match self.dhcp.remove(&k) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(MAP_DHCP_SERVERS)(e)),
+            }
+        }
+        for n in servers {
+            let (family, addr) = match n {
+                ipnet::IpNet::V4(n) => {
+                    let mut a = [0u8; 16];
+                    a[..4].copy_from_slice(&n.network().octets());
+                    (FAMILY_V4, a)
+                }
+                ipnet::IpNet::V6(n) => (FAMILY_V6, n.network().octets()),
+            };
+            let key = Key::new(
+                DHCP_KEY_BITS + u32::from(n.prefix_len()),
+                dhcp_key(slot, family, &addr),
+            );
+            self.dhcp
+                .insert(&key, 1, 0)
+                .map_err(map_err(MAP_DHCP_SERVERS))?;
+        }
+        Ok(servers.len() as u32)
     }
 
     /// Every flow in the map (the key; see [`FlowKey`]).

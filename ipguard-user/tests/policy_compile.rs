@@ -627,3 +627,22 @@ fn the_rst_budget_is_per_second() {
         "rounded up: a budget below one a second still answers"
     );
 }
+
+#[test]
+fn dhcp_may_name_its_servers() {
+    let c = compile(
+        "version: 1\nallow: [10.0.0.0/8]\ninfrastructure:\n  dhcp: [198.51.100.1, 198.51.100.8/29, \"2001:db8::67\"]\n",
+    );
+    assert_ne!(c.config.infra & INFRA_DHCP, 0);
+    assert_eq!(c.config.dhcp_servers, 3);
+    let names: Vec<String> = c.dhcp_servers.iter().map(|n| n.to_string()).collect();
+    assert_eq!(
+        names,
+        ["198.51.100.1/32", "198.51.100.8/29", "2001:db8::67/128"]
+    );
+    let any = compile("version: 1\nallow: [10.0.0.0/8]\ninfrastructure: { dhcp: true }\n");
+    assert_ne!(any.config.infra & INFRA_DHCP, 0);
+    assert_eq!((any.config.dhcp_servers, any.dhcp_servers.len()), (0, 0));
+    let off = compile("version: 1\nallow: [10.0.0.0/8]\ninfrastructure: { dhcp: false }\n");
+    assert_eq!(off.config.infra & INFRA_DHCP, 0);
+}

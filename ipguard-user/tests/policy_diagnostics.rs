@@ -599,3 +599,22 @@ fn reject_max_rate_is_a_rate() {
     assert_eq!(line, Some(3), "{msg}");
     assert!(msg.contains("is not a rate"), "{msg}");
 }
+
+#[test]
+fn dhcp_servers_are_addresses_and_few() {
+    let (line, _, msg) = error(
+        "version: 1\nallow: [any]\ngroups: { g: [10.0.0.1] }\ninfrastructure:\n  dhcp: [g]\n",
+    );
+    assert_eq!(line, Some(5), "{msg}");
+    assert!(msg.contains("not an address or CIDR"), "{msg}");
+    let (_, _, msg) = error("version: 1\nallow: [any]\ninfrastructure:\n  dhcp: []\n");
+    assert!(msg.contains("dhcp: false"), "{msg}");
+    let nine: Vec<String> = (1..=9).map(|i| format!("10.0.0.{i}")).collect();
+    let (_, _, msg) = error(&format!(
+        "version: 1\nallow: [any]\ninfrastructure:\n  dhcp: [{}]\n",
+        nine.join(", ")
+    ));
+    assert!(msg.contains("at most 8"), "{msg}");
+    let (_, _, msg) = error("version: 1\nallow: [any]\ninfrastructure:\n  dhcp: sometimes\n");
+    assert!(msg.contains("write true, false or a list"), "{msg}");
+}

@@ -1844,3 +1844,43 @@ fn later_fragments_of_a_passed_reply_pass_too() {
         .unwrap();
     assert_eq!(j(&mut l, later(7)), refused, "expired");
 }
+
+/// `dhcp: [servers]` narrows the DHCP exemption to the servers named:
+/// a DHCP reply (udp 67->68, DHCPv6 547->546) from another source is
+/// judged by the lists like any packet.
+#[test]
+fn dhcp_replies_pass_only_from_the_servers_named() {
+    let mut l = Loaded::new();
+    let dhcp4 = |src: &str| Pkt::new(ip(src), ip(H4), L4::udp(67, 68)).build();
+    let dhcp6 = |src: &str| Pkt::new(ip(src), ip(H6), L4::udp(547, 546)).build();
+    let j = |l: &mut Loaded, f: Vec<u8>| {
+        let j = l.judge(&f);
+        (j.action, j.reason)
+    };
+    let infra = (XDP_PASS, REASON_INFRASTRUCTURE);
+    let refused = (XDP_DROP, REASON_NOT_ALLOWED);
+    // dhcp: true: any source.
+    l.apply(&base(config(MODE_ENFORCE, ACTION_DROP, SCOPE_HOST)));
+    assert_eq!(j(&mut l, dhcp4(U)), infra);
+    assert_eq!(j(&mut l, dhcp6(U6)), infra);
+    // dhcp: [203.0.113.64/30, 2001:db8:9::67]
+    let mut p = base(config(MODE_ENFORCE, ACTION_DROP, SCOPE_HOST));
+    p.dhcp_servers = vec![
+        "203.0.113.64/30".parse().unwrap(),
+        "2001:db8:9::67/128".parse().unwrap(),
+    ];
+    l.apply(&p);
+    assert_eq!(j(&mut l, dhcp4("203.0.113.67")), infra, "inside the /30");
+    assert_eq!(j(&mut l, dhcp4("203.0.113.68")), refused, "just past it");
+    assert_eq!(j(&mut l, dhcp4(U)), refused);
+    assert_eq!(j(&mut l, dhcp6("2001:db8:9::67")), infra);
+    assert_eq!(j(&mut l, dhcp6(U6)), refused);
+    // An IPv4 server does not stand for the IPv6 address of the same bytes.
+    assert_eq!(j(&mut l, dhcp6("cb00:7143::")), refused);
+    // A listed source the lists allow passes as allowed, as before.
+    assert_eq!(j(&mut l, dhcp4(A)), (XDP_PASS, REASON_ALLOWED));
+    // Deny still wins over a named server.
+    p.dhcp_servers = vec![format!("{D}/32").parse().unwrap()];
+    l.apply(&p);
+    assert_eq!(j(&mut l, dhcp4(D)), (XDP_DROP, REASON_DENY));
+}

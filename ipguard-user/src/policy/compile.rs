@@ -489,6 +489,7 @@ pub fn compile(policy: &Policy, at: SystemTime, runtime: &[RuntimeEntry]) -> Com
         ports,
         services,
         entries,
+        dhcp_servers: policy.infrastructure.dhcp_servers.clone(),
         next_change: next_change.map(SystemTime::from),
         provenance: Provenance {
             v4_first: s4.first,
@@ -532,5 +533,7 @@ fn config(p: &Policy) -> PolicyConfig {
         ephemeral_first: 0,
         ephemeral_last: 0,
         reject_max_per_sec: p.reject_max_per_sec,
+        dhcp_servers: u32::try_from(infra.dhcp_servers.len()).unwrap_or(u32::MAX),
+        _pad1: 0,
     }
 }

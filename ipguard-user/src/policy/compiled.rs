@@ -77,6 +77,9 @@ pub struct CompiledPolicy {
     pub ports: Vec<PortRange>,
     pub services: Vec<ServiceInfo>,
     pub entries: Vec<EntryInfo>,
+    /// `dhcp: [...]`: the only sources whose DHCP replies are
+    /// infrastructure (empty: any, when DHCP is exempted at all).
+    pub dhcp_servers: Vec<ipnet::IpNet>,
     /// The next moment at which compiling again would give another result
     /// (an `until` or a time-window edge); None if never.
     pub next_change: Option<SystemTime>,

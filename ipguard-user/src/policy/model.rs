@@ -126,6 +126,9 @@ pub struct Service {
 pub struct Infrastructure {
     pub ndp: bool,
     pub dhcp: bool,
+    /// `dhcp: [servers]`: the exemption holds only for these (at most
+    /// `MAX_DHCP_SERVERS`); empty: for any source.
+    pub dhcp_servers: Vec<ipnet::IpNet>,
     pub pmtu: bool,
     pub mld: bool,
     pub return_traffic: bool,
@@ -140,6 +143,7 @@ impl Default for Infrastructure {
         Self {
             ndp: true,
             dhcp: true,
+            dhcp_servers: Vec::new(),
             pmtu: true,
             mld: true,
             return_traffic: true,

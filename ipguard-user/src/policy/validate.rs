@@ -660,7 +660,9 @@ fn infrastructure(sink: &mut Sink, raw: Option<&super::yaml::RawInfra>) -> Infra
     let Some(raw) = raw else { return infra };
     let b = |v: &Option<Spanned<bool>>, d: bool| v.as_ref().map_or(d, |s| s.value);
     infra.ndp = b(&raw.ndp, infra.ndp);
-    infra.dhcp = b(&raw.dhcp, infra.dhcp);
+    if let Some(d) = &raw.dhcp {
+        dhcp(sink, d, &mut infra);
+    }
     infra.pmtu = b(&raw.pmtu, infra.pmtu);
     infra.mld = b(&raw.mld, infra.mld);
     infra.return_traffic = b(&raw.return_traffic, infra.return_traffic);
@@ -683,6 +685,56 @@ fn infrastructure(sink: &mut Sink, raw: Option<&super::yaml::RawInfra>) -> Infra
         }
     }
     infra
+}
+
+/// `dhcp: true | false | [servers]`.
+fn dhcp(sink: &mut Sink, d: &Spanned<ItemList>, infra: &mut Infrastructure) {
+    match &d.value {
+        ItemList::One(s) if s == "true" => return,
+        ItemList::One(s) if s == "false" => {
+            infra.dhcp = false;
+            return;
+        }
+        ItemList::Many(v) if v.is_empty() => {
+            sink.error(
+                spos(d),
+                "dhcp: [] names no server: write dhcp: false to refuse DHCP replies like any packet, or list the servers".to_string(),
+            );
+            return;
+        }
+        _ => {}
+    }
+    let mut nets = Vec::new();
+    d.value.for_each(spos(d), |item, pos| {
+        let before = nets.len();
+        match addr::parse_item(item, &mut nets) {
+            Ok(addr::Item::Nets { .. }) => {}
+            Ok(addr::Item::Group(_)) | Err(_) => {
+                nets.truncate(before);
+                sink.error(
+                    pos,
+                    format!("dhcp: {item:?} is not an address or CIDR: write true, false or a list of DHCP servers"),
+                );
+            }
+        }
+    });
+    for n in &mut nets {
+        *n = n.trunc();
+    }
+    nets.sort_unstable();
+    nets.dedup();
+    if nets.len() > ipguard_common::MAX_DHCP_SERVERS as usize {
+        sink.error(
+            spos(d),
+            format!(
+                "dhcp: {} server prefixes, at most {} are possible: name the servers or their relays' subnet",
+                nets.len(),
+                ipguard_common::MAX_DHCP_SERVERS
+            ),
+        );
+        return;
+    }
+    infra.dhcp_servers = nets;
 }
 
 /// `N/s`, `N/m`, `N/h`: (count, seconds).

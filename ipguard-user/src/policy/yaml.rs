@@ -78,7 +78,8 @@ fn present_entry_list<'de, D: Deserializer<'de>>(
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawInfra {
     pub ndp: Option<Spanned<bool>>,
-    pub dhcp: Option<Spanned<bool>>,
+    /// `true`, `false`, or the DHCP servers (address items).
+    pub dhcp: Option<Spanned<ItemList>>,
     pub pmtu: Option<Spanned<bool>>,
     pub mld: Option<Spanned<bool>>,
     pub return_traffic: Option<Spanned<bool>>,
