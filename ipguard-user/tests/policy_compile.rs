@@ -646,3 +646,20 @@ fn dhcp_may_name_its_servers() {
     let off = compile("version: 1\nallow: [10.0.0.0/8]\ninfrastructure: { dhcp: false }\n");
     assert_eq!(off.config.infra & INFRA_DHCP, 0);
 }
+
+#[test]
+fn the_lockout_guard_watches_22_and_ssh_unless_told_otherwise() {
+    let c = compile(
+        "version: 1\nallow: [10.0.0.0/8]\nservices:\n  ssh: { ports: [tcp/2222, udp/60001] }\n",
+    );
+    assert_eq!(c.lockout_ports, [(22, 22), (2222, 2222)]);
+    let c = compile(
+        "version: 1\nallow: [10.0.0.0/8]\nlockout_guard: { ports: [tcp/6443, tcp/10250, tcp/2379-2380] }\n",
+    );
+    assert_eq!(
+        c.lockout_ports,
+        [(2379, 2380), (6443, 6443), (10250, 10250)]
+    );
+    let c = compile("version: 1\nallow: [10.0.0.0/8]\nlockout_guard: { ports: [] }\n");
+    assert!(c.lockout_ports.is_empty(), "an empty list guards nothing");
+}

@@ -618,3 +618,11 @@ fn dhcp_servers_are_addresses_and_few() {
     let (_, _, msg) = error("version: 1\nallow: [any]\ninfrastructure:\n  dhcp: sometimes\n");
     assert!(msg.contains("write true, false or a list"), "{msg}");
 }
+
+#[test]
+fn lockout_guard_ports_are_tcp() {
+    let (line, col, msg) =
+        error("version: 1\nallow: [any]\nlockout_guard:\n  ports: [tcp/22, udp/53]\n");
+    assert_eq!((line, col), (Some(4), Some(19)), "{msg}");
+    assert!(msg.contains("write tcp/PORT"), "{msg}");
+}

@@ -338,7 +338,17 @@ pub fn tcp_connect(
     dst: SocketAddr,
     timeout: Duration,
 ) -> Result<io::Result<()>> {
-    ns.run_in(move || -> io::Result<()> {
+    Ok(tcp_stream(ns, src, dst, timeout)?.map(drop))
+}
+
+/// [`tcp_connect`], keeping the connection.
+pub fn tcp_stream(
+    ns: &Netns,
+    src: IpAddr,
+    dst: SocketAddr,
+    timeout: Duration,
+) -> Result<io::Result<TcpStream>> {
+    ns.run_in(move || -> io::Result<TcpStream> {
         let domain = if dst.is_ipv4() {
             libc::AF_INET
         } else {
@@ -357,7 +367,7 @@ pub fn tcp_connect(
         stream.set_nonblocking(true)?;
         let da = nix::sys::socket::SockaddrStorage::from(dst);
         match nix::sys::socket::connect(fd, &da) {
-            Ok(()) => return Ok(()),
+            Ok(()) => return Ok(stream),
             Err(nix::errno::Errno::EINPROGRESS) => {}
             Err(e) => return Err(e.into()),
         }
@@ -372,7 +382,10 @@ pub fn tcp_connect(
             return Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"));
         }
         match stream.take_error()? {
-            None => Ok(()),
+            None => {
+                stream.set_nonblocking(false)?;
+                Ok(stream)
+            }
             Some(e) => Err(e),
         }
     })
@@ -555,7 +568,15 @@ impl Daemon {
                 Stdio::piped()
             } else {
                 Stdio::null()
-            });
+            })
+            // Kept for `log()`; printed when a test fails.
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.dir.join("daemon.log"))
+                    .context("open the daemon's log")?,
+            );
         if let Some(f) = self.prepare {
             use std::os::unix::process::CommandExt;
             // SAFETY: `prepare` only makes system calls (its contract).
@@ -617,11 +638,21 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// What the daemon (and its restarts) logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(mut c) = self.proc.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        if thread::panicking() {
+            eprintln!("--- the daemon's log ---\n{}--- end ---", self.log());
         }
         remove_pins(&self.pins.path);
         let _ = std::fs::remove_dir_all(&self.dir);

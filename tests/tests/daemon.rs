@@ -972,3 +972,101 @@ fn status_notes_how_rejects_fare_on_a_native_veth() {
     assert!(text.contains(note), "{text}");
     assert!(text.contains("flows:"), "{text}");
 }
+
+/// A TCP session from `src` to `dst` held open on both ends (the
+/// listener keeps what it accepts, so the server side stays ESTABLISHED
+/// for the lockout guard to see).
+fn held_session(
+    pair: &Pair,
+    src: &str,
+    dst: SocketAddr,
+) -> (
+    std::net::TcpListener,
+    std::net::TcpStream,
+    std::net::TcpStream,
+) {
+    let listener = pair
+        .server
+        .run_in(move || std::net::TcpListener::bind(dst))
+        .unwrap()
+        .unwrap();
+    let client = tcp_stream(
+        &pair.client,
+        src.parse().unwrap(),
+        dst,
+        Duration::from_secs(2),
+    )
+    .unwrap()
+    .expect("the session opens");
+    let (accepted, _) = listener.accept().expect("accept the session");
+    (listener, client, accepted)
+}
+
+/// `lockout_guard.ports` replaces the guarded ports (by default 22 and the
+/// ssh service's); a session on another port is cut with a warning. A
+/// revoke and an expiry are never refused, and say which sessions they
+/// cut: to the caller and in the log.
+#[test]
+fn the_lockout_guard_watches_its_ports_and_every_cut_is_said() {
+    require_root();
+    let pair = Pair::new().unwrap();
+    let policy = format!("{POLICY}lockout_guard: {{ ports: [tcp/7100] }}\n");
+    let d = Daemon::start(&pair, &policy).unwrap();
+    let v4 = |a: &str, p: u16| SocketAddr::new(a.parse().unwrap(), p);
+    let _ssh = held_session(&pair, CLIENT_V4, v4(SERVER_V4, 22));
+    let _guarded = held_session(&pair, CLIENT_V4, v4(SERVER_V4, 7100));
+    let cut = policy.replace("  - from: 198.51.100.2\n    label: client\n", "");
+    let file = d.dir.join("cut.yaml");
+    std::fs::write(&file, &cut).unwrap();
+    let out = d
+        .client(&["apply", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("198.51.100.2 -> port 7100"), "{err}");
+    assert!(!err.contains("port 22"), "22 is not guarded here: {err}");
+    let out = d
+        .client(&["apply", file.to_str().unwrap(), "--force"])
+        .output()
+        .unwrap();
+    ok(out.clone());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for port in [22, 7100] {
+        assert!(
+            err.contains(&format!(
+                "warning: cuts the established session 198.51.100.2 -> port {port}"
+            )),
+            "{err}"
+        );
+    }
+
+    // A revoke of one's own runtime entry.
+    ok(d.client(&["allow", CLIENT_V4_ALT]).output().unwrap());
+    let _mine = held_session(&pair, CLIENT_V4_ALT, v4(SERVER_V4_ALT, 7101));
+    let out = d.client(&["revoke", CLIENT_V4_ALT]).output().unwrap();
+    ok(out.clone());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("warning: cuts the established session 203.0.113.9 -> port 7101"),
+        "{err}"
+    );
+    // An expiry: nobody to answer, the log says it.
+    ok(d.client(&["allow", CLIENT_V4_ALT, "--for", "2s"])
+        .output()
+        .unwrap());
+    let warned = |d: &Daemon| {
+        d.log()
+            .lines()
+            .filter(|l| l.contains("cuts this established session") && l.contains("203.0.113.9"))
+            .count()
+    };
+    let before = warned(&d);
+    assert!(
+        wait_for(Duration::from_secs(6), || (warned(&d) > before)
+            .then_some(()))
+        .is_some(),
+        "the expiry's cut is logged: {}",
+        d.log()
+    );
+}

@@ -86,6 +86,7 @@ const HOST_ONLY: &[&str] = &[
     "daemon::apply_with_confirm_rolls_back_by_itself",
     "daemon::the_attach_mode_is_kept_in_the_state_directory_not_in_shared_temp",
     "daemon::a_failed_runtime_allow_changes_nothing_anywhere",
+    "daemon::the_lockout_guard_watches_its_ports_and_every_cut_is_said",
 ];
 /// Kernel modules the tests need that Debian's cloud kernels build as
 /// modules.

@@ -134,9 +134,12 @@ pub fn allow(args: &AllowArgs) -> Result<ExitCode> {
 
 pub fn revoke(args: &RevokeArgs) -> Result<ExitCode> {
     parse_net(&args.addr).map_err(CliError::refused)?;
-    Client::connect(&args.sock.socket)?.call(&Request::Revoke {
+    let data = Client::connect(&args.sock.socket)?.call(&Request::Revoke {
         addr: args.addr.clone(),
     })?;
+    for w in data["warnings"].as_array().into_iter().flatten() {
+        eprintln!("warning: {}", w.as_str().unwrap_or_default());
+    }
     println!("revoked {}", args.addr);
     Ok(ExitCode::SUCCESS)
 }

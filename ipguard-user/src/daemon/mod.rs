@@ -78,11 +78,14 @@ pub struct Daemon {
     pub stdout: stdout::EventOut,
 }
 
-/// Sessions a policy would cut: (SSH ones, others).
+/// Sessions a policy would cut: (those on the lockout guard's ports,
+/// others).
 pub type Cuts = (Vec<sessions::Session>, Vec<sessions::Session>);
 
-/// policy.md §7: established inbound TCP sessions whose source the new
-/// policy refuses. SSH means port 22 or the ports of a service named `ssh`.
+/// Established inbound TCP sessions whose source the new policy refuses,
+/// split by whether their port is one of the lockout guard's
+/// (`lockout_guard.ports`; by default 22 and the ports of a service named
+/// `ssh`).
 pub fn lockout_check(compiled: &CompiledPolicy) -> Cuts {
     let list = match sessions::inbound_sessions() {
         Ok(l) => l,
@@ -91,18 +94,11 @@ pub fn lockout_check(compiled: &CompiledPolicy) -> Cuts {
             return (Vec::new(), Vec::new());
         }
     };
-    let ssh_index = compiled
-        .services
-        .iter()
-        .find(|s| s.name == "ssh")
-        .map(|s| s.index);
     let is_ssh = |port: u16| {
-        port == 22
-            || ssh_index.is_some_and(|i| {
-                compiled.ports.iter().any(|r| {
-                    r.service == i && r.proto == Proto::Tcp && (r.first..=r.last).contains(&port)
-                })
-            })
+        compiled
+            .lockout_ports
+            .iter()
+            .any(|&(first, last)| (first..=last).contains(&port))
     };
     let ex = Explainer::new(compiled);
     let mut ssh = Vec::new();
@@ -229,7 +225,7 @@ impl Daemon {
         let (ssh, other) = lockout_check(&compiled);
         if !ssh.is_empty() && !force {
             return Err(CliError::refused(format!(
-                "refused: {} would cut established SSH sessions from {} (lockout); allow those sources or use --force",
+                "refused: {} would cut established sessions on the lockout guard's ports from {} (lockout); allow those sources or use --force",
                 src.path.display(),
                 describe(&ssh)
             )));
@@ -237,6 +233,17 @@ impl Daemon {
         for s in ssh.iter().chain(&other) {
             tracing::warn!(source = %s.remote, port = s.local_port, "the new policy cuts this established session");
         }
+        // Forced (or nothing guarded): every cut session is a warning.
+        let cut: Vec<String> = ssh
+            .iter()
+            .chain(&other)
+            .map(|s| {
+                format!(
+                    "cuts the established session {} -> port {}",
+                    s.remote, s.local_port
+                )
+            })
+            .collect();
         let stats = self
             .dp
             .maps
@@ -256,8 +263,8 @@ impl Daemon {
             "generation": stats.generation,
             "prefixes": {"ipv4": stats.v4, "ipv6": stats.v6},
             "sha256": self.current.sha256,
-            "cut_sessions": (ssh.len() + other.len()),
-            "warnings": other.iter().map(|s| format!("cuts the established session {} -> port {}", s.remote, s.local_port)).collect::<Vec<_>>(),
+            "cut_sessions": cut.len(),
+            "warnings": cut,
         });
         Ok((stats, answer))
     }
@@ -346,18 +353,22 @@ impl Daemon {
     /// `before` is what they were) take effect: the datapath first, then
     /// the state file. After an error the change is undone wherever it was
     /// made, so memory, disk and kernel agree, and the answer says so.
+    /// Returns the warnings of the install (sessions it cut).
     fn commit_runtime(
         &mut self,
         why: &str,
         before: Vec<crate::runtime::RuntimeRecord>,
-    ) -> Result<(), String> {
+    ) -> Result<serde_json::Value, String> {
         let src = self.current.clone();
-        if let Err(e) = self.install(src.clone(), true, why) {
-            self.runtime.entries = before;
-            return Err(format!(
-                "{why}: the datapath was not updated ({e}); nothing changed"
-            ));
-        }
+        let answer = match self.install(src.clone(), true, why) {
+            Ok(a) => a,
+            Err(e) => {
+                self.runtime.entries = before;
+                return Err(format!(
+                    "{why}: the datapath was not updated ({e}); nothing changed"
+                ));
+            }
+        };
         if let Err(e) = self.runtime.save() {
             self.runtime.entries = before;
             if let Err(u) = self.install(src, true, "undo of a failed save") {
@@ -369,7 +380,7 @@ impl Daemon {
                 "{why}: cannot save the runtime entries ({e:#}); nothing changed"
             ));
         }
-        Ok(())
+        Ok(answer["warnings"].clone())
     }
 
     async fn refresh(&mut self, why: &str) {
@@ -551,11 +562,15 @@ impl Daemon {
                         ),
                     ),
                     Ok(n) => {
-                        if let Err(e) = self.commit_runtime("runtime revoke", before) {
-                            return Response::err(Exit::System, e);
-                        }
+                        // A revocation is the operator's decision: never
+                        // refused by the lockout guard, but every session
+                        // it cuts is said, to the log and to the caller.
+                        let warnings = match self.commit_runtime("runtime revoke", before) {
+                            Ok(w) => w,
+                            Err(e) => return Response::err(Exit::System, e),
+                        };
                         tracing::info!(addr = %net, "runtime entry revoked");
-                        Response::ok(json!({"revoked": n}))
+                        Response::ok(json!({"revoked": n, "warnings": warnings}))
                     }
                     Err(e) => Response::err(Exit::System, format!("{e:#}")),
                 }

@@ -490,6 +490,7 @@ pub fn compile(policy: &Policy, at: SystemTime, runtime: &[RuntimeEntry]) -> Com
         services,
         entries,
         dhcp_servers: policy.infrastructure.dhcp_servers.clone(),
+        lockout_ports: lockout_ports(policy),
         next_change: next_change.map(SystemTime::from),
         provenance: Provenance {
             v4_first: s4.first,
@@ -497,6 +498,28 @@ pub fn compile(policy: &Policy, at: SystemTime, runtime: &[RuntimeEntry]) -> Com
             owners,
         },
     }
+}
+
+/// The lockout guard's TCP ports: as the policy says, else port 22 and the
+/// TCP ports of a service named `ssh`.
+fn lockout_ports(p: &Policy) -> Vec<(u16, u16)> {
+    let ports: Vec<(u16, u16)> = match &p.lockout_ports {
+        Some(list) => list.iter().map(|s| (s.first, s.last)).collect(),
+        None => std::iter::once((22, 22))
+            .chain(
+                p.services
+                    .iter()
+                    .filter(|s| s.name == "ssh")
+                    .flat_map(|s| s.ports.iter())
+                    .filter(|s| s.proto == super::Proto::Tcp)
+                    .map(|s| (s.first, s.last)),
+            )
+            .collect(),
+    };
+    let mut ports = ports;
+    ports.sort_unstable();
+    ports.dedup();
+    ports
 }
 
 fn config(p: &Policy) -> PolicyConfig {

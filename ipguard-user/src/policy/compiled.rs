@@ -80,6 +80,9 @@ pub struct CompiledPolicy {
     /// `dhcp: [...]`: the only sources whose DHCP replies are
     /// infrastructure (empty: any, when DHCP is exempted at all).
     pub dhcp_servers: Vec<ipnet::IpNet>,
+    /// TCP port ranges (first, last) of the lockout guard: established
+    /// inbound sessions on them are not cut unless forced.
+    pub lockout_ports: Vec<(u16, u16)>,
     /// The next moment at which compiling again would give another result
     /// (an `until` or a time-window edge); None if never.
     pub next_change: Option<SystemTime>,

@@ -196,6 +196,10 @@ pub struct Policy {
     /// RSTs per second `action: reject` sends in all (`reject_max_rate`);
     /// past it, refusals are dropped silently.
     pub reject_max_per_sec: u32,
+    /// `lockout_guard: { ports: [...] }`: the TCP ports whose established
+    /// sessions a new policy may not cut unless forced. None: port 22 and
+    /// the ports of a service named `ssh`.
+    pub lockout_ports: Option<Vec<PortSpec>>,
 }
 
 impl Policy {

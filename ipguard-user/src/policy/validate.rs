@@ -90,6 +90,23 @@ pub(crate) fn validate(raw: RawPolicy, now: Timestamp, sink: &mut Sink) -> Optio
 
     let infrastructure = infrastructure(sink, raw.infrastructure.as_ref());
     let events = events(sink, raw.events.as_ref());
+    let lockout_ports = raw.lockout_guard.as_ref().map(|g| {
+        let mut ports = Vec::new();
+        for (text, pos) in g.ports.value.items(spos(&g.ports)) {
+            match parse_port(text) {
+                Ok(p) if p.proto == Proto::Tcp => ports.push(p),
+                Ok(_) => sink.error(
+                    pos,
+                    format!(
+                        "lockout_guard port {:?}: the guard watches TCP sessions; write tcp/PORT",
+                        text.trim()
+                    ),
+                ),
+                Err(msg) => sink.error(pos, msg),
+            }
+        }
+        ports
+    });
     let reject_max_per_sec = match &raw.reject_max_rate {
         None => DEFAULT_REJECT_MAX_PER_SEC,
         Some(r) => match parse_rate(&r.value.0) {
@@ -117,6 +134,7 @@ pub(crate) fn validate(raw: RawPolicy, now: Timestamp, sink: &mut Sink) -> Optio
         infrastructure,
         events,
         reject_max_per_sec,
+        lockout_ports,
     };
     warn_covered(sink, &policy);
     warn_allows_nobody(sink, &policy, raw.mode.as_ref().and_then(spos), now);

@@ -56,6 +56,13 @@ pub(crate) struct RawPolicy {
     pub infrastructure: Option<RawInfra>,
     pub events: Option<RawEvents>,
     pub reject_max_rate: Option<Spanned<Scalar>>,
+    pub lockout_guard: Option<RawLockoutGuard>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawLockoutGuard {
+    pub ports: Spanned<ItemList>,
 }
 
 #[derive(Debug, Deserialize)]
