@@ -332,7 +332,14 @@ mod tests {
         let mut snap = Snapshot {
             counters: counters.clone(),
             services: vec![("ssh".into(), 3, 1)],
-            flows: None,
+            flows: Some(crate::datapath::FlowStats {
+                capacity: 4096,
+                live: 4000,
+                created: 10_000,
+                deleted: 1,
+                evicted: 5_999,
+                not_recorded: 0,
+            }),
         };
         m.update(&snap);
         snap.counters[counter_index(VERDICT_DROP, REASON_NOT_ALLOWED) as usize] = 8;
@@ -363,6 +370,14 @@ mod tests {
             text.contains(r#"ipguard_policy_reloads_total{result="failure"} 1"#),
             "{text}"
         );
+        for line in [
+            r#"ipguard_flows_total{outcome="evicted"} 5999"#,
+            r#"ipguard_flows_total{outcome="created"} 10000"#,
+            "ipguard_flow_entries 4000",
+            "ipguard_flow_capacity 4096",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
         // The datapath was reloaded: counts restart from 2.
         snap.counters[counter_index(VERDICT_DROP, REASON_NOT_ALLOWED) as usize] = 2;
         m.update(&snap);
