@@ -188,6 +188,16 @@ pub enum XdpModeArg {
     Skb,
 }
 
+impl From<XdpModeArg> for crate::datapath::XdpModeRequest {
+    fn from(m: XdpModeArg) -> Self {
+        match m {
+            XdpModeArg::Auto => Self::Auto,
+            XdpModeArg::Native => Self::Native,
+            XdpModeArg::Skb => Self::Skb,
+        }
+    }
+}
+
 /// Where the daemon's kernel objects, socket and state live.
 #[derive(Debug, Args, Clone)]
 pub struct Locations {

@@ -13,8 +13,7 @@ use std::{
 
 use datapath_util::*;
 use ipguard::{
-    cli::XdpModeArg,
-    datapath::{Capacities, Datapath, Maps},
+    datapath::{Capacities, Datapath, Maps, XdpModeRequest},
     events::EventReader,
     policy::{CompiledPolicy, Proto},
 };
@@ -39,7 +38,7 @@ fn protect(pair: &Pair, policy: CompiledPolicy) -> PinDir {
                 },
             )?;
             dp.maps.apply(&policy, None)?;
-            dp.attach(&iface, XdpModeArg::Native, None)?;
+            dp.attach(&iface, XdpModeRequest::Native, None)?;
             Ok(())
         })
         .unwrap()

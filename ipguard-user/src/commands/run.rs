@@ -204,7 +204,7 @@ fn bring_up(
             .and_then(|a| a.attached.iter().find(|x| &x.iface == iface))
             .map(|x| x.mode);
         let (mode, adopted) =
-            d.dp.attach(iface, args.xdp_mode, recorded)
+            d.dp.attach(iface, args.xdp_mode.into(), recorded)
                 .map_err(|e| CliError::system(e.to_string()))?;
         if adopted {
             tracing::info!(%iface, mode = mode.as_str(), "took over the running datapath without a gap");

@@ -1,0 +1,69 @@
+//! Counters read from the per-CPU maps, and capacities.
+
+use super::*;
+
+impl Maps {
+    /// Sum over CPUs of one counter.
+    pub(super) fn sum(
+        map: &PerCpuArray<MapData, u64>,
+        name: &'static str,
+        index: u32,
+    ) -> Result<u64> {
+        Ok(map.get(&index, 0).map_err(map_err(name))?.iter().sum())
+    }
+
+    /// The verdict x reason matrix and the event counters, summed over CPUs.
+    pub fn counters(&self) -> Result<Vec<u64>> {
+        (0..COUNTER_LEN)
+            .map(|i| Self::sum(&self.counters, MAP_COUNTERS, i))
+            .collect()
+    }
+
+    /// (passed, refused) per service index 0..=63 (0: no service).
+    pub fn service_counters(&self) -> Result<Vec<(u64, u64)>> {
+        (0..=MAX_SERVICES as u32)
+            .map(|s| {
+                Ok((
+                    Self::sum(&self.svc_counters, MAP_SERVICE_COUNTERS, s * 2)?,
+                    Self::sum(&self.svc_counters, MAP_SERVICE_COUNTERS, s * 2 + 1)?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Hits of the first `n` entries of `slot`.
+    pub fn entry_hits(&self, slot: u32, n: usize) -> Result<Vec<u64>> {
+        (0..n.min(ENTRY_CAPACITY as usize) as u32)
+            .map(|i| Self::sum(&self.entry_hits, MAP_ENTRY_HITS, slot * ENTRY_CAPACITY + i))
+            .collect()
+    }
+
+    /// Number of prefixes in a slot's tries (walks them).
+    pub fn prefix_counts(&self, slot: u32) -> (usize, usize) {
+        (
+            self.v4[slot as usize].keys().count(),
+            self.v6[slot as usize].keys().count(),
+        )
+    }
+
+    pub fn capacities(&self) -> Capacities {
+        Capacities {
+            v4: self.v4[0]
+                .map()
+                .info()
+                .map(|i| i.max_entries())
+                .unwrap_or(0),
+            v6: self.v6[0]
+                .map()
+                .info()
+                .map(|i| i.max_entries())
+                .unwrap_or(0),
+            flows: self
+                .flows
+                .map()
+                .info()
+                .map(|i| i.max_entries())
+                .unwrap_or(0),
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! Loading the embedded object: programs, maps adopted from the pins,
+//! load-time globals.
+
+use super::*;
+
+/// The loaded programs plus their pinned maps.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pub maps: Maps,
+    /// What the kernel offered at load (and what the program does instead).
+    pub kernel: crate::kernel::Kernel,
+}
+
+impl Datapath {
+    /// Loads the embedded programs; maps already pinned under `pin_dir`
+    /// (from an earlier run) are reused with their contents, so enforcement
+    /// goes on while a new daemon takes over.
+    pub fn load(pin_dir: &Path, caps: Capacities) -> Result<Self> {
+        ensure_root()?;
+        crate::kernel::check_supported(&crate::kernel::Release::current())?;
+        ensure_bpffs(pin_dir)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(pin_dir)
+            .map_err(|source| DatapathError::Io {
+                what: "cannot create the pin directory",
+                path: pin_dir.to_path_buf(),
+                source,
+            })?;
+        let ncpu = u32::try_from(cpus()?).unwrap_or(u32::MAX);
+        let new_flow_map = replace_flow_map(pin_dir, caps.flows);
+        let kernel = crate::kernel::probe();
+        let coarse = u32::from(kernel.coarse_clock);
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .map_max_entries(MAP_V4[0], caps.v4)
+            .map_max_entries(MAP_V4[1], caps.v4)
+            .map_max_entries(MAP_V6[0], caps.v6)
+            .map_max_entries(MAP_V6[1], caps.v6)
+            .map_max_entries(MAP_FLOWS, caps.flows.max(1))
+            .override_global(GLOBAL_NR_CPUS, &ncpu, true)
+            .override_global(GLOBAL_COARSE_CLOCK, &coarse, true)
+            .load(crate::EBPF_OBJECT)
+            .map_err(|e| DatapathError::Load(format!("{e:#}")))?;
+        let xdp: &mut Xdp = ebpf
+            .program_mut(PROG_XDP)
+            .ok_or_else(|| DatapathError::Load(format!("no program {PROG_XDP} in the object")))?
+            .try_into()
+            .map_err(|e| DatapathError::Load(format!("{e}")))?;
+        xdp.load()
+            .map_err(|e| DatapathError::Load(verifier_excerpt(&e)))?;
+        let tc: &mut SchedClassifier = ebpf
+            .program_mut(PROG_EGRESS)
+            .ok_or_else(|| DatapathError::Load(format!("no program {PROG_EGRESS} in the object")))?
+            .try_into()
+            .map_err(|e| DatapathError::Load(format!("{e}")))?;
+        tc.load()
+            .map_err(|e| DatapathError::Load(verifier_excerpt(&e)))?;
+        let mut maps = Maps::open(pin_dir)?;
+        if new_flow_map {
+            // The counters behind the eviction figure describe the map
+            // that was replaced.
+            maps.reset_flow_counters()?;
+        }
+        Ok(Self { ebpf, maps, kernel })
+    }
+
+    pub(super) fn program(&mut self) -> Result<&mut Xdp> {
+        self.xdp_program(PROG_XDP)
+    }
+
+    /// An XDP program of the object, loaded on first use: [`PROG_XDP`],
+    /// or one of the bench-only programs, to run with aya's `TestRun`.
+    pub fn xdp_program(&mut self, name: &str) -> Result<&mut Xdp> {
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| DatapathError::Load(format!("no program {name} in the object")))?
+            .try_into()
+            .map_err(|e| DatapathError::Load(format!("{e}")))?;
+        if prog.fd().is_err() {
+            prog.load()
+                .map_err(|e| DatapathError::Load(verifier_excerpt(&e)))?;
+        }
+        Ok(prog)
+    }
+
+    /// The TC egress program ([`PROG_EGRESS`]), loaded.
+    pub fn egress_program(&mut self) -> Result<&mut SchedClassifier> {
+        self.egress()
+    }
+
+    pub(super) fn egress(&mut self) -> Result<&mut SchedClassifier> {
+        self.ebpf
+            .program_mut(PROG_EGRESS)
+            .ok_or_else(|| DatapathError::Load(format!("no program {PROG_EGRESS} in the object")))?
+            .try_into()
+            .map_err(|e| DatapathError::Load(format!("{e}")))
+    }
+}
+
+/// The verifier's log is long; its last lines say what went wrong.
+pub(super) fn verifier_excerpt(e: &aya::programs::ProgramError) -> String {
+    let text = format!("{e:#}");
+    // The whole log is what a developer needs to fix the program; the
+    // operator's one line is its end.
+    tracing::debug!("verifier log:\n{text}");
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines.len().saturating_sub(8);
+    lines[tail..].join(" | ")
+}
+
+/// Removes the pinned flow map when its size is not `capacity`, so the load
+/// creates one of the size asked for (the programs attached until the new
+/// ones replace them keep the old map alive). Connections the host opened
+/// get their entries back from their next outgoing segment. Returns
+/// whether the map will be new.
+pub(super) fn replace_flow_map(pin_dir: &Path, capacity: u32) -> bool {
+    let path = pin_dir.join(MAP_FLOWS);
+    if !path.exists() {
+        return true;
+    }
+    let size = MapData::from_pin(&path)
+        .ok()
+        .and_then(|m| m.info().ok())
+        .map(|i| i.max_entries());
+    if size == Some(capacity.max(1)) {
+        return false;
+    }
+    tracing::info!(
+        old = size,
+        new = capacity,
+        "the flow table changes size: a new one replaces it"
+    );
+    if let Err(e) = std::fs::remove_file(&path) {
+        tracing::warn!("cannot remove {}: {e}", path.display());
+        return false;
+    }
+    true
+}

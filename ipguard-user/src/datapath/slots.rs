@@ -1,0 +1,364 @@
+//! The two policy slots: writing a compiled policy into the inactive one
+//! and flipping the active index.
+
+use super::*;
+
+/// The pinned maps, opened by path: used by the daemon and by `status`
+/// when no daemon runs.
+pub struct Maps {
+    pub pin_dir: PathBuf,
+    pub(super) v4: [LpmTrie<MapData, [u8; 4], PrefixValue>; 2],
+    pub(super) v6: [LpmTrie<MapData, [u8; 16], PrefixValue>; 2],
+    pub(super) dec_v4: [LpmTrie<MapData, [u8; 5], u32>; 2],
+    pub(super) dec_v6: [LpmTrie<MapData, [u8; 17], u32>; 2],
+    pub(super) ports: Array<MapData, u8>,
+    pub(super) config: Array<MapData, PolicyConfig>,
+    pub(super) active: Array<MapData, u32>,
+    pub(super) counters: PerCpuArray<MapData, u64>,
+    pub(super) svc_counters: PerCpuArray<MapData, u64>,
+    pub(super) entry_hits: PerCpuArray<MapData, u64>,
+    pub(super) flows: aya::maps::HashMap<MapData, FlowKey, u64>,
+    pub(super) dhcp: LpmTrie<MapData, [u8; 18], u8>,
+    /// What this process last wrote into each slot.
+    pub(super) shadow: [Option<Shadow>; 2],
+    /// Batched map writes (`BPF_MAP_*_BATCH`); false writes one element
+    /// per syscall (kept to measure the difference, and as a fallback).
+    pub(super) batch: bool,
+}
+
+pub(super) fn open_map(pin_dir: &Path, name: &'static str) -> Result<Map> {
+    let path = pin_dir.join(name);
+    if !path.exists() {
+        return Err(DatapathError::NotLoaded(pin_dir.to_path_buf()));
+    }
+    let data = MapData::from_pin(&path).map_err(map_err(name))?;
+    Map::from_map_data(data).map_err(map_err(name))
+}
+
+macro_rules! typed {
+    ($dir:expr, $name:expr) => {{
+        let name: &'static str = $name;
+        open_map($dir, name)?.try_into().map_err(map_err(name))?
+    }};
+}
+
+/// This network namespace's ephemeral port range
+/// (`net.ipv4.ip_local_port_range`, which IPv6 uses too), read at every
+/// apply so a changed range takes effect with the next policy. Linux's
+/// default when the file cannot be read.
+pub fn ephemeral_ports() -> (u16, u16) {
+    const LINUX_DEFAULT: (u16, u16) = (32_768, 60_999);
+    let Ok(text) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") else {
+        return LINUX_DEFAULT;
+    };
+    let mut it = text.split_whitespace().map(str::parse::<u16>);
+    match (it.next(), it.next()) {
+        (Some(Ok(a)), Some(Ok(b))) if a <= b => (a, b),
+        _ => LINUX_DEFAULT,
+    }
+}
+
+/// Per-slot numbers written by the last apply.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ApplyStats {
+    pub slot: u32,
+    pub generation: u64,
+    pub v4: usize,
+    pub v6: usize,
+    /// Prefixes removed from the slot (the policy before last had them).
+    pub removed: usize,
+    /// Prefixes written (new, or with a changed value).
+    pub written: usize,
+}
+
+/// An LPM key in the kernel's layout (`struct bpf_lpm_trie_key_u8`), sorted
+/// by address then prefix length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) struct TrieKey<const N: usize> {
+    pub(super) addr: [u8; N],
+    pub(super) len: u32,
+}
+
+impl<const N: usize> TrieKey<N> {
+    pub(super) fn write(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.len.to_ne_bytes());
+        out.extend_from_slice(&self.addr);
+    }
+
+    pub(super) fn read(b: &[u8]) -> Self {
+        let mut addr = [0u8; N];
+        addr.copy_from_slice(&b[4..4 + N]);
+        Self {
+            addr,
+            len: u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+        }
+    }
+}
+
+pub(super) fn value_bytes(v: &PrefixValue, out: &mut Vec<u8>) {
+    out.extend_from_slice(&v.allow_mask.to_ne_bytes());
+    out.extend_from_slice(&v.flags.to_ne_bytes());
+    out.extend_from_slice(&v.entry.to_ne_bytes());
+}
+
+pub(super) fn value_read(b: &[u8]) -> PrefixValue {
+    let u32_at = |i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    let mut m = [0u8; 8];
+    m.copy_from_slice(&b[..8]);
+    PrefixValue {
+        allow_mask: u64::from_ne_bytes(m),
+        flags: u32_at(8),
+        entry: u32_at(12),
+    }
+}
+
+/// A slot's contents as this process last wrote (or read) them, valid while
+/// the slot's config still carries `generation` (generations only grow, so
+/// any other writer would have changed it).
+pub(super) struct Shadow {
+    pub(super) generation: u64,
+    pub(super) v4: Vec<(TrieKey<4>, PrefixValue)>,
+    pub(super) v6: Vec<(TrieKey<16>, PrefixValue)>,
+    pub(super) ports: Vec<u8>,
+}
+
+impl Maps {
+    pub fn open(pin_dir: &Path) -> Result<Self> {
+        Ok(Self {
+            pin_dir: pin_dir.to_path_buf(),
+            v4: [typed!(pin_dir, MAP_V4[0]), typed!(pin_dir, MAP_V4[1])],
+            v6: [typed!(pin_dir, MAP_V6[0]), typed!(pin_dir, MAP_V6[1])],
+            dec_v4: [
+                typed!(pin_dir, MAP_DECIDERS_V4[0]),
+                typed!(pin_dir, MAP_DECIDERS_V4[1]),
+            ],
+            dec_v6: [
+                typed!(pin_dir, MAP_DECIDERS_V6[0]),
+                typed!(pin_dir, MAP_DECIDERS_V6[1]),
+            ],
+            ports: typed!(pin_dir, MAP_PORTS),
+            config: typed!(pin_dir, MAP_CONFIG),
+            active: typed!(pin_dir, MAP_ACTIVE),
+            counters: typed!(pin_dir, MAP_COUNTERS),
+            svc_counters: typed!(pin_dir, MAP_SERVICE_COUNTERS),
+            entry_hits: typed!(pin_dir, MAP_ENTRY_HITS),
+            flows: typed!(pin_dir, MAP_FLOWS),
+            dhcp: typed!(pin_dir, MAP_DHCP_SERVERS),
+            shadow: [None, None],
+            batch: true,
+        })
+    }
+
+    /// Chooses batched (default) or per-element map writes.
+    pub fn set_batch_writes(&mut self, on: bool) {
+        self.batch = on;
+    }
+
+    pub fn active_slot(&self) -> Result<u32> {
+        Ok(self.active.get(&0, 0).map_err(map_err(MAP_ACTIVE))? & 1)
+    }
+
+    pub fn config(&self, slot: u32) -> Result<PolicyConfig> {
+        self.config.get(&slot, 0).map_err(map_err(MAP_CONFIG))
+    }
+
+    /// Writes `policy` into the inactive slot, then makes it live with one
+    /// write of the active index.
+    ///
+    /// The inactive slot was live until the previous apply; before touching
+    /// it, [`wait_for_readers`] waits for an RCU grace period, after which
+    /// no XDP or TC run that read the old index is still going (both run
+    /// inside RCU read-side sections). Only the difference to what the slot
+    /// held is written, so the multi-million-entry trie is never freed nor
+    /// rebuilt: removed prefixes are deleted one by one, kept ones updated
+    /// in place.
+    pub fn apply(
+        &mut self,
+        policy: &CompiledPolicy,
+        caps: Option<Capacities>,
+    ) -> Result<ApplyStats> {
+        if let Some(caps) = caps {
+            if policy.v4.len() > caps.v4 as usize {
+                return Err(DatapathError::Capacity {
+                    family: "IPv4",
+                    need: policy.v4.len(),
+                    capacity: caps.v4,
+                });
+            }
+            if policy.v6.len() > caps.v6 as usize {
+                return Err(DatapathError::Capacity {
+                    family: "IPv6",
+                    need: policy.v6.len(),
+                    capacity: caps.v6,
+                });
+            }
+        }
+        let active = self.active_slot()?;
+        let slot = 1 - active;
+        let s = slot as usize;
+        wait_for_readers();
+        let generation = self
+            .config(active)?
+            .generation
+            .max(self.config(slot)?.generation)
+            + 1;
+
+        let mut v4: Vec<(TrieKey<4>, PrefixValue)> = policy
+            .v4
+            .iter()
+            .map(|(n, v)| {
+                (
+                    TrieKey {
+                        addr: n.trunc().network().octets(),
+                        len: n.prefix_len() as u32,
+                    },
+                    *v,
+                )
+            })
+            .collect();
+        let mut v6: Vec<(TrieKey<16>, PrefixValue)> = policy
+            .v6
+            .iter()
+            .map(|(n, v)| {
+                (
+                    TrieKey {
+                        addr: n.trunc().network().octets(),
+                        len: n.prefix_len() as u32,
+                    },
+                    *v,
+                )
+            })
+            .collect();
+        // The compiler promises sorted, unique prefixes; the diff below
+        // relies on it, so make sure (cheap on sorted input).
+        v4.sort_by_key(|e| e.0);
+        v4.dedup_by_key(|e| e.0);
+        v6.sort_by_key(|e| e.0);
+        v6.dedup_by_key(|e| e.0);
+        let mut ports = vec![0u8; PORT_SLOT_STRIDE as usize];
+        for r in &policy.ports {
+            let base = (r.proto.table_index() * 65_536) as usize;
+            for p in r.first..=r.last {
+                ports[base + p as usize] = r.service;
+            }
+        }
+
+        let old = match self.shadow[s].take() {
+            Some(sh) if sh.generation == self.config(slot)?.generation => sh,
+            _ => self.read_slot(slot)?,
+        };
+        // Until the config carries the new generation the slot's contents
+        // are unknown to the shadow (an error below leaves it None).
+        let (removed4, written4) = self.sync_trie(slot, true, &old.v4, &v4)?;
+        let (removed6, written6) = self.sync_trie(slot, false, &old.v6, &v6)?;
+        self.sync_ports(slot, &old.ports, &ports)?;
+        let dec4: Vec<(TrieKey<5>, u32)> = policy
+            .deciders_v4
+            .iter()
+            .map(|(list, n, e)| {
+                let mut addr = [0u8; 5];
+                addr[0] = *list;
+                addr[1..].copy_from_slice(&n.trunc().network().octets());
+                (
+                    TrieKey {
+                        addr,
+                        len: 8 + u32::from(n.prefix_len()),
+                    },
+                    *e,
+                )
+            })
+            .collect();
+        let dec6: Vec<(TrieKey<17>, u32)> = policy
+            .deciders_v6
+            .iter()
+            .map(|(list, n, e)| {
+                let mut addr = [0u8; 17];
+                addr[0] = *list;
+                addr[1..].copy_from_slice(&n.trunc().network().octets());
+                (
+                    TrieKey {
+                        addr,
+                        len: 8 + u32::from(n.prefix_len()),
+                    },
+                    *e,
+                )
+            })
+            .collect();
+        let names = (MAP_DECIDERS_V4[s], MAP_DECIDERS_V6[s]);
+        self.replace_deciders(&self.dec_v4[s], names.0, &dec4)?;
+        self.replace_deciders(&self.dec_v6[s], names.1, &dec6)?;
+        self.reset_entry_hits(slot, policy.entries.len())?;
+        let dhcp_servers = self.write_dhcp_servers(slot, &policy.dhcp_servers)?;
+        let mut cfg = policy.config;
+        cfg.generation = generation;
+        (cfg.ephemeral_first, cfg.ephemeral_last) = ephemeral_ports();
+        cfg.dhcp_servers = dhcp_servers;
+        self.config.set(slot, cfg, 0).map_err(map_err(MAP_CONFIG))?;
+        // x86 keeps stores in order, so a reader that sees the new index
+        // sees the slot written before it. Weaker memory models get an
+        // explicit full barrier on every CPU first.
+        if !cfg!(any(target_arch = "x86_64", target_arch = "x86")) {
+            wait_for_readers();
+        }
+        // The switch: from here on every packet reads the new slot.
+        self.active.set(0, slot, 0).map_err(map_err(MAP_ACTIVE))?;
+        let stats = ApplyStats {
+            slot,
+            generation,
+            v4: v4.len(),
+            v6: v6.len(),
+            removed: removed4 + removed6,
+            written: written4 + written6,
+        };
+        self.shadow[s] = Some(Shadow {
+            generation,
+            v4,
+            v6,
+            ports,
+        });
+        Ok(stats)
+    }
+
+    /// Reads what a slot holds (a daemon taking over, or another writer).
+    pub(super) fn read_slot(&self, slot: u32) -> Result<Shadow> {
+        let s = slot as usize;
+        let v4 = read_trie::<4>(&self.v4[s], MAP_V4[s])?;
+        let v6 = read_trie::<16>(&self.v6[s], MAP_V6[s])?;
+        let all = dump(self.ports.map(), MAP_PORTS, 4, 1)?;
+        let mut ports = vec![0u8; PORT_SLOT_STRIDE as usize];
+        let base = slot * PORT_SLOT_STRIDE;
+        for (k, v) in all.0.chunks_exact(4).zip(all.1) {
+            let k = u32::from_ne_bytes([k[0], k[1], k[2], k[3]]);
+            if (base..base + PORT_SLOT_STRIDE).contains(&k) {
+                ports[(k - base) as usize] = v;
+            }
+        }
+        Ok(Shadow {
+            generation: self.config(slot)?.generation,
+            v4,
+            v6,
+            ports,
+        })
+    }
+}
+
+/// Waits until every XDP and TC program run that may have read the slot
+/// index before now has finished: membarrier(MEMBARRIER_CMD_GLOBAL) is
+/// synchronize_rcu() from user space, and BPF programs attached to network
+/// hooks run inside RCU read-side sections. About one grace period (a few
+/// milliseconds), paid once per policy swap.
+pub fn wait_for_readers() {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+    // SAFETY: membarrier takes two integer arguments and touches no memory
+    // of ours.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_membarrier,
+            MEMBARRIER_CMD_GLOBAL,
+            0 as libc::c_long,
+        )
+    };
+    if r != 0 {
+        thread::sleep(SLOT_GRACE);
+    }
+}
