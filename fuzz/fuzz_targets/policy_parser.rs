@@ -5,7 +5,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use ipguard::policy::{self, Explainer, Proto};
+use ipguard_policy::{self as policy, Explainer, Proto};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

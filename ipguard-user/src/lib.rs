@@ -13,7 +13,9 @@ pub mod error;
 pub mod events;
 pub mod kernel;
 pub mod metrics;
-pub mod policy;
+/// The policy language, compiler and explain: its own crate, which builds
+/// on stable Rust without the eBPF toolchain.
+pub use ipguard_policy as policy;
 pub mod runtime;
 pub mod sessions;
 pub mod state;

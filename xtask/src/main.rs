@@ -27,10 +27,20 @@ enum Cmd {
     Setup,
     /// Build the `ipguard` binary (release) with the XDP program embedded.
     Build,
-    /// Run every test: formatting, clippy, unit and property tests, the
-    /// eBPF build, the root integration tests in network namespaces, and
-    /// those again on each supported kernel under qemu (`vm-test`).
+    /// Run every test, in two parts. As any user: formatting, clippy, the
+    /// eBPF build, unit and property tests, the policy crate on stable
+    /// without the BPF toolchain, the command-line tests. As root: the
+    /// integration tests (BPF_PROG_TEST_RUN, network namespaces, the
+    /// daemon), then the same on each supported kernel under qemu
+    /// (`vm-test`).
     Test {
+        /// Run the part that needs no privileges only.
+        #[arg(long)]
+        unprivileged: bool,
+        /// Run the root part's test binaries through this command when not
+        /// root, e.g. "sudo -E" (as aya's xtask does).
+        #[arg(long, value_name = "CMD")]
+        runner: Option<String>,
         /// Extra arguments for the test runner (a test name filter, ...).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
@@ -75,7 +85,11 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::Setup => setup::setup().map(|_| ()),
         Cmd::Build => build_release().map(|_| ()),
-        Cmd::Test { args } => test(&args),
+        Cmd::Test {
+            unprivileged,
+            runner,
+            args,
+        } => test(unprivileged, runner.as_deref(), &args),
         Cmd::VmTest {
             kernels,
             jobs,
@@ -136,20 +150,30 @@ pub fn build_release() -> Result<std::path::PathBuf> {
     Ok(setup::workspace_root()?.join("target/release/ipguard"))
 }
 
-fn test(extra: &[String]) -> Result<()> {
+fn test(unprivileged: bool, runner: Option<&str>, extra: &[String]) -> Result<()> {
     let tools = setup::setup()?;
     setup::ensure_nextest()?;
-    if !nix_is_root() {
+    let root = nix_is_root();
+    if !unprivileged && !root && runner.is_none() {
         bail!(
-            "the integration tests need root (network namespaces, XDP): run `sudo -E cargo xtask test`"
+            "the integration tests need root (network namespaces, XDP): run `sudo -E cargo xtask test`, pass `--runner \"sudo -E\"`, or run `cargo xtask test --unprivileged` for the rest"
         );
     }
-    ipguard_tests::ensure_bpffs()?;
-    run(cargo(&tools).args(["fmt", "--all", "--", "--check"]))
+    let host_unprivileged = test_unprivileged(&tools, extra);
+    if unprivileged {
+        return host_unprivileged;
+    }
+    host_unprivileged?;
+    test_root(&tools, runner.filter(|_| !root), extra)
+}
+
+/// Everything that needs no privileges.
+fn test_unprivileged(tools: &setup::Tools, extra: &[String]) -> Result<()> {
+    run(cargo(tools).args(["fmt", "--all", "--", "--check"]))
         .context("formatting: run `cargo fmt --all`")?;
     // Default members (the eBPF crate only builds for the BPF target).
-    run(cargo(&tools).args(["clippy", "--all-targets", "--quiet", "--", "-D", "warnings"]))?;
-    run(cargo(&tools).args([
+    run(cargo(tools).args(["clippy", "--all-targets", "--quiet", "--", "-D", "warnings"]))?;
+    run(cargo(tools).args([
         "+nightly",
         "clippy",
         "--quiet",
@@ -164,11 +188,92 @@ fn test(extra: &[String]) -> Result<()> {
         "-D",
         "warnings",
     ]))?;
+    policy_without_bpf_toolchain(extra)?;
     // Doc tests first: nextest cannot run them, and its summary line must
     // be the last thing the runner prints.
-    run(cargo(&tools).args(["test", "--doc", "--quiet"]))?;
-    let mut c = cargo(&tools);
-    c.args(["nextest", "run", "--no-fail-fast", "--cargo-quiet"]);
+    run(cargo(tools).args(["test", "--doc", "--quiet"]))?;
+    let mut c = cargo(tools);
+    c.args([
+        "nextest",
+        "run",
+        "--no-fail-fast",
+        "--cargo-quiet",
+        "--workspace",
+        "--exclude",
+        "ipguard-tests",
+        "--exclude",
+        "ipguard-policy",
+    ]);
+    c.args(extra);
+    run(&mut c)
+}
+
+/// The policy crate's tests with stable Rust and without bpf-linker on
+/// PATH: the compiler, its property tests and the fuzzer's crate must not
+/// need the eBPF toolchain. Its dependency tree must not reach aya either.
+fn policy_without_bpf_toolchain(extra: &[String]) -> Result<()> {
+    let tree = Command::new("cargo")
+        .args([
+            "tree",
+            "--package",
+            "ipguard-policy",
+            "--edges",
+            "normal,build",
+            "--prefix",
+            "none",
+        ])
+        .output()
+        .context("cargo tree")?;
+    let tree = String::from_utf8_lossy(&tree.stdout);
+    if let Some(line) = tree
+        .lines()
+        .find(|l| l.starts_with("aya") || l.starts_with("ipguard-user"))
+    {
+        bail!("ipguard-policy depends on {line}: it must build without the eBPF toolchain");
+    }
+    let path: Vec<std::path::PathBuf> =
+        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+            .filter(|d| !d.to_string_lossy().contains("ipguard-tools"))
+            .collect();
+    let mut c = Command::new("cargo");
+    c.env("RUSTUP_TOOLCHAIN", "stable")
+        .env("PATH", std::env::join_paths(path).context("PATH")?)
+        .args([
+            "nextest",
+            "run",
+            "--no-fail-fast",
+            "--cargo-quiet",
+            "--package",
+            "ipguard-policy",
+        ])
+        .args(extra);
+    run(&mut c).context("ipguard-policy on stable, without the BPF toolchain")
+}
+
+/// The integration tests, on this kernel and then under qemu; through
+/// `runner` when not root.
+fn test_root(tools: &setup::Tools, runner: Option<&str>, extra: &[String]) -> Result<()> {
+    let runner: Vec<&str> = runner
+        .map(|r| r.split_whitespace().collect())
+        .unwrap_or_default();
+    if runner.is_empty() {
+        ipguard_tests::ensure_bpffs()?;
+    }
+    let mut c = cargo(tools);
+    c.args([
+        "nextest",
+        "run",
+        "--no-fail-fast",
+        "--cargo-quiet",
+        "--package",
+        "ipguard-tests",
+    ]);
+    if !runner.is_empty() {
+        c.env(
+            "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER",
+            runner.join(" "),
+        );
+    }
     c.args(extra);
     let host = run(&mut c);
     // The same root tests on every supported kernel, unless a filter
@@ -176,23 +281,35 @@ fn test(extra: &[String]) -> Result<()> {
     if !extra.is_empty() {
         return host;
     }
-    let results = vm::run(&vm::Options {
-        kernels: vm::KERNELS.to_vec(),
-        filter: None,
-        jobs: 2,
-        accel: vm::Accel::Auto,
-    });
-    let host_line = match &host {
-        Ok(()) => "passed",
-        Err(_) => "FAILED",
+    let print_host = || {
+        let host_line = match &host {
+            Ok(()) => "passed",
+            Err(_) => "FAILED",
+        };
+        println!(
+            "host kernel {}: nextest {host_line} (above)",
+            std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .unwrap_or_default()
+                .trim()
+        );
     };
-    println!(
-        "host kernel {}: nextest {host_line} (above)",
-        std::fs::read_to_string("/proc/sys/kernel/osrelease")
-            .unwrap_or_default()
-            .trim()
-    );
-    let vm = results.and_then(|r| vm::report(&r));
+    let vm = if runner.is_empty() {
+        let results = vm::run(&vm::Options {
+            kernels: vm::KERNELS.to_vec(),
+            filter: None,
+            jobs: 2,
+            accel: vm::Accel::Auto,
+        });
+        print_host();
+        results.and_then(|r| vm::report(&r))
+    } else {
+        let exe = std::env::current_exe().context("the xtask binary")?;
+        let mut c = Command::new(runner[0]);
+        c.args(&runner[1..]).arg(exe).arg("vm-test");
+        let r = run(&mut c);
+        print_host();
+        r
+    };
     host.and(vm)
 }
 

@@ -3,7 +3,7 @@
 
 use std::time::SystemTime;
 
-use ipguard::policy::{self, Diagnostic, PolicyErrors};
+use ipguard_policy::{self as policy, Diagnostic, PolicyErrors};
 
 /// 2025-06-15T12:00:00Z: a fixed "now" for `until` warnings.
 fn now() -> SystemTime {

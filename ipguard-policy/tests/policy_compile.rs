@@ -7,8 +7,10 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use ipguard::policy::{self, CompiledPolicy, Explainer, ListKind, Policy, Proto, RuntimeEntry};
 use ipguard_common::*;
+use ipguard_policy::{
+    self as policy, CompiledPolicy, Explainer, ListKind, Policy, Proto, RuntimeEntry,
+};
 
 fn ts(s: &str) -> SystemTime {
     s.parse::<jiff::Timestamp>().unwrap().into()

@@ -18,8 +18,10 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use ipguard::policy::{self, CompiledPolicy, Explainer, Proto, RuntimeEntry, range_v4, range_v6};
 use ipguard_common::*;
+use ipguard_policy::{
+    self as policy, CompiledPolicy, Explainer, Proto, RuntimeEntry, range_v4, range_v6,
+};
 use ipnet::{IpNet, Ipv6Net};
 use jiff::{Timestamp, tz::TimeZone};
 use proptest::prelude::*;

@@ -22,7 +22,7 @@ use std::{
 };
 
 use criterion::{Criterion, criterion_group};
-use ipguard::policy::{self, Explainer, Proto};
+use ipguard_policy::{self as policy, Explainer, Proto};
 
 /// xorshift64*: deterministic, no dependency.
 struct Rng(u64);
