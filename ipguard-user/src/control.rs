@@ -11,72 +11,10 @@ use std::{
     time::Duration,
 };
 
-use serde::{Deserialize, Serialize};
-
-use crate::error::{CliError, Exit};
-
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Request {
-    // Struct variants (not unit ones) so that unknown fields are refused
-    // for every request.
-    Status {},
-    Apply {
-        /// Where the client read the policy (for status and logs).
-        path: String,
-        /// The policy text itself: the daemon never reads a client's file.
-        text: String,
-        confirm_secs: Option<u64>,
-        force: bool,
-    },
-    Confirm {},
-    Events {
-        follow: bool,
-    },
-    Allow {
-        addr: String,
-        for_secs: Option<u64>,
-        service: Option<String>,
-        label: Option<String>,
-    },
-    Revoke {
-        addr: String,
-    },
-    Blocked {},
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Response {
-    pub ok: bool,
-    /// One readable line when `ok` is false.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    /// The exit code the client should use when `ok` is false (cli.md).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub exit: Option<u8>,
-    #[serde(default)]
-    pub data: serde_json::Value,
-}
-
-impl Response {
-    pub fn ok(data: serde_json::Value) -> Self {
-        Self {
-            ok: true,
-            error: None,
-            exit: None,
-            data,
-        }
-    }
-    pub fn err(exit: Exit, error: impl Into<String>) -> Self {
-        Self {
-            ok: false,
-            error: Some(error.into()),
-            exit: Some(exit as u8),
-            data: serde_json::Value::Null,
-        }
-    }
-}
+use crate::{
+    error::{CliError, Exit},
+    protocol::{Request, Response},
+};
 
 /// A connection to the daemon.
 pub struct Client {
@@ -147,26 +85,17 @@ impl Client {
         }
     }
 
+    /// [`Client::call`] with the answer read as `T`.
+    pub fn call_as<T: serde::de::DeserializeOwned>(
+        &mut self,
+        req: &Request,
+    ) -> Result<T, CliError> {
+        let data = self.call(req)?;
+        serde_json::from_value(data)
+            .map_err(|e| CliError::system(format!("unexpected answer from the daemon: {e}")))
+    }
+
     pub fn set_timeout(&self, t: Option<Duration>) {
         let _ = self.writer.set_read_timeout(t);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn requests_round_trip_and_reject_unknown_fields() {
-        let r = Request::Allow {
-            addr: "203.0.113.9".into(),
-            for_secs: Some(2),
-            service: None,
-            label: Some("ticket".into()),
-        };
-        let text = serde_json::to_string(&r).unwrap();
-        assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), r);
-        assert!(serde_json::from_str::<Request>(r#"{"cmd":"status","x":1}"#).is_err());
-        assert!(serde_json::from_str::<Request>(r#"{"cmd":"reboot"}"#).is_err());
     }
 }

@@ -58,7 +58,7 @@ pub fn parse_series(release: &str) -> (u32, u32) {
 }
 
 /// The optional features, as found on this kernel.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Kernel {
     pub release: String,
     /// `bpf_ktime_get_coarse_ns` (5.11): without it the datapath reads

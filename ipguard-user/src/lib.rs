@@ -13,6 +13,8 @@ pub mod error;
 pub mod events;
 pub mod kernel;
 pub mod metrics;
+pub mod protocol;
+pub mod report;
 /// The policy language, compiler and explain: its own crate, which builds
 /// on stable Rust without the eBPF toolchain.
 pub use ipguard_policy as policy;

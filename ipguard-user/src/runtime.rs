@@ -199,6 +199,18 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(total))
 }
 
+/// An address or CIDR as `allow` and `revoke` take it (host bits cleared).
+pub fn parse_net(s: &str) -> Result<ipnet::IpNet, String> {
+    if let Ok(n) = s.parse::<ipnet::IpNet>() {
+        return Ok(n.trunc());
+    }
+    s.parse::<std::net::IpAddr>()
+        .map(ipnet::IpNet::from)
+        .map_err(|_| {
+            format!("{s:?} is not an IP address or CIDR (e.g. 203.0.113.9 or 2001:db8::/64)")
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

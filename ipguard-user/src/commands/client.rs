@@ -2,14 +2,14 @@
 use std::{net::IpAddr, process::ExitCode};
 
 use anyhow::Result;
-use serde_json::Value;
 
 use crate::{
     cli::{AllowArgs, ApplyArgs, BlockedArgs, ConfirmArgs, EventsArgs, RevokeArgs},
-    control::{Client, Request},
-    daemon::{blocked::EventLine, parse_net},
+    control::Client,
     error::CliError,
+    protocol::{ApplyAnswer, EventLine, Request, RevokeAnswer},
     runtime::parse_duration,
+    runtime::parse_net,
 };
 
 pub fn apply(args: &ApplyArgs) -> Result<ExitCode> {
@@ -26,21 +26,21 @@ pub fn apply(args: &ApplyArgs) -> Result<ExitCode> {
     }
     let path = std::fs::canonicalize(&args.file).unwrap_or_else(|_| args.file.clone());
     let mut c = Client::connect(&args.sock.socket)?;
-    let data = c.call(&Request::Apply {
+    let answer: ApplyAnswer = c.call_as(&Request::Apply {
         path: path.display().to_string(),
         text,
         confirm_secs: args.confirm,
         force: args.force,
     })?;
-    for w in data["warnings"].as_array().into_iter().flatten() {
-        eprintln!("warning: {}", w.as_str().unwrap_or_default());
+    for w in &answer.warnings {
+        eprintln!("warning: {w}");
     }
     println!(
         "applied {} (generation {}, {} IPv4 and {} IPv6 prefixes)",
         args.file.display(),
-        data["generation"],
-        data["prefixes"]["ipv4"],
-        data["prefixes"]["ipv6"]
+        answer.generation,
+        answer.prefixes.ipv4,
+        answer.prefixes.ipv6
     );
     if let Some(secs) = args.confirm {
         println!(
@@ -134,11 +134,11 @@ pub fn allow(args: &AllowArgs) -> Result<ExitCode> {
 
 pub fn revoke(args: &RevokeArgs) -> Result<ExitCode> {
     parse_net(&args.addr).map_err(CliError::refused)?;
-    let data = Client::connect(&args.sock.socket)?.call(&Request::Revoke {
+    let answer: RevokeAnswer = Client::connect(&args.sock.socket)?.call_as(&Request::Revoke {
         addr: args.addr.clone(),
     })?;
-    for w in data["warnings"].as_array().into_iter().flatten() {
-        eprintln!("warning: {}", w.as_str().unwrap_or_default());
+    for w in &answer.warnings {
+        eprintln!("warning: {w}");
     }
     println!("revoked {}", args.addr);
     Ok(ExitCode::SUCCESS)
@@ -172,8 +172,8 @@ pub fn blocked(args: &BlockedArgs) -> Result<ExitCode> {
 }
 
 /// `status` through the daemon; None when no daemon answers.
-pub fn status_from_daemon(socket: &std::path::Path) -> Option<Value> {
+pub fn status_from_daemon(socket: &std::path::Path) -> Option<crate::protocol::StatusReport> {
     let mut c = Client::connect(socket).ok()?;
     c.set_timeout(Some(std::time::Duration::from_secs(10)));
-    c.call(&Request::Status {}).ok()
+    c.call_as(&Request::Status {}).ok()
 }

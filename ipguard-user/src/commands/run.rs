@@ -160,7 +160,7 @@ fn bring_up(
     loaded: policy::LoadedPolicy,
     ifaces: &[String],
     runtime: RuntimeStore,
-    events_tx: broadcast::Sender<daemon::blocked::EventLine>,
+    events_tx: broadcast::Sender<crate::protocol::EventLine>,
 ) -> Result<(Daemon, crate::datapath::ApplyStats)> {
     let caps = Capacities {
         flows: args.flow_capacity,

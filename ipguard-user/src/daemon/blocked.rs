@@ -8,33 +8,16 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use crate::{
+    policy::CompiledPolicy,
+    protocol::{BlockedSource, EventLine},
+};
 use ipguard_common::*;
-use serde::{Deserialize, Serialize};
-
-use crate::policy::CompiledPolicy;
 
 /// Sources kept in the table; the least recently refused go first.
 const MAX_SOURCES: usize = 10_000;
 /// Events kept for `ipguard events` without --follow.
 const RECENT_EVENTS: usize = 1_000;
-
-/// One relayed event, as printed on stdout and by `ipguard events --json`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct EventLine {
-    pub time: String,
-    pub iface: String,
-    pub src: IpAddr,
-    pub protocol: String,
-    pub dport: Option<u16>,
-    pub service: Option<String>,
-    pub verdict: String,
-    pub reason: String,
-    /// The most specific policy entry covering the source, if any.
-    pub entry: Option<String>,
-    pub label: Option<String>,
-    /// Events from this source the rate limit suppressed since the last one.
-    pub suppressed: u64,
-}
 
 fn monotonic_now_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -98,20 +81,6 @@ impl EventLine {
             suppressed: ev.suppressed,
         }
     }
-}
-
-/// A refused source.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct BlockedSource {
-    pub src: IpAddr,
-    /// Refused packets seen: relayed events plus the ones the rate limit
-    /// suppressed.
-    pub count: u64,
-    pub first_seen: String,
-    pub last_seen: String,
-    pub service: Option<String>,
-    #[serde(skip)]
-    last_seq: u64,
 }
 
 #[derive(Default)]

@@ -25,17 +25,18 @@ use tokio::{
 };
 
 use crate::{
-    control::{Request, Response},
     datapath::{Capacities, Datapath},
     error::{CliError, Exit},
     metrics::{Metrics, Snapshot},
     policy::{self, CompiledPolicy, Explainer, Proto},
+    protocol::{Request, Response},
     runtime::RuntimeStore,
     sessions,
     state::{self, AppliedState, Attached},
 };
 
-use blocked::{Blocked, EventLine};
+use crate::protocol::{ApplyAnswer, EventLine, Prefixes, RevokeAnswer};
+use blocked::Blocked;
 
 /// A control request with the channel its answer goes back on.
 pub struct Call {
@@ -186,7 +187,7 @@ impl Daemon {
         src: Source,
         force: bool,
         why: &str,
-    ) -> Result<serde_json::Value, CliError> {
+    ) -> Result<ApplyAnswer, CliError> {
         let (stats, answer) = self.write_policy(src, force)?;
         self.log_applied(why, &stats);
         if let Err(e) = self.record() {
@@ -216,7 +217,7 @@ impl Daemon {
         &mut self,
         src: Source,
         force: bool,
-    ) -> Result<(crate::datapath::ApplyStats, serde_json::Value), CliError> {
+    ) -> Result<(crate::datapath::ApplyStats, ApplyAnswer), CliError> {
         let compiled = policy::compile(
             &src.policy,
             SystemTime::now(),
@@ -259,13 +260,17 @@ impl Daemon {
             ),
             Err(e) => tracing::warn!("cannot prune the flow table: {e}"),
         }
-        let answer = json!({
-            "generation": stats.generation,
-            "prefixes": {"ipv4": stats.v4, "ipv6": stats.v6},
-            "sha256": self.current.sha256,
-            "cut_sessions": cut.len(),
-            "warnings": cut,
-        });
+        let answer = ApplyAnswer {
+            generation: stats.generation,
+            prefixes: Prefixes {
+                ipv4: stats.v4,
+                ipv6: stats.v6,
+            },
+            sha256: self.current.sha256.clone(),
+            cut_sessions: cut.len(),
+            warnings: cut,
+            confirm_within_secs: None,
+        };
         Ok((stats, answer))
     }
 
@@ -358,7 +363,7 @@ impl Daemon {
         &mut self,
         why: &str,
         before: Vec<crate::runtime::RuntimeRecord>,
-    ) -> Result<serde_json::Value, String> {
+    ) -> Result<Vec<String>, String> {
         let src = self.current.clone();
         let answer = match self.install(src.clone(), true, why) {
             Ok(a) => a,
@@ -380,7 +385,7 @@ impl Daemon {
                 "{why}: cannot save the runtime entries ({e:#}); nothing changed"
             ));
         }
-        Ok(answer["warnings"].clone())
+        Ok(answer.warnings)
     }
 
     async fn refresh(&mut self, why: &str) {
@@ -416,16 +421,14 @@ impl Daemon {
 
     async fn handle(&mut self, req: Request) -> Response {
         match req {
-            Request::Status {} => {
-                match crate::commands::status::collect(&self.dp.maps, &self.state_dir) {
-                    Ok(mut st) => {
-                        st.top_blocked = self.blocked.lock().await.top(10);
-                        st.runtime_entries = self.runtime.entries.len();
-                        Response::ok(serde_json::to_value(st).unwrap_or_default())
-                    }
-                    Err(e) => Response::err(Exit::System, format!("{e:#}")),
+            Request::Status {} => match crate::report::collect(&self.dp.maps, &self.state_dir) {
+                Ok(mut st) => {
+                    st.top_blocked = self.blocked.lock().await.top(10);
+                    st.runtime_entries = self.runtime.entries.len();
+                    Response::ok(serde_json::to_value(st).unwrap_or_default())
                 }
-            }
+                Err(e) => Response::err(Exit::System, format!("{e:#}")),
+            },
             Request::Apply {
                 path,
                 text,
@@ -453,7 +456,7 @@ impl Daemon {
                     return Response::err(Exit::Refused, e);
                 }
                 match self.install(src, force, "apply") {
-                    Ok(mut data) => {
+                    Ok(mut answer) => {
                         self.count_reload(true).await;
                         if let Some(secs) = confirm_secs {
                             // Keep the oldest good policy if applies stack up.
@@ -467,20 +470,14 @@ impl Daemon {
                             tracing::info!(
                                 "applied; rolls back in {secs} s unless `ipguard confirm`"
                             );
-                            data["confirm_within_secs"] = json!(secs);
+                            answer.confirm_within_secs = Some(secs);
                         } else {
                             self.pending = None;
                         }
-                        data["warnings"] = json!(
-                            data["warnings"]
-                                .as_array()
-                                .cloned()
-                                .unwrap_or_default()
-                                .into_iter()
-                                .chain(loaded.warnings.iter().map(|w| json!(w.to_string())))
-                                .collect::<Vec<_>>()
-                        );
-                        Response::ok(data)
+                        answer
+                            .warnings
+                            .extend(loaded.warnings.iter().map(|w| w.to_string()));
+                        Response::ok(json!(answer))
                     }
                     Err(e) => {
                         self.count_reload(false).await;
@@ -506,7 +503,7 @@ impl Daemon {
                 service,
                 label,
             } => {
-                let net = match parse_net(&addr) {
+                let net = match crate::runtime::parse_net(&addr) {
                     Ok(n) => n,
                     Err(e) => return Response::err(Exit::Refused, e),
                 };
@@ -549,7 +546,7 @@ impl Daemon {
                 Response::ok(json!(rec))
             }
             Request::Revoke { addr } => {
-                let net = match parse_net(&addr) {
+                let net = match crate::runtime::parse_net(&addr) {
                     Ok(n) => n,
                     Err(e) => return Response::err(Exit::Refused, e),
                 };
@@ -570,7 +567,10 @@ impl Daemon {
                             Err(e) => return Response::err(Exit::System, e),
                         };
                         tracing::info!(addr = %net, "runtime entry revoked");
-                        Response::ok(json!({"revoked": n, "warnings": warnings}))
+                        Response::ok(json!(RevokeAnswer {
+                            revoked: n,
+                            warnings,
+                        }))
                     }
                     Err(e) => Response::err(Exit::System, format!("{e:#}")),
                 }
@@ -658,14 +658,5 @@ pub fn snapshot(maps: &crate::datapath::Maps, compiled: &CompiledPolicy) -> Opti
         counters,
         services,
         flows: maps.flow_stats().ok(),
-    })
-}
-
-pub fn parse_net(s: &str) -> Result<ipnet::IpNet, String> {
-    if let Ok(n) = s.parse::<ipnet::IpNet>() {
-        return Ok(n.trunc());
-    }
-    s.parse::<IpAddr>().map(ipnet::IpNet::from).map_err(|_| {
-        format!("{s:?} is not an IP address or CIDR (e.g. 203.0.113.9 or 2001:db8::/64)")
     })
 }

@@ -11,10 +11,10 @@ use tokio::{
     sync::{broadcast, mpsc, oneshot},
 };
 
-use super::{Call, blocked::EventLine};
+use super::Call;
 use crate::{
-    control::{Request, Response},
     error::{CliError, Exit},
+    protocol::{EventLine, Request, Response},
 };
 
 /// Longest request line accepted (an `apply` carries a whole policy).

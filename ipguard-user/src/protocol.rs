@@ -1,0 +1,240 @@
+//! What the daemon and the commands say to each other over the control
+//! socket, typed: the requests, the response envelope and the payloads
+//! they carry. The daemon and the commands both depend on this module and
+//! never on each other; a field renamed here is renamed for both, and a
+//! misspelled one does not compile.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Exit;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    // Struct variants (not unit ones) so that unknown fields are refused
+    // for every request.
+    Status {},
+    Apply {
+        /// Where the client read the policy (for status and logs).
+        path: String,
+        /// The policy text itself: the daemon never reads a client's file.
+        text: String,
+        confirm_secs: Option<u64>,
+        force: bool,
+    },
+    Confirm {},
+    Events {
+        follow: bool,
+    },
+    Allow {
+        addr: String,
+        for_secs: Option<u64>,
+        service: Option<String>,
+        label: Option<String>,
+    },
+    Revoke {
+        addr: String,
+    },
+    Blocked {},
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Response {
+    pub ok: bool,
+    /// One readable line when `ok` is false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The exit code the client should use when `ok` is false (cli.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit: Option<u8>,
+    #[serde(default)]
+    pub data: serde_json::Value,
+}
+
+impl Response {
+    pub fn ok(data: serde_json::Value) -> Self {
+        Self {
+            ok: true,
+            error: None,
+            exit: None,
+            data,
+        }
+    }
+    pub fn err(exit: Exit, error: impl Into<String>) -> Self {
+        Self {
+            ok: false,
+            error: Some(error.into()),
+            exit: Some(exit as u8),
+            data: serde_json::Value::Null,
+        }
+    }
+}
+
+/// `status`: what is enforced and what it has done.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// False when `status` read the pinned maps itself (no daemon runs).
+    #[serde(default = "yes")]
+    pub daemon: bool,
+    /// The running kernel and the datapath features it lacks.
+    pub kernel: crate::kernel::Kernel,
+    pub attached: Vec<AttachedJson>,
+    pub mode: String,
+    pub action: String,
+    pub scope: String,
+    pub generation: u64,
+    pub policy: Option<PolicyJson>,
+    pub prefixes: Prefixes,
+    pub capacity: Prefixes,
+    pub counters: Counters,
+    /// Every verdict and reason with a non-zero count.
+    pub verdicts: BTreeMap<String, u64>,
+    pub services: BTreeMap<String, ServiceJson>,
+    pub top_entries: Vec<EntryHits>,
+    pub events: EventCounters,
+    /// Return-traffic flows (connections the host opened); None when the
+    /// table could not be read.
+    pub flows: Option<crate::datapath::FlowStats>,
+    /// Filled by the daemon from relayed events; empty without a daemon.
+    pub top_blocked: Vec<BlockedSource>,
+    pub runtime_entries: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AttachedJson {
+    pub iface: String,
+    pub mode: Option<String>,
+    /// How `action: reject` fares on this interface, when it needs saying.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PolicyJson {
+    pub path: String,
+    pub sha256: String,
+    pub applied_at: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, Default, PartialEq, Eq)]
+pub struct Prefixes {
+    pub ipv4: usize,
+    pub ipv6: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, Default)]
+pub struct Counters {
+    pub passed: u64,
+    pub dropped: u64,
+    pub would_drop: u64,
+    pub rejected: u64,
+    pub malformed: u64,
+    /// Refusals of `action: reject` dropped without a RST: the second's
+    /// RST budget (`reject_max_rate`) was spent. Counted in `dropped`.
+    pub rejects_over_budget: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ServiceJson {
+    pub passed: u64,
+    pub refused: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EntryHits {
+    pub list: String,
+    pub entry: String,
+    pub label: Option<String>,
+    pub hits: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EventCounters {
+    pub sent: u64,
+    pub suppressed_per_source: u64,
+    pub suppressed_global: u64,
+    pub lost: u64,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// One relayed event, as printed on stdout and by `ipguard events --json`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EventLine {
+    pub time: String,
+    pub iface: String,
+    pub src: IpAddr,
+    pub protocol: String,
+    pub dport: Option<u16>,
+    pub service: Option<String>,
+    pub verdict: String,
+    pub reason: String,
+    /// The most specific policy entry covering the source, if any.
+    pub entry: Option<String>,
+    pub label: Option<String>,
+    /// Events from this source the rate limit suppressed since the last one.
+    pub suppressed: u64,
+}
+
+/// A refused source.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BlockedSource {
+    pub src: IpAddr,
+    /// Refused packets seen: relayed events plus the ones the rate limit
+    /// suppressed.
+    pub count: u64,
+    pub first_seen: String,
+    pub last_seen: String,
+    pub service: Option<String>,
+    /// Order of the last refusal (the table's LRU clock).
+    #[serde(skip)]
+    pub(crate) last_seq: u64,
+}
+
+/// The answer to `apply` (and what the daemon logs for a reload).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ApplyAnswer {
+    pub generation: u64,
+    pub prefixes: Prefixes,
+    pub sha256: String,
+    pub cut_sessions: usize,
+    /// One line per established session the policy cut, then the
+    /// policy's own warnings.
+    pub warnings: Vec<String>,
+    /// `apply --confirm N`: the policy rolls back after N s unless
+    /// confirmed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirm_within_secs: Option<u64>,
+}
+
+/// The answer to `revoke`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RevokeAnswer {
+    pub revoked: usize,
+    /// One line per established session the revocation cut.
+    pub warnings: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_and_reject_unknown_fields() {
+        let r = Request::Allow {
+            addr: "203.0.113.9".into(),
+            for_secs: Some(2),
+            service: None,
+            label: Some("ticket".into()),
+        };
+        let text = serde_json::to_string(&r).unwrap();
+        assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), r);
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"status","x":1}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"reboot"}"#).is_err());
+    }
+}
