@@ -12,7 +12,7 @@
 //! contains the address. One search of ~20 steps for a million prefixes,
 //! then rarely more than a step or two up.
 
-use std::net::IpAddr;
+use std::{collections::HashMap, net::IpAddr};
 
 use ipguard_common::*;
 use ipnet::IpNet;
@@ -174,7 +174,7 @@ impl ExplainRef<'_> {
             REASON_ALLOWED => format!("allowed by {} in {list}", decider()),
             REASON_NOT_ALLOWED => format!("not in {list}"),
             REASON_FRAGMENT if d.verdict == VERDICT_PASS => {
-                format!("a fragment without port, allowed by {}", decider())
+                "a fragment without port, from a source some list allows".to_string()
             }
             REASON_FRAGMENT => "a fragment without port, allowed by no list".to_string(),
             r => reason_name(r).to_string(),
@@ -197,6 +197,10 @@ pub struct Explainer<'a> {
     ports: Vec<u8>,
     names: [Option<&'a str>; 64],
     own_list: u64,
+    /// The deciders maps as the kernel holds them: (list, network, prefix
+    /// length) -> entry, asked longest prefix first like its LPM tries.
+    dec4: HashMap<(u8, u32, u8), u32>,
+    dec6: HashMap<(u8, u128, u8), u32>,
 }
 
 /// The nearest strictly containing prefix of each prefix, by a stack sweep
@@ -268,6 +272,16 @@ impl<'a> Explainer<'a> {
                 own_list |= 1 << s.index;
             }
         }
+        let dec4 = c
+            .deciders_v4
+            .iter()
+            .map(|(l, n, e)| ((*l, u32::from(n.network()), n.prefix_len()), *e))
+            .collect();
+        let dec6 = c
+            .deciders_v6
+            .iter()
+            .map(|(l, n, e)| ((*l, u128::from(n.network()), n.prefix_len()), *e))
+            .collect();
         Self {
             c,
             v4_keys,
@@ -278,6 +292,8 @@ impl<'a> Explainer<'a> {
             ports,
             names,
             own_list,
+            dec4,
+            dec6,
         }
     }
 
@@ -358,9 +374,68 @@ impl<'a> Explainer<'a> {
             .unwrap_or(&[])
     }
 
+    /// What the kernel's deciders trie answers for (`list`, `src`): the
+    /// entry of the longest prefix of that list containing it.
+    fn decider_lookup(&self, list: u8, src: IpAddr) -> u32 {
+        let found = match src {
+            IpAddr::V4(a) => {
+                let a = u32::from(a);
+                (0..=32u8).rev().find_map(|len| {
+                    let net = if len == 0 {
+                        0
+                    } else {
+                        a & (u32::MAX << (32 - u32::from(len)))
+                    };
+                    self.dec4.get(&(list, net, len)).copied()
+                })
+            }
+            IpAddr::V6(a) => {
+                let a = u128::from(a);
+                (0..=128u8).rev().find_map(|len| {
+                    let net = if len == 0 {
+                        0
+                    } else {
+                        a & (u128::MAX << (128 - u32::from(len)))
+                    };
+                    self.dec6.get(&(list, net, len)).copied()
+                })
+            }
+        };
+        found.unwrap_or(ENTRY_NONE)
+    }
+
+    /// The most specific prefix containing prefix `i` (itself included)
+    /// that entry `entry` owns, and the entry.
+    fn owned_by(&self, v6: bool, i: usize, entry: u32) -> Option<(IpNet, &'a EntryInfo)> {
+        let c: &'a CompiledPolicy = self.c;
+        let mut i = i as u32;
+        loop {
+            if let Some(o) = self
+                .owners(v6, i as usize)
+                .iter()
+                .find(|o| o.entry == entry)
+            {
+                let net = if v6 {
+                    IpNet::V6(c.v6[i as usize].0)
+                } else {
+                    IpNet::V4(c.v4[i as usize].0)
+                };
+                return c.entries.get(o.entry as usize).map(|e| (net, e));
+            }
+            i = if v6 {
+                self.v6_parent[i as usize]
+            } else {
+                self.v4_parent[i as usize]
+            };
+            if i == NONE {
+                return None;
+            }
+        }
+    }
+
     /// The most specific prefix containing prefix `i` (itself included)
     /// owned by a list `want` accepts, and its entry.
-    fn decider(
+    fn owner_of_list(
         &self,
         v6: bool,
         i: usize,
@@ -388,6 +463,26 @@ impl<'a> Explainer<'a> {
         }
     }
 
+    /// Who decides by the policy's text, derived from which entries wrote
+    /// which prefixes (not from the compiled values the kernel reads): the
+    /// most specific always_allow or deny entry, or the most specific entry
+    /// of the list that judged the packet. Tests compare it with the
+    /// credited entry ([`ExplainRef::decider`]), which comes from the
+    /// compiled values and deciders.
+    pub fn written_decider(&self, src: IpAddr, ports: Ports) -> Option<(IpNet, &'a EntryInfo)> {
+        let (v6, i) = self.lookup(src)?;
+        let d = self.decide(src, ports);
+        let s = d.service;
+        let own = s != 0 && self.own_list & (1u64 << (s & 63)) != 0;
+        match d.reason {
+            REASON_ALWAYS_ALLOW => self.owner_of_list(v6, i, |l| l == LIST_ALWAYS_ALLOW),
+            REASON_DENY => self.owner_of_list(v6, i, |l| l == LIST_DENY),
+            REASON_ALLOWED if own => self.owner_of_list(v6, i, |l| l == s),
+            REASON_ALLOWED => self.owner_of_list(v6, i, |l| l == 0 || l == s),
+            _ => None,
+        }
+    }
+
     /// The full answer for a packet from `src` carrying `ports`.
     pub fn explain_ports(&self, src: IpAddr, ports: Ports) -> ExplainRef<'a> {
         let found = self.lookup(src);
@@ -398,14 +493,16 @@ impl<'a> Explainer<'a> {
         let d = decide(&self.c.config, value, ports);
         let s = d.service;
         let own = s != 0 && self.own_list & (1u64 << (s & 63)) != 0;
-        let decider = found.and_then(|(v6, i)| match d.reason {
-            REASON_ALWAYS_ALLOW => self.decider(v6, i, |l| l == LIST_ALWAYS_ALLOW),
-            REASON_DENY => self.decider(v6, i, |l| l == LIST_DENY),
-            REASON_ALLOWED if own => self.decider(v6, i, |l| l == s),
-            REASON_ALLOWED => self.decider(v6, i, |l| l == 0 || l == s),
-            REASON_FRAGMENT if d.verdict == VERDICT_PASS => self.decider(v6, i, |l| l < 64),
-            _ => None,
+        // The kernel's answer to "who decided" (its hit counters and
+        // events), by the same function over the same deciders: one
+        // attribution rule for both.
+        let credited = value.map_or(ENTRY_NONE, |v| {
+            credited_entry(&self.c.config, v, &d, |list| self.decider_lookup(list, src))
         });
+        let decider = match (found, credited) {
+            (_, ENTRY_NONE) | (None, _) => None,
+            (Some((v6, i)), e) => self.owned_by(v6, i, e),
+        };
         ExplainRef {
             decision: d,
             service: self.names.get(s as usize).copied().flatten(),

@@ -305,7 +305,10 @@ fn fragments_pass_when_any_list_allows() {
         (r.decision.verdict, r.decision.reason),
         (VERDICT_PASS, REASON_FRAGMENT)
     );
-    assert_eq!(r.decider.unwrap().0.to_string(), "10.0.0.2/32");
+    // The kernel credits a fragment to no entry (it passed because some
+    // list holds the source, not by an entry's decision); explain says
+    // the same.
+    assert!(r.decider.is_none(), "{:?}", r.decider);
     assert_eq!(frag("10.0.0.3").decision.verdict, VERDICT_DROP);
 }
 

@@ -623,9 +623,8 @@ proptest! {
                 "{} {:?}\n{}", s.ip(), q, text
             );
             // The deciding prefix covers the source, for the reasons that
-            // have one.
-            let decides = matches!(d.reason, REASON_ALLOWED | REASON_DENY | REASON_ALWAYS_ALLOW)
-                || (d.reason == REASON_FRAGMENT && d.verdict == VERDICT_PASS);
+            // have one (a fragment has none: the kernel credits no entry).
+            let decides = matches!(d.reason, REASON_ALLOWED | REASON_DENY | REASON_ALWAYS_ALLOW);
             match r.decider {
                 Some((net, _)) => {
                     prop_assert!(decides);
@@ -641,6 +640,22 @@ proptest! {
             });
             if decided_by_entry(d.reason) {
                 let (_, e) = r.decider.expect("a decider");
+                // ... and the entry the policy's text names, derived from
+                // the prefixes' owners rather than the compiled values.
+                let ports = match q {
+                    Q::Port(proto, port) => Ports::Port {
+                        service: ex.service_of(proto, port),
+                        tcp: u8::from(proto == Proto::Tcp),
+                    },
+                    Q::NoPort => Ports::NoPort,
+                    Q::Fragment => Ports::Fragment,
+                };
+                let (_, written) = ex.written_decider(s.ip(), ports).expect("a written decider");
+                prop_assert!(
+                    std::ptr::eq(e, written),
+                    "{} {:?}: credited {:?}, the text says {:?}\n{}",
+                    s.ip(), q, e, written, text
+                );
                 prop_assert!(credited != ENTRY_NONE, "{} {:?}: nothing credited\n{}", s.ip(), q, text);
                 prop_assert!(
                     std::ptr::eq(e, &compiled.entries[credited as usize]),
