@@ -39,12 +39,56 @@ pub const MAP_FRAGMENTS: &str = "IPG_FRAGS";
 pub const MAP_DHCP_SERVERS: &str = "IPG_DHCP";
 pub const MAX_DHCP_SERVERS: u32 = 8;
 
-/// Program names in the object file. The daemon loads the first two; the
-/// `ipguard_bench_*` programs share the maps and exist only so that
-/// `cargo xtask bench` can time the parts of [`PROG_XDP`] (they are never
-/// attached).
+/// Every map of the object as the kernel sees it: (name, key size, value
+/// size). LPM trie keys carry a 4-byte prefix length before the address;
+/// the ring buffer has neither. The loader's test checks both objects
+/// against this table, so a map declared with another type in the
+/// program, or a renamed one, fails before any kernel sees it.
+pub const MAP_LAYOUTS: &[(&str, u32, u32)] = &[
+    (MAP_V4[0], 4 + 4, PREFIX_VALUE_SIZE),
+    (MAP_V4[1], 4 + 4, PREFIX_VALUE_SIZE),
+    (MAP_V6[0], 4 + 16, PREFIX_VALUE_SIZE),
+    (MAP_V6[1], 4 + 16, PREFIX_VALUE_SIZE),
+    (MAP_DECIDERS_V4[0], 4 + 5, 4),
+    (MAP_DECIDERS_V4[1], 4 + 5, 4),
+    (MAP_DECIDERS_V6[0], 4 + 17, 4),
+    (MAP_DECIDERS_V6[1], 4 + 17, 4),
+    (MAP_PORTS, 4, 1),
+    (MAP_CONFIG, 4, core::mem::size_of::<PolicyConfig>() as u32),
+    (MAP_ACTIVE, 4, 4),
+    (MAP_COUNTERS, 4, 8),
+    (MAP_SERVICE_COUNTERS, 4, 8),
+    (MAP_ENTRY_HITS, 4, 8),
+    (MAP_EVENTS, 0, 0),
+    (
+        MAP_EVENT_RATE,
+        16,
+        core::mem::size_of::<SourceRate>() as u32,
+    ),
+    (
+        MAP_EVENT_BUDGET,
+        4,
+        core::mem::size_of::<EventBudget>() as u32,
+    ),
+    (
+        MAP_REJECT_BUDGET,
+        4,
+        core::mem::size_of::<EventBudget>() as u32,
+    ),
+    (MAP_FRAGMENTS, core::mem::size_of::<FragKey>() as u32, 8),
+    (MAP_DHCP_SERVERS, 4 + 18, 1),
+    (MAP_FLOWS, core::mem::size_of::<FlowKey>() as u32, 8),
+];
+const PREFIX_VALUE_SIZE: u32 = core::mem::size_of::<PrefixValue>() as u32;
+
+/// Program names in the object files. The daemon loads the first two; the
+/// `ipguard_bench_*` programs are a second object (`ipguard-bench-xdp`)
+/// that shares the maps and exists only so that `cargo xtask bench` can
+/// time the parts of [`PROG_XDP`] (they are never attached).
 pub const PROG_XDP: &str = "ipguard";
 pub const PROG_EGRESS: &str = "ipguard_egress";
+/// What the names of the bench object's programs start with.
+pub const PROG_BENCH_PREFIX: &str = "ipguard_bench_";
 /// Returns XDP_PASS and nothing else: the floor of any XDP program.
 pub const PROG_BENCH_EMPTY: &str = "ipguard_bench_empty";
 /// The parser of [`PROG_XDP`] and nothing else.

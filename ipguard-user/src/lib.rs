@@ -26,3 +26,8 @@ pub mod state;
 /// all a server needs.
 pub static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ipguard-xdp"));
+/// The bench-only XDP programs (`ipguard_common::PROG_BENCH_*`): a second
+/// object that shares the first one's pinned maps, so the object the
+/// daemon loads carries none of them.
+pub static EBPF_BENCH_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ipguard-bench-xdp"));

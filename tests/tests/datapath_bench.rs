@@ -9,7 +9,8 @@
 //!
 //! Programs: `ipguard_bench_empty` (XDP_PASS only), `ipguard_bench_parse`
 //! (the parser), `ipguard_bench_lookup` (parser, active slot, LPM lookup),
-//! `ipguard` (everything), all from the same object; and xdp-filter from
+//! `ipguard` (everything); the first three are the bench object's, on the
+//! product's pinned maps; and xdp-filter from
 //! Debian's xdp-tools, loaded onto a veth in a throw-away namespace and
 //! run by id on the same packets.
 //!

@@ -6,9 +6,35 @@ use super::*;
 /// The loaded programs plus their pinned maps.
 pub struct Datapath {
     ebpf: Ebpf,
+    /// The bench-only object ([`crate::EBPF_BENCH_OBJECT`]), loaded on the
+    /// same pinned maps when one of its programs is first asked for.
+    bench: Option<Ebpf>,
+    pin_dir: PathBuf,
+    caps: Capacities,
     pub maps: Maps,
     /// What the kernel offered at load (and what the program does instead).
     pub kernel: crate::kernel::Kernel,
+}
+
+/// The object loader with everything both objects must agree on: the pin
+/// directory (so the bench object opens the product's maps), the sizes
+/// the operator chose, and the load-time globals.
+fn loader<'a>(
+    pin_dir: &'a Path,
+    caps: Capacities,
+    ncpu: &'a u32,
+    coarse: &'a u32,
+) -> EbpfLoader<'a> {
+    let mut l = EbpfLoader::new();
+    l.default_map_pin_directory(pin_dir)
+        .map_max_entries(MAP_V4[0], caps.v4)
+        .map_max_entries(MAP_V4[1], caps.v4)
+        .map_max_entries(MAP_V6[0], caps.v6)
+        .map_max_entries(MAP_V6[1], caps.v6)
+        .map_max_entries(MAP_FLOWS, caps.flows.max(1))
+        .override_global(GLOBAL_NR_CPUS, ncpu, true)
+        .override_global(GLOBAL_COARSE_CLOCK, coarse, true);
+    l
 }
 
 impl Datapath {
@@ -32,15 +58,7 @@ impl Datapath {
         let new_flow_map = replace_flow_map(pin_dir, caps.flows);
         let kernel = crate::kernel::probe();
         let coarse = u32::from(kernel.coarse_clock);
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(pin_dir)
-            .map_max_entries(MAP_V4[0], caps.v4)
-            .map_max_entries(MAP_V4[1], caps.v4)
-            .map_max_entries(MAP_V6[0], caps.v6)
-            .map_max_entries(MAP_V6[1], caps.v6)
-            .map_max_entries(MAP_FLOWS, caps.flows.max(1))
-            .override_global(GLOBAL_NR_CPUS, &ncpu, true)
-            .override_global(GLOBAL_COARSE_CLOCK, &coarse, true)
+        let mut ebpf = loader(pin_dir, caps, &ncpu, &coarse)
             .load(crate::EBPF_OBJECT)
             .map_err(|e| DatapathError::Load(format!("{e:#}")))?;
         let xdp: &mut Xdp = ebpf
@@ -63,19 +81,39 @@ impl Datapath {
             // that was replaced.
             maps.reset_flow_counters()?;
         }
-        Ok(Self { ebpf, maps, kernel })
+        Ok(Self {
+            ebpf,
+            bench: None,
+            pin_dir: pin_dir.to_path_buf(),
+            caps,
+            maps,
+            kernel,
+        })
     }
 
     pub(super) fn program(&mut self) -> Result<&mut Xdp> {
         self.xdp_program(PROG_XDP)
     }
 
-    /// An XDP program of the object, loaded on first use: [`PROG_XDP`],
-    /// or one of the bench-only programs, to run with aya's `TestRun`.
+    /// An XDP program, loaded on first use: [`PROG_XDP`], or one of the
+    /// bench-only programs of the second object, to run with aya's
+    /// `TestRun`.
     pub fn xdp_program(&mut self, name: &str) -> Result<&mut Xdp> {
-        let prog: &mut Xdp = self
-            .ebpf
-            .program_mut(name)
+        let object = if name.starts_with(PROG_BENCH_PREFIX) {
+            if self.bench.is_none() {
+                let ncpu = u32::try_from(cpus()?).unwrap_or(u32::MAX);
+                let coarse = u32::from(self.kernel.coarse_clock);
+                let bench = loader(&self.pin_dir, self.caps, &ncpu, &coarse)
+                    .load(crate::EBPF_BENCH_OBJECT)
+                    .map_err(|e| DatapathError::Load(format!("{e:#}")))?;
+                self.bench = Some(bench);
+            }
+            self.bench.as_mut()
+        } else {
+            Some(&mut self.ebpf)
+        };
+        let prog: &mut Xdp = object
+            .and_then(|o| o.program_mut(name))
             .ok_or_else(|| DatapathError::Load(format!("no program {name} in the object")))?
             .try_into()
             .map_err(|e| DatapathError::Load(format!("{e}")))?;

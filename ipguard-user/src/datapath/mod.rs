@@ -201,3 +201,58 @@ impl Default for Capacities {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use ipguard_common::MAP_LAYOUTS;
+
+    /// The maps both objects declare are those of `MAP_LAYOUTS`, with its
+    /// key and value sizes: the kernel side and the user side agree on
+    /// every map before any kernel sees them.
+    #[test]
+    fn the_objects_declare_the_maps_of_the_shared_table() {
+        let product = aya_obj::Object::parse(crate::EBPF_OBJECT).expect("the product object");
+        // `.rodata` and the like hold the load-time globals, not maps of
+        // the table.
+        let declared = |o: &aya_obj::Object| -> Vec<String> {
+            o.maps
+                .keys()
+                .filter(|n| !n.starts_with('.'))
+                .cloned()
+                .collect()
+        };
+        let names = declared(&product);
+        let mut names: Vec<&str> = names.iter().map(String::as_str).collect();
+        names.sort_unstable();
+        let mut want: Vec<&str> = MAP_LAYOUTS.iter().map(|m| m.0).collect();
+        want.sort_unstable();
+        assert_eq!(names, want, "the product object's maps");
+        let bench = aya_obj::Object::parse(crate::EBPF_BENCH_OBJECT).expect("the bench object");
+        for (name, object) in [("product", &product), ("bench", &bench)] {
+            for (map, m) in object.maps.iter().filter(|(n, _)| !n.starts_with('.')) {
+                let Some(&(_, key, value)) = MAP_LAYOUTS.iter().find(|l| l.0 == map) else {
+                    panic!("{name} object: map {map} is not in MAP_LAYOUTS");
+                };
+                assert_eq!(
+                    (m.key_size(), m.value_size()),
+                    (key, value),
+                    "{name} object: map {map}"
+                );
+            }
+        }
+        // The bench programs are in the second object only.
+        for p in product.programs.keys() {
+            assert!(
+                !p.starts_with(ipguard_common::PROG_BENCH_PREFIX),
+                "{p} ships in the daemon's object"
+            );
+        }
+        for p in [
+            ipguard_common::PROG_BENCH_EMPTY,
+            ipguard_common::PROG_BENCH_PARSE,
+            ipguard_common::PROG_BENCH_LOOKUP,
+        ] {
+            assert!(bench.programs.contains_key(p), "{p} in the bench object");
+        }
+    }
+}

@@ -1,0 +1,72 @@
+//! Bench-only XDP programs that time the parts of the product's program
+//! (`cargo xtask bench`): a second object, built beside the product's and
+//! loaded on the same pinned maps, so that the daemon never carries them.
+#![no_std]
+#![no_main]
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
+
+// Shared with the product's object, which uses all of them.
+mod maps;
+#[allow(dead_code)]
+mod parse;
+#[allow(unused_imports)]
+mod prelude;
+#[allow(dead_code)]
+mod util;
+
+use aya_ebpf::macros::xdp;
+
+use crate::{maps::*, prelude::*, util::*};
+
+/// Bench only: the cost of running any XDP program at all.
+#[xdp]
+pub fn ipguard_bench_empty(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+/// Bench only: the parser of `ipguard` alone.
+#[xdp]
+pub fn ipguard_bench_parse(ctx: XdpContext) -> u32 {
+    match parse::<true>(&xdp_packet(&ctx)) {
+        Parsed::Ip(ip) => {
+            // The source must count as used, as in `ipguard`, or the
+            // compiler would skip copying it.
+            let mut sink = 0u8;
+            for b in ip.src {
+                sink ^= b;
+            }
+            // SAFETY: a local.
+            unsafe { core::ptr::write_volatile(&mut sink, sink) };
+            match ip.l4 {
+                L4::Port { .. } => xdp_action::XDP_PASS,
+                _ => xdp_action::XDP_DROP,
+            }
+        }
+        Parsed::NonIp => xdp_action::XDP_PASS,
+        Parsed::Malformed => xdp_action::XDP_DROP,
+    }
+}
+
+/// Bench only: parser, active slot and config, and the LPM lookup.
+#[xdp]
+pub fn ipguard_bench_lookup(ctx: XdpContext) -> u32 {
+    let slot = active_slot();
+    if IPG_CONFIG.get(slot).is_none() {
+        return xdp_action::XDP_PASS;
+    }
+    match parse::<true>(&xdp_packet(&ctx)) {
+        Parsed::Ip(ip) => match lookup(slot, ip.family, &ip.src) {
+            Some(v) if v.allow_mask != 0 => xdp_action::XDP_PASS,
+            _ => xdp_action::XDP_DROP,
+        },
+        Parsed::NonIp => xdp_action::XDP_PASS,
+        Parsed::Malformed => xdp_action::XDP_DROP,
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

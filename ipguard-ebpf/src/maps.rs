@@ -1,0 +1,64 @@
+//! The maps and load-time globals, one definition for both objects: the
+//! names are `ipguard_common::maps`'s, and maps are pinned by name, so the
+//! benchmark object shares the product's maps.
+
+use aya_ebpf::macros::map;
+
+use crate::prelude::*;
+
+// Pinned by name under the daemon's pin directory, so a restarted daemon
+// adopts the live maps instead of creating empty ones.
+#[map]
+pub(crate) static IPG_V4_0: LpmTrie<[u8; 4], PrefixValue> = LpmTrie::pinned(DEFAULT_V4_CAPACITY, 0);
+#[map]
+pub(crate) static IPG_V4_1: LpmTrie<[u8; 4], PrefixValue> = LpmTrie::pinned(DEFAULT_V4_CAPACITY, 0);
+#[map]
+pub(crate) static IPG_V6_0: LpmTrie<[u8; 16], PrefixValue> =
+    LpmTrie::pinned(DEFAULT_V6_CAPACITY, 0);
+#[map]
+pub(crate) static IPG_V6_1: LpmTrie<[u8; 16], PrefixValue> =
+    LpmTrie::pinned(DEFAULT_V6_CAPACITY, 0);
+#[map]
+pub(crate) static IPG_DEC_V4_0: LpmTrie<[u8; 5], u32> = LpmTrie::pinned(DECIDERS_V4_CAPACITY, 0);
+#[map]
+pub(crate) static IPG_DEC_V4_1: LpmTrie<[u8; 5], u32> = LpmTrie::pinned(DECIDERS_V4_CAPACITY, 0);
+#[map]
+pub(crate) static IPG_DEC_V6_0: LpmTrie<[u8; 17], u32> = LpmTrie::pinned(DECIDERS_V6_CAPACITY, 0);
+#[map]
+pub(crate) static IPG_DEC_V6_1: LpmTrie<[u8; 17], u32> = LpmTrie::pinned(DECIDERS_V6_CAPACITY, 0);
+#[map]
+pub(crate) static IPG_PORTS: Array<u8> = Array::pinned(PORT_TABLE_LEN, 0);
+#[map]
+pub(crate) static IPG_CONFIG: Array<PolicyConfig> = Array::pinned(SLOTS, 0);
+#[map]
+pub(crate) static IPG_ACTIVE: Array<u32> = Array::pinned(1, 0);
+#[map]
+pub(crate) static IPG_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_LEN, 0);
+#[map]
+pub(crate) static IPG_SVC_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(SERVICE_COUNTER_LEN, 0);
+#[map]
+pub(crate) static IPG_ENTRY_HITS: PerCpuArray<u64> = PerCpuArray::pinned(SLOTS * ENTRY_CAPACITY, 0);
+#[map]
+pub(crate) static IPG_EVENTS: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);
+#[map]
+pub(crate) static IPG_EVENT_RATE: LruHashMap<[u8; 16], SourceRate> =
+    LruHashMap::pinned(EVENT_RATE_CAPACITY, 0);
+#[map]
+pub(crate) static IPG_EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::pinned(1, 0);
+#[map]
+pub(crate) static IPG_RST_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::pinned(1, 0);
+#[map]
+pub(crate) static IPG_FRAGS: LruHashMap<FragKey, u64> = LruHashMap::pinned(FRAGMENTS_CAPACITY, 0);
+#[map]
+pub(crate) static IPG_DHCP: LpmTrie<[u8; 18], u8> = LpmTrie::pinned(SLOTS * MAX_DHCP_SERVERS, 0);
+#[map]
+pub(crate) static IPG_FLOWS: LruHashMap<FlowKey, u64> =
+    LruHashMap::pinned(DEFAULT_FLOW_CAPACITY, 0);
+
+/// Possible CPUs, set by the loader (`GLOBAL_NR_CPUS`); 1 until then.
+#[unsafe(no_mangle)]
+pub(crate) static IPG_NR_CPUS: u32 = 1;
+/// Whether the kernel has the coarse clock, set by the loader
+/// (`GLOBAL_COARSE_CLOCK`).
+#[unsafe(no_mangle)]
+pub(crate) static IPG_COARSE_CLOCK: u32 = 0;

@@ -1,0 +1,93 @@
+//! Small pieces every program uses: the active slot, the source lookup,
+//! the clock and the counters.
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
+use crate::{maps::*, prelude::*};
+
+pub(crate) const NS_PER_SEC: u64 = 1_000_000_000;
+
+#[inline(always)]
+pub(crate) fn active_slot() -> u32 {
+    match IPG_ACTIVE.get(0) {
+        Some(s) => *s & 1,
+        None => 0,
+    }
+}
+
+#[inline(always)]
+pub(crate) fn xdp_packet(ctx: &XdpContext) -> Packet {
+    Packet {
+        start: ctx.data(),
+        end: ctx.data_end(),
+    }
+}
+
+#[inline(always)]
+pub(crate) fn lookup(slot: u32, family: u8, src: &[u8; 16]) -> Option<&'static PrefixValue> {
+    if family == FAMILY_V4 {
+        let key = Key::new(32, [src[0], src[1], src[2], src[3]]);
+        if slot == 0 {
+            IPG_V4_0.get(&key)
+        } else {
+            IPG_V4_1.get(&key)
+        }
+    } else {
+        let key = Key::new(128, *src);
+        if slot == 0 {
+            IPG_V6_0.get(&key)
+        } else {
+            IPG_V6_1.get(&key)
+        }
+    }
+}
+
+/// CLOCK_MONOTONIC at tick resolution: rate windows, flow timeouts and
+/// event times need milliseconds, not nanoseconds, and the coarse clock is
+/// a plain read where the precise one reads the hardware clock (costly in
+/// virtual machines).
+/// On kernels before 5.11 (no coarse helper) it is the precise clock: same
+/// base, same unit.
+#[inline(always)]
+pub(crate) fn now() -> u64 {
+    // SAFETY: a read-only global the loader sets; the helpers take no
+    // arguments and touch no memory.
+    unsafe {
+        if core::ptr::read_volatile(&IPG_COARSE_CLOCK) != 0 {
+            bpf_ktime_get_coarse_ns()
+        } else {
+            bpf_ktime_get_ns()
+        }
+    }
+}
+
+#[inline(always)]
+pub(crate) fn count(index: u32) {
+    add(&IPG_COUNTERS, index);
+}
+
+#[inline(always)]
+pub(crate) fn add(map: &PerCpuArray<u64>, index: u32) {
+    if let Some(p) = map.get_ptr_mut(index) {
+        // SAFETY: a per-CPU slot the map returned: no other writer, so no
+        // atomic is needed.
+        unsafe { *p += 1 };
+    }
+}
+
+/// Adds to a counter other CPUs may update at the same time.
+#[inline(always)]
+pub(crate) fn atomic_add(p: *mut u64, v: u64) {
+    // SAFETY: `p` points into a map value (8-byte aligned, alive for the
+    // program run).
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, v) };
+}
+
+/// The service of a local TCP or UDP port in `slot` (0: none).
+#[inline(always)]
+pub(crate) fn service_of(slot: u32, protocol: u8, port: u16) -> u8 {
+    match port_index(slot, protocol, port) {
+        Some(i) => IPG_PORTS.get(i).copied().unwrap_or(0),
+        None => 0,
+    }
+}

@@ -1,0 +1,137 @@
+//! The XDP program's verdict flow: parse, look up, the one verdict
+//! function of `ipguard_common::decide`, return traffic, attribution,
+//! events, reject.
+
+use crate::{
+    events::{report, room, spend},
+    flows::*,
+    maps::*,
+    prelude::*,
+    reject::send_rst,
+    util::*,
+};
+
+#[inline(always)]
+pub(crate) fn try_ipguard(ctx: &XdpContext) -> Result<u32, ()> {
+    // The slot index is read once: everything below looks at that slot
+    // only, so one packet is judged by one whole policy.
+    let slot = active_slot();
+    let cfg = IPG_CONFIG.get(slot).ok_or(())?;
+    let pkt = xdp_packet(ctx);
+
+    let ip = match parse::<true>(&pkt) {
+        Parsed::NonIp => {
+            count(counter_index(VERDICT_PASS, REASON_NON_IP));
+            return Ok(xdp_action::XDP_PASS);
+        }
+        Parsed::Malformed => {
+            let d = decide_malformed(cfg);
+            count(counter_index(d.verdict, d.reason));
+            return Ok(action(d.verdict));
+        }
+        Parsed::Ip(ip) => ip,
+    };
+    let value = lookup(slot, ip.family, &ip.src);
+    let ports = match ip.l4 {
+        L4::Port { dport, .. } => {
+            let service = service_of(slot, ip.proto, dport);
+            Ports::Port {
+                service,
+                // A fragment's segment length is unknown: no RST for it.
+                tcp: (ip.proto == IPPROTO_TCP && !ip.fragmented) as u8,
+            }
+        }
+        L4::NoPort => Ports::NoPort,
+        L4::Fragment => Ports::Fragment,
+    };
+    let mut infra = ip.infra;
+    if infra == INFRA_DHCP && cfg.dhcp_servers != 0 && !from_dhcp_server(slot, &ip) {
+        infra = 0;
+    }
+    let mut d = decide_packet(cfg, value, ports, infra);
+    if may_be_return_traffic(cfg, &d, ports) {
+        let reply = match ip.l4 {
+            L4::Port { .. } => is_reply(&pkt, &ip, cfg),
+            _ => is_later_fragment_of_reply(&pkt, &ip),
+        };
+        if reply {
+            d = return_traffic(d.service);
+            if ip.fragmented && matches!(ip.l4, L4::Port { .. }) {
+                expect_fragments(&pkt, &ip);
+            }
+        }
+    }
+
+    // Only a decision made by a listed entry credits it: a refusal for
+    // "not allowed" was made by no entry, whatever prefix the source hit.
+    let entry = match value {
+        Some(v) => credited_entry(cfg, v, &d, |list| decider(slot, list, ip.family, &ip.src)),
+        None => ENTRY_NONE,
+    };
+    if entry < ENTRY_CAPACITY {
+        add(&IPG_ENTRY_HITS, slot * ENTRY_CAPACITY + entry);
+    }
+    if d.verdict == VERDICT_REJECT {
+        match room(&IPG_RST_BUDGET, cfg.reject_max_per_sec) {
+            Some(b) => spend(b),
+            None => {
+                d.verdict = VERDICT_DROP;
+                count(COUNTER_REJECTS_OVER_BUDGET);
+            }
+        }
+    }
+    if d.verdict != VERDICT_PASS {
+        report(ctx, cfg, &ip, &d, entry);
+    }
+    if d.verdict == VERDICT_REJECT && !send_rst(ctx, &pkt, &ip) {
+        // Not answerable (a RST, a bogus TCP header, no room): the refusal
+        // still holds, silently.
+        d.verdict = VERDICT_DROP;
+    }
+    count(counter_index(d.verdict, d.reason));
+    let refused = d.verdict != VERDICT_PASS;
+    add(&IPG_SVC_COUNTERS, d.service as u32 * 2 + refused as u32);
+    Ok(action(d.verdict))
+}
+
+/// Whether a DHCP reply comes from a server the policy names.
+#[inline(always)]
+pub(crate) fn from_dhcp_server(slot: u32, ip: &IpPacket) -> bool {
+    let key = Key::new(DHCP_KEY_BITS + 128, dhcp_key(slot, ip.family, &ip.src));
+    IPG_DHCP.get(&key).is_some()
+}
+
+#[inline(always)]
+pub(crate) fn action(verdict: u8) -> u32 {
+    match verdict {
+        VERDICT_DROP => xdp_action::XDP_DROP,
+        VERDICT_REJECT => xdp_action::XDP_TX,
+        _ => xdp_action::XDP_PASS,
+    }
+}
+
+/// The allow entry of `list` that decides for `src`, for a prefix allowed
+/// by several lists with different entries (`ENTRY_LOOKUP`); only such
+/// packets pay this second lookup.
+#[inline(always)]
+pub(crate) fn decider(slot: u32, list: u8, family: u8, src: &[u8; 16]) -> u32 {
+    let found = if family == FAMILY_V4 {
+        let key = Key::new(8 + 32, [list, src[0], src[1], src[2], src[3]]);
+        if slot == 0 {
+            IPG_DEC_V4_0.get(&key)
+        } else {
+            IPG_DEC_V4_1.get(&key)
+        }
+    } else {
+        let mut data = [0u8; 17];
+        data[0] = list;
+        data[1..].copy_from_slice(src);
+        let key = Key::new(8 + 128, data);
+        if slot == 0 {
+            IPG_DEC_V6_0.get(&key)
+        } else {
+            IPG_DEC_V6_1.get(&key)
+        }
+    };
+    found.copied().unwrap_or(ENTRY_NONE)
+}
