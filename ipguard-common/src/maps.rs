@@ -255,6 +255,27 @@ pub struct PolicyConfig {
     pub _pad1: u32,
 }
 
+/// Key data of [`MAP_DECIDERS_V4`]: the list, then the address. A prefix
+/// of length `l` is stored with length [`DECIDER_KEY_BITS`] + `l`.
+#[inline(always)]
+pub const fn decider_key_v4(list: u8, addr: &[u8; 4]) -> [u8; 5] {
+    [list, addr[0], addr[1], addr[2], addr[3]]
+}
+
+/// Key data of [`MAP_DECIDERS_V6`], as [`decider_key_v4`].
+#[inline(always)]
+pub const fn decider_key_v6(list: u8, addr: &[u8; 16]) -> [u8; 17] {
+    let mut k = [0u8; 17];
+    k[0] = list;
+    let mut i = 0;
+    while i < 16 {
+        k[1 + i] = addr[i];
+        i += 1;
+    }
+    k
+}
+pub const DECIDER_KEY_BITS: u32 = 8;
+
 /// Key of [`MAP_DHCP_SERVERS`], an LPM trie of both slots' servers: the
 /// slot, the family, then the address as in [`FlowKey`]; a server prefix
 /// of length `l` is stored with length [`DHCP_KEY_BITS`] + `l`, a source

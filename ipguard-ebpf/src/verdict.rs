@@ -116,17 +116,17 @@ pub(crate) fn action(verdict: u8) -> u32 {
 #[inline(always)]
 pub(crate) fn decider(slot: u32, list: u8, family: u8, src: &[u8; 16]) -> u32 {
     let found = if family == FAMILY_V4 {
-        let key = Key::new(8 + 32, [list, src[0], src[1], src[2], src[3]]);
+        let key = Key::new(
+            DECIDER_KEY_BITS + 32,
+            decider_key_v4(list, &[src[0], src[1], src[2], src[3]]),
+        );
         if slot == 0 {
             IPG_DEC_V4_0.get(&key)
         } else {
             IPG_DEC_V4_1.get(&key)
         }
     } else {
-        let mut data = [0u8; 17];
-        data[0] = list;
-        data[1..].copy_from_slice(src);
-        let key = Key::new(8 + 128, data);
+        let key = Key::new(DECIDER_KEY_BITS + 128, decider_key_v6(list, src));
         if slot == 0 {
             IPG_DEC_V6_0.get(&key)
         } else {

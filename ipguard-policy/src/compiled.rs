@@ -14,11 +14,11 @@ pub enum Proto {
 }
 
 impl Proto {
-    /// Index into the datapath's port table (`PROTO_INDEX_*`).
-    pub fn table_index(self) -> u32 {
+    /// The IP protocol number (for `ipguard_common::port_index`).
+    pub fn protocol(self) -> u8 {
         match self {
-            Proto::Tcp => ipguard_common::PROTO_INDEX_TCP,
-            Proto::Udp => ipguard_common::PROTO_INDEX_UDP,
+            Proto::Tcp => ipguard_common::IPPROTO_TCP,
+            Proto::Udp => ipguard_common::IPPROTO_UDP,
         }
     }
 }

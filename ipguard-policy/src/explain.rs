@@ -21,6 +21,7 @@ use serde::Serialize;
 use super::{
     CompiledPolicy, EntryInfo, Owner, Proto,
     compile::{LIST_ALWAYS_ALLOW, LIST_DENY},
+    image::{SlotImage, TrieKey},
 };
 
 const NONE: u32 = u32::MAX;
@@ -193,14 +194,14 @@ pub struct Explainer<'a> {
     v4_parent: Vec<u32>,
     v6_keys: Vec<u128>,
     v6_parent: Vec<u32>,
-    /// `proto index * 65536 + port` -> service index.
+    /// The slot image's port table (`port_index(0, ..)` -> service).
     ports: Vec<u8>,
     names: [Option<&'a str>; 64],
     own_list: u64,
-    /// The deciders maps as the kernel holds them: (list, network, prefix
-    /// length) -> entry, asked longest prefix first like its LPM tries.
-    dec4: HashMap<(u8, u32, u8), u32>,
-    dec6: HashMap<(u8, u128, u8), u32>,
+    /// The slot image's deciders, as the kernel's tries hold them, asked
+    /// longest prefix first like an LPM lookup.
+    dec4: HashMap<TrieKey<5>, u32>,
+    dec6: HashMap<TrieKey<17>, u32>,
 }
 
 /// The nearest strictly containing prefix of each prefix, by a stack sweep
@@ -255,13 +256,7 @@ impl<'a> Explainer<'a> {
             c.v6.iter().map(|(n, _)| n.prefix_len()),
             contains6,
         );
-        let mut ports = vec![0u8; 2 * 65536];
-        for r in &c.ports {
-            let base = r.proto.table_index() as usize * 65536;
-            for p in r.first..=r.last {
-                ports[base + p as usize] = r.service;
-            }
-        }
+        let ports = SlotImage::ports(c);
         let mut names = [None; 64];
         let mut own_list = 0u64;
         for s in &c.services {
@@ -272,16 +267,8 @@ impl<'a> Explainer<'a> {
                 own_list |= 1 << s.index;
             }
         }
-        let dec4 = c
-            .deciders_v4
-            .iter()
-            .map(|(l, n, e)| ((*l, u32::from(n.network()), n.prefix_len()), *e))
-            .collect();
-        let dec6 = c
-            .deciders_v6
-            .iter()
-            .map(|(l, n, e)| ((*l, u128::from(n.network()), n.prefix_len()), *e))
-            .collect();
+        let dec4 = SlotImage::deciders_v4(c).into_iter().collect();
+        let dec6 = SlotImage::deciders_v6(c).into_iter().collect();
         Self {
             c,
             v4_keys,
@@ -350,7 +337,9 @@ impl<'a> Explainer<'a> {
 
     /// The service index of (proto, port): 0 for none.
     pub fn service_of(&self, proto: Proto, port: u16) -> u8 {
-        self.ports[proto.table_index() as usize * 65536 + port as usize]
+        port_index(0, proto.protocol(), port)
+            .and_then(|i| self.ports.get(i as usize).copied())
+            .unwrap_or(0)
     }
 
     /// [`decide`] for a source and what the packet carries.
@@ -380,24 +369,32 @@ impl<'a> Explainer<'a> {
         let found = match src {
             IpAddr::V4(a) => {
                 let a = u32::from(a);
-                (0..=32u8).rev().find_map(|len| {
+                (0..=32u32).rev().find_map(|len| {
                     let net = if len == 0 {
                         0
                     } else {
-                        a & (u32::MAX << (32 - u32::from(len)))
+                        a & (u32::MAX << (32 - len))
                     };
-                    self.dec4.get(&(list, net, len)).copied()
+                    let key = TrieKey {
+                        data: decider_key_v4(list, &net.to_be_bytes()),
+                        len: DECIDER_KEY_BITS + len,
+                    };
+                    self.dec4.get(&key).copied()
                 })
             }
             IpAddr::V6(a) => {
                 let a = u128::from(a);
-                (0..=128u8).rev().find_map(|len| {
+                (0..=128u32).rev().find_map(|len| {
                     let net = if len == 0 {
                         0
                     } else {
-                        a & (u128::MAX << (128 - u32::from(len)))
+                        a & (u128::MAX << (128 - len))
                     };
-                    self.dec6.get(&(list, net, len)).copied()
+                    let key = TrieKey {
+                        data: decider_key_v6(list, &net.to_be_bytes()),
+                        len: DECIDER_KEY_BITS + len,
+                    };
+                    self.dec6.get(&key).copied()
                 })
             }
         };

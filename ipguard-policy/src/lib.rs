@@ -12,6 +12,7 @@ mod compile;
 mod compiled;
 mod diag;
 mod explain;
+mod image;
 mod model;
 mod time;
 mod validate;
@@ -26,6 +27,7 @@ pub use compile::{LIST_ALWAYS_ALLOW, LIST_DENY, RuntimeEntry, compile};
 pub use compiled::*;
 pub use diag::{Diagnostic, PolicyErrors, Pos, Severity};
 pub use explain::{ExplainRef, Explainer, Explanation, parse_port_query};
+pub use image::{SlotImage, TrieKey};
 pub use model::{Action, Entry, Events, Infrastructure, Mode, Policy, PortSpec, Scope, Service};
 pub use time::Window;
 

@@ -51,7 +51,7 @@ use aya::{
 };
 use ipguard_common::*;
 
-use crate::policy::CompiledPolicy;
+use crate::policy::{CompiledPolicy, SlotImage, TrieKey};
 
 /// The XDP program's name in the object file.
 pub const PROGRAM: &str = PROG_XDP;

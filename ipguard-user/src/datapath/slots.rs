@@ -71,27 +71,19 @@ pub struct ApplyStats {
     pub written: usize,
 }
 
-/// An LPM key in the kernel's layout (`struct bpf_lpm_trie_key_u8`), sorted
-/// by address then prefix length.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub(super) struct TrieKey<const N: usize> {
-    pub(super) addr: [u8; N],
-    pub(super) len: u32,
+/// An image's LPM key as bytes in the kernel's layout (`struct
+/// bpf_lpm_trie_key_u8`: the prefix length, then the data).
+pub(super) fn key_bytes<const N: usize>(k: &TrieKey<N>, out: &mut Vec<u8>) {
+    out.extend_from_slice(&k.len.to_ne_bytes());
+    out.extend_from_slice(&k.data);
 }
 
-impl<const N: usize> TrieKey<N> {
-    pub(super) fn write(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.len.to_ne_bytes());
-        out.extend_from_slice(&self.addr);
-    }
-
-    pub(super) fn read(b: &[u8]) -> Self {
-        let mut addr = [0u8; N];
-        addr.copy_from_slice(&b[4..4 + N]);
-        Self {
-            addr,
-            len: u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
-        }
+pub(super) fn key_read<const N: usize>(b: &[u8]) -> TrieKey<N> {
+    let mut data = [0u8; N];
+    data.copy_from_slice(&b[4..4 + N]);
+    TrieKey {
+        data,
+        len: u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
     }
 }
 
@@ -203,93 +195,24 @@ impl Maps {
             .max(self.config(slot)?.generation)
             + 1;
 
-        let mut v4: Vec<(TrieKey<4>, PrefixValue)> = policy
-            .v4
-            .iter()
-            .map(|(n, v)| {
-                (
-                    TrieKey {
-                        addr: n.trunc().network().octets(),
-                        len: n.prefix_len() as u32,
-                    },
-                    *v,
-                )
-            })
-            .collect();
-        let mut v6: Vec<(TrieKey<16>, PrefixValue)> = policy
-            .v6
-            .iter()
-            .map(|(n, v)| {
-                (
-                    TrieKey {
-                        addr: n.trunc().network().octets(),
-                        len: n.prefix_len() as u32,
-                    },
-                    *v,
-                )
-            })
-            .collect();
-        // The compiler promises sorted, unique prefixes; the diff below
-        // relies on it, so make sure (cheap on sorted input).
-        v4.sort_by_key(|e| e.0);
-        v4.dedup_by_key(|e| e.0);
-        v6.sort_by_key(|e| e.0);
-        v6.dedup_by_key(|e| e.0);
-        let mut ports = vec![0u8; PORT_SLOT_STRIDE as usize];
-        for r in &policy.ports {
-            let base = (r.proto.table_index() * 65_536) as usize;
-            for p in r.first..=r.last {
-                ports[base + p as usize] = r.service;
-            }
-        }
-
+        // What the slot must hold, by the one function that lays a policy
+        // out for the kernel; from here on only differences are written.
+        let image = SlotImage::build(policy);
         let old = match self.shadow[s].take() {
             Some(sh) if sh.generation == self.config(slot)?.generation => sh,
             _ => self.read_slot(slot)?,
         };
         // Until the config carries the new generation the slot's contents
         // are unknown to the shadow (an error below leaves it None).
-        let (removed4, written4) = self.sync_trie(slot, true, &old.v4, &v4)?;
-        let (removed6, written6) = self.sync_trie(slot, false, &old.v6, &v6)?;
-        self.sync_ports(slot, &old.ports, &ports)?;
-        let dec4: Vec<(TrieKey<5>, u32)> = policy
-            .deciders_v4
-            .iter()
-            .map(|(list, n, e)| {
-                let mut addr = [0u8; 5];
-                addr[0] = *list;
-                addr[1..].copy_from_slice(&n.trunc().network().octets());
-                (
-                    TrieKey {
-                        addr,
-                        len: 8 + u32::from(n.prefix_len()),
-                    },
-                    *e,
-                )
-            })
-            .collect();
-        let dec6: Vec<(TrieKey<17>, u32)> = policy
-            .deciders_v6
-            .iter()
-            .map(|(list, n, e)| {
-                let mut addr = [0u8; 17];
-                addr[0] = *list;
-                addr[1..].copy_from_slice(&n.trunc().network().octets());
-                (
-                    TrieKey {
-                        addr,
-                        len: 8 + u32::from(n.prefix_len()),
-                    },
-                    *e,
-                )
-            })
-            .collect();
+        let (removed4, written4) = self.sync_trie(slot, true, &old.v4, &image.v4)?;
+        let (removed6, written6) = self.sync_trie(slot, false, &old.v6, &image.v6)?;
+        self.sync_ports(slot, &old.ports, &image.ports)?;
         let names = (MAP_DECIDERS_V4[s], MAP_DECIDERS_V6[s]);
-        self.replace_deciders(&self.dec_v4[s], names.0, &dec4)?;
-        self.replace_deciders(&self.dec_v6[s], names.1, &dec6)?;
+        self.replace_deciders(&self.dec_v4[s], names.0, &image.deciders_v4)?;
+        self.replace_deciders(&self.dec_v6[s], names.1, &image.deciders_v6)?;
         self.reset_entry_hits(slot, policy.entries.len())?;
-        let dhcp_servers = self.write_dhcp_servers(slot, &policy.dhcp_servers)?;
-        let mut cfg = policy.config;
+        let dhcp_servers = self.write_dhcp_servers(slot, &image.dhcp)?;
+        let mut cfg = image.config;
         cfg.generation = generation;
         (cfg.ephemeral_first, cfg.ephemeral_last) = ephemeral_ports();
         cfg.dhcp_servers = dhcp_servers;
@@ -305,16 +228,16 @@ impl Maps {
         let stats = ApplyStats {
             slot,
             generation,
-            v4: v4.len(),
-            v6: v6.len(),
+            v4: image.v4.len(),
+            v6: image.v6.len(),
             removed: removed4 + removed6,
             written: written4 + written6,
         };
         self.shadow[s] = Some(Shadow {
             generation,
-            v4,
-            v6,
-            ports,
+            v4: image.v4,
+            v6: image.v6,
+            ports: image.ports,
         });
         Ok(stats)
     }

@@ -49,13 +49,13 @@ impl Maps {
         let key_size = 4 + N;
         let mut keys = Vec::with_capacity(stale.len().max(fresh.len()) * key_size);
         for k in &stale {
-            k.write(&mut keys);
+            key_bytes(k, &mut keys);
         }
         self.delete(data, name, &keys, key_size)?;
         keys.clear();
         let mut values = Vec::with_capacity(fresh.len() * 16);
         for (k, v) in &fresh {
-            k.write(&mut keys);
+            key_bytes(k, &mut keys);
             value_bytes(v, &mut values);
         }
         self.update(data, name, &keys, key_size, &values, 16)?;
@@ -78,17 +78,19 @@ impl Maps {
         let mut keys = Vec::new();
         for k in trie.keys() {
             let k: Key<[u8; N]> = k.map_err(map_err(name))?;
-            TrieKey {
-                addr: k.data(),
-                len: k.prefix_len(),
-            }
-            .write(&mut keys);
+            key_bytes(
+                &TrieKey {
+                    data: k.data(),
+                    len: k.prefix_len(),
+                },
+                &mut keys,
+            );
         }
         self.delete(trie.map(), name, &keys, key_size)?;
         keys.clear();
         let mut values = Vec::with_capacity(want.len() * 4);
         for (k, v) in want {
-            k.write(&mut keys);
+            key_bytes(k, &mut keys);
             values.extend_from_slice(&v.to_ne_bytes());
         }
         self.update(trie.map(), name, &keys, key_size, &values, 4)
@@ -217,7 +219,7 @@ impl Maps {
     pub(super) fn write_dhcp_servers(
         &mut self,
         slot: u32,
-        servers: &[ipnet::IpNet],
+        servers: &[(u8, [u8; 16], u8)],
     ) -> Result<u32> {
         if servers.len() > MAX_DHCP_SERVERS as usize {
             return Err(DatapathError::Capacity {
@@ -238,17 +240,9 @@ impl Maps {
                 Err(e) => return Err(map_err(MAP_DHCP_SERVERS)(e)),
             }
         }
-        for n in servers {
-            let (family, addr) = match n {
-                ipnet::IpNet::V4(n) => {
-                    let mut a = [0u8; 16];
-                    a[..4].copy_from_slice(&n.network().octets());
-                    (FAMILY_V4, a)
-                }
-                ipnet::IpNet::V6(n) => (FAMILY_V6, n.network().octets()),
-            };
+        for &(family, addr, len) in servers {
             let key = Key::new(
-                DHCP_KEY_BITS + u32::from(n.prefix_len()),
+                DHCP_KEY_BITS + u32::from(len),
                 dhcp_key(slot, family, &addr),
             );
             self.dhcp
@@ -286,7 +280,7 @@ where
         Ok((keys, values)) => keys
             .chunks_exact(key_size)
             .zip(values.chunks_exact(16))
-            .map(|(k, v)| (TrieKey::read(k), value_read(v)))
+            .map(|(k, v)| (key_read(k), value_read(v)))
             .collect(),
         // Kernels without batched lookups on LPM tries: walk the keys.
         Err(DatapathError::MapIo { source, .. }) if sys::unsupported(&source) => {
@@ -296,7 +290,7 @@ where
                 let v = trie.get(&k, 0).map_err(map_err(name))?;
                 out.push((
                     TrieKey {
-                        addr: k.data(),
+                        data: k.data(),
                         len: k.prefix_len(),
                     },
                     v,
