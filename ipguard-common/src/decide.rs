@@ -1,4 +1,4 @@
-//! The verdict of policy.md §5 steps 2 to 7, as one pure function.
+//! The verdict of docs/policy.md §5 steps 2 to 7, as one pure function.
 //!
 //! The XDP program and `ipguard explain` both call [`decide`], so the two can
 //! only disagree if they disagree on its inputs (the LPM lookup and the

@@ -318,7 +318,7 @@ pub const REASON_NO_POLICY: u8 = 11;
 pub const REASON_SLOTS: u32 = 16;
 
 /// The stable name of a verdict, as `explain --json`, events, status and
-/// metrics spell it (cli.md).
+/// metrics spell it (docs/cli.md).
 pub const fn verdict_name(v: u8) -> &'static str {
     match v {
         VERDICT_PASS => "pass",
@@ -329,7 +329,7 @@ pub const fn verdict_name(v: u8) -> &'static str {
     }
 }
 
-/// The stable name of a reason (cli.md), as [`verdict_name`].
+/// The stable name of a reason (docs/cli.md), as [`verdict_name`].
 pub const fn reason_name(r: u8) -> &'static str {
     match r {
         REASON_INFRASTRUCTURE => "infrastructure",

@@ -1,4 +1,4 @@
-//! Address items (policy.md §2): addresses, CIDRs, ranges, IPv4 wildcards,
+//! Address items (docs/policy.md §2): addresses, CIDRs, ranges, IPv4 wildcards,
 //! keywords and group names, IPv4 and IPv6 alike.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};

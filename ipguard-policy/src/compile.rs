@@ -26,7 +26,7 @@ use super::{
 pub const LIST_DENY: u8 = 64;
 pub const LIST_ALWAYS_ALLOW: u8 = 65;
 
-/// A runtime entry (policy.md §6), merged into the host-wide `allow`, or
+/// A runtime entry (docs/policy.md §6), merged into the host-wide `allow`, or
 /// into the list of service `service`.
 ///
 /// For a service without a list of its own, the entry extends what the

@@ -73,7 +73,7 @@ impl Explanation {
         reason_name(self.reason)
     }
 
-    /// The object of cli.md for this query.
+    /// The object of docs/cli.md for this query.
     pub fn to_json(&self, src: &str, port: Option<&str>) -> serde_json::Value {
         serde_json::json!({
             "src": src,
@@ -113,7 +113,7 @@ impl ExplainRef<'_> {
         }
     }
 
-    /// Writes the cli.md JSON object (one line, no newline) for a query.
+    /// Writes the docs/cli.md JSON object (one line, no newline) for a query.
     pub fn write_json<W: std::io::Write>(
         &self,
         w: &mut W,
@@ -148,7 +148,7 @@ impl ExplainRef<'_> {
         )
     }
 
-    /// The readable line of cli.md, without the query in front:
+    /// The readable line of docs/cli.md, without the query in front:
     /// `drop (not in the allowlist of service ssh)`.
     pub fn describe(&self, port: Option<&str>) -> String {
         let d = &self.decision;

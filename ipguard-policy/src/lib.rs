@@ -1,4 +1,4 @@
-//! The policy language (docs/policy.md, spec policy.md): parse, validate,
+//! The policy language (docs/policy.md): parse, validate,
 //! compile, explain.
 //!
 //! - [`load_file`] / [`parse_str`]: the file to a checked [`Policy`], with

@@ -1,5 +1,5 @@
 //! From the YAML structure to a checked [`Policy`]: every value is given
-//! its meaning here, and every mistake of policy.md §1-§4 is reported with
+//! its meaning here, and every mistake of docs/policy.md §1-§4 is reported with
 //! its position and value. All errors are collected, not only the first,
 //! so that one `ipguard check` shows everything there is to fix.
 

@@ -1,5 +1,5 @@
 //! The compiler and `explain` on hand-written policies: the worked example
-//! of policy.md §5 row by row, propagation, the kernel value's fields,
+//! of docs/policy.md §5 row by row, propagation, the kernel value's fields,
 //! runtime entries, time, and what explain reports.
 
 use std::{

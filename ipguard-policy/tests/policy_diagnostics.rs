@@ -1,5 +1,5 @@
-//! One test per error and per warning of the policy language (issue 3,
-//! policy.md §1-§4): each asserts the message, the line and the column.
+//! One test per error and per warning of the policy language (docs/policy.md
+//! §1-§4): each asserts the message, the line and the column.
 
 use std::time::SystemTime;
 

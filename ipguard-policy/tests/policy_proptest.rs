@@ -7,7 +7,7 @@
 //! YAML, loaded and compiled by the real code, and queried the way the
 //! datapath does (longest-prefix match over the compiled pairs, port table,
 //! `ipguard_common::decide`). A deliberately naive reference matcher walks
-//! the steps of policy.md §5 over the generated entries themselves (ranges
+//! the steps of docs/policy.md §5 over the generated entries themselves (ranges
 //! as bounds, wildcards as octets, groups by name) and must agree on every
 //! query.
 //!
@@ -483,7 +483,7 @@ enum Q {
     Fragment,
 }
 
-/// policy.md §5, steps 2 to 7, one by one.
+/// docs/policy.md §5, steps 2 to 7, one by one.
 fn reference(p: &TPolicy, s: A, q: Q) -> (u8, u8, u8) {
     let svc = match q {
         Q::Port(proto, port) => p.services.iter().position(|x| {

@@ -1,4 +1,4 @@
-//! The command line of cli.md (clap).
+//! The command line of docs/cli.md (clap).
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};

@@ -1,4 +1,4 @@
-//! Exit codes of cli.md and the one-line error that goes with them.
+//! Exit codes of docs/cli.md and the one-line error that goes with them.
 use std::process::ExitCode;
 
 /// 0 success, 1 input refused, 2 usage error, 3 daemon or kernel unreachable

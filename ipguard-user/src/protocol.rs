@@ -47,7 +47,7 @@ pub struct Response {
     /// One readable line when `ok` is false.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    /// The exit code the client should use when `ok` is false (cli.md).
+    /// The exit code the client should use when `ok` is false (docs/cli.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit: Option<u8>,
     #[serde(default)]

@@ -1,4 +1,4 @@
-//! Runtime entries (policy.md §6): `ipguard allow ADDR --for 8h` and
+//! Runtime entries (docs/policy.md §6): `ipguard allow ADDR --for 8h` and
 //! `ipguard revoke ADDR`. Kept by the daemon in its state directory,
 //! written atomically, reloaded at start, expired on time, merged into
 //! whatever policy file is current; never written into that file.

@@ -1,4 +1,4 @@
-//! Established inbound TCP sessions, for the lockout guard (policy.md §7).
+//! Established inbound TCP sessions, for the lockout guard (docs/policy.md §7).
 //!
 //! Read from /proc/net/tcp and /proc/net/tcp6 of the daemon's own network
 //! namespace: the text format has been stable since Linux 2.6 and needs no

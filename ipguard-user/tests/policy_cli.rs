@@ -1,5 +1,5 @@
 //! `ipguard check` and `ipguard explain` as a user runs them: the built
-//! binary, its exit codes (cli.md: 0 ok, 1 input refused, 2 usage), its
+//! binary, its exit codes (docs/cli.md: 0 ok, 1 input refused, 2 usage), its
 //! stderr diagnostics and its JSON.
 
 use std::{
@@ -350,7 +350,7 @@ fn explain_usage_errors_exit_2() {
         code(&run(&["explain", path, "10.0.0.1", "sctp/5"], None)),
         2
     );
-    // --stdin needs --json (cli.md).
+    // --stdin needs --json (docs/cli.md).
     assert_eq!(code(&run(&["explain", path, "--stdin"], Some(""))), 2);
     assert_eq!(code(&run(&["explain", path], None)), 2);
 }

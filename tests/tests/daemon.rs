@@ -1,5 +1,5 @@
 //! The daemon and the operator commands, with real traffic in the netns
-//! harness (issue 4).
+//! harness.
 
 use std::{
     io::{BufRead, BufReader, Write},

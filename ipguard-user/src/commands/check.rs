@@ -1,4 +1,4 @@
-//! `ipguard check FILE [--json]` (cli.md): validate a policy and summarize
+//! `ipguard check FILE [--json]` (docs/cli.md): validate a policy and summarize
 //! what it compiles to now.
 use std::{io::Write, process::ExitCode, time::SystemTime};
 

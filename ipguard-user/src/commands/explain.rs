@@ -1,4 +1,4 @@
-//! `ipguard explain` (cli.md): the verdict of a policy for a packet, from
+//! `ipguard explain` (docs/cli.md): the verdict of a policy for a packet, from
 //! the compiled tables as the datapath holds them (see `policy::Explainer`).
 use std::{
     io::{BufRead, BufWriter, Write},
