@@ -406,3 +406,61 @@ fn fragmented_answers_to_the_hosts_questions_arrive_whole() {
     );
     assert_eq!(counter(&maps, VERDICT_DROP, REASON_FRAGMENT), 0);
 }
+
+/// A connection the host opened keeps working when its flow is gone (the
+/// table evicted it, or ipguard attached after the connection was opened):
+/// the host's next segment on it records the flow again, and the peer's
+/// answer passes as return traffic.
+#[test]
+fn a_connection_the_host_opened_survives_losing_its_flow() {
+    use std::io::{Read, Write};
+    require_root();
+    let pair = Pair::new().unwrap();
+    // An echo server at the peer, which the policy refuses.
+    let peer = SocketAddr::new(ip(CLIENT_V4_ALT), 8100);
+    let listener = pair
+        .client
+        .run_in(move || std::net::TcpListener::bind(peer))
+        .unwrap()
+        .unwrap();
+    let echo = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept()?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut buf = [0u8; 64];
+        loop {
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                return Ok::<_, io::Error>(());
+            }
+            s.write_all(&buf[..n])?;
+        }
+    });
+    let pins = protect(
+        &pair,
+        two_lists(config(MODE_ENFORCE, ACTION_DROP, SCOPE_HOST)),
+    );
+    let mut maps = Maps::open(&pins.path).unwrap();
+    let mut s = tcp_stream(
+        &pair.server,
+        ip(SERVER_V4_ALT),
+        peer,
+        Duration::from_millis(1500),
+    )
+    .unwrap()
+    .expect("the host reaches the refused peer");
+    s.set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
+    let say = |s: &mut std::net::TcpStream, m: &[u8]| -> bool {
+        let mut got = vec![0u8; m.len()];
+        s.write_all(m).is_ok() && s.read_exact(&mut got).is_ok() && got == m
+    };
+    assert!(say(&mut s, b"first"), "an answer on the fresh connection");
+    let deleted = maps.delete_flows(|k| k.local_port != 0).unwrap();
+    assert!(deleted >= 1, "the connection's flow was there");
+    assert!(
+        say(&mut s, b"second"),
+        "the answer after the flow was lost: the host's segment recorded it again"
+    );
+    drop(s);
+    let _ = echo.join();
+}
