@@ -14,6 +14,7 @@ mod diag;
 mod explain;
 mod image;
 mod model;
+pub mod range4;
 mod time;
 mod validate;
 mod yaml;

@@ -1,0 +1,253 @@
+//! An IPv4 longest-prefix lookup built in user space with a bounded
+//! number of reads: a direct table indexed by the top 16 address bits,
+//! and for the /16s that hold longer prefixes a sorted block of address
+//! ranges, searched by binary search (DXR, Zec 2012, with K = 16). It
+//! answers what an LPM trie over the same prefixes answers, through an
+//! index into a table of the distinct prefix values, so the verdict and
+//! the attribution stay those of the compiled values.
+//!
+//! This is the user-space half of the lookup the kernel is to read (see
+//! docs/architecture.md); `lookup` is the reference the kernel's reads
+//! must agree with. Sizes: the direct table is 2^16 words (256 KiB), a
+//! range 8 bytes, a chunk 8 bytes, a leaf 16 bytes.
+
+use std::collections::HashMap;
+
+use ipguard_common::PrefixValue;
+use ipnet::Ipv4Net;
+
+/// Address bits the direct table is indexed by.
+pub const DIRECT_BITS: u32 = 16;
+/// In a direct word: the rest is the index of a chunk of ranges, not a
+/// leaf.
+pub const CHUNK_FLAG: u32 = 1 << 31;
+/// The leaf of addresses no prefix covers.
+pub const LEAF_NONE: u32 = CHUNK_FLAG - 1;
+
+/// A range of a chunk: it starts at `start` (the low 16 bits of its first
+/// address) and runs to the next range's start (or the end of the /16).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Range {
+    pub start: u16,
+    pub leaf: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RangeTable4 {
+    /// The distinct prefix values; a leaf is an index into it.
+    pub leaves: Vec<PrefixValue>,
+    /// 2^16 words: a leaf, or `CHUNK_FLAG | chunk`.
+    pub direct: Vec<u32>,
+    /// (first range, number of ranges) per chunk.
+    pub chunks: Vec<(u32, u32)>,
+    pub ranges: Vec<Range>,
+}
+
+impl RangeTable4 {
+    /// The table of `prefixes` (any order; a prefix written twice keeps
+    /// its last value).
+    pub fn build(prefixes: &[(Ipv4Net, PrefixValue)]) -> Self {
+        let mut t = Self::default();
+        let mut interned: HashMap<PrefixValue, u32> = HashMap::new();
+        let mut leaf_of = |v: &PrefixValue, leaves: &mut Vec<PrefixValue>| -> u32 {
+            *interned.entry(*v).or_insert_with(|| {
+                leaves.push(*v);
+                (leaves.len() - 1) as u32
+            })
+        };
+        // (first address, prefix length, leaf), less specific first at a
+        // shared start, so that the more specific one ends up on top.
+        let mut sorted: Vec<(u32, u8, u32)> = prefixes
+            .iter()
+            .map(|(n, v)| {
+                let n = n.trunc();
+                (
+                    u32::from(n.network()),
+                    n.prefix_len(),
+                    leaf_of(v, &mut t.leaves),
+                )
+            })
+            .collect();
+        // Stable: of a prefix written twice, the later stays later.
+        sorted.sort_by_key(|&(a, l, _)| (a, l));
+        sorted.dedup_by(|b, a| {
+            // Same prefix twice: keep the later value.
+            if (a.0, a.1) == (b.0, b.1) {
+                a.2 = b.2;
+                true
+            } else {
+                false
+            }
+        });
+        let intervals = elementary_intervals(&sorted);
+        t.direct = vec![LEAF_NONE; 1 << DIRECT_BITS];
+        let mut i = 0usize;
+        for chunk in 0..(1u32 << DIRECT_BITS) {
+            let lo = u64::from(chunk) << 16;
+            let hi = lo + (1 << 16);
+            // The interval that holds `lo` is the last one starting at or
+            // before it; intervals cover the whole address space.
+            while i + 1 < intervals.len() && u64::from(intervals[i + 1].0) <= lo {
+                i += 1;
+            }
+            let mut j = i;
+            while j + 1 < intervals.len() && u64::from(intervals[j + 1].0) < hi {
+                j += 1;
+            }
+            if i == j {
+                t.direct[chunk as usize] = intervals[i].1;
+                continue;
+            }
+            let first = t.ranges.len() as u32;
+            t.ranges.push(Range {
+                start: 0,
+                leaf: intervals[i].1,
+            });
+            for &(start, leaf) in &intervals[i + 1..=j] {
+                t.ranges.push(Range {
+                    start: (start & 0xffff) as u16,
+                    leaf,
+                });
+            }
+            t.direct[chunk as usize] = CHUNK_FLAG | t.chunks.len() as u32;
+            t.chunks.push((first, (j - i + 1) as u32));
+        }
+        t
+    }
+
+    /// The value of the longest prefix holding `addr`, as an LPM trie
+    /// lookup returns it.
+    pub fn lookup(&self, addr: u32) -> Option<&PrefixValue> {
+        let w = self.direct[(addr >> 16) as usize];
+        let leaf = if w & CHUNK_FLAG == 0 {
+            w
+        } else {
+            let (first, n) = self.chunks[(w & !CHUNK_FLAG) as usize];
+            let block = &self.ranges[first as usize..(first + n) as usize];
+            let low = (addr & 0xffff) as u16;
+            // The last range starting at or before `low`; the first one
+            // starts at 0.
+            let k = block.partition_point(|r| r.start <= low);
+            block[k - 1].leaf
+        };
+        if leaf == LEAF_NONE {
+            None
+        } else {
+            self.leaves.get(leaf as usize)
+        }
+    }
+
+    /// Bytes the table takes as the kernel would hold it (ranges and
+    /// chunks 8 bytes each, leaves 16).
+    pub fn bytes(&self) -> usize {
+        self.direct.len() * 4
+            + self.chunks.len() * 8
+            + self.ranges.len() * 8
+            + self.leaves.len() * std::mem::size_of::<PrefixValue>()
+    }
+}
+
+/// The address space cut where the longest matching prefix changes:
+/// (first address, leaf), sorted, starting at 0, neighbours with the same
+/// leaf merged. `sorted` holds (first address, length, leaf) by address,
+/// then length; prefixes nest or are disjoint, so a stack of the prefixes
+/// holding the current address gives the most specific one on top.
+fn elementary_intervals(sorted: &[(u32, u8, u32)]) -> Vec<(u32, u32)> {
+    let end = |a: u32, l: u8| -> u64 { u64::from(a) + (1u64 << (32 - u32::from(l))) };
+    let mut out: Vec<(u32, u32)> = Vec::with_capacity(sorted.len() * 2 + 1);
+    let push = |out: &mut Vec<(u32, u32)>, at: u64, leaf: u32| {
+        if at > u64::from(u32::MAX) {
+            return;
+        }
+        let at = at as u32;
+        match out.last_mut() {
+            Some(last) if last.0 == at => last.1 = leaf,
+            Some(last) if last.1 == leaf => {}
+            _ => out.push((at, leaf)),
+        }
+        // Two neighbours with one leaf after an overwrite: merge them.
+        if out.len() >= 2 && out[out.len() - 2].1 == out[out.len() - 1].1 {
+            out.pop();
+        }
+    };
+    // (end, leaf) of the prefixes holding the current address.
+    let mut stack: Vec<(u64, u32)> = Vec::new();
+    push(&mut out, 0, LEAF_NONE);
+    for &(a, l, leaf) in sorted {
+        let a64 = u64::from(a);
+        // Close the prefixes that end before this one starts.
+        while let Some(&(e, _)) = stack.last() {
+            if e > a64 {
+                break;
+            }
+            stack.pop();
+            push(&mut out, e, stack.last().map_or(LEAF_NONE, |s| s.1));
+        }
+        push(&mut out, a64, leaf);
+        stack.push((end(a, l), leaf));
+    }
+    while let Some((e, _)) = stack.pop() {
+        push(&mut out, e, stack.last().map_or(LEAF_NONE, |s| s.1));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(entry: u32) -> PrefixValue {
+        PrefixValue {
+            allow_mask: 1,
+            flags: 0,
+            entry,
+        }
+    }
+
+    fn net(s: &str) -> Ipv4Net {
+        s.parse().unwrap()
+    }
+
+    fn ip(s: &str) -> u32 {
+        u32::from(s.parse::<std::net::Ipv4Addr>().unwrap())
+    }
+
+    #[test]
+    fn nested_and_disjoint_prefixes_resolve_to_the_most_specific() {
+        let t = RangeTable4::build(&[
+            (net("10.0.0.0/8"), v(1)),
+            (net("10.1.0.0/16"), v(2)),
+            (net("10.1.2.0/24"), v(3)),
+            (net("10.1.2.3/32"), v(4)),
+            (net("192.0.2.0/25"), v(5)),
+            (net("0.0.0.0/0"), v(6)),
+            (net("255.255.255.255/32"), v(7)),
+        ]);
+        let e = |a: &str| t.lookup(ip(a)).map(|x| x.entry);
+        assert_eq!(e("10.9.9.9"), Some(1));
+        assert_eq!(e("10.1.9.9"), Some(2));
+        assert_eq!(e("10.1.2.2"), Some(3));
+        assert_eq!(e("10.1.2.3"), Some(4));
+        assert_eq!(e("10.1.2.4"), Some(3));
+        assert_eq!(e("10.1.3.0"), Some(2));
+        assert_eq!(e("10.2.0.0"), Some(1));
+        assert_eq!(e("192.0.2.127"), Some(5));
+        assert_eq!(e("192.0.2.128"), Some(6));
+        assert_eq!(e("11.0.0.0"), Some(6));
+        assert_eq!(e("255.255.255.254"), Some(6));
+        assert_eq!(e("255.255.255.255"), Some(7));
+        assert_eq!(e("0.0.0.0"), Some(6));
+    }
+
+    #[test]
+    fn nothing_is_found_outside_every_prefix() {
+        let t = RangeTable4::build(&[(net("198.51.100.0/24"), v(1))]);
+        assert_eq!(t.lookup(ip("198.51.100.7")).map(|x| x.entry), Some(1));
+        assert!(t.lookup(ip("198.51.101.0")).is_none());
+        assert!(t.lookup(ip("198.51.99.255")).is_none());
+        assert!(t.lookup(0).is_none());
+        assert!(t.lookup(u32::MAX).is_none());
+        // One chunk (the /16 holds a /24), one leaf.
+        assert_eq!((t.chunks.len(), t.leaves.len()), (1, 1));
+    }
+}
