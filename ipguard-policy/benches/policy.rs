@@ -167,7 +167,28 @@ fn phases() {
         peak_rss_mib(),
         rss0
     );
+    let t = Instant::now();
+    let table = policy::range4::RangeTable4::build(&compiled.v4);
+    println!(
+        "range table (IPv4): {:?}, {} KiB: {} chunks, {} ranges, {} leaves",
+        t.elapsed(),
+        table.bytes() >> 10,
+        table.chunks.len(),
+        table.ranges.len(),
+        table.leaves.len()
+    );
     let qs = queries(1_000_000);
+    let t = Instant::now();
+    let mut found = 0usize;
+    for (addr, _, _) in &qs {
+        if let std::net::IpAddr::V4(a) = addr {
+            found += usize::from(table.lookup(u32::from(*a)).is_some());
+        }
+    }
+    println!(
+        "range table: 1M lookups in {:?} ({found} found)",
+        t.elapsed()
+    );
     let t = Instant::now();
     let ex = Explainer::new(&compiled);
     println!("explainer: {:?}", t.elapsed());
