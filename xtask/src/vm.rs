@@ -110,9 +110,9 @@ const GUEST_LIMIT: Duration = Duration::from_secs(1500);
 /// Differential policies per guest: the host runs 1,000; under emulation
 /// each costs about 20 times as much (more since it reads the hit counters
 /// after every packet).
-const GUEST_DIFF_POLICIES: &str = "120";
+const GUEST_DIFF_POLICIES: &str = "80";
 /// Policy swaps under traffic per guest (the host runs 1,000).
-const GUEST_SWAPS: &str = "100";
+const GUEST_SWAPS: &str = "60";
 
 pub struct Options {
     pub kernels: Vec<KernelSpec>,
