@@ -24,16 +24,11 @@ use std::{
 use criterion::{Criterion, criterion_group};
 use ipguard_policy::{self as policy, Explainer, Proto};
 
-/// xorshift64*: deterministic, no dependency.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
+// The tests' generator (`below` is theirs only).
+#[allow(dead_code)]
+#[path = "../tests/support/rng.rs"]
+mod rng;
+use rng::Rng;
 
 fn v4(r: &mut Rng) -> String {
     let len = if r.next() % 10 < 7 {

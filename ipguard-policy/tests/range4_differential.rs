@@ -9,20 +9,9 @@ use ipguard_common::PrefixValue;
 use ipguard_policy::{CompiledPolicy, Explainer, range4::RangeTable4};
 use ipnet::Ipv4Net;
 
-/// xorshift64*: small, seeded.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+#[path = "support/rng.rs"]
+mod rng;
+use rng::Rng;
 
 /// `n` distinct prefixes, lengths mixed like a real table (and some
 /// nesting: a part of them drawn inside earlier ones), with values that
