@@ -868,6 +868,64 @@ impl UdpClient {
     }
 }
 
+/// Creates an array map of the given layout and pins it at `path` (the
+/// directory is created): the pinned map an older ipguard left behind.
+pub fn pin_array_map(path: &Path, key_size: u32, value_size: u32, entries: u32) -> io::Result<()> {
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_MAP_TYPE_ARRAY: u32 = 2;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    // `union bpf_attr`'s map_create member, the fields this needs, zero
+    // past them.
+    let mut create = [0u32; 18];
+    create[0] = BPF_MAP_TYPE_ARRAY;
+    create[1] = key_size;
+    create[2] = value_size;
+    create[3] = entries;
+    // SAFETY: bpf(2) with an attribute buffer of the size passed.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            create.as_mut_ptr(),
+            std::mem::size_of_val(&create),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor bpf(2) just returned, owned here.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    #[repr(C)]
+    struct Pin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let mut pin = Pin {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: std::os::fd::AsRawFd::as_raw_fd(&fd) as u32,
+        file_flags: 0,
+    };
+    // SAFETY: bpf(2) with a BPF_OBJ_PIN attribute; `c` outlives the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_PIN,
+            &mut pin as *mut Pin,
+            std::mem::size_of::<Pin>(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// BPF_PROG_TEST_RUN on a program given by file descriptor (any thread,
 /// any loader: also programs ipguard did not load). Returns the program's
 /// return value and the kernel-measured duration of one run in ns (the

@@ -316,3 +316,36 @@ fn status_names_the_kernel_and_what_it_lacks() {
         }
     );
 }
+
+/// A new version of ipguard meets the pins an older one left: a map whose
+/// layout changed (here `IPG_CONFIG` with the 56-byte value of before) is
+/// replaced by one the program can use, not adopted and misread (the
+/// verifier would refuse the program, and the host would stay on the old
+/// one); the policy is then written into the new maps before attaching.
+#[test]
+fn a_pinned_map_of_an_older_layout_is_replaced_at_start() {
+    require_root();
+    let pair = Pair::new().unwrap();
+    for a in [SERVER_V4, SERVER_V4_ALT] {
+        tcp_listener(&pair.server, SocketAddr::new(a.parse().unwrap(), 7000)).unwrap();
+    }
+    let pins = PinDir::new().unwrap();
+    let config = pins.path.join("IPG_CONFIG");
+    pin_array_map(&config, 4, 56, 2).unwrap();
+    let daemon = Daemon::start_on(pins, &pair, POLICY).unwrap();
+    let info = aya::maps::MapData::from_pin(&config)
+        .unwrap()
+        .info()
+        .unwrap();
+    assert_eq!(
+        info.value_size() as usize,
+        std::mem::size_of::<ipguard_common::PolicyConfig>(),
+        "the pinned config map has this version's layout"
+    );
+    assert!(connect(&pair, CLIENT_V4, SERVER_V4, 7000), "allowed");
+    assert!(
+        !connect(&pair, CLIENT_V4_ALT, SERVER_V4_ALT, 7000),
+        "refused"
+    );
+    drop(daemon);
+}

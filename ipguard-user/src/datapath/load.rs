@@ -55,7 +55,7 @@ impl Datapath {
                 source,
             })?;
         let ncpu = u32::try_from(cpus()?).unwrap_or(u32::MAX);
-        let new_flow_map = replace_flow_map(pin_dir, caps.flows);
+        let new_flow_map = replace_incompatible_maps(pin_dir, caps);
         let kernel = crate::kernel::probe();
         let coarse = u32::from(kernel.coarse_clock);
         let mut ebpf = loader(pin_dir, caps, &ncpu, &coarse)
@@ -149,31 +149,51 @@ pub(super) fn verifier_excerpt(e: &aya::programs::ProgramError) -> String {
     lines[tail..].join(" | ")
 }
 
-/// Removes the pinned flow map when its size is not `capacity`, so the load
-/// creates one of the size asked for (the programs attached until the new
-/// ones replace them keep the old map alive). Connections the host opened
-/// get their entries back from their next outgoing segment. Returns
-/// whether the map will be new.
-pub(super) fn replace_flow_map(pin_dir: &Path, capacity: u32) -> bool {
-    let path = pin_dir.join(MAP_FLOWS);
-    if !path.exists() {
-        return true;
+/// Removes every pinned map that the program being loaded cannot use as
+/// it is: another key or value size than `MAP_LAYOUTS` gives (a map of an
+/// older ipguard, whose layout changed), or, for the maps the operator
+/// sizes, another capacity. The load then creates a new one; the programs
+/// attached until the new ones replace them keep the old map alive, and
+/// the daemon writes the policy into the new maps before it attaches.
+/// What is lost is what a new map starts without: counters and events
+/// start again at zero, and connections the host opened get their flows
+/// back from their next outgoing packet. Returns whether the flow table
+/// will be new.
+pub(super) fn replace_incompatible_maps(pin_dir: &Path, caps: Capacities) -> bool {
+    let sized = |name: &str| -> Option<u32> {
+        match name {
+            n if n == MAP_FLOWS => Some(caps.flows.max(1)),
+            n if MAP_V4.contains(&n) => Some(caps.v4),
+            n if MAP_V6.contains(&n) => Some(caps.v6),
+            _ => None,
+        }
+    };
+    let mut new_flows = !pin_dir.join(MAP_FLOWS).exists();
+    for &(name, key, value) in MAP_LAYOUTS {
+        let path = pin_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let Some(info) = MapData::from_pin(&path).ok().and_then(|m| m.info().ok()) else {
+            continue;
+        };
+        let have = (info.key_size(), info.value_size());
+        let fits =
+            have == (key, value) && sized(name).is_none_or(|entries| info.max_entries() == entries);
+        if fits {
+            continue;
+        }
+        tracing::info!(
+            map = name,
+            key = have.0,
+            value = have.1,
+            entries = info.max_entries(),
+            "the pinned map does not fit this version's program: a new one replaces it"
+        );
+        match std::fs::remove_file(&path) {
+            Ok(()) => new_flows |= name == MAP_FLOWS || name == MAP_COUNTERS,
+            Err(e) => tracing::warn!("cannot remove {}: {e}", path.display()),
+        }
     }
-    let size = MapData::from_pin(&path)
-        .ok()
-        .and_then(|m| m.info().ok())
-        .map(|i| i.max_entries());
-    if size == Some(capacity.max(1)) {
-        return false;
-    }
-    tracing::info!(
-        old = size,
-        new = capacity,
-        "the flow table changes size: a new one replaces it"
-    );
-    if let Err(e) = std::fs::remove_file(&path) {
-        tracing::warn!("cannot remove {}: {e}", path.display());
-        return false;
-    }
-    true
+    new_flows
 }
