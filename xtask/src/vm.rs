@@ -235,7 +235,7 @@ pub fn run(opts: &Options) -> Result<Vec<GuestResult>> {
             loop {
                 let next = queue.lock().map(|mut q| q.pop()).unwrap_or(None);
                 let Some((k, vmlinuz, img)) = next else { break };
-                let r = boot(&work, &k, &vmlinuz, &img, accel, filter.as_deref());
+                let r = boot_retrying(&work, &k, &vmlinuz, &img, accel, filter.as_deref());
                 eprintln!("xtask: vm-test: {}", r.line());
                 if let Ok(mut v) = results.lock() {
                     v.push(r);
@@ -939,6 +939,51 @@ fn qemu(
         bail!("qemu failed ({status}): {}", err.trim());
     }
     Ok(lines)
+}
+
+/// Boots a guest again (twice at most) when its kernel died before
+/// ipguard's init printed its first line: a panic in early boot is the
+/// emulator's (TCG has been seen to trap in the kernel's own text patching,
+/// `Oops: int3` in `sched_clock_tick`, before any user space ran), not a
+/// result of the tests, which have not started. Each retry is said on
+/// stderr and in the kernel's report lines, with the panic's first line;
+/// the dead boot's console stays beside the log as `.attempt-N.log`.
+fn boot_retrying(
+    work: &Path,
+    k: &KernelSpec,
+    vmlinuz: &Path,
+    image: &Path,
+    using: Using,
+    filter: Option<&str>,
+) -> GuestResult {
+    const BOOTS: usize = 3;
+    let mut notes = Vec::new();
+    let mut attempt = 1;
+    loop {
+        let mut r = boot(work, k, vmlinuz, image, using, filter);
+        let died_booting = r.release.is_empty() && r.passed.is_empty() && r.failed.is_empty();
+        if !died_booting || attempt == BOOTS {
+            r.reports.splice(0..0, notes);
+            return r;
+        }
+        let why = std::fs::read_to_string(&r.log)
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find(|l| l.contains("Oops") || l.contains("Kernel panic") || l.contains("BUG"))
+                    .map(|l| l.trim().to_string())
+            })
+            .unwrap_or_else(|| r.error.clone().unwrap_or_default());
+        let kept = r.log.with_extension(format!("attempt-{attempt}.log"));
+        let _ = std::fs::rename(&r.log, &kept);
+        let note = format!(
+            "the guest kernel died while booting, before ipguard's init ({why}); booted it again (console of that boot: {})",
+            kept.display()
+        );
+        eprintln!("xtask: vm-test: {}: {note}", k.name);
+        notes.push(note);
+        attempt += 1;
+    }
 }
 
 fn boot(
