@@ -87,7 +87,7 @@ pub type Cuts = (Vec<sessions::Session>, Vec<sessions::Session>);
 /// split by whether their port is one of the lockout guard's
 /// (`lockout_guard.ports`; by default 22 and the ports of a service named
 /// `ssh`).
-pub fn lockout_check(compiled: &CompiledPolicy) -> Cuts {
+pub fn lockout_check(compiled: &CompiledPolicy, ex: &Explainer) -> Cuts {
     let list = match sessions::inbound_sessions() {
         Ok(l) => l,
         Err(e) => {
@@ -101,7 +101,6 @@ pub fn lockout_check(compiled: &CompiledPolicy) -> Cuts {
             .iter()
             .any(|&(first, last)| (first..=last).contains(&port))
     };
-    let ex = Explainer::new(compiled);
     let mut ssh = Vec::new();
     let mut other = Vec::new();
     for s in list {
@@ -126,7 +125,7 @@ pub fn lockout_check(compiled: &CompiledPolicy) -> Cuts {
 pub fn delete_refused_flows(
     maps: &mut crate::datapath::Maps,
     old: &CompiledPolicy,
-    new: &CompiledPolicy,
+    new: &Explainer,
 ) -> Result<u64, crate::datapath::DatapathError> {
     // The first policy of this process: what the previous one enforced is
     // unknown, and deleting every flow of a refused remote would drop the
@@ -136,7 +135,7 @@ pub fn delete_refused_flows(
     if old.config.mode == MODE_UNSET || maps.flows()?.is_empty() {
         return Ok(0);
     }
-    let (old, new) = (Explainer::new(old), Explainer::new(new));
+    let old = Explainer::new(old);
     maps.delete_flows(|k| {
         let Some(src) = flow_remote(k) else {
             return false;
@@ -155,7 +154,7 @@ pub fn delete_refused_flows(
                 },
             )
         };
-        judged(&old).verdict == VERDICT_PASS && !judged(&new).passes()
+        judged(&old).verdict == VERDICT_PASS && !judged(new).passes()
     })
 }
 
@@ -223,7 +222,10 @@ impl Daemon {
             SystemTime::now(),
             &self.runtime.policy_entries(),
         );
-        let (ssh, other) = lockout_check(&compiled);
+        // One explainer of the new policy serves the lockout guard and the
+        // flow pruning (at a million prefixes it takes tens of ms).
+        let ex = Explainer::new(&compiled);
+        let (ssh, other) = lockout_check(&compiled, &ex);
         if !ssh.is_empty() && !force {
             return Err(CliError::refused(format!(
                 "refused: {} would cut established sessions on the lockout guard's ports from {} (lockout); allow those sources or use --force",
@@ -250,9 +252,7 @@ impl Daemon {
             .maps
             .apply(&compiled, Some(self.caps))
             .map_err(|e| CliError::system(e.to_string()))?;
-        let old = std::mem::replace(&mut self.compiled, compiled);
-        self.current = src;
-        match delete_refused_flows(&mut self.dp.maps, &old, &self.compiled) {
+        match delete_refused_flows(&mut self.dp.maps, &self.compiled, &ex) {
             Ok(0) => {}
             Ok(n) => tracing::info!(
                 flows = n,
@@ -260,6 +260,9 @@ impl Daemon {
             ),
             Err(e) => tracing::warn!("cannot prune the flow table: {e}"),
         }
+        drop(ex);
+        self.compiled = compiled;
+        self.current = src;
         let answer = ApplyAnswer {
             generation: stats.generation,
             prefixes: Prefixes {
