@@ -28,7 +28,11 @@ pub fn ipguard_bench_empty(_ctx: XdpContext) -> u32 {
 /// Bench only: the parser of `ipguard` alone.
 #[xdp]
 pub fn ipguard_bench_parse(ctx: XdpContext) -> u32 {
-    match parse::<true>(&xdp_packet(&ctx)) {
+    let Some(scratch) = IPG_SCRATCH.get_ptr_mut(SCRATCH_XDP) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: a field of the map value `scratch` points to.
+    match parse::<true>(&xdp_packet(&ctx), unsafe { &raw mut (*scratch).word }) {
         Parsed::Ip(ip) => {
             // The source must count as used, as in `ipguard`, or the
             // compiler would skip copying it.
@@ -55,7 +59,11 @@ pub fn ipguard_bench_lookup(ctx: XdpContext) -> u32 {
     if IPG_CONFIG.get(slot).is_none() {
         return xdp_action::XDP_PASS;
     }
-    match parse::<true>(&xdp_packet(&ctx)) {
+    let Some(scratch) = IPG_SCRATCH.get_ptr_mut(SCRATCH_XDP) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: a field of the map value `scratch` points to.
+    match parse::<true>(&xdp_packet(&ctx), unsafe { &raw mut (*scratch).word }) {
         Parsed::Ip(ip) => match lookup(slot, ip.family, &ip.src) {
             Some(v) if v.allow_mask != 0 => xdp_action::XDP_PASS,
             _ => xdp_action::XDP_DROP,

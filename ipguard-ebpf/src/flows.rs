@@ -90,14 +90,15 @@ pub(crate) fn is_later_fragment_of_reply(pkt: &Packet, ip: &IpPacket) -> bool {
 
 #[inline(always)]
 pub(crate) fn dst_addr(pkt: &Packet, ip: &IpPacket) -> Option<[u8; 16]> {
-    let mut a = [0u8; 16];
     if ip.family == FAMILY_V4 {
         let d = pkt.bytes::<4>(ip.l3 + 16)?;
-        a[..4].copy_from_slice(d);
+        // As a number, not a zeroed array filled in: LLVM turns the
+        // zeroing into a call of a byte-by-byte memset loop, which the
+        // verifier walks byte by byte on every path that gets here.
+        Some((u32::from_le_bytes(*d) as u128).to_le_bytes())
     } else {
-        a.copy_from_slice(pkt.bytes::<16>(ip.l3 + 24)?);
+        Some(*pkt.bytes::<16>(ip.l3 + 24)?)
     }
-    Some(a)
 }
 
 #[inline(always)]
@@ -119,7 +120,9 @@ pub(crate) fn record_flow(ctx: &TcContext) -> Option<()> {
         start: ctx.data(),
         end: ctx.data_end(),
     };
-    let Parsed::Ip(ip) = parse::<false>(&pkt) else {
+    let scratch = IPG_SCRATCH.get_ptr_mut(SCRATCH_EGRESS)?;
+    // SAFETY: a field of the map value `scratch` points to.
+    let Parsed::Ip(ip) = parse::<false>(&pkt, unsafe { &raw mut (*scratch).word }) else {
         return None;
     };
     let L4::Port { sport, dport } = ip.l4 else {

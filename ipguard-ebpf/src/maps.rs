@@ -55,6 +55,27 @@ pub(crate) static IPG_DHCP: LpmTrie<[u8; 18], u8> = LpmTrie::pinned(SLOTS * MAX_
 pub(crate) static IPG_FLOWS: LruHashMap<FlowKey, u64> =
     LruHashMap::pinned(DEFAULT_FLOW_CAPACITY, 0);
 
+/// What a program passes through map memory to read it back (see
+/// `util::forget`): the parser's offsets, the parse result, and the
+/// decision with the entry it credits.
+// The benchmark object, which shares this module, uses the word only.
+#[allow(dead_code)]
+pub(crate) struct Scratch {
+    pub ip: IpPacket,
+    pub judged: (Decision, u32),
+    /// The parser's (see `parse::merge`).
+    pub word: u64,
+}
+
+/// One entry per program kind, so the egress program never shares the
+/// ingress one's. Per load, never pinned: it holds nothing between two
+/// packets.
+#[map]
+pub(crate) static IPG_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(2, 0);
+pub(crate) const SCRATCH_XDP: u32 = 0;
+#[allow(dead_code)] // as above: the benchmark object has no egress program
+pub(crate) const SCRATCH_EGRESS: u32 = 1;
+
 /// Possible CPUs, set by the loader (`GLOBAL_NR_CPUS`); 1 until then.
 #[unsafe(no_mangle)]
 pub(crate) static IPG_NR_CPUS: u32 = 1;

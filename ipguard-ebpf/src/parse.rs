@@ -33,6 +33,8 @@ pub const MAX_EXT_HEADERS: usize = 8;
 /// for the verifier. Larger than any XDP frame (one page), so it never
 /// refuses a real packet.
 const MAX_OFFSET: usize = 4096;
+/// Bounds an offset known to be at most MAX_OFFSET for the verifier.
+const OFFSET_MASK: usize = 2 * MAX_OFFSET - 1;
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
@@ -157,14 +159,35 @@ pub struct IpPacket {
     pub frag_id: u32,
 }
 
+impl IpPacket {
+    /// The parser's bounds on the offsets, checked again for a packet the
+    /// verifier no longer follows from the parser (see `util::forget`):
+    /// it must see every offset bounded before adding it to a packet
+    /// pointer. Always true for what `parse` returns.
+    #[inline(always)]
+    pub fn offsets_bounded(&self) -> bool {
+        self.l3 <= MAX_OFFSET && self.l4_off <= MAX_OFFSET && self.ip_end <= NO_END
+    }
+}
+
 pub enum Parsed {
     NonIp,
     Malformed,
     Ip(IpPacket),
 }
 
+/// Passes `v` through the map word at `w`, so the verifier knows only
+/// what the caller checks of it afterwards (see `util::forget`): the
+/// parser's paths (no tag, one, two; each extension header of a chain)
+/// then meet in one state instead of going on apart.
 #[inline(always)]
-pub fn parse<const STRICT: bool>(pkt: &Packet) -> Parsed {
+fn merge(w: *mut u64, v: u64) -> u64 {
+    crate::util::forget(w, v)
+}
+
+/// `word`: a per-CPU map word the parser may use (see `merge`).
+#[inline(always)]
+pub fn parse<const STRICT: bool>(pkt: &Packet, word: *mut u64) -> Parsed {
     let Some(eth) = pkt.bytes::<ETH_HLEN>(0) else {
         return Parsed::Malformed;
     };
@@ -181,12 +204,17 @@ pub fn parse<const STRICT: bool>(pkt: &Packet) -> Parsed {
             l3 += 4;
         }
     }
+    let v = merge(word, (l3 as u64) << 16 | ethertype as u64);
+    // Masks, not comparisons, bound what comes back: LLVM may fold a
+    // comparison into one of the packed word, which bounds nothing the
+    // verifier can see; a mask it keeps. l3 is at most 22 here.
+    let (l3, ethertype) = (((v >> 16) & 0x1f) as usize, v as u16);
     match ethertype {
         ETH_P_IP => match parse_v4::<STRICT>(pkt, l3) {
             Some(p) => Parsed::Ip(p),
             None => Parsed::Malformed,
         },
-        ETH_P_IPV6 => match parse_v6::<STRICT>(pkt, l3) {
+        ETH_P_IPV6 => match parse_v6::<STRICT>(pkt, l3, word) {
             Some(p) => Parsed::Ip(p),
             None => Parsed::Malformed,
         },
@@ -252,7 +280,7 @@ fn parse_v4<const STRICT: bool>(pkt: &Packet, l3: usize) -> Option<IpPacket> {
 }
 
 #[inline(always)]
-fn parse_v6<const STRICT: bool>(pkt: &Packet, l3: usize) -> Option<IpPacket> {
+fn parse_v6<const STRICT: bool>(pkt: &Packet, l3: usize, word: *mut u64) -> Option<IpPacket> {
     let h = pkt.bytes::<IPV6_HLEN>(l3)?;
     if h[0] >> 4 != 6 {
         return None;
@@ -312,28 +340,26 @@ fn parse_v6<const STRICT: bool>(pkt: &Packet, l3: usize) -> Option<IpPacket> {
                 next = e[0];
                 off += (e[1] as usize + 2) * 4;
             }
-            _ => {
-                ip.proto = next;
-                ip.l4_off = off;
-                l4_info(pkt, next, &mut ip)?;
-                return Some(ip);
-            }
+            // The upper-layer header: read once, after the loop.
+            _ => break,
         }
         // A header length pointing past the datagram is a bogus length,
         // not an unreachable header.
         if off > ip_end || off > MAX_OFFSET {
             return None;
         }
+        // A mask, as for `l3` in `parse`: `off` is at most MAX_OFFSET here.
+        let v = merge(word, (off as u64) << 8 | next as u64);
+        (off, next) = (((v >> 8) as usize) & OFFSET_MASK, v as u8);
     }
     ip.proto = next;
-    match next {
-        // The upper-layer header is out of reach: malformed.
-        0 | 43 | 44 | 51 | 60 => return None,
-        _ => {
-            ip.l4_off = off;
-            l4_info(pkt, next, &mut ip)?;
-        }
+    if matches!(next, 0 | 43 | 44 | 51 | 60) {
+        // Still an extension header after the last one walked: the
+        // upper-layer header is out of reach, malformed.
+        return None;
     }
+    ip.l4_off = off;
+    l4_info(pkt, next, &mut ip)?;
     Some(ip)
 }
 

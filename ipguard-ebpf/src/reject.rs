@@ -30,6 +30,12 @@ pub(crate) fn fold(mut s: u32) -> u16 {
 #[inline(always)]
 pub(crate) fn send_rst(ctx: &XdpContext, pkt: &Packet, ip: &IpPacket) -> bool {
     let l3 = ip.l3;
+    // First, so no later check implies it: LLVM drops a check it can
+    // prove from an earlier one, and the verifier, which knows only the
+    // checks it sees, would refuse the MAC swap's reads.
+    let Some(eth) = pkt.bytes_mut::<ETH_HLEN>(0) else {
+        return false;
+    };
     let Some(t) = pkt.bytes::<TCP_HLEN>(ip.l4_off) else {
         return false;
     };
@@ -50,9 +56,6 @@ pub(crate) fn send_rst(ctx: &XdpContext, pkt: &Packet, ip: &IpPacket) -> bool {
         (0, seq.wrapping_add(seg_len), TCP_RST | TCP_ACK)
     };
 
-    let Some(eth) = pkt.bytes_mut::<ETH_HLEN>(0) else {
-        return false;
-    };
     for i in 0..6 {
         eth.swap(i, i + 6);
     }

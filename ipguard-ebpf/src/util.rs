@@ -23,6 +23,42 @@ pub(crate) fn xdp_packet(ctx: &XdpContext) -> Packet {
     }
 }
 
+/// The packet's bounds read again from the context, as pointers that
+/// carry none of the bounds checks made so far (see `forget`).
+#[inline(always)]
+pub(crate) fn xdp_packet_again(ctx: &XdpContext) -> Packet {
+    // SAFETY: the program's own context, valid for the whole run; the
+    // volatile reads keep LLVM from reusing the earlier loads.
+    unsafe {
+        Packet {
+            start: core::ptr::read_volatile(&(*ctx.ctx).data) as usize,
+            end: core::ptr::read_volatile(&(*ctx.ctx).data_end) as usize,
+        }
+    }
+}
+
+/// Passes `v` through map memory, whose contents the verifier does not
+/// track. The parser has hundreds of paths (VLAN tags, IPv4 options, up to
+/// eight IPv6 extension headers), each ending with different known
+/// offsets and packet bounds; carried on, they made the verifier walk the
+/// rest of the program once per path (487,000 instructions of its
+/// 1,000,000 limit, ~10 s per load under emulation). Read back from
+/// here, every path reaches the rest of the program in one state, which
+/// the verifier checks once (62,000 instructions with the other merges:
+/// the parser's, `parse::merge`, and the decision's). The rest must then
+/// use packet pointers read afresh (`xdp_packet_again`) and bounds-check
+/// every read itself, which `Packet::bytes` does. It costs a store and a
+/// load of the value, in the cache line the map lookup brought in.
+#[inline(always)]
+pub(crate) fn forget<T>(scratch: *mut T, v: T) -> T {
+    // SAFETY: `scratch` points to a per-CPU map value of type T, alive for
+    // the program run and used by this program only.
+    unsafe {
+        core::ptr::write_volatile(scratch, v);
+        core::ptr::read_volatile(scratch)
+    }
+}
+
 #[inline(always)]
 pub(crate) fn lookup(slot: u32, family: u8, src: &[u8; 16]) -> Option<&'static PrefixValue> {
     if family == FAMILY_V4 {

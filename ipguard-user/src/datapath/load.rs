@@ -2,6 +2,7 @@
 //! load-time globals.
 
 use super::*;
+use std::time::Instant;
 
 /// The loaded programs plus their pinned maps.
 pub struct Datapath {
@@ -14,6 +15,9 @@ pub struct Datapath {
     pub maps: Maps,
     /// What the kernel offered at load (and what the program does instead).
     pub kernel: crate::kernel::Kernel,
+    /// Instructions the verifier processed per program (the kernel says
+    /// since 5.16): how close the programs are to its 1,000,000 limit.
+    pub verified_insns: Vec<(&'static str, Option<u32>)>,
 }
 
 /// The object loader with everything both objects must agree on: the pin
@@ -66,15 +70,19 @@ impl Datapath {
             .ok_or_else(|| DatapathError::Load(format!("no program {PROG_XDP} in the object")))?
             .try_into()
             .map_err(|e| DatapathError::Load(format!("{e}")))?;
+        let started = Instant::now();
         xdp.load()
             .map_err(|e| DatapathError::Load(verifier_excerpt(&e)))?;
+        let mut verified_insns = vec![verified(PROG_XDP, xdp.info().ok(), started)];
         let tc: &mut SchedClassifier = ebpf
             .program_mut(PROG_EGRESS)
             .ok_or_else(|| DatapathError::Load(format!("no program {PROG_EGRESS} in the object")))?
             .try_into()
             .map_err(|e| DatapathError::Load(format!("{e}")))?;
+        let started = Instant::now();
         tc.load()
             .map_err(|e| DatapathError::Load(verifier_excerpt(&e)))?;
+        verified_insns.push(verified(PROG_EGRESS, tc.info().ok(), started));
         let mut maps = Maps::open(pin_dir)?;
         if new_flow_map {
             // The counters behind the eviction figure describe the map
@@ -88,6 +96,7 @@ impl Datapath {
             caps,
             maps,
             kernel,
+            verified_insns,
         })
     }
 
@@ -139,6 +148,24 @@ impl Datapath {
 }
 
 /// The verifier's log is long; its last lines say what went wrong.
+/// How much work the verifier did, also said at debug: it sets how long a
+/// start takes on a slow host, so a regression in program size shows in
+/// the logs.
+fn verified(
+    program: &'static str,
+    info: Option<aya::programs::ProgramInfo>,
+    started: Instant,
+) -> (&'static str, Option<u32>) {
+    let insns = info.and_then(|i| i.verified_instruction_count());
+    tracing::debug!(
+        program,
+        verified_insns = insns,
+        elapsed_ms = started.elapsed().as_millis(),
+        "program verified"
+    );
+    (program, insns)
+}
+
 pub(super) fn verifier_excerpt(e: &aya::programs::ProgramError) -> String {
     let text = format!("{e:#}");
     // The whole log is what a developer needs to fix the program; the
