@@ -79,6 +79,10 @@ pub const MAP_LAYOUTS: &[(&str, u32, u32)] = &[
     (MAP_DHCP_SERVERS, 4 + 18, 1),
     (MAP_FLOWS, core::mem::size_of::<FlowKey>() as u32, 8),
 ];
+/// Maps of the programs' own that user space never opens nor pins (their
+/// layout is the program's): the per-CPU scratch values the verifier
+/// merges paths through.
+pub const PRIVATE_MAPS: &[&str] = &["IPG_SCRATCH"];
 const PREFIX_VALUE_SIZE: u32 = core::mem::size_of::<PrefixValue>() as u32;
 
 /// Program names in the object files. The daemon loads the first two; the

@@ -69,7 +69,7 @@ pub(crate) struct Scratch {
 
 /// One entry per program kind, so the egress program never shares the
 /// ingress one's. Per load, never pinned: it holds nothing between two
-/// packets.
+/// packets (`ipguard_common::PRIVATE_MAPS`).
 #[map]
 pub(crate) static IPG_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(2, 0);
 pub(crate) const SCRATCH_XDP: u32 = 0;

@@ -147,7 +147,6 @@ impl Datapath {
     }
 }
 
-/// The verifier's log is long; its last lines say what went wrong.
 /// How much work the verifier did, also said at debug: it sets how long a
 /// start takes on a slow host, so a regression in program size shows in
 /// the logs.
@@ -166,6 +165,7 @@ fn verified(
     (program, insns)
 }
 
+/// The verifier's log is long; its last lines say what went wrong.
 pub(super) fn verifier_excerpt(e: &aya::programs::ProgramError) -> String {
     let text = format!("{e:#}");
     // The whole log is what a developer needs to fix the program; the

@@ -204,11 +204,12 @@ impl Default for Capacities {
 
 #[cfg(test)]
 mod tests {
-    use ipguard_common::MAP_LAYOUTS;
+    use ipguard_common::{MAP_LAYOUTS, PRIVATE_MAPS};
 
     /// The maps both objects declare are those of `MAP_LAYOUTS`, with its
-    /// key and value sizes: the kernel side and the user side agree on
-    /// every map before any kernel sees them.
+    /// key and value sizes (and the programs' private ones): the kernel
+    /// side and the user side agree on every map before any kernel sees
+    /// them.
     #[test]
     fn the_objects_declare_the_maps_of_the_shared_table() {
         let product = aya_obj::Object::parse(crate::EBPF_OBJECT).expect("the product object");
@@ -225,11 +226,16 @@ mod tests {
         let mut names: Vec<&str> = names.iter().map(String::as_str).collect();
         names.sort_unstable();
         let mut want: Vec<&str> = MAP_LAYOUTS.iter().map(|m| m.0).collect();
+        want.extend(PRIVATE_MAPS);
         want.sort_unstable();
         assert_eq!(names, want, "the product object's maps");
         let bench = aya_obj::Object::parse(crate::EBPF_BENCH_OBJECT).expect("the bench object");
         for (name, object) in [("product", &product), ("bench", &bench)] {
-            for (map, m) in object.maps.iter().filter(|(n, _)| !n.starts_with('.')) {
+            for (map, m) in object
+                .maps
+                .iter()
+                .filter(|(n, _)| !n.starts_with('.') && !PRIVATE_MAPS.contains(&n.as_str()))
+            {
                 let Some(&(_, key, value)) = MAP_LAYOUTS.iter().find(|l| l.0 == map) else {
                     panic!("{name} object: map {map} is not in MAP_LAYOUTS");
                 };
