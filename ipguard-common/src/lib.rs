@@ -10,6 +10,8 @@
 
 pub mod decide;
 pub mod maps;
+pub mod range4;
 
 pub use decide::*;
 pub use maps::*;
+pub use range4::*;

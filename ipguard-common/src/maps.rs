@@ -1,7 +1,7 @@
 //! Map names, sizes and value layouts of the datapath.
 //!
 //! The policy lives twice in the kernel: slot 0 and slot 1, each a complete
-//! set of LPM tries, a port table and a config. The XDP program reads
+//! IPv4 range table (`range4`), IPv6 LPM trie, port table and config. The XDP program reads
 //! [`ACTIVE_SLOT`](MAP_ACTIVE) once per packet and then looks only at that
 //! slot, so a packet is always judged by one whole policy. The daemon writes a
 //! new policy into the inactive slot, flips the index, and later reuses the
@@ -14,7 +14,9 @@
 pub const SLOTS: u32 = 2;
 
 /// Map names as they appear in the object file and under the pin directory.
-pub const MAP_V4: [&str; 2] = ["IPG_V4_0", "IPG_V4_1"];
+/// Maps an earlier version pinned that this one has no more (the IPv4
+/// LPM tries the range table replaced); the loader removes their pins.
+pub const OBSOLETE_MAPS: &[&str] = &["IPG_V4_0", "IPG_V4_1"];
 pub const MAP_V6: [&str; 2] = ["IPG_V6_0", "IPG_V6_1"];
 /// Per slot, the allow entries that decide for sources whose prefix is
 /// allowed by several lists with different deciding entries (see
@@ -45,8 +47,17 @@ pub const MAX_DHCP_SERVERS: u32 = 8;
 /// against this table, so a map declared with another type in the
 /// program, or a renamed one, fails before any kernel sees it.
 pub const MAP_LAYOUTS: &[(&str, u32, u32)] = &[
-    (MAP_V4[0], 4 + 4, PREFIX_VALUE_SIZE),
-    (MAP_V4[1], 4 + 4, PREFIX_VALUE_SIZE),
+    (
+        crate::MAP_R4_DIRECT,
+        4,
+        core::mem::size_of::<crate::R4Direct>() as u32,
+    ),
+    (
+        crate::MAP_R4_RANGES,
+        4,
+        core::mem::size_of::<crate::R4Range>() as u32,
+    ),
+    (crate::MAP_R4_LEAVES, 4, PREFIX_VALUE_SIZE),
     (MAP_V6[0], 4 + 16, PREFIX_VALUE_SIZE),
     (MAP_V6[1], 4 + 16, PREFIX_VALUE_SIZE),
     (MAP_DECIDERS_V4[0], 4 + 5, 4),
@@ -110,8 +121,11 @@ pub const GLOBAL_NR_CPUS: &str = "IPG_NR_CPUS";
 /// kernel lacks (the branch is dead code to it).
 pub const GLOBAL_COARSE_CLOCK: &str = "IPG_COARSE_CLOCK";
 
-/// Default capacities; the daemon may override the trie sizes at load time.
-pub const DEFAULT_V4_CAPACITY: u32 = 1_048_576;
+/// Default capacities in prefixes (`ipguard run --ipv4-capacity`,
+/// `--ipv6-capacity`). The IPv4 lookup's arrays are allocated whole (see
+/// `r4_ranges_capacity`), about 32 bytes per prefix and slot; the IPv6
+/// trie takes memory only for what it holds.
+pub const DEFAULT_V4_CAPACITY: u32 = 131_072;
 pub const DEFAULT_V6_CAPACITY: u32 = 262_144;
 /// Flows of connections this host opened (see [`FlowKey`]); `ipguard run
 /// --flow-capacity` sets another size. About 100 bytes each in the kernel.
@@ -234,7 +248,9 @@ pub struct PolicyConfig {
     pub event_source_interval_ns: u64,
     /// Events per second in all (0: none are sent).
     pub event_max_per_sec: u32,
-    pub _pad0: u32,
+    /// Where this slot's IPv4 ranges start in [`crate::MAP_R4_RANGES`]
+    /// (both slots share the array; set by the loader).
+    pub r4_range_base: u32,
     /// Increases with every policy the daemon writes; shown by status.
     pub generation: u64,
     /// Bit `s`: the deciders map keys service `s`'s decisions by `s`: it
@@ -256,7 +272,15 @@ pub struct PolicyConfig {
     /// exempts DHCP replies from any source (`dhcp: true`), N only from
     /// those servers.
     pub dhcp_servers: u32,
-    pub _pad1: u32,
+    /// Where this slot's IPv4 leaves start in [`crate::MAP_R4_LEAVES`]
+    /// (set by the loader).
+    pub r4_leaf_base: u32,
+    /// IPv4 prefixes of the policy, and the ranges and leaves the lookup
+    /// built from them holds (set by the loader; for `status`).
+    pub v4_prefixes: u32,
+    pub r4_ranges: u32,
+    pub r4_leaves: u32,
+    pub _pad0: u32,
 }
 
 /// Key data of [`MAP_DECIDERS_V4`]: the list, then the address. A prefix
@@ -497,7 +521,7 @@ pub const fn rate_key(family: u8, src: &[u8; 16]) -> [u8; 16] {
 }
 
 const _: () = assert!(core::mem::size_of::<PrefixValue>() == 16);
-const _: () = assert!(core::mem::size_of::<PolicyConfig>() == 80);
+const _: () = assert!(core::mem::size_of::<PolicyConfig>() == 96);
 const _: () = assert!(core::mem::size_of::<DropEvent>() == 48);
 const _: () = assert!(core::mem::size_of::<SourceRate>() == 16);
 const _: () = assert!(core::mem::size_of::<EventBudget>() == 16);

@@ -56,15 +56,15 @@ pub fn ipguard_bench_parse(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn ipguard_bench_lookup(ctx: XdpContext) -> u32 {
     let slot = active_slot();
-    if IPG_CONFIG.get(slot).is_none() {
+    let Some(cfg) = IPG_CONFIG.get(slot) else {
         return xdp_action::XDP_PASS;
-    }
+    };
     let Some(scratch) = IPG_SCRATCH.get_ptr_mut(SCRATCH_XDP) else {
         return xdp_action::XDP_PASS;
     };
     // SAFETY: a field of the map value `scratch` points to.
     match parse::<true>(&xdp_packet(&ctx), unsafe { &raw mut (*scratch).word }) {
-        Parsed::Ip(ip) => match lookup(slot, ip.family, &ip.src) {
+        Parsed::Ip(ip) => match lookup(slot, cfg, ip.family, &ip.src) {
             Some(v) if v.allow_mask != 0 => xdp_action::XDP_PASS,
             _ => xdp_action::XDP_DROP,
         },

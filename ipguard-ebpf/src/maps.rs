@@ -8,10 +8,21 @@ use crate::prelude::*;
 
 // Pinned by name under the daemon's pin directory, so a restarted daemon
 // adopts the live maps instead of creating empty ones.
+// The IPv4 lookup (`ipguard_common::range4`), both slots in each array;
+// user space writes them through a memory mapping.
 #[map]
-pub(crate) static IPG_V4_0: LpmTrie<[u8; 4], PrefixValue> = LpmTrie::pinned(DEFAULT_V4_CAPACITY, 0);
+pub(crate) static IPG_R4_DIRECT: Array<R4Direct> =
+    Array::pinned(SLOTS * R4_DIRECT_VALUES, BPF_F_MMAPABLE);
 #[map]
-pub(crate) static IPG_V4_1: LpmTrie<[u8; 4], PrefixValue> = LpmTrie::pinned(DEFAULT_V4_CAPACITY, 0);
+pub(crate) static IPG_R4_RANGES: Array<R4Range> = Array::pinned(
+    SLOTS * r4_ranges_capacity(DEFAULT_V4_CAPACITY),
+    BPF_F_MMAPABLE,
+);
+#[map]
+pub(crate) static IPG_R4_LEAVES: Array<PrefixValue> = Array::pinned(
+    SLOTS * r4_leaves_capacity(DEFAULT_V4_CAPACITY),
+    BPF_F_MMAPABLE,
+);
 #[map]
 pub(crate) static IPG_V6_0: LpmTrie<[u8; 16], PrefixValue> =
     LpmTrie::pinned(DEFAULT_V6_CAPACITY, 0);

@@ -59,15 +59,18 @@ pub(crate) fn forget<T>(scratch: *mut T, v: T) -> T {
     }
 }
 
+/// The prefix value of the source in `slot`: the range table for IPv4
+/// (see `ipguard_common::range4`), the LPM trie for IPv6.
 #[inline(always)]
-pub(crate) fn lookup(slot: u32, family: u8, src: &[u8; 16]) -> Option<&'static PrefixValue> {
+pub(crate) fn lookup(
+    slot: u32,
+    cfg: &PolicyConfig,
+    family: u8,
+    src: &[u8; 16],
+) -> Option<&'static PrefixValue> {
     if family == FAMILY_V4 {
-        let key = Key::new(32, [src[0], src[1], src[2], src[3]]);
-        if slot == 0 {
-            IPG_V4_0.get(&key)
-        } else {
-            IPG_V4_1.get(&key)
-        }
+        let addr = u32::from_be_bytes([src[0], src[1], src[2], src[3]]);
+        lookup_v4(slot, cfg, addr)
     } else {
         let key = Key::new(128, *src);
         if slot == 0 {
@@ -76,6 +79,20 @@ pub(crate) fn lookup(slot: u32, family: u8, src: &[u8; 16]) -> Option<&'static P
             IPG_V6_1.get(&key)
         }
     }
+}
+
+#[inline(always)]
+pub(crate) fn lookup_v4(slot: u32, cfg: &PolicyConfig, addr: u32) -> Option<&'static PrefixValue> {
+    let direct = IPG_R4_DIRECT.get(r4_direct_key(slot, addr))?;
+    let word = direct.words[r4_direct_word(addr)];
+    let base = cfg.r4_range_base;
+    let leaf = r4_search(word, addr, |i| {
+        IPG_R4_RANGES.get(base.wrapping_add(i)).copied()
+    })?;
+    if leaf == R4_LEAF_NONE {
+        return None;
+    }
+    IPG_R4_LEAVES.get(cfg.r4_leaf_base.wrapping_add(leaf))
 }
 
 /// CLOCK_MONOTONIC at tick resolution: rate windows, flow timeouts and

@@ -34,7 +34,7 @@ pub(crate) fn try_ipguard(ctx: &XdpContext) -> Result<u32, ()> {
         return Ok(malformed(cfg));
     }
     let pkt = xdp_packet_again(ctx);
-    let value = lookup(slot, ip.family, &ip.src);
+    let value = lookup(slot, cfg, ip.family, &ip.src);
     let ports = match ip.l4 {
         L4::Port { dport, .. } => {
             let service = service_of(slot, ip.proto, dport);

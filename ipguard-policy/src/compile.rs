@@ -548,7 +548,8 @@ fn config(p: &Policy) -> PolicyConfig {
         event_source_interval_ns: u64::try_from(p.events.per_source_interval.as_nanos())
             .unwrap_or(u64::MAX),
         event_max_per_sec: p.events.max_per_sec,
-        _pad0: 0,
+        // Where the slot's lookup lies, and its size: the loader's.
+        r4_range_base: 0,
         generation: 0,
         decider_keys: 0,
         flow_timeout_tcp_ns: u64::try_from(infra.flow_timeout_tcp.as_nanos()).unwrap_or(u64::MAX),
@@ -557,6 +558,10 @@ fn config(p: &Policy) -> PolicyConfig {
         ephemeral_last: 0,
         reject_max_per_sec: p.reject_max_per_sec,
         dhcp_servers: u32::try_from(infra.dhcp_servers.len()).unwrap_or(u32::MAX),
-        _pad1: 0,
+        r4_leaf_base: 0,
+        v4_prefixes: 0,
+        r4_ranges: 0,
+        r4_leaves: 0,
+        _pad0: 0,
     }
 }

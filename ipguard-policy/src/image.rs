@@ -1,5 +1,6 @@
 //! What the kernel holds for one compiled policy, built by one function:
-//! the keys and values of a slot's tries, its port table, its deciders,
+//! the IPv4 range table, the keys and values of a slot's IPv6 trie, its
+//! port table, its deciders,
 //! its DHCP servers and its config, laid out by the formulas of
 //! `ipguard_common` (`port_index`, `decider_key_v4`, ...). The loader only
 //! diffs the image against what the slot holds and writes the difference;
@@ -8,7 +9,7 @@
 use ipguard_common::*;
 use ipnet::IpNet;
 
-use super::CompiledPolicy;
+use super::{CompiledPolicy, range4::RangeTable4};
 
 /// An LPM trie key as the kernel's `bpf_lpm_trie_key_u8` holds it: the
 /// data, and the prefix length in bits. Sorted by data, then length.
@@ -24,8 +25,10 @@ pub struct SlotImage {
     /// `generation`, the ephemeral ports and the DHCP server count are the
     /// loader's to fill.
     pub config: PolicyConfig,
-    /// Sorted, unique.
+    /// The IPv4 prefixes, sorted, unique; the kernel holds them as
+    /// `range4`.
     pub v4: Vec<(TrieKey<4>, PrefixValue)>,
+    pub range4: RangeTable4,
     pub v6: Vec<(TrieKey<16>, PrefixValue)>,
     pub deciders_v4: Vec<(TrieKey<5>, u32)>,
     pub deciders_v6: Vec<(TrieKey<17>, u32)>,
@@ -73,6 +76,7 @@ impl SlotImage {
         v6.dedup_by_key(|e| e.0);
         Self {
             config: c.config,
+            range4: RangeTable4::build(&c.v4),
             v4,
             v6,
             deciders_v4: Self::deciders_v4(c),

@@ -6,41 +6,28 @@
 //! index into a table of the distinct prefix values, so the verdict and
 //! the attribution stay those of the compiled values.
 //!
-//! This is the user-space half of the lookup the kernel is to read (see
-//! docs/architecture.md); `lookup` is the reference the kernel's reads
-//! must agree with. Sizes: the direct table is 2^16 words (256 KiB), a
-//! range 8 bytes, a chunk 8 bytes, a leaf 16 bytes.
+//! The layout is the kernel's (`ipguard_common::range4`) and `lookup`
+//! runs the kernel's search (`r4_search`) over it, so this is both what
+//! the loader writes and the reference the kernel must agree with. Sizes:
+//! the direct table is 2^16 words (256 KiB), a range 8 bytes, a leaf 16.
 
 use std::collections::HashMap;
 
-use ipguard_common::PrefixValue;
+use ipguard_common::{
+    PrefixValue, R4_CHUNK_FLAG, R4_DIRECT_BITS, R4_LEAF_NONE, R4Range, r4_search,
+};
 use ipnet::Ipv4Net;
-
-/// Address bits the direct table is indexed by.
-pub const DIRECT_BITS: u32 = 16;
-/// In a direct word: the rest is the index of a chunk of ranges, not a
-/// leaf.
-pub const CHUNK_FLAG: u32 = 1 << 31;
-/// The leaf of addresses no prefix covers.
-pub const LEAF_NONE: u32 = CHUNK_FLAG - 1;
-
-/// A range of a chunk: it starts at `start` (the low 16 bits of its first
-/// address) and runs to the next range's start (or the end of the /16).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Range {
-    pub start: u16,
-    pub leaf: u32,
-}
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RangeTable4 {
     /// The distinct prefix values; a leaf is an index into it.
     pub leaves: Vec<PrefixValue>,
-    /// 2^16 words: a leaf, or `CHUNK_FLAG | chunk`.
+    /// 2^16 words: a leaf, or `R4_CHUNK_FLAG |` the chunk's first range.
     pub direct: Vec<u32>,
-    /// (first range, number of ranges) per chunk.
-    pub chunks: Vec<(u32, u32)>,
-    pub ranges: Vec<Range>,
+    /// The chunks' ranges, chunk after chunk.
+    pub ranges: Vec<R4Range>,
+    /// Chunks (/16s whose addresses have more than one leaf).
+    pub chunks: usize,
 }
 
 impl RangeTable4 {
@@ -80,9 +67,9 @@ impl RangeTable4 {
             }
         });
         let intervals = elementary_intervals(&sorted);
-        t.direct = vec![LEAF_NONE; 1 << DIRECT_BITS];
+        t.direct = vec![R4_LEAF_NONE; 1 << R4_DIRECT_BITS];
         let mut i = 0usize;
-        for chunk in 0..(1u32 << DIRECT_BITS) {
+        for chunk in 0..(1u32 << R4_DIRECT_BITS) {
             let lo = u64::from(chunk) << 16;
             let hi = lo + (1 << 16);
             // The interval that holds `lo` is the last one starting at or
@@ -99,18 +86,21 @@ impl RangeTable4 {
                 continue;
             }
             let first = t.ranges.len() as u32;
-            t.ranges.push(Range {
+            t.ranges.push(R4Range {
                 start: 0,
+                // At most 2^16 ranges in a /16 (one per address).
+                span: (j - i) as u16,
                 leaf: intervals[i].1,
             });
             for &(start, leaf) in &intervals[i + 1..=j] {
-                t.ranges.push(Range {
+                t.ranges.push(R4Range {
                     start: (start & 0xffff) as u16,
+                    span: 0,
                     leaf,
                 });
             }
-            t.direct[chunk as usize] = CHUNK_FLAG | t.chunks.len() as u32;
-            t.chunks.push((first, (j - i + 1) as u32));
+            t.direct[chunk as usize] = R4_CHUNK_FLAG | first;
+            t.chunks += 1;
         }
         t
     }
@@ -118,31 +108,24 @@ impl RangeTable4 {
     /// The value of the longest prefix holding `addr`, as an LPM trie
     /// lookup returns it.
     pub fn lookup(&self, addr: u32) -> Option<&PrefixValue> {
-        let w = self.direct[(addr >> 16) as usize];
-        let leaf = if w & CHUNK_FLAG == 0 {
-            w
-        } else {
-            let (first, n) = self.chunks[(w & !CHUNK_FLAG) as usize];
-            let block = &self.ranges[first as usize..(first + n) as usize];
-            let low = (addr & 0xffff) as u16;
-            // The last range starting at or before `low`; the first one
-            // starts at 0.
-            let k = block.partition_point(|r| r.start <= low);
-            block[k - 1].leaf
-        };
-        if leaf == LEAF_NONE {
-            None
-        } else {
-            self.leaves.get(leaf as usize)
+        match self.leaf_of(addr) {
+            R4_LEAF_NONE => None,
+            leaf => self.leaves.get(leaf as usize),
         }
     }
 
-    /// Bytes the table takes as the kernel would hold it (ranges and
-    /// chunks 8 bytes each, leaves 16).
+    /// The leaf `addr` resolves to ([`R4_LEAF_NONE`] for none, or for a
+    /// table that is not well formed).
+    pub fn leaf_of(&self, addr: u32) -> u32 {
+        let word = self.direct[(addr >> (32 - R4_DIRECT_BITS)) as usize];
+        r4_search(word, addr, |i| self.ranges.get(i as usize).copied()).unwrap_or(R4_LEAF_NONE)
+    }
+
+    /// Bytes the table takes as the kernel holds it (a range 8 bytes, a
+    /// leaf 16).
     pub fn bytes(&self) -> usize {
         self.direct.len() * 4
-            + self.chunks.len() * 8
-            + self.ranges.len() * 8
+            + self.ranges.len() * std::mem::size_of::<R4Range>()
             + self.leaves.len() * std::mem::size_of::<PrefixValue>()
     }
 }
@@ -172,7 +155,7 @@ fn elementary_intervals(sorted: &[(u32, u8, u32)]) -> Vec<(u32, u32)> {
     };
     // (end, leaf) of the prefixes holding the current address.
     let mut stack: Vec<(u64, u32)> = Vec::new();
-    push(&mut out, 0, LEAF_NONE);
+    push(&mut out, 0, R4_LEAF_NONE);
     for &(a, l, leaf) in sorted {
         let a64 = u64::from(a);
         // Close the prefixes that end before this one starts.
@@ -181,13 +164,13 @@ fn elementary_intervals(sorted: &[(u32, u8, u32)]) -> Vec<(u32, u32)> {
                 break;
             }
             stack.pop();
-            push(&mut out, e, stack.last().map_or(LEAF_NONE, |s| s.1));
+            push(&mut out, e, stack.last().map_or(R4_LEAF_NONE, |s| s.1));
         }
         push(&mut out, a64, leaf);
         stack.push((end(a, l), leaf));
     }
     while let Some((e, _)) = stack.pop() {
-        push(&mut out, e, stack.last().map_or(LEAF_NONE, |s| s.1));
+        push(&mut out, e, stack.last().map_or(R4_LEAF_NONE, |s| s.1));
     }
     out
 }
@@ -248,6 +231,6 @@ mod tests {
         assert!(t.lookup(0).is_none());
         assert!(t.lookup(u32::MAX).is_none());
         // One chunk (the /16 holds a /24), one leaf.
-        assert_eq!((t.chunks.len(), t.leaves.len()), (1, 1));
+        assert_eq!((t.chunks, t.leaves.len()), (1, 1));
     }
 }

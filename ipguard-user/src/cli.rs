@@ -240,6 +240,18 @@ pub struct RunArgs {
     /// Start even if the policy would cut an established SSH session.
     #[arg(long)]
     pub force: bool,
+    /// IPv4 prefixes a policy may have. The IPv4 lookup's arrays are
+    /// allocated whole at this size, about 32 bytes per prefix for each of
+    /// the two policy slots (131,072: 9.5 MiB in all); a policy with more
+    /// is refused. A new size replaces the arrays at start.
+    #[arg(long = "ipv4-capacity", value_name = "N", default_value_t = ipguard_common::DEFAULT_V4_CAPACITY,
+          value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
+    pub ipv4_capacity: u32,
+    /// IPv6 prefixes a policy may have (an LPM trie, which takes memory
+    /// only for the prefixes it holds).
+    #[arg(long = "ipv6-capacity", value_name = "N", default_value_t = ipguard_common::DEFAULT_V6_CAPACITY,
+          value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
+    pub ipv6_capacity: u32,
     /// Entries of the flow table (return traffic of connections the host
     /// opened), about 100 bytes of kernel memory each. A new size replaces
     /// the table; the host's connections get their entries back from their

@@ -89,6 +89,9 @@ pub struct StatusReport {
     pub policy: Option<PolicyJson>,
     pub prefixes: Prefixes,
     pub capacity: Prefixes,
+    /// Kernel memory of the source lookup.
+    #[serde(default)]
+    pub memory: Memory,
     pub counters: Counters,
     /// Every verdict and reason with a non-zero count.
     pub verdicts: BTreeMap<String, u64>,
@@ -118,6 +121,23 @@ pub struct PolicyJson {
     pub sha256: String,
     pub applied_at: String,
 }
+
+/// Bytes of kernel memory the source lookup takes.
+#[derive(Clone, Debug, Serialize, Deserialize, Default, PartialEq, Eq)]
+pub struct Memory {
+    /// The IPv4 lookup's arrays as allocated, both slots
+    /// (`--ipv4-capacity`).
+    pub ipv4_allocated: u64,
+    /// What the active policy's IPv4 table fills of its slot.
+    pub ipv4_policy: u64,
+    /// The IPv6 trie of the active policy, estimated (one kmalloc'd node of
+    /// 96 bytes per prefix; the kernel adds a node where two prefixes part).
+    pub ipv6_estimate: u64,
+}
+
+/// Kernel bytes per IPv6 prefix in an LPM trie (a node of the kmalloc-96
+/// cache: its header, 16 bytes of key and 16 of value).
+pub const IPV6_TRIE_NODE_BYTES: u64 = 96;
 
 #[derive(Clone, Debug, Serialize, Deserialize, Default, PartialEq, Eq)]
 pub struct Prefixes {

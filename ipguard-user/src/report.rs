@@ -145,6 +145,7 @@ pub fn collect(maps: &Maps, state_dir: &std::path::Path) -> Result<StatusReport>
             ipv4: caps.v4 as usize,
             ipv6: caps.v6 as usize,
         },
+        memory: maps.memory(slot),
         counters,
         verdicts,
         services,
@@ -159,4 +160,13 @@ pub fn collect(maps: &Maps, state_dir: &std::path::Path) -> Result<StatusReport>
         top_blocked: Vec::new(),
         runtime_entries: 0,
     })
+}
+
+/// Bytes as MiB with one decimal ("9.5 MiB"), or KiB below one MiB.
+pub fn mib(bytes: u64) -> String {
+    if bytes < 1 << 20 {
+        format!("{} KiB", bytes.div_ceil(1024))
+    } else {
+        format!("{:.1} MiB", bytes as f64 / f64::from(1u32 << 20))
+    }
 }

@@ -7,7 +7,7 @@
 //! | part    | A                          | B                           |
 //! |---------|----------------------------|-----------------------------|
 //! | config  | action drop                | action reject               |
-//! | trie    | X allowed for service 1, Y listed with nothing allowed | Y allowed for service 2, X listed with nothing |
+//! | lookup  | X allowed for service 1, Y listed with nothing allowed | Y allowed for service 2, X listed with nothing |
 //! | ports   | tcp/7000 is service 1      | tcp/7000 is service 2       |
 //!
 //! A TCP SYN from X to 7000 gets PASS under A and TX (a RST) under B; from
@@ -26,7 +26,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{Array, LpmTrie, Map, MapData, lpm_trie::Key};
+use aya::maps::{Array, Map, MapData};
 use datapath_util::*;
 use ipguard::policy::{CompiledPolicy, Proto};
 use ipguard_common::*;
@@ -99,6 +99,10 @@ fn valid(from_x: bool, action: u32) -> bool {
     }
 }
 
+fn ip4(a: &str) -> std::net::Ipv4Addr {
+    a.parse().unwrap()
+}
+
 fn syn(src: &str) -> Vec<u8> {
     Pkt::new(ip(src), ip("198.51.100.1"), L4::syn(40000, 7000)).build()
 }
@@ -117,18 +121,25 @@ fn every_mix_of_two_policies_is_detectable() {
     l.apply(&policy_ab(true));
     let slot = l.dp.maps.active_slot().unwrap();
     let mut config: Array<MapData, PolicyConfig> = open(&l, MAP_CONFIG);
-    let mut trie: LpmTrie<MapData, [u8; 4], PrefixValue> = open(&l, MAP_V4[slot as usize]);
+    let mut leaves: Array<MapData, PrefixValue> = open(&l, MAP_R4_LEAVES);
     let mut ports: Array<MapData, u8> = open(&l, MAP_PORTS);
     let (fx, fy) = (syn(X), syn(Y));
-    let x_key = Key::new(32, [198, 51, 100, 2]);
-    let y_key = Key::new(32, [203, 0, 113, 9]);
+    // Where the slot's lookup lies is the slot's, not a policy's: a mix
+    // keeps it.
+    let live = config.get(&slot, 0).unwrap();
+    let table = l.dp.maps.range_table_v4(slot).unwrap();
+    let leaf = |a: &str| live.r4_leaf_base + table.leaf_of(u32::from(ip4(a)));
+    let (x_leaf, y_leaf) = (leaf(X), leaf(Y));
     for combo in 0..8u8 {
         let (c, t, p) = (combo & 1 != 0, combo & 2 != 0, combo & 4 != 0);
         // Written straight into the live slot: what a broken swap would
         // let a packet see.
-        config.set(slot, cfg(c), 0).unwrap();
-        trie.insert(&x_key, x_value(t), 0).unwrap();
-        trie.insert(&y_key, y_value(t), 0).unwrap();
+        let mut cf = cfg(c);
+        cf.r4_range_base = live.r4_range_base;
+        cf.r4_leaf_base = live.r4_leaf_base;
+        config.set(slot, cf, 0).unwrap();
+        leaves.set(x_leaf, x_value(t), 0).unwrap();
+        leaves.set(y_leaf, y_value(t), 0).unwrap();
         ports
             .set(
                 slot * PORT_SLOT_STRIDE + PROTO_INDEX_TCP * 65_536 + 7000,
@@ -143,7 +154,7 @@ fn every_mix_of_two_policies_is_detectable() {
         assert_eq!(
             flagged,
             mixed,
-            "config {} trie {} ports {}: X got {ax}, Y got {ay}",
+            "config {} lookup {} ports {}: X got {ax}, Y got {ay}",
             if c { "A" } else { "B" },
             if t { "A" } else { "B" },
             if p { "A" } else { "B" }

@@ -183,6 +183,59 @@ fn the_verifier_walks_each_program_within_a_quarter_of_its_limit() {
     }
 }
 
+/// The IPv4 lookup a slot holds is the table the image lays out, in both
+/// slots (a slot's ranges and leaves lie at its own bases), the status's
+/// memory figures are that table's, and a policy over the capacity is
+/// refused with the flag that raises it, leaving the running one.
+#[test]
+fn the_kernel_holds_the_images_ipv4_table_in_either_slot() {
+    let mut l = Loaded::with_caps(ipguard::datapath::Capacities {
+        v4: 4096,
+        v6: 1024,
+        flows: 1024,
+    });
+    let cfg = config(MODE_ENFORCE, ACTION_DROP, SCOPE_HOST);
+    let nets: Vec<String> = (0..3000u32)
+        .map(|i| format!("10.{}.{}.0/24", i / 200, i % 200))
+        .collect();
+    let mut prefixes: Vec<(&str, PrefixValue)> = nets
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.as_str(), value(1, 0, i as u32 % 7)))
+        .collect();
+    prefixes.push(("0.0.0.0/0", value(0, FLAG_DENY, 9)));
+    prefixes.push(("198.51.100.7/32", value(1, 0, 8)));
+    let p = policy(cfg, &prefixes, &[]);
+    let want = ipguard::policy::range4::RangeTable4::build(&p.v4);
+    for _ in 0..2 {
+        l.apply(&p);
+        let slot = l.dp.maps.active_slot().unwrap();
+        let got = l.dp.maps.range_table_v4(slot).unwrap();
+        assert_eq!(got, want, "slot {slot}");
+        let m = l.dp.maps.memory(slot);
+        assert_eq!(
+            m.ipv4_policy,
+            r4_table_bytes(want.ranges.len() as u32, want.leaves.len() as u32)
+        );
+        assert!(m.ipv4_allocated >= 2 * m.ipv4_policy, "{m:?}");
+        let j = l.judge(&tcp("198.51.100.7", 7000).build());
+        assert_eq!((j.verdict, j.reason), (VERDICT_PASS, REASON_ALLOWED));
+        let j = l.judge(&tcp("10.14.199.9", 7000).build());
+        assert_eq!((j.verdict, j.reason), (VERDICT_PASS, REASON_ALLOWED));
+        let j = l.judge(&tcp("10.15.0.1", 7000).build());
+        assert_eq!((j.verdict, j.reason), (VERDICT_DROP, REASON_DENY));
+    }
+    let many: Vec<String> = (0..5000u32)
+        .map(|i| format!("172.{}.{}.0/24", 16 + i / 256, i % 256))
+        .collect();
+    let over: Vec<(&str, PrefixValue)> =
+        many.iter().map(|n| (n.as_str(), value(1, 0, 1))).collect();
+    let e = l.dp.maps.apply(&policy(cfg, &over, &[]), None).unwrap_err();
+    assert!(e.to_string().contains("--ipv4-capacity"), "{e}");
+    let j = l.judge(&tcp("198.51.100.7", 7000).build());
+    assert_eq!(j.verdict, VERDICT_PASS, "the running policy stays");
+}
+
 const FRAG_LATER: u16 = 185; // offset 1480 bytes
 const FRAG_FIRST: u16 = 0x2000; // more fragments, offset 0
 
@@ -1497,13 +1550,19 @@ fn events_are_rate_limited_and_every_one_is_counted() {
     let f = tcp(U, 7000).build();
     let n = 25_000u64;
     let p = l.dp.xdp_program(PROG_XDP).unwrap();
+    // Bounded in time too, generously: a guest under emulation on a busy
+    // host runs these at a few thousand per second.
     let started = Instant::now();
-    for _ in 0..n {
+    for i in 0..n {
         p.test_run(TestRunOptions {
             data_in: Some(&f),
             ..Default::default()
         })
         .unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(180),
+            "{i} of {n} runs took 180 s"
+        );
     }
     let d = delta(c0, counters(&l));
     assert!(d[3] > 0, "the ring never filled: {d:?}");
@@ -1513,7 +1572,6 @@ fn events_are_rate_limited_and_every_one_is_counted() {
         "every refused packet either sent or lost: {d:?}"
     );
     assert_eq!(drain(&mut reader).len() as u64, d[0], "events read back");
-    assert!(started.elapsed() < Duration::from_secs(20));
 }
 
 /// The per-source limiter under a flood from one source on every CPU at

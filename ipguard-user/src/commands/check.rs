@@ -144,6 +144,12 @@ fn summary_text(name: &str, l: &LoadedPolicy, c: &CompiledPolicy, now: SystemTim
         c.v4.len(),
         c.v6.len(),
     ));
+    let m = kernel_memory(c);
+    line(format!(
+        "  kernel memory: IPv4 lookup {} per slot, IPv6 trie about {}",
+        crate::report::mib(m.ipv4_policy),
+        crate::report::mib(m.ipv6_estimate)
+    ));
     if let Some(t) = c.next_change {
         line(format!(
             "  next change: {} (an `until` or a time window)",
@@ -152,6 +158,20 @@ fn summary_text(name: &str, l: &LoadedPolicy, c: &CompiledPolicy, now: SystemTim
     }
     line(format!("  warnings: {}", l.warnings.len()));
     out
+}
+
+/// What the policy takes in the kernel: its IPv4 table exactly (as the
+/// loader builds it), its IPv6 trie estimated. The arrays themselves are
+/// allocated at `run --ipv4-capacity`, whatever the policy.
+fn kernel_memory(c: &CompiledPolicy) -> crate::protocol::Memory {
+    let t = crate::policy::range4::RangeTable4::build(&c.v4);
+    let sat = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    crate::protocol::Memory {
+        // The daemon's to say: it depends on `run --ipv4-capacity`.
+        ipv4_allocated: 0,
+        ipv4_policy: ipguard_common::r4_table_bytes(sat(t.ranges.len()), sat(t.leaves.len())),
+        ipv6_estimate: c.v6.len() as u64 * crate::protocol::IPV6_TRIE_NODE_BYTES,
+    }
 }
 
 fn summary_json(name: &str, l: &LoadedPolicy, c: &CompiledPolicy) -> serde_json::Value {
@@ -163,6 +183,10 @@ fn summary_json(name: &str, l: &LoadedPolicy, c: &CompiledPolicy) -> serde_json:
         "errors": [],
         "warnings": diag_json(&l.warnings),
         "prefixes": {"ipv4": c.v4.len(), "ipv6": c.v6.len()},
+        "memory": {
+            "ipv4_policy": kernel_memory(c).ipv4_policy,
+            "ipv6_estimate": kernel_memory(c).ipv6_estimate,
+        },
         "mode": p.mode.as_str(),
         "action": p.action.as_str(),
         "scope": p.scope.as_str(),

@@ -163,8 +163,9 @@ fn bring_up(
     events_tx: broadcast::Sender<crate::protocol::EventLine>,
 ) -> Result<(Daemon, crate::datapath::ApplyStats)> {
     let caps = Capacities {
+        v4: args.ipv4_capacity,
+        v6: args.ipv6_capacity,
         flows: args.flow_capacity,
-        ..Capacities::default()
     };
     let dp =
         Datapath::load(&args.loc.pin_dir, caps).map_err(|e| CliError::system(e.to_string()))?;

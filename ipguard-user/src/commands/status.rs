@@ -100,6 +100,14 @@ pub fn render(st: &StatusReport) -> String {
         "prefixes:   {} IPv4 of {}, {} IPv6 of {}; {} runtime entries",
         st.prefixes.ipv4, st.capacity.ipv4, st.prefixes.ipv6, st.capacity.ipv6, st.runtime_entries
     );
+    let m = &st.memory;
+    let _ = writeln!(
+        o,
+        "memory:     IPv4 lookup {} allocated (both slots), {} for this policy; IPv6 trie about {}",
+        crate::report::mib(m.ipv4_allocated),
+        crate::report::mib(m.ipv4_policy),
+        crate::report::mib(m.ipv6_estimate)
+    );
     let c = &st.counters;
     let _ = writeln!(
         o,

@@ -38,21 +38,33 @@ impl Maps {
             .collect()
     }
 
-    /// Number of prefixes in a slot's tries (walks them).
+    /// The IPv4 lookup table a slot holds, as its config sizes it.
+    pub fn range_table_v4(&self, slot: u32) -> Result<crate::policy::range4::RangeTable4> {
+        let c = self.config(slot)?;
+        Ok(self.lookup4.read(slot, c.r4_ranges, c.r4_leaves))
+    }
+
+    /// Kernel memory of the source lookup, with `slot`'s policy.
+    pub fn memory(&self, slot: u32) -> crate::protocol::Memory {
+        let c = self.config(slot).unwrap_or_default();
+        let (_, v6) = self.prefix_counts(slot);
+        crate::protocol::Memory {
+            ipv4_allocated: self.lookup4.allocated(),
+            ipv4_policy: r4_table_bytes(c.r4_ranges, c.r4_leaves),
+            ipv6_estimate: v6 as u64 * crate::protocol::IPV6_TRIE_NODE_BYTES,
+        }
+    }
+
+    /// Number of prefixes in a slot: IPv4 as its config says, IPv6 by
+    /// walking the trie.
     pub fn prefix_counts(&self, slot: u32) -> (usize, usize) {
-        (
-            self.v4[slot as usize].keys().count(),
-            self.v6[slot as usize].keys().count(),
-        )
+        let v4 = self.config(slot).map_or(0, |c| c.v4_prefixes as usize);
+        (v4, self.v6[slot as usize].keys().count())
     }
 
     pub fn capacities(&self) -> Capacities {
         Capacities {
-            v4: self.v4[0]
-                .map()
-                .info()
-                .map(|i| i.max_entries())
-                .unwrap_or(0),
+            v4: self.lookup4.prefix_capacity(),
             v6: self.v6[0]
                 .map()
                 .info()

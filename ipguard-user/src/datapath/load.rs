@@ -31,8 +31,8 @@ fn loader<'a>(
 ) -> EbpfLoader<'a> {
     let mut l = EbpfLoader::new();
     l.default_map_pin_directory(pin_dir)
-        .map_max_entries(MAP_V4[0], caps.v4)
-        .map_max_entries(MAP_V4[1], caps.v4)
+        .map_max_entries(MAP_R4_RANGES, SLOTS * r4_ranges_capacity(caps.v4))
+        .map_max_entries(MAP_R4_LEAVES, SLOTS * r4_leaves_capacity(caps.v4))
         .map_max_entries(MAP_V6[0], caps.v6)
         .map_max_entries(MAP_V6[1], caps.v6)
         .map_max_entries(MAP_FLOWS, caps.flows.max(1))
@@ -190,11 +190,24 @@ pub(super) fn replace_incompatible_maps(pin_dir: &Path, caps: Capacities) -> boo
     let sized = |name: &str| -> Option<u32> {
         match name {
             n if n == MAP_FLOWS => Some(caps.flows.max(1)),
-            n if MAP_V4.contains(&n) => Some(caps.v4),
+            n if n == MAP_R4_RANGES => Some(SLOTS * r4_ranges_capacity(caps.v4)),
+            n if n == MAP_R4_LEAVES => Some(SLOTS * r4_leaves_capacity(caps.v4)),
             n if MAP_V6.contains(&n) => Some(caps.v6),
             _ => None,
         }
     };
+    for name in OBSOLETE_MAPS {
+        let path = pin_dir.join(name);
+        if path.exists() {
+            tracing::info!(
+                map = name,
+                "removing the pin of a map this version has no more"
+            );
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!("cannot remove {}: {e}", path.display());
+            }
+        }
+    }
     let mut new_flows = !pin_dir.join(MAP_FLOWS).exists();
     for &(name, key, value) in MAP_LAYOUTS {
         let path = pin_dir.join(name);

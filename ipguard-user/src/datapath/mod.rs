@@ -14,6 +14,7 @@ mod counters;
 mod flows;
 mod load;
 mod pins;
+mod range4;
 mod slots;
 mod sys;
 mod writes;
@@ -24,6 +25,7 @@ pub use load::Datapath;
 pub use pins::*;
 pub use slots::*;
 // Shared between the files of this module.
+use range4::Lookup4;
 use writes::*;
 
 use std::{
@@ -118,15 +120,20 @@ pub enum DatapathError {
         path: PathBuf,
         source: aya::pin::PinError,
     },
-    #[error(
-        "policy needs {need} {family} prefixes but the datapath holds {capacity}: raise the capacity"
-    )]
+    #[error("policy needs {need} {family} prefixes but the datapath holds {capacity}: {fix}")]
     Capacity {
         family: &'static str,
         need: usize,
         capacity: u32,
+        fix: &'static str,
     },
 }
+
+/// What to do about a policy over the IPv4 or IPv6 capacity.
+pub(super) const FIX_V4_CAPACITY: &str =
+    "restart the daemon with a larger `ipguard run --ipv4-capacity`";
+pub(super) const FIX_V6_CAPACITY: &str =
+    "restart the daemon with a larger `ipguard run --ipv6-capacity`";
 
 type Result<T, E = DatapathError> = std::result::Result<T, E>;
 

@@ -7,7 +7,8 @@ use super::*;
 /// when no daemon runs.
 pub struct Maps {
     pub pin_dir: PathBuf,
-    pub(super) v4: [LpmTrie<MapData, [u8; 4], PrefixValue>; 2],
+    /// The IPv4 lookup's arrays, mapped.
+    pub(super) lookup4: Lookup4,
     pub(super) v6: [LpmTrie<MapData, [u8; 16], PrefixValue>; 2],
     pub(super) dec_v4: [LpmTrie<MapData, [u8; 5], u32>; 2],
     pub(super) dec_v6: [LpmTrie<MapData, [u8; 17], u32>; 2],
@@ -65,9 +66,11 @@ pub struct ApplyStats {
     pub generation: u64,
     pub v4: usize,
     pub v6: usize,
-    /// Prefixes removed from the slot (the policy before last had them).
+    /// IPv6 prefixes removed from the slot (the policy before last had
+    /// them).
     pub removed: usize,
-    /// Prefixes written (new, or with a changed value).
+    /// Prefixes written: every IPv4 one (the table is copied whole), and
+    /// the new or changed IPv6 ones.
     pub written: usize,
 }
 
@@ -109,7 +112,6 @@ pub(super) fn value_read(b: &[u8]) -> PrefixValue {
 /// any other writer would have changed it).
 pub(super) struct Shadow {
     pub(super) generation: u64,
-    pub(super) v4: Vec<(TrieKey<4>, PrefixValue)>,
     pub(super) v6: Vec<(TrieKey<16>, PrefixValue)>,
     pub(super) ports: Vec<u8>,
 }
@@ -118,7 +120,7 @@ impl Maps {
     pub fn open(pin_dir: &Path) -> Result<Self> {
         Ok(Self {
             pin_dir: pin_dir.to_path_buf(),
-            v4: [typed!(pin_dir, MAP_V4[0]), typed!(pin_dir, MAP_V4[1])],
+            lookup4: Lookup4::open(pin_dir)?,
             v6: [typed!(pin_dir, MAP_V6[0]), typed!(pin_dir, MAP_V6[1])],
             dec_v4: [
                 typed!(pin_dir, MAP_DECIDERS_V4[0]),
@@ -169,22 +171,21 @@ impl Maps {
         policy: &CompiledPolicy,
         caps: Option<Capacities>,
     ) -> Result<ApplyStats> {
-        if let Some(caps) = caps {
-            if policy.v4.len() > caps.v4 as usize {
-                return Err(DatapathError::Capacity {
-                    family: "IPv4",
-                    need: policy.v4.len(),
-                    capacity: caps.v4,
-                });
-            }
-            if policy.v6.len() > caps.v6 as usize {
-                return Err(DatapathError::Capacity {
-                    family: "IPv6",
-                    need: policy.v6.len(),
-                    capacity: caps.v6,
-                });
-            }
+        if let Some(caps) = caps
+            && policy.v6.len() > caps.v6 as usize
+        {
+            return Err(DatapathError::Capacity {
+                family: "IPv6",
+                need: policy.v6.len(),
+                capacity: caps.v6,
+                fix: FIX_V6_CAPACITY,
+            });
         }
+        // What the slot must hold, by the one function that lays a policy
+        // out for the kernel; from here on only differences are written
+        // (the IPv4 table is copied whole: a few milliseconds).
+        let image = SlotImage::build(policy);
+        self.lookup4.check_fits(&image.range4, image.v4.len())?;
         let active = self.active_slot()?;
         let slot = 1 - active;
         let s = slot as usize;
@@ -195,17 +196,14 @@ impl Maps {
             .max(self.config(slot)?.generation)
             + 1;
 
-        // What the slot must hold, by the one function that lays a policy
-        // out for the kernel; from here on only differences are written.
-        let image = SlotImage::build(policy);
         let old = match self.shadow[s].take() {
             Some(sh) if sh.generation == self.config(slot)?.generation => sh,
             _ => self.read_slot(slot)?,
         };
         // Until the config carries the new generation the slot's contents
         // are unknown to the shadow (an error below leaves it None).
-        let (removed4, written4) = self.sync_trie(slot, true, &old.v4, &image.v4)?;
-        let (removed6, written6) = self.sync_trie(slot, false, &old.v6, &image.v6)?;
+        let (r4_range_base, r4_leaf_base) = self.lookup4.write(slot, &image.range4);
+        let (removed6, written6) = self.sync_trie(slot, &old.v6, &image.v6)?;
         self.sync_ports(slot, &old.ports, &image.ports)?;
         let names = (MAP_DECIDERS_V4[s], MAP_DECIDERS_V6[s]);
         self.replace_deciders(&self.dec_v4[s], names.0, &image.deciders_v4)?;
@@ -216,6 +214,12 @@ impl Maps {
         cfg.generation = generation;
         (cfg.ephemeral_first, cfg.ephemeral_last) = ephemeral_ports();
         cfg.dhcp_servers = dhcp_servers;
+        cfg.r4_range_base = r4_range_base;
+        cfg.r4_leaf_base = r4_leaf_base;
+        // Within the capacities checked above, which are u32.
+        cfg.v4_prefixes = image.v4.len() as u32;
+        cfg.r4_ranges = image.range4.ranges.len() as u32;
+        cfg.r4_leaves = image.range4.leaves.len() as u32;
         self.config.set(slot, cfg, 0).map_err(map_err(MAP_CONFIG))?;
         // x86 keeps stores in order, so a reader that sees the new index
         // sees the slot written before it. Weaker memory models get an
@@ -230,12 +234,11 @@ impl Maps {
             generation,
             v4: image.v4.len(),
             v6: image.v6.len(),
-            removed: removed4 + removed6,
-            written: written4 + written6,
+            removed: removed6,
+            written: image.v4.len() + written6,
         };
         self.shadow[s] = Some(Shadow {
             generation,
-            v4: image.v4,
             v6: image.v6,
             ports: image.ports,
         });
@@ -245,7 +248,6 @@ impl Maps {
     /// Reads what a slot holds (a daemon taking over, or another writer).
     pub(super) fn read_slot(&self, slot: u32) -> Result<Shadow> {
         let s = slot as usize;
-        let v4 = read_trie::<4>(&self.v4[s], MAP_V4[s])?;
         let v6 = read_trie::<16>(&self.v6[s], MAP_V6[s])?;
         let all = dump(self.ports.map(), MAP_PORTS, 4, 1)?;
         let mut ports = vec![0u8; PORT_SLOT_STRIDE as usize];
@@ -258,7 +260,6 @@ impl Maps {
         }
         Ok(Shadow {
             generation: self.config(slot)?.generation,
-            v4,
             v6,
             ports,
         })

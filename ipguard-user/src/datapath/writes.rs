@@ -4,22 +4,18 @@
 use super::*;
 
 impl Maps {
-    /// Makes the slot's trie hold exactly `want`, given that it holds
+    /// Makes the slot's IPv6 trie hold exactly `want`, given that it holds
     /// `have`: deletes first (so the trie never needs more room than the
     /// larger of the two), then writes new and changed prefixes.
-    pub(super) fn sync_trie<const N: usize>(
+    pub(super) fn sync_trie(
         &mut self,
         slot: u32,
-        v4: bool,
-        have: &[(TrieKey<N>, PrefixValue)],
-        want: &[(TrieKey<N>, PrefixValue)],
+        have: &[(TrieKey<16>, PrefixValue)],
+        want: &[(TrieKey<16>, PrefixValue)],
     ) -> Result<(usize, usize)> {
+        const N: usize = 16;
         let s = slot as usize;
-        let (name, data) = if v4 {
-            (MAP_V4[s], self.v4[s].map())
-        } else {
-            (MAP_V6[s], self.v6[s].map())
-        };
+        let (name, data) = (MAP_V6[s], self.v6[s].map());
         let (mut stale, mut fresh) = (Vec::new(), Vec::new());
         let (mut i, mut j) = (0, 0);
         while i < have.len() || j < want.len() {
@@ -226,6 +222,7 @@ impl Maps {
                 family: "DHCP server",
                 need: servers.len(),
                 capacity: MAX_DHCP_SERVERS,
+                fix: "name fewer DHCP servers",
             });
         }
         let old: Vec<Key<[u8; 18]>> = self

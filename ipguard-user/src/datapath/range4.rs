@@ -1,0 +1,212 @@
+//! The IPv4 lookup's arrays (`ipguard_common::range4`), written through
+//! memory mappings of the pinned maps (`BPF_F_MMAPABLE`): a slot is
+//! filled by copying the image's table into it, a few milliseconds for a
+//! million prefixes, with no syscall per entry and nothing freed.
+
+use std::ptr::NonNull;
+
+use super::*;
+use crate::policy::range4::RangeTable4;
+
+/// A shared, writable mapping of a whole array map.
+struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory owned by this value; the kernel's
+// readers never see a slot while it is written (see `Maps::apply`).
+unsafe impl Send for Mapping {}
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    fn new(map: &MapData, name: &'static str, len: usize) -> Result<Self> {
+        // SAFETY: a fresh shared mapping of the map's fd; the kernel checks
+        // the length against the map and keeps the pages alive while
+        // mapped.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(DatapathError::MapIo {
+                name,
+                op: "mmap",
+                source: io::Error::last_os_error(),
+            });
+        }
+        let ptr = NonNull::new(p.cast::<u8>()).ok_or(DatapathError::MapIo {
+            name,
+            op: "mmap",
+            source: io::Error::other("a null mapping"),
+        })?;
+        Ok(Self { ptr, len })
+    }
+
+    /// Copies `src` in at element `at` of `T`s.
+    fn write<T: Copy>(&self, at: usize, src: &[T]) {
+        let size = std::mem::size_of::<T>();
+        let end = (at + src.len()) * size;
+        assert!(end <= self.len, "write past the mapping");
+        // SAFETY: in bounds (checked above); T is a plain `repr(C)` type of
+        // the shared layout; the mapping is page aligned.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                src.as_ptr().cast::<u8>(),
+                self.ptr.as_ptr().add(at * size),
+                std::mem::size_of_val(src),
+            );
+        }
+    }
+
+    fn read<T: Copy + Default>(&self, at: usize, n: usize) -> Vec<T> {
+        let size = std::mem::size_of::<T>();
+        assert!((at + n) * size <= self.len, "read past the mapping");
+        let mut out = vec![T::default(); n];
+        // SAFETY: in bounds (checked above); any bytes are a valid T.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.ptr.as_ptr().add(at * size),
+                out.as_mut_ptr().cast::<u8>(),
+                n * size,
+            );
+        }
+        out
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping this value made, unmapped once.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// The three arrays, mapped.
+pub(super) struct Lookup4 {
+    direct: Mapping,
+    ranges: Mapping,
+    leaves: Mapping,
+    /// Per slot.
+    pub(super) range_capacity: u32,
+    pub(super) leaf_capacity: u32,
+}
+
+fn page_round(n: usize) -> usize {
+    n.div_ceil(4096) * 4096
+}
+
+fn open_mapped(pin_dir: &Path, name: &'static str) -> Result<(Mapping, u32)> {
+    let path = pin_dir.join(name);
+    if !path.exists() {
+        return Err(DatapathError::NotLoaded(pin_dir.to_path_buf()));
+    }
+    let data = MapData::from_pin(&path).map_err(map_err(name))?;
+    let info = data.info().map_err(map_err(name))?;
+    // An array map lays its values out at 8-byte strides.
+    let stride = (info.value_size() as usize).div_ceil(8) * 8;
+    let entries = info.max_entries();
+    let m = Mapping::new(&data, name, page_round(stride * entries as usize))?;
+    Ok((m, entries))
+}
+
+impl Lookup4 {
+    pub(super) fn open(pin_dir: &Path) -> Result<Self> {
+        let (direct, _) = open_mapped(pin_dir, MAP_R4_DIRECT)?;
+        let (ranges, r) = open_mapped(pin_dir, MAP_R4_RANGES)?;
+        let (leaves, l) = open_mapped(pin_dir, MAP_R4_LEAVES)?;
+        Ok(Self {
+            direct,
+            ranges,
+            leaves,
+            range_capacity: r / SLOTS,
+            leaf_capacity: l / SLOTS,
+        })
+    }
+
+    /// Bytes of the three arrays, both slots.
+    pub(super) fn allocated(&self) -> u64 {
+        (self.direct.len + self.ranges.len + self.leaves.len) as u64
+    }
+
+    /// Whether `t` fits a slot; the error names what it needs.
+    pub(super) fn check_fits(&self, t: &RangeTable4, prefixes: usize) -> Result<()> {
+        // The prefix count is the operator's measure (`--ipv4-capacity`);
+        // the table never needs more than it allows, but check both.
+        if prefixes > self.prefix_capacity() as usize
+            || t.ranges.len() > self.range_capacity as usize
+            || t.leaves.len() > self.leaf_capacity as usize
+        {
+            return Err(DatapathError::Capacity {
+                family: "IPv4",
+                need: prefixes,
+                capacity: self.prefix_capacity(),
+                fix: FIX_V4_CAPACITY,
+            });
+        }
+        Ok(())
+    }
+
+    /// The prefixes a slot holds whatever they are (the sizes follow
+    /// `r4_ranges_capacity` and `r4_leaves_capacity`).
+    pub(super) fn prefix_capacity(&self) -> u32 {
+        let by_ranges = self
+            .range_capacity
+            .saturating_sub(1 + (1 << R4_DIRECT_BITS))
+            / 2;
+        by_ranges.min(self.leaf_capacity)
+    }
+
+    /// Writes `t` into `slot` (which no packet reads now) and returns the
+    /// bases its config must carry.
+    pub(super) fn write(&self, slot: u32, t: &RangeTable4) -> (u32, u32) {
+        let range_base = slot * self.range_capacity;
+        let leaf_base = slot * self.leaf_capacity;
+        // The table's direct words index ranges from the slot's base.
+        let words: Vec<R4Direct> = t
+            .direct
+            .chunks_exact(R4_WORDS_PER_VALUE as usize)
+            .map(|c| {
+                let mut words = [0u32; R4_WORDS_PER_VALUE as usize];
+                words.copy_from_slice(c);
+                R4Direct { words }
+            })
+            .collect();
+        self.direct
+            .write((slot * R4_DIRECT_VALUES) as usize, &words);
+        self.ranges.write(range_base as usize, &t.ranges);
+        self.leaves.write(leaf_base as usize, &t.leaves);
+        (range_base, leaf_base)
+    }
+
+    /// What `slot` holds, as a table (for a test or a daemon that wants to
+    /// compare); `ranges` and `leaves` are the counts its config gives.
+    pub(super) fn read(&self, slot: u32, ranges: u32, leaves: u32) -> RangeTable4 {
+        let direct: Vec<R4Direct> = self.direct.read(
+            (slot * R4_DIRECT_VALUES) as usize,
+            R4_DIRECT_VALUES as usize,
+        );
+        let ranges = self.ranges.read::<R4Range>(
+            (slot * self.range_capacity) as usize,
+            ranges.min(self.range_capacity) as usize,
+        );
+        let leaves = self.leaves.read::<PrefixValue>(
+            (slot * self.leaf_capacity) as usize,
+            leaves.min(self.leaf_capacity) as usize,
+        );
+        let direct: Vec<u32> = direct.iter().flat_map(|d| d.words).collect();
+        let chunks = direct.iter().filter(|w| *w & R4_CHUNK_FLAG != 0).count();
+        RangeTable4 {
+            leaves,
+            direct,
+            ranges,
+            chunks,
+        }
+    }
+}
