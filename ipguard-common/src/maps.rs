@@ -110,6 +110,11 @@ pub const PROG_BENCH_EMPTY: &str = "ipguard_bench_empty";
 pub const PROG_BENCH_PARSE: &str = "ipguard_bench_parse";
 /// Parser, active slot and the source's LPM lookup, nothing else.
 pub const PROG_BENCH_LOOKUP: &str = "ipguard_bench_lookup";
+/// Tests only: the source's prefix value as the active slot's lookup finds
+/// it, written over the frame's first 16 bytes (allow mask, flags, entry,
+/// native endian; zeros for none), XDP_PASS; XDP_DROP for a frame that is
+/// not IP. What the lookup differential compares with the compiler's.
+pub const PROG_BENCH_VALUE: &str = "ipguard_bench_value";
 
 /// Read-only global of the object, set at load time to the number of
 /// possible CPUs: the global event cap is shared out per CPU (see

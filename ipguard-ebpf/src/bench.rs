@@ -73,6 +73,34 @@ pub fn ipguard_bench_lookup(ctx: XdpContext) -> u32 {
     }
 }
 
+/// Tests only: the source's prefix value over the frame's first 16 bytes
+/// (`ipguard_common::PROG_BENCH_VALUE`).
+#[xdp]
+pub fn ipguard_bench_value(ctx: XdpContext) -> u32 {
+    let slot = active_slot();
+    let Some(cfg) = IPG_CONFIG.get(slot) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let Some(scratch) = IPG_SCRATCH.get_ptr_mut(SCRATCH_XDP) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let pkt = xdp_packet(&ctx);
+    // SAFETY: a field of the map value `scratch` points to.
+    let Parsed::Ip(ip) = parse::<true>(&pkt, unsafe { &raw mut (*scratch).word }) else {
+        return xdp_action::XDP_DROP;
+    };
+    let v = lookup(slot, cfg, ip.family, &ip.src)
+        .copied()
+        .unwrap_or_default();
+    let Some(out) = pkt.bytes_mut::<16>(0) else {
+        return xdp_action::XDP_DROP;
+    };
+    out[..8].copy_from_slice(&v.allow_mask.to_ne_bytes());
+    out[8..12].copy_from_slice(&v.flags.to_ne_bytes());
+    out[12..].copy_from_slice(&v.entry.to_ne_bytes());
+    xdp_action::XDP_PASS
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

@@ -3,14 +3,15 @@
 //!
 //! Every number is BPF_PROG_TEST_RUN's own measurement of one run
 //! (`repeat` = 1) of one packet, summed over 65,536 packets with distinct
-//! source addresses spread over the prefix set, in random order: the trie
+//! source addresses spread over the prefix set, in random order: the lookup
 //! paths are as cold as the kernel keeps them between packets, not the warm
 //! path of one packet repeated. Three passes; the median pass is reported.
 //!
 //! Programs: `ipguard_bench_empty` (XDP_PASS only), `ipguard_bench_parse`
-//! (the parser), `ipguard_bench_lookup` (parser, active slot, LPM lookup),
-//! `ipguard` (everything); the first three are the bench object's, on the
-//! product's pinned maps; and xdp-filter from
+//! (the parser), `ipguard_bench_lookup` (parser, active slot, the source
+//! lookup: the IPv4 range table or the IPv6 trie), `ipguard`
+//! (everything); the first three are the bench object's, on the product's
+//! pinned maps; and xdp-filter from
 //! Debian's xdp-tools, loaded onto a veth in a throw-away namespace and
 //! run by id on the same packets.
 //!
@@ -553,7 +554,7 @@ fn bench() {
     );
     let _ = writeln!(
         t,
-        "| prefixes | sources | parse | parse + LPM | ipguard | ipguard − empty | xdp-filter |\n|---|---|---:|---:|---:|---:|---:|"
+        "| prefixes | sources | parse | parse + lookup | ipguard | ipguard − empty | xdp-filter |\n|---|---|---:|---:|---:|---:|---:|"
     );
     for r in &rows {
         let _ = writeln!(
@@ -573,7 +574,7 @@ fn bench() {
     let _ = writeln!(
         t,
         "\nFor comparison only, one packet repeated 10,000 times in the kernel's loop (warm caches, what the target is not about):\n\n\
-         | prefixes | source | empty | parse | parse + LPM | ipguard |\n|---|---|---:|---:|---:|---:|\n{}",
+         | prefixes | source | empty | parse | parse + lookup | ipguard |\n|---|---|---:|---:|---:|---:|\n{}",
         warm.join("\n")
     );
     if !load.is_empty() {

@@ -65,6 +65,7 @@ pub const KERNELS: &[KernelSpec] = &[
 const GUEST_TESTS: &[&str] = &[
     "verdicts",
     "verdicts_differential",
+    "lookup_differential",
     "datapath_netns",
     "datapath_swap",
     "foundation",

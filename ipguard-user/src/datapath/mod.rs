@@ -264,6 +264,7 @@ mod tests {
             ipguard_common::PROG_BENCH_EMPTY,
             ipguard_common::PROG_BENCH_PARSE,
             ipguard_common::PROG_BENCH_LOOKUP,
+            ipguard_common::PROG_BENCH_VALUE,
         ] {
             assert!(bench.programs.contains_key(p), "{p} in the bench object");
         }

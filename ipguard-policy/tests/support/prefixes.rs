@@ -1,0 +1,73 @@
+//! Random IPv4 prefix sets shaped like real tables, shared by this crate's
+//! range-table differential and the kernel's (the `tests` crate includes
+//! it with `#[path]`, beside `rng.rs`).
+
+use std::collections::HashSet;
+
+use ipguard_common::PrefixValue;
+use ipnet::Ipv4Net;
+
+use super::rng::Rng;
+
+/// `n` distinct prefixes, lengths mixed like a real table (and some
+/// nesting: a part of them drawn inside earlier ones), with values that
+/// repeat (many prefixes share one).
+pub fn prefix_set(r: &mut Rng, n: usize) -> Vec<(Ipv4Net, PrefixValue)> {
+    let mut seen = HashSet::new();
+    let mut out: Vec<(Ipv4Net, PrefixValue)> = Vec::with_capacity(n);
+    while out.len() < n {
+        let len = match r.below(100) {
+            0..2 => r.below(8) as u8,
+            2..10 => 8 + r.below(8) as u8,
+            10..20 => 16,
+            20..60 => 24,
+            60..70 => 17 + r.below(7) as u8,
+            70..80 => 25 + r.below(7) as u8,
+            _ => 32,
+        };
+        let addr = if !out.is_empty() && r.below(4) == 0 {
+            // Inside an earlier prefix.
+            let (p, _) = out[r.below(out.len() as u64) as usize];
+            u32::from(p.network()) | (r.next() as u32 & !mask(p.prefix_len()))
+        } else {
+            r.next() as u32
+        };
+        let net = Ipv4Net::new(addr.into(), len).unwrap().trunc();
+        if seen.insert(net) {
+            let value = PrefixValue {
+                allow_mask: r.below(8),
+                flags: r.below(3) as u32,
+                entry: r.below(n as u64 / 2 + 1) as u32,
+            };
+            out.push((net, value));
+        }
+    }
+    out
+}
+
+pub fn mask(len: u8) -> u32 {
+    if len == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(len))
+    }
+}
+
+/// The `q`th address to ask about: every other one inside a prefix of
+/// `set` (on its first or last address, just past it, or anywhere in it),
+/// the others anywhere.
+pub fn query(r: &mut Rng, set: &[(Ipv4Net, PrefixValue)], q: usize) -> u32 {
+    if q.is_multiple_of(2) {
+        let (p, _) = set[r.below(set.len() as u64) as usize];
+        let base = u32::from(p.network());
+        let host = !mask(p.prefix_len());
+        match r.below(4) {
+            0 => base,
+            1 => base | host,
+            2 => (base | host).wrapping_add(1),
+            _ => base | (r.next() as u32 & host),
+        }
+    } else {
+        r.next() as u32
+    }
+}
