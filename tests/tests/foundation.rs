@@ -321,7 +321,10 @@ fn status_names_the_kernel_and_what_it_lacks() {
 /// layout changed (here `IPG_CONFIG` with the 56-byte value of before) is
 /// replaced by one the program can use, not adopted and misread (the
 /// verifier would refuse the program, and the host would stay on the old
-/// one); the policy is then written into the new maps before attaching.
+/// one), and with it every map of the policy set, the slot index too (or
+/// the daemon's flip would have the old program, until it is replaced,
+/// read the new config beside its own stale slot); the policy is then
+/// written into the new maps before attaching.
 #[test]
 fn a_pinned_map_of_an_older_layout_is_replaced_at_start() {
     require_root();
@@ -332,7 +335,24 @@ fn a_pinned_map_of_an_older_layout_is_replaced_at_start() {
     let pins = PinDir::new().unwrap();
     let config = pins.path.join("IPG_CONFIG");
     pin_array_map(&config, 4, 56, 2).unwrap();
+    // Of this version's layout, but of the old policy set: replaced with
+    // the config, so an old program would keep reading its own.
+    let active = pins.path.join("IPG_ACTIVE");
+    pin_array_map(&active, 4, 4, 1).unwrap();
+    let id = |p: &std::path::Path| {
+        aya::maps::MapData::from_pin(p)
+            .unwrap()
+            .info()
+            .unwrap()
+            .id()
+    };
+    let old_active = id(&active);
     let daemon = Daemon::start_on(pins, &pair, POLICY).unwrap();
+    assert_ne!(
+        id(&active),
+        old_active,
+        "the slot index went with the config"
+    );
     let info = aya::maps::MapData::from_pin(&config)
         .unwrap()
         .info()

@@ -209,6 +209,7 @@ pub(super) fn replace_incompatible_maps(pin_dir: &Path, caps: Capacities) -> boo
         }
     }
     let mut new_flows = !pin_dir.join(MAP_FLOWS).exists();
+    let mut doomed: Vec<&str> = Vec::new();
     for &(name, key, value) in MAP_LAYOUTS {
         let path = pin_dir.join(name);
         if !path.exists() {
@@ -220,16 +221,30 @@ pub(super) fn replace_incompatible_maps(pin_dir: &Path, caps: Capacities) -> boo
         let have = (info.key_size(), info.value_size());
         let fits =
             have == (key, value) && sized(name).is_none_or(|entries| info.max_entries() == entries);
-        if fits {
-            continue;
+        if !fits {
+            tracing::info!(
+                map = name,
+                key = have.0,
+                value = have.1,
+                entries = info.max_entries(),
+                "the pinned map does not fit this version's program: a new one replaces it"
+            );
+            doomed.push(name);
         }
-        tracing::info!(
-            map = name,
-            key = have.0,
-            value = have.1,
-            entries = info.max_entries(),
-            "the pinned map does not fit this version's program: a new one replaces it"
-        );
+    }
+    // The maps a policy lives in go together: the old program keeps
+    // reading its own set until the new one replaces it. Were only some
+    // replaced, the daemon's flip of a shared IPG_ACTIVE would have the
+    // old program read the new config beside its own stale slot.
+    if doomed.iter().any(|d| POLICY_MAPS.contains(d)) {
+        for name in POLICY_MAPS {
+            if !doomed.contains(&name) && pin_dir.join(name).exists() {
+                doomed.push(name);
+            }
+        }
+    }
+    for name in doomed {
+        let path = pin_dir.join(name);
         match std::fs::remove_file(&path) {
             Ok(()) => new_flows |= name == MAP_FLOWS || name == MAP_COUNTERS,
             Err(e) => tracing::warn!("cannot remove {}: {e}", path.display()),
@@ -237,3 +252,20 @@ pub(super) fn replace_incompatible_maps(pin_dir: &Path, caps: Capacities) -> boo
     }
     new_flows
 }
+
+/// Every map a policy slot lives in, and the index that chooses the slot.
+const POLICY_MAPS: [&str; 13] = [
+    MAP_R4_DIRECT,
+    MAP_R4_RANGES,
+    MAP_R4_LEAVES,
+    MAP_V6[0],
+    MAP_V6[1],
+    MAP_DECIDERS_V4[0],
+    MAP_DECIDERS_V4[1],
+    MAP_DECIDERS_V6[0],
+    MAP_DECIDERS_V6[1],
+    MAP_PORTS,
+    MAP_CONFIG,
+    MAP_ACTIVE,
+    MAP_DHCP_SERVERS,
+];
