@@ -56,6 +56,12 @@ pub struct R4Range {
 
 const _: () = assert!(core::mem::size_of::<R4Direct>() == 64);
 const _: () = assert!(core::mem::size_of::<R4Range>() == 8);
+// The capacities and their inverse agree.
+const _: () = assert!(
+    r4_prefix_capacity(r4_ranges_capacity(131_072), r4_leaves_capacity(131_072)) == 131_072
+);
+const _: () =
+    assert!(r4_prefix_capacity(r4_ranges_capacity(4096), r4_leaves_capacity(4096)) == 4096);
 
 /// Key in [`MAP_R4_DIRECT`] of the value holding `addr`'s direct word.
 #[inline(always)]
@@ -77,6 +83,17 @@ pub const fn r4_ranges_capacity(prefixes: u32) -> u32 {
         .saturating_mul(2)
         .saturating_add(1)
         .saturating_add(1 << R4_DIRECT_BITS)
+}
+
+/// The prefixes a slot of `ranges` ranges and `leaves` leaves holds
+/// whatever they are: the inverse of the two capacities above.
+pub const fn r4_prefix_capacity(ranges: u32, leaves: u32) -> u32 {
+    let by_ranges = ranges.saturating_sub(1 + (1 << R4_DIRECT_BITS)) / 2;
+    if by_ranges < leaves {
+        by_ranges
+    } else {
+        leaves
+    }
 }
 
 /// Leaves a slot needs at most for `prefixes` prefixes: one per distinct

@@ -168,7 +168,7 @@ fn phases() {
         "range table (IPv4): {:?}, {} KiB: {} chunks, {} ranges, {} leaves",
         t.elapsed(),
         table.bytes() >> 10,
-        table.chunks,
+        table.chunks(),
         table.ranges.len(),
         table.leaves.len()
     );

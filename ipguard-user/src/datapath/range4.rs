@@ -156,11 +156,7 @@ impl Lookup4 {
     /// The prefixes a slot holds whatever they are (the sizes follow
     /// `r4_ranges_capacity` and `r4_leaves_capacity`).
     pub(super) fn prefix_capacity(&self) -> u32 {
-        let by_ranges = self
-            .range_capacity
-            .saturating_sub(1 + (1 << R4_DIRECT_BITS))
-            / 2;
-        by_ranges.min(self.leaf_capacity)
+        r4_prefix_capacity(self.range_capacity, self.leaf_capacity)
     }
 
     /// Writes `t` into `slot` (which no packet reads now) and returns the
@@ -200,13 +196,10 @@ impl Lookup4 {
             (slot * self.leaf_capacity) as usize,
             leaves.min(self.leaf_capacity) as usize,
         );
-        let direct: Vec<u32> = direct.iter().flat_map(|d| d.words).collect();
-        let chunks = direct.iter().filter(|w| *w & R4_CHUNK_FLAG != 0).count();
         RangeTable4 {
             leaves,
-            direct,
+            direct: direct.iter().flat_map(|d| d.words).collect(),
             ranges,
-            chunks,
         }
     }
 }
