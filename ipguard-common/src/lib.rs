@@ -8,10 +8,12 @@
 //! datapath's counters without misattributing them.
 #![no_std]
 
+pub mod deadline;
 pub mod decide;
 pub mod maps;
 pub mod range4;
 
+pub use deadline::*;
 pub use decide::*;
 pub use maps::*;
 pub use range4::*;

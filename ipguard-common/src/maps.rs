@@ -203,7 +203,8 @@ pub struct PrefixValue {
     /// effective list of service `s` allows it (a service without a list of
     /// its own has the host-wide bit copied in by the compiler).
     pub allow_mask: u64,
-    /// [`FLAG_ALWAYS_ALLOW`], [`FLAG_DENY`].
+    /// [`FLAG_ALWAYS_ALLOW`], [`FLAG_DENY`], and [`crate::FLAG_TIMED`] with
+    /// the index of a deadline record above [`crate::TIMED_SHIFT`].
     pub flags: u32,
     /// The policy entry that decides for this prefix, for hit counters and
     /// events: the most specific always_allow entry containing it when
@@ -285,7 +286,13 @@ pub struct PolicyConfig {
     pub v4_prefixes: u32,
     pub r4_ranges: u32,
     pub r4_leaves: u32,
-    pub _pad0: u32,
+    /// Of those leaves, the deadline records and fallback values of
+    /// time-limited entries ([`crate::deadline`]; for `status`).
+    pub timed_leaves: u32,
+    /// Unix time of boot in nanoseconds (CLOCK_REALTIME minus
+    /// CLOCK_BOOTTIME when the loader wrote the slot): the kernel's
+    /// deadlines are Unix times, its clock counts from boot.
+    pub unix_at_boot_ns: u64,
 }
 
 /// Key data of [`MAP_DECIDERS_V4`]: the list, then the address. A prefix
@@ -526,7 +533,7 @@ pub const fn rate_key(family: u8, src: &[u8; 16]) -> [u8; 16] {
 }
 
 const _: () = assert!(core::mem::size_of::<PrefixValue>() == 16);
-const _: () = assert!(core::mem::size_of::<PolicyConfig>() == 96);
+const _: () = assert!(core::mem::size_of::<PolicyConfig>() == 104);
 const _: () = assert!(core::mem::size_of::<DropEvent>() == 48);
 const _: () = assert!(core::mem::size_of::<SourceRate>() == 16);
 const _: () = assert!(core::mem::size_of::<EventBudget>() == 16);

@@ -68,7 +68,7 @@ pub(crate) fn lookup(
     family: u8,
     src: &[u8; 16],
 ) -> Option<&'static PrefixValue> {
-    if family == FAMILY_V4 {
+    let found = if family == FAMILY_V4 {
         let addr = u32::from_be_bytes([src[0], src[1], src[2], src[3]]);
         lookup_v4(slot, cfg, addr)
     } else {
@@ -78,7 +78,16 @@ pub(crate) fn lookup(
         } else {
             IPG_V6_1.get(&key)
         }
-    }
+    }?;
+    // Time-limited entries end here, daemon or not; only a value with a
+    // deadline reads the clock.
+    let base = cfg.r4_leaf_base;
+    expire(
+        found,
+        // SAFETY: the helper takes no arguments and touches no memory.
+        || unsafe { bpf_ktime_get_boot_ns() }.wrapping_add(cfg.unix_at_boot_ns),
+        |i| IPG_R4_LEAVES.get(base.wrapping_add(i)),
+    )
 }
 
 #[inline(always)]

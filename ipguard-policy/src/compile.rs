@@ -9,7 +9,7 @@
 //! sweep maintains. Each prefix ORs its own bits into the bits of the top of
 //! that stack. O(n log n) for the sort, O(n) for the sweep.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::SystemTime;
 
 use ipguard_common::*;
@@ -40,6 +40,11 @@ pub struct RuntimeEntry {
     pub service: Option<String>,
     pub label: Option<String>,
     pub until: Option<SystemTime>,
+}
+
+/// Unix nanoseconds of `t`, clamped to the kernel's u64 (before 1970: 0).
+fn unix_ns(t: Timestamp) -> u64 {
+    u64::try_from(t.as_nanosecond().max(0)).unwrap_or(NEVER - 1)
 }
 
 pub(crate) fn timestamp(t: SystemTime) -> Timestamp {
@@ -99,6 +104,163 @@ struct Claim<K> {
     entry: u32,
 }
 
+/// Unix nanoseconds of "never" in [`Builder::expiry`].
+const NEVER: u64 = u64::MAX;
+
+/// The deadline records and fallback values of the time-limited entries:
+/// the first leaves of a slot ([`CompiledPolicy::timed`]), interned.
+#[derive(Default)]
+struct Timed {
+    leaves: Vec<PrefixValue>,
+    interned: HashMap<PrefixValue, u32, foldhash::fast::RandomState>,
+}
+
+impl Timed {
+    fn intern(&mut self, v: PrefixValue) -> u32 {
+        *self.interned.entry(v).or_insert_with(|| {
+            self.leaves.push(v);
+            (self.leaves.len() - 1) as u32
+        })
+    }
+
+    /// `now` (the value at compile time) with its deadlines: `chain` holds
+    /// (deadline, value from then on, None for no prefix), in time order.
+    /// Returns `now` unchanged when the chain is empty or the records
+    /// would not be addressable.
+    fn link(&mut self, now: PrefixValue, chain: &[(u64, Option<PrefixValue>)]) -> PrefixValue {
+        if chain.is_empty() || self.leaves.len() + 2 * chain.len() > TIMED_MAX_RECORD as usize {
+            return now;
+        }
+        // From the last link back: each value points at the record of its
+        // own deadline, which names the next value.
+        let mut next = chain
+            .last()
+            .and_then(|(_, v)| *v)
+            .map_or(R4_LEAF_NONE, |v| self.intern(v));
+        for k in (0..chain.len()).rev() {
+            let record = self.intern(
+                Deadline {
+                    at_unix_ns: chain[k].0,
+                    fallback: next,
+                    _pad0: 0,
+                }
+                .to_leaf(),
+            );
+            let timed = |v: PrefixValue| PrefixValue {
+                flags: timed_flags(v.flags, record),
+                ..v
+            };
+            if k == 0 {
+                return timed(now);
+            }
+            next = match chain[k - 1].1 {
+                Some(v) => self.intern(timed(v)),
+                // Nothing holds the source from the previous deadline on:
+                // later deadlines cannot matter (nothing can start again).
+                None => R4_LEAF_NONE,
+            };
+        }
+        now
+    }
+}
+
+/// One claim of a compiled prefix's level: (list, entry, expiry).
+type LevelClaim = (u8, u32, u64);
+
+/// The value a prefix holds from `at` on (Unix ns) as far as the kernel
+/// can know it: the claims of the prefix and of those containing it
+/// (`levels`, least specific first) that are still active then. With
+/// `terminal`, also every timed claim except deny's is dropped: the end of
+/// a chain longer than the kernel follows refuses rather than allows.
+/// Attribution that needs the deciders map (several lists, different
+/// entries) is answered as nobody's: the map holds today's deciders.
+fn value_at<K: Key>(
+    levels: &[(K, u8)],
+    claims: &[Vec<LevelClaim>],
+    at: u64,
+    terminal: bool,
+    inherit: u64,
+    merged: u64,
+) -> Option<PrefixValue> {
+    let keep = |&(list, _, exp): &LevelClaim| {
+        if terminal {
+            exp == NEVER || (list == LIST_DENY && exp > at)
+        } else {
+            exp > at
+        }
+    };
+    let (mut mask, mut flags, mut any) = (0u64, 0u32, false);
+    let mut here: Vec<Decider<K>> = Vec::new();
+    for (&(key, len), cl) in levels.iter().zip(claims).rev() {
+        for c in cl.iter().filter(|c| keep(c)) {
+            any = true;
+            match c.0 {
+                LIST_ALWAYS_ALLOW => flags |= FLAG_ALWAYS_ALLOW,
+                LIST_DENY => flags |= FLAG_DENY,
+                s => mask |= 1u64 << s,
+            }
+            // Deepest level first, and a level's claims of one list by
+            // entry: the first one found decides, as in the sweep.
+            if !here.iter().any(|d| d.list == c.0) {
+                here.push(Decider {
+                    list: c.0,
+                    key,
+                    len,
+                    entry: c.1,
+                });
+            }
+        }
+    }
+    if !any {
+        return None;
+    }
+    let mut classes = Vec::new();
+    decision_classes(&here, merged, &mut classes);
+    let entry = match decider_of(&here, &classes, flags) {
+        ENTRY_LOOKUP => ENTRY_NONE,
+        e => e,
+    };
+    Some(PrefixValue {
+        allow_mask: if mask & 1 != 0 { mask | inherit } else { mask },
+        flags,
+        entry,
+    })
+}
+
+/// The deadlines of a prefix whose levels hold timed claims, and the value
+/// after each, at most [`DEADLINE_STEPS`] links; equal neighbours merged.
+fn chain_of<K: Key>(
+    now: PrefixValue,
+    levels: &[(K, u8)],
+    claims: &[Vec<LevelClaim>],
+    inherit: u64,
+    merged: u64,
+) -> Vec<(u64, Option<PrefixValue>)> {
+    let mut deadlines: Vec<u64> = claims
+        .iter()
+        .flatten()
+        .map(|c| c.2)
+        .filter(|&e| e != NEVER)
+        .collect();
+    deadlines.sort_unstable();
+    deadlines.dedup();
+    let steps = DEADLINE_STEPS as usize;
+    let mut chain: Vec<(u64, Option<PrefixValue>)> = Vec::with_capacity(steps);
+    let mut last = Some(now);
+    for (k, &at) in deadlines.iter().enumerate().take(steps) {
+        let terminal = k + 1 == steps && deadlines.len() > steps;
+        let v = value_at(levels, claims, at, terminal, inherit, merged);
+        if v != last {
+            chain.push((at, v));
+            last = v;
+        }
+        if v.is_none() {
+            break;
+        }
+    }
+    chain
+}
+
 /// The propagated prefixes of one family, in (address, length) order.
 struct Swept<K> {
     prefixes: Vec<(K, u8, PrefixValue)>,
@@ -122,10 +284,12 @@ struct Decider<K> {
 /// the two lists' entries.
 fn sweep<K: Key>(
     mut claims: Vec<Claim<K>>,
+    expiry: &[u64],
     inherit: u64,
     merged: u64,
     decider_capacity: usize,
     owners: &mut Vec<Owner>,
+    timed: &mut Timed,
 ) -> Swept<K> {
     claims.sort_unstable();
     let mut prefixes: Vec<(K, u8, PrefixValue)> = Vec::with_capacity(claims.len());
@@ -136,6 +300,13 @@ fn sweep<K: Key>(
     // only per nesting depth.
     let mut stack: Vec<(K, u8, u64, u32)> = Vec::with_capacity(usize::from(K::BITS) + 1);
     let mut deciders: Vec<Vec<Decider<K>>> = Vec::new();
+    // Per level, the claims there with their expiry, and whether this
+    // level or one containing it has a timed claim (only those prefixes
+    // get deadlines).
+    let mut level_claims: Vec<Vec<LevelClaim>> = Vec::new();
+    let mut level_timed: Vec<bool> = Vec::new();
+    let mut levels: Vec<(K, u8)> = Vec::new();
+    let expiry_of = |e: u32| expiry.get(e as usize).copied().unwrap_or(NEVER);
     let mut own: Vec<Decider<K>> = Vec::new();
     let mut classes: Vec<Decider<K>> = Vec::new();
     let mut needed: Vec<(u8, K, u8, u32)> = Vec::new();
@@ -147,6 +318,7 @@ fn sweep<K: Key>(
         first.push(u32::try_from(owners.len()).unwrap_or(u32::MAX));
         own.clear();
         let mut last_rank = None;
+        let start = i;
         while i < claims.len() && claims[i].key == key && claims[i].len == len {
             let c = claims[i];
             let list = unrank(c.rank);
@@ -184,6 +356,21 @@ fn sweep<K: Key>(
             flags |= f;
         }
         stack.push((key, len, mask, flags));
+        if level_claims.len() <= depth {
+            level_claims.resize_with(depth + 1, Vec::new);
+        }
+        level_timed.truncate(depth);
+        levels.truncate(depth);
+        let mine = &mut level_claims[depth];
+        mine.clear();
+        mine.extend(
+            claims[start..i]
+                .iter()
+                .map(|c| (unrank(c.rank), c.entry, expiry_of(c.entry))),
+        );
+        let own_timed = mine.iter().any(|c| c.2 != NEVER);
+        level_timed.push(own_timed || depth > 0 && level_timed[depth - 1]);
+        levels.push((key, len));
         if deciders.len() <= depth {
             deciders.resize_with(depth + 1, Vec::new);
         }
@@ -219,15 +406,16 @@ fn sweep<K: Key>(
             }
         }
         let allow_mask = if mask & 1 != 0 { mask | inherit } else { mask };
-        prefixes.push((
-            key,
-            len,
-            PrefixValue {
-                allow_mask,
-                flags,
-                entry,
-            },
-        ));
+        let mut value = PrefixValue {
+            allow_mask,
+            flags,
+            entry,
+        };
+        if level_timed[depth] {
+            let chain = chain_of(value, &levels, &level_claims[..=depth], inherit, merged);
+            value = timed.link(value, &chain);
+        }
+        prefixes.push((key, len, value));
     }
     first.push(u32::try_from(owners.len()).unwrap_or(u32::MAX));
     Swept {
@@ -295,6 +483,8 @@ fn decider_of<K>(deciders: &[Decider<K>], classes: &[Decider<K>], flags: u32) ->
 /// Collects the claims of the active entries and their descriptions.
 struct Builder {
     entries: Vec<EntryInfo>,
+    /// Per entry, when it stops being active (Unix ns; [`NEVER`]).
+    expiry: Vec<u64>,
     v4: Vec<Claim<u32>>,
     v6: Vec<Claim<u128>>,
     now: Timestamp,
@@ -343,7 +533,13 @@ impl Builder {
                 line: e.pos.map(|p| p.line as usize),
             });
             self.note_change(e.next_change(self.now));
-            if e.is_active(self.now) {
+            let active = e.is_active(self.now);
+            self.expiry.push(if active {
+                e.active_until(self.now).map_or(NEVER, unix_ns)
+            } else {
+                NEVER
+            });
+            if active {
                 for n in &e.nets {
                     self.claim(n, id, idx);
                 }
@@ -368,6 +564,7 @@ pub fn compile(policy: &Policy, at: SystemTime, runtime: &[RuntimeEntry]) -> Com
         + runtime.len();
     let mut b = Builder {
         entries: Vec::with_capacity(total),
+        expiry: Vec::with_capacity(total),
         v4: Vec::new(),
         v6: Vec::new(),
         now,
@@ -421,6 +618,7 @@ pub fn compile(policy: &Policy, at: SystemTime, runtime: &[RuntimeEntry]) -> Com
             line: None,
         });
         b.note_change(until.filter(|u| *u > now));
+        b.expiry.push(until.map_or(NEVER, unix_ns));
         if until.is_none_or(|u| now < u) {
             b.claim(&r.net.trunc(), id, idx);
         }
@@ -429,6 +627,7 @@ pub fn compile(policy: &Policy, at: SystemTime, runtime: &[RuntimeEntry]) -> Com
 
     let Builder {
         entries,
+        expiry,
         v4,
         v6,
         next_change,
@@ -437,19 +636,24 @@ pub fn compile(policy: &Policy, at: SystemTime, runtime: &[RuntimeEntry]) -> Com
     } = b;
     let merged = inherit & claimed;
     let mut owners = Vec::new();
+    let mut timed = Timed::default();
     let s4 = sweep(
         v4,
+        &expiry,
         inherit,
         merged,
         DECIDERS_V4_CAPACITY as usize,
         &mut owners,
+        &mut timed,
     );
     let s6 = sweep(
         v6,
+        &expiry,
         inherit,
         merged,
         DECIDERS_V6_CAPACITY as usize,
         &mut owners,
+        &mut timed,
     );
     let deciders_v4 = s4
         .deciders
@@ -484,6 +688,7 @@ pub fn compile(policy: &Policy, at: SystemTime, runtime: &[RuntimeEntry]) -> Com
         },
         v4,
         v6,
+        timed: timed.leaves,
         deciders_v4,
         deciders_v6,
         ports,
@@ -562,6 +767,7 @@ fn config(p: &Policy) -> PolicyConfig {
         v4_prefixes: 0,
         r4_ranges: 0,
         r4_leaves: 0,
-        _pad0: 0,
+        timed_leaves: 0,
+        unix_at_boot_ns: 0,
     }
 }

@@ -70,6 +70,10 @@ pub struct CompiledPolicy {
     /// Sorted by address then prefix length, no duplicates.
     pub v4: Vec<(Ipv4Net, PrefixValue)>,
     pub v6: Vec<(Ipv6Net, PrefixValue)>,
+    /// The first leaves of the slot: the deadline records and fallback
+    /// values that the values with `ipguard_common::FLAG_TIMED` (both
+    /// families) point into, by index.
+    pub timed: Vec<PrefixValue>,
     /// The deciders maps: (list, prefix, entry) for the prefixes whose
     /// value says `ENTRY_LOOKUP`.
     pub deciders_v4: Vec<(u8, Ipv4Net, u32)>,

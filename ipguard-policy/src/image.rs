@@ -76,7 +76,7 @@ impl SlotImage {
         v6.dedup_by_key(|e| e.0);
         Self {
             config: c.config,
-            range4: RangeTable4::build(&c.v4),
+            range4: RangeTable4::of_policy(c),
             v4,
             v6,
             deciders_v4: Self::deciders_v4(c),

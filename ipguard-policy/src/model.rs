@@ -71,6 +71,9 @@ pub struct Entry {
     pub pos: Option<Pos>,
 }
 
+/// Window edges [`Entry::active_until`] steps over.
+const ACTIVE_EDGES: usize = 64;
+
 impl Entry {
     pub fn is_active(&self, at: Timestamp) -> bool {
         self.until.is_none_or(|u| at < u) && self.when.as_ref().is_none_or(|w| w.contains(at))
@@ -78,6 +81,23 @@ impl Entry {
 
     pub fn covers(&self, addr: IpAddr) -> bool {
         self.nets.iter().any(|n| n.contains(&addr))
+    }
+
+    /// When an entry active at `at` stops being active: its `until` or the
+    /// end of the open `when` window, whichever comes first; None if never.
+    /// A window's edges at which it stays active (adjacent parts) are
+    /// stepped over, at most [`ACTIVE_EDGES`] of them; past those the last
+    /// one is answered, which is early, never late.
+    pub fn active_until(&self, at: Timestamp) -> Option<Timestamp> {
+        let mut t = at;
+        for _ in 0..ACTIVE_EDGES {
+            let next = self.next_change(t)?;
+            if !self.is_active(next) {
+                return Some(next);
+            }
+            t = next;
+        }
+        Some(t)
     }
 
     /// The next moment after `at` at which [`Entry::is_active`] may change.

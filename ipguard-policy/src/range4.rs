@@ -14,8 +14,10 @@
 use std::collections::HashMap;
 
 use ipguard_common::{
-    PrefixValue, R4_CHUNK_FLAG, R4_DIRECT_BITS, R4_LEAF_NONE, R4Range, r4_search,
+    PrefixValue, R4_CHUNK_FLAG, R4_DIRECT_BITS, R4_LEAF_NONE, R4Range, expire, r4_search,
 };
+
+use crate::CompiledPolicy;
 use ipnet::Ipv4Net;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -32,7 +34,24 @@ impl RangeTable4 {
     /// The table of `prefixes` (any order; a prefix written twice keeps
     /// its last value).
     pub fn build(prefixes: &[(Ipv4Net, PrefixValue)]) -> Self {
-        let mut t = Self::default();
+        Self::with_leaves(prefixes, &[])
+    }
+
+    /// The table a slot holds for `c`: its IPv4 prefixes, after the
+    /// deadline records and fallback values of both families, which its
+    /// timed values point at by leaf index.
+    pub fn of_policy(c: &CompiledPolicy) -> Self {
+        Self::with_leaves(&c.v4, &c.timed)
+    }
+
+    /// As [`RangeTable4::build`], the leaves starting with `first` (kept
+    /// at their indexes).
+    pub fn with_leaves(prefixes: &[(Ipv4Net, PrefixValue)], first: &[PrefixValue]) -> Self {
+        let mut t = Self {
+            leaves: Vec::with_capacity(first.len() + prefixes.len()),
+            ..Self::default()
+        };
+        t.leaves.extend_from_slice(first);
         // Interning is most of the build at a million prefixes: presized,
         // and with a fast hasher (SipHash took 185 of 205 ms there).
         let mut interned: HashMap<PrefixValue, u32, foldhash::fast::RandomState> =
@@ -112,6 +131,13 @@ impl RangeTable4 {
             R4_LEAF_NONE => None,
             leaf => self.leaves.get(leaf as usize),
         }
+    }
+
+    /// What the kernel judges `value` (of either family, from this slot)
+    /// by at `unix_ns`: the value itself, or past its deadlines the
+    /// fallback they name (`ipguard_common::expire`).
+    pub fn expire<'a>(&'a self, value: &'a PrefixValue, unix_ns: u64) -> Option<&'a PrefixValue> {
+        expire(value, || unix_ns, |i| self.leaves.get(i as usize))
     }
 
     /// The leaf `addr` resolves to ([`R4_LEAF_NONE`] for none, or for a

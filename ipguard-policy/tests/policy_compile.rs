@@ -668,3 +668,99 @@ fn the_lockout_guard_watches_22_and_ssh_unless_told_otherwise() {
     let c = compile("version: 1\nallow: [10.0.0.0/8]\nlockout_guard: { ports: [] }\n");
     assert!(c.lockout_ports.is_empty(), "an empty list guards nothing");
 }
+
+/// What the kernel judges `src` by `secs` after `now()` (no daemon).
+fn kernel_verdict(c: &CompiledPolicy, src: &str, secs: u64) -> (&'static str, &'static str) {
+    let table = policy::range4::RangeTable4::of_policy(c);
+    let ex = Explainer::new(c);
+    let t = now() + Duration::from_secs(secs);
+    let t_ns = t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    let v = ex
+        .value(src.parse().unwrap())
+        .and_then(|v| table.expire(v, t_ns));
+    let d = decide(&c.config, v, Ports::NoPort);
+    (verdict_name(d.verdict), reason_name(d.reason))
+}
+
+#[test]
+fn time_limited_entries_carry_their_deadlines_into_the_kernel() {
+    let text = "version: 1\nallow:\n  - 10.0.0.0/8\n  - { from: 203.0.113.0/24, until: 2025-06-15T13:00:00Z }\n\
+                deny:\n  - { from: 10.9.0.0/16, until: 2025-06-15T12:30:00Z }\n";
+    let grant = |net: &str, secs: u64| RuntimeEntry {
+        net: net.parse().unwrap(),
+        service: None,
+        label: None,
+        until: Some(now() + Duration::from_secs(secs)),
+    };
+    let c = policy::compile(&load(text), now(), &[grant("198.51.100.7/32", 3)]);
+    // The untimed prefix has no deadline; the timed ones do.
+    let flags = |net: &str| {
+        let n: ipnet::IpNet = net.parse().unwrap();
+        match n {
+            ipnet::IpNet::V4(n) => c.v4.iter().find(|(p, _)| *p == n).unwrap().1.flags,
+            ipnet::IpNet::V6(_) => unreachable!(),
+        }
+    };
+    assert_eq!(flags("10.0.0.0/8") & FLAG_TIMED, 0);
+    assert_ne!(flags("10.9.0.0/16") & FLAG_TIMED, 0);
+    assert_ne!(flags("198.51.100.7/32") & FLAG_TIMED, 0);
+    assert!(!c.timed.is_empty());
+
+    let k = |src, secs| kernel_verdict(&c, src, secs);
+    assert_eq!(k("198.51.100.7", 2), ("pass", "allowed"));
+    assert_eq!(k("198.51.100.7", 3), ("drop", "not_allowed"));
+    assert_eq!(k("198.51.100.8", 2), ("drop", "not_allowed"));
+    assert_eq!(k("203.0.113.5", 3599), ("pass", "allowed"));
+    assert_eq!(k("203.0.113.5", 3600), ("drop", "not_allowed"));
+    // A timed deny inside an untimed allow: refused, then allowed.
+    assert_eq!(k("10.9.1.1", 1799), ("drop", "deny"));
+    assert_eq!(k("10.9.1.1", 1800), ("pass", "allowed"));
+    assert_eq!(k("10.8.1.1", 1800), ("pass", "allowed"));
+}
+
+#[test]
+fn past_the_last_deadline_the_kernel_follows_it_refuses_rather_than_allows() {
+    // Six grants nested over one source, each ending a minute later than
+    // the one inside it, and a timed deny that ends last: the kernel
+    // follows four deadlines; from the fourth on it keeps only untimed
+    // entries and timed denies, so the source is refused until a daemon
+    // compiles again.
+    let text = "version: 1\nallow: [10.0.0.0/8]\n\
+                deny:\n  - { from: 198.51.96.0/20, until: 2025-06-15T14:00:00Z }\n\
+                always_allow:\n  - { from: 198.51.96.0/19, until: 2025-06-15T12:30:00Z }\n";
+    let lens = [32u8, 31, 30, 29, 28, 27];
+    let grants: Vec<RuntimeEntry> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, l)| RuntimeEntry {
+            net: format!("198.51.100.7/{l}")
+                .parse::<ipnet::IpNet>()
+                .unwrap()
+                .trunc(),
+            service: None,
+            label: None,
+            until: Some(now() + Duration::from_secs(60 * (i as u64 + 1))),
+        })
+        .collect();
+    let c = policy::compile(&load(text), now(), &grants);
+    let k = |secs| kernel_verdict(&c, "198.51.100.7", secs);
+    // always_allow (until 12:30) wins over the deny first.
+    assert_eq!(k(0), ("pass", "always_allow"));
+    assert_eq!(k(59), ("pass", "always_allow"));
+    // Deadlines: 60, 120, 180, 240, 300, 360 (grants), 1800 (always_allow),
+    // 7200 (deny). The fourth is 240: from there on the kernel keeps the
+    // deny and drops every timed allow, including always_allow.
+    assert_eq!(k(239), ("pass", "always_allow"));
+    assert_eq!(k(240), ("drop", "deny"));
+    assert_eq!(k(7200), ("drop", "deny"));
+    // A source under fewer deadlines is exact to its last one.
+    assert_eq!(
+        kernel_verdict(&c, "198.51.97.1", 1799),
+        ("pass", "always_allow")
+    );
+    assert_eq!(kernel_verdict(&c, "198.51.97.1", 1800), ("drop", "deny"));
+    assert_eq!(
+        kernel_verdict(&c, "198.51.97.1", 7200),
+        ("drop", "not_allowed")
+    );
+}

@@ -105,6 +105,10 @@ struct TPolicy {
     runtime: Vec<TRuntime>,
     /// Seconds after BASE at which to compile and judge.
     at: i64,
+    /// Seconds after `at` at which the kernel judges what was compiled at
+    /// `at`, with no daemon to compile again: entries active at `at` end
+    /// at their `until` or when their window first closes; nothing starts.
+    later: i64,
 }
 
 /// 2025-03-24T00:00:00Z, a Monday; `at` ranges over two weeks around the
@@ -263,6 +267,7 @@ fn policy() -> impl Strategy<Value = TPolicy> {
                         services,
                         runtime,
                         at,
+                        later: 0,
                     }
                 },
             )
@@ -451,14 +456,39 @@ fn active(e: &TEntry, at: i64) -> bool {
     e.until.is_none_or(|u| t < BASE + at + u) && e.when.as_ref().is_none_or(|w| window_open(w, t))
 }
 
+/// Window edges fall on whole half hours of UTC (the zones' offsets and
+/// DST changes are whole hours).
+const EDGE_GRID: i64 = 1800;
+
+/// The window open at `from` and at every edge up to `to`: it never closed.
+fn window_stays_open(w: &Window, from: i64, to: i64) -> bool {
+    let mut t = (from / EDGE_GRID + 1) * EDGE_GRID;
+    while t < to {
+        if !window_open(w, t) {
+            return false;
+        }
+        t += EDGE_GRID;
+    }
+    window_open(w, from) && window_open(w, to)
+}
+
+/// Active when compiled at `p.at` and still active `p.later` seconds on.
+fn active_until_later(e: &TEntry, p: &TPolicy) -> bool {
+    let t = BASE + p.at;
+    e.until.is_none_or(|u| p.later < u)
+        && e.when
+            .as_ref()
+            .is_none_or(|w| window_stays_open(w, t, t + p.later))
+}
+
 fn list_covers(p: &TPolicy, l: &[TEntry], s: A) -> bool {
     l.iter()
-        .any(|e| active(e, p.at) && e.items.iter().any(|i| item_covers(p, i, s)))
+        .any(|e| active_until_later(e, p) && e.items.iter().any(|i| item_covers(p, i, s)))
 }
 
 fn runtime_covers(p: &TPolicy, service: Option<usize>, s: A) -> bool {
     p.runtime.iter().any(|r| {
-        let live = r.until.is_none_or(|u| u > 0);
+        let live = r.until.is_none_or(|u| u > p.later);
         let known = r.service.is_none_or(|i| i < p.services.len());
         live && known && r.service == service && item_covers(p, &Item::Cidr(r.net, r.len), s)
     })
@@ -695,7 +725,7 @@ proptest! {
         let e = TEntry { items: vec![Item::Addr(A::V4(0x0a01_0001))], label: None, until, when: Some(w) };
         let p = TPolicy {
             mode: 0, action: 0, scope: 0, groups: vec![], allow: vec![e], deny: vec![],
-            always_allow: vec![], services: vec![], runtime: vec![], at,
+            always_allow: vec![], services: vec![], runtime: vec![], at, later: 0,
         };
         let text = yaml(&p);
         let loaded = policy::parse_str_at("p.yaml", &text, secs(BASE + at)).unwrap();
@@ -714,6 +744,90 @@ proptest! {
         prop_assert_eq!(&c.v4, &first.v4);
         let expected = until.is_none_or(|u| u > 0) && window_open(p.allow[0].when.as_ref().unwrap(), BASE + at);
         prop_assert_eq!(!first.v4.is_empty(), expected);
+    }
+}
+
+/// Entries active at `p.at` that cover `s` and end some day (an `until`, a
+/// window): an upper bound of the source's distinct deadlines.
+fn timed_cover(p: &TPolicy, s: A) -> usize {
+    let lists = [&p.allow, &p.deny, &p.always_allow]
+        .into_iter()
+        .chain(p.services.iter().filter_map(|x| x.allow.as_ref()));
+    let listed = lists
+        .flatten()
+        .filter(|e| e.until.is_some() || e.when.is_some())
+        .filter(|e| active(e, p.at) && e.items.iter().any(|i| item_covers(p, i, s)))
+        .count();
+    let runtime = p
+        .runtime
+        .iter()
+        .filter(|r| r.until.is_some_and(|u| u > 0))
+        .filter(|r| item_covers(p, &Item::Cidr(r.net, r.len), s))
+        .count();
+    listed + runtime
+}
+
+proptest! {
+    #![proptest_config(cases(256))]
+
+    /// What the kernel judges by after the compiled deadlines, with no
+    /// daemon compiling again, is the policy with the entries that ended
+    /// taken out: `until`s and runtime grants passed, windows closed since
+    /// (and none opened). Sources under more timed entries than the kernel
+    /// follows deadlines are left to `past_the_last_deadline_...`.
+    #[test]
+    fn the_kernels_deadlines_end_exactly_the_entries_that_ended(
+        p in policy(),
+        pick in any::<u32>(),
+        queries in prop::collection::vec(query(), 48),
+    ) {
+        let text = yaml(&p);
+        let now = secs(BASE + p.at);
+        let loaded = policy::parse_str_at("prop.yaml", &text, now)
+            .map_err(|e| TestCaseError::fail(format!("{e}\n{text}")))?;
+        let compiled = policy::compile(&loaded.policy, now, &runtime_entries(&p));
+        let table = policy::range4::RangeTable4::of_policy(&compiled);
+        let ex = Explainer::new(&compiled);
+        // Judge at a random moment, or right at (or a second around) an
+        // entry's `until`, where an off-by-one would show.
+        let untils: Vec<i64> = [&p.allow, &p.deny, &p.always_allow]
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.until)
+            .chain(p.runtime.iter().filter_map(|r| r.until))
+            .filter(|u| *u > 0)
+            .collect();
+        let later = match (pick % 3, untils.is_empty()) {
+            (0, _) | (_, true) => i64::from(pick % 9000),
+            _ => untils[(pick / 3) as usize % untils.len()] + i64::from(pick / 7 % 3) - 1,
+        };
+        let p = TPolicy { later, ..p };
+        let t_ns = u64::try_from(BASE + p.at + later).unwrap() * 1_000_000_000;
+        for (s, q) in queries {
+            if later > 0 && timed_cover(&p, s) > DEADLINE_STEPS as usize {
+                continue;
+            }
+            let ports = match q {
+                Q::Port(proto, port) => Ports::Port {
+                    service: ex.service_of(proto, port),
+                    tcp: u8::from(proto == Proto::Tcp),
+                },
+                Q::NoPort => Ports::NoPort,
+                Q::Fragment => Ports::Fragment,
+            };
+            let value = ex.value(s.ip()).and_then(|v| table.expire(v, t_ns));
+            let d = decide(&compiled.config, value, ports);
+            prop_assert_eq!(
+                (d.verdict, d.reason, d.service), reference(&p, s, q),
+                "{} {:?} {} s after compiling\n{}", s.ip(), q, later, text
+            );
+            // A fallback credits only entries that still decide.
+            if let Some(v) = value
+                && v.entry != ENTRY_NONE && v.entry != ENTRY_LOOKUP && decided_by_entry(d.reason)
+            {
+                prop_assert!((v.entry as usize) < compiled.entries.len());
+            }
+        }
     }
 }
 

@@ -133,6 +133,10 @@ pub struct Memory {
     /// The IPv6 trie of the active policy, estimated (one kmalloc'd node of
     /// 96 bytes per prefix; the kernel adds a node where two prefixes part).
     pub ipv6_estimate: u64,
+    /// Of the leaves in `ipv4_policy`, those that hold the deadlines of
+    /// time-limited entries (both families) and the values after them.
+    #[serde(default)]
+    pub deadline_leaves: u64,
 }
 
 /// Kernel bytes per IPv6 prefix in an LPM trie (a node of the kmalloc-96

@@ -168,7 +168,11 @@ fn runtime_allow_lets_a_source_in_until_it_expires() {
         connects(&pair, CLIENT_V4_ALT, SERVER_V4_ALT, 7000),
         "allowed at runtime"
     );
-    assert_eq!(n(&d.status().unwrap()["runtime_entries"]), 1);
+    let st = d.status().unwrap();
+    assert_eq!(n(&st["runtime_entries"]), 1);
+    // The grant's deadline record, in the kernel (no other entry holds
+    // the source, so no value follows it).
+    assert_eq!(n(&st["memory"]["deadline_leaves"]), 1, "{st}");
     let wait = Duration::from_millis(3500).saturating_sub(granted.elapsed());
     thread::sleep(wait);
     assert!(
@@ -182,10 +186,66 @@ fn runtime_allow_lets_a_source_in_until_it_expires() {
         .is_some(),
         "refused again after the expiry"
     );
-    assert_eq!(n(&d.status().unwrap()["runtime_entries"]), 0);
+    let st = d.status().unwrap();
+    assert_eq!(n(&st["runtime_entries"]), 0);
+    assert_eq!(n(&st["memory"]["deadline_leaves"]), 0, "{st}");
     // revoke of an address without a runtime entry: refused input.
     let out = d.client(&["revoke", CLIENT_V4_ALT]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
+}
+
+/// A time-boxed grant ends in the kernel: with the daemon frozen (SIGSTOP,
+/// as a hung daemon is) a 3 s grant is honoured, then refused after its
+/// deadline; the daemon, resumed, agrees that it ended.
+#[test]
+fn a_grant_ends_on_time_with_the_daemon_stopped() {
+    let (pair, d) = setup();
+    assert!(!connects(&pair, CLIENT_V4_ALT, SERVER_V4_ALT, 7000));
+    ok(d.client(&["allow", CLIENT_V4_ALT, "--for", "3s"])
+        .output()
+        .unwrap());
+    let granted = Instant::now();
+    let pid = nix::unistd::Pid::from_raw(d.proc.pid() as i32);
+    nix::sys::signal::kill(pid, Signal::SIGSTOP).unwrap();
+    let before = granted.elapsed();
+    let honoured = connects(&pair, CLIENT_V4_ALT, SERVER_V4_ALT, 7000);
+    let checked = granted.elapsed();
+    assert!(
+        checked < Duration::from_secs(3),
+        "the grant could not be checked before its deadline ({before:?} to {checked:?} after it)"
+    );
+    assert!(honoured, "the grant is honoured with the daemon stopped");
+    thread::sleep(Duration::from_millis(3000).saturating_sub(granted.elapsed()));
+    assert!(
+        wait_for(Duration::from_secs(3), || (!connects(
+            &pair,
+            CLIENT_V4_ALT,
+            SERVER_V4_ALT,
+            7000
+        ))
+        .then_some(()))
+        .is_some(),
+        "refused after the deadline, with the daemon still stopped"
+    );
+    let refused_at = granted.elapsed();
+    assert!(
+        refused_at < Duration::from_millis(6500),
+        "refused {refused_at:?} after a 3 s grant"
+    );
+    assert!(
+        connects(&pair, CLIENT_V4, SERVER_V4, 7000),
+        "the policy holds"
+    );
+    nix::sys::signal::kill(pid, Signal::SIGCONT).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || (d
+            .status()
+            .is_ok_and(|s| s["runtime_entries"] == 0))
+        .then_some(()))
+        .is_some(),
+        "the resumed daemon drops the ended grant"
+    );
+    assert!(!connects(&pair, CLIENT_V4_ALT, SERVER_V4_ALT, 7000));
 }
 
 #[test]

@@ -164,13 +164,14 @@ fn summary_text(name: &str, l: &LoadedPolicy, c: &CompiledPolicy, now: SystemTim
 /// loader builds it), its IPv6 trie estimated. The arrays themselves are
 /// allocated at `run --ipv4-capacity`, whatever the policy.
 fn kernel_memory(c: &CompiledPolicy) -> crate::protocol::Memory {
-    let t = crate::policy::range4::RangeTable4::build(&c.v4);
+    let t = crate::policy::range4::RangeTable4::of_policy(c);
     let sat = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
     crate::protocol::Memory {
         // The daemon's to say: it depends on `run --ipv4-capacity`.
         ipv4_allocated: 0,
         ipv4_policy: ipguard_common::r4_table_bytes(sat(t.ranges.len()), sat(t.leaves.len())),
         ipv6_estimate: c.v6.len() as u64 * crate::protocol::IPV6_TRIE_NODE_BYTES,
+        deadline_leaves: c.timed.len() as u64,
     }
 }
 

@@ -101,9 +101,17 @@ pub fn render(st: &StatusReport) -> String {
         st.prefixes.ipv4, st.capacity.ipv4, st.prefixes.ipv6, st.capacity.ipv6, st.runtime_entries
     );
     let m = &st.memory;
+    let deadlines = if m.deadline_leaves > 0 {
+        format!(
+            " ({} leaves hold deadlines of time-limited entries)",
+            m.deadline_leaves
+        )
+    } else {
+        String::new()
+    };
     let _ = writeln!(
         o,
-        "memory:     IPv4 lookup {} allocated (both slots), {} for this policy; IPv6 trie about {}",
+        "memory:     IPv4 lookup {} allocated (both slots), {} for this policy{deadlines}; IPv6 trie about {}",
         crate::report::mib(m.ipv4_allocated),
         crate::report::mib(m.ipv4_policy),
         crate::report::mib(m.ipv6_estimate)

@@ -52,6 +52,7 @@ impl Maps {
             ipv4_allocated: self.lookup4.allocated(),
             ipv4_policy: r4_table_bytes(c.r4_ranges, c.r4_leaves),
             ipv6_estimate: v6 as u64 * crate::protocol::IPV6_TRIE_NODE_BYTES,
+            deadline_leaves: u64::from(c.timed_leaves),
         }
     }
 

@@ -145,7 +145,9 @@ impl Lookup4 {
         {
             return Err(DatapathError::Capacity {
                 family: "IPv4",
-                need: prefixes,
+                // Leaves are prefix-sized: a policy whose time-limited
+                // entries need more of them than prefixes says so.
+                need: prefixes.max(t.leaves.len()),
                 capacity: self.prefix_capacity(),
                 fix: FIX_V4_CAPACITY,
             });

@@ -220,6 +220,8 @@ impl Maps {
         cfg.v4_prefixes = image.v4.len() as u32;
         cfg.r4_ranges = image.range4.ranges.len() as u32;
         cfg.r4_leaves = image.range4.leaves.len() as u32;
+        cfg.timed_leaves = policy.timed.len() as u32;
+        cfg.unix_at_boot_ns = super::sys::unix_at_boot_ns();
         self.config.set(slot, cfg, 0).map_err(map_err(MAP_CONFIG))?;
         // x86 keeps stores in order, so a reader that sees the new index
         // sees the slot written before it. Weaker memory models get an

@@ -209,3 +209,21 @@ pub fn lookup_all(fd: RawFd, key_size: usize, value_size: usize) -> io::Result<(
         first = false;
     }
 }
+
+/// Unix time of boot in nanoseconds: CLOCK_REALTIME minus CLOCK_BOOTTIME,
+/// the offset that turns the kernel's `bpf_ktime_get_boot_ns` into the Unix
+/// time the deadlines of time-limited entries are written in. The boot
+/// clock is read on both sides of the wall clock and averaged, so the
+/// offset is exact to the time of one read.
+pub fn unix_at_boot_ns() -> u64 {
+    use nix::time::{ClockId, clock_gettime};
+    let ns = |c: ClockId| {
+        clock_gettime(c).map_or(0i128, |t| {
+            i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec())
+        })
+    };
+    let b0 = ns(ClockId::CLOCK_BOOTTIME);
+    let real = ns(ClockId::CLOCK_REALTIME);
+    let b1 = ns(ClockId::CLOCK_BOOTTIME);
+    u64::try_from(real - (b0 + b1) / 2).unwrap_or(0)
+}
