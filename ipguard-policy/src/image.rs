@@ -25,9 +25,9 @@ pub struct SlotImage {
     /// `generation`, the ephemeral ports and the DHCP server count are the
     /// loader's to fill.
     pub config: PolicyConfig,
-    /// The IPv4 prefixes, sorted, unique; the kernel holds them as
-    /// `range4`.
-    pub v4: Vec<(TrieKey<4>, PrefixValue)>,
+    /// How many IPv4 prefixes `range4` holds (the operator's measure of
+    /// capacity).
+    pub v4_prefixes: usize,
     pub range4: RangeTable4,
     pub v6: Vec<(TrieKey<16>, PrefixValue)>,
     pub deciders_v4: Vec<(TrieKey<5>, u32)>,
@@ -42,19 +42,6 @@ pub struct SlotImage {
 
 impl SlotImage {
     pub fn build(c: &CompiledPolicy) -> Self {
-        let mut v4: Vec<(TrieKey<4>, PrefixValue)> =
-            c.v4.iter()
-                .map(|(n, v)| {
-                    let data = n.trunc().network().octets();
-                    (
-                        TrieKey {
-                            data,
-                            len: u32::from(n.prefix_len()),
-                        },
-                        *v,
-                    )
-                })
-                .collect();
         let mut v6: Vec<(TrieKey<16>, PrefixValue)> =
             c.v6.iter()
                 .map(|(n, v)| {
@@ -70,14 +57,14 @@ impl SlotImage {
                 .collect();
         // The compiler promises sorted, unique prefixes; the loader's diff
         // relies on it, so make sure (cheap on sorted input).
-        v4.sort_by_key(|e| e.0);
-        v4.dedup_by_key(|e| e.0);
         v6.sort_by_key(|e| e.0);
         v6.dedup_by_key(|e| e.0);
         Self {
             config: c.config,
             range4: RangeTable4::of_policy(c),
-            v4,
+            // Sorted and unique by the compiler's promise (the table
+            // keeps the last of a duplicate).
+            v4_prefixes: c.v4.len(),
             v6,
             deciders_v4: Self::deciders_v4(c),
             deciders_v6: Self::deciders_v6(c),
@@ -169,13 +156,18 @@ mod tests {
         assert_eq!((at(IPPROTO_TCP, 22), at(IPPROTO_UDP, 53)), (1, 2));
         assert_eq!((at(IPPROTO_UDP, 22), at(IPPROTO_TCP, 53)), (0, 0));
         assert_eq!(img.ports.len(), PORT_SLOT_STRIDE as usize);
-        assert_eq!(img.v4.len(), c.v4.len());
-        assert!(img.v4.windows(2).all(|w| w[0].0 < w[1].0), "sorted, unique");
-        let k = TrieKey {
-            data: [10, 0, 0, 0],
-            len: 8,
-        };
-        assert!(img.v4.iter().any(|(key, _)| *key == k), "{:?}", img.v4);
+        assert_eq!(img.v4_prefixes, c.v4.len());
+        let host = u32::from(std::net::Ipv4Addr::new(10, 9, 9, 9));
+        assert_eq!(
+            img.range4.lookup(host).map(|v| v.allow_mask & 1),
+            Some(1),
+            "10.0.0.0/8 is in the range table"
+        );
+        assert!(
+            img.range4
+                .lookup(u32::from(std::net::Ipv4Addr::new(11, 0, 0, 0)))
+                .is_none()
+        );
         // 10.0.0.2 is allowed by ssh's own list and the host-wide /8 with
         // other entries: its deciders are keyed by list, as the kernel
         // looks them up.

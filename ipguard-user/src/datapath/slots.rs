@@ -185,7 +185,7 @@ impl Maps {
         // out for the kernel; from here on only differences are written
         // (the IPv4 table is copied whole: a few milliseconds).
         let image = SlotImage::build(policy);
-        self.lookup4.check_fits(&image.range4, image.v4.len())?;
+        self.lookup4.check_fits(&image.range4, image.v4_prefixes)?;
         let active = self.active_slot()?;
         let slot = 1 - active;
         let s = slot as usize;
@@ -217,7 +217,7 @@ impl Maps {
         cfg.r4_range_base = r4_range_base;
         cfg.r4_leaf_base = r4_leaf_base;
         // Within the capacities checked above, which are u32.
-        cfg.v4_prefixes = image.v4.len() as u32;
+        cfg.v4_prefixes = image.v4_prefixes as u32;
         cfg.r4_ranges = image.range4.ranges.len() as u32;
         cfg.r4_leaves = image.range4.leaves.len() as u32;
         cfg.timed_leaves = policy.timed.len() as u32;
@@ -234,10 +234,10 @@ impl Maps {
         let stats = ApplyStats {
             slot,
             generation,
-            v4: image.v4.len(),
+            v4: image.v4_prefixes,
             v6: image.v6.len(),
             removed: removed6,
-            written: image.v4.len() + written6,
+            written: image.v4_prefixes + written6,
         };
         self.shadow[s] = Some(Shadow {
             generation,
