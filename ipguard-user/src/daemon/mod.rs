@@ -307,6 +307,16 @@ impl Daemon {
     /// which also replaces a policy pushed with `apply`). An invalid or
     /// locking-out file is refused and the running policy stays.
     async fn reload_file(&mut self, why: &str, force: bool) {
+        // Most directory events (the start's own re-check, a neighbour's
+        // file, a touch) leave the content as it was: the hash tells so in
+        // a read (60 ms at a million entries) where parsing takes seconds,
+        // with the control socket waiting.
+        if !force
+            && let Ok(bytes) = std::fs::read(&self.config)
+            && policy::sha256_hex(&bytes) == self.file_sha256
+        {
+            return;
+        }
         let loaded = match policy::load_file(&self.config) {
             Ok(l) => l,
             Err(errs) => {
