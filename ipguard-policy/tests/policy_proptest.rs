@@ -595,6 +595,28 @@ fn runtime_entries(p: &TPolicy) -> Vec<RuntimeEntry> {
         .collect()
 }
 
+/// What the datapath passes `decide` for query `q`.
+fn ports_of(ex: &Explainer, q: Q) -> Ports {
+    match q {
+        Q::Port(proto, port) => Ports::Port {
+            service: ex.service_of(proto, port),
+            tcp: u8::from(proto == Proto::Tcp),
+        },
+        Q::NoPort => Ports::NoPort,
+        Q::Fragment => Ports::Fragment,
+    }
+}
+
+/// The YAML of `p`, loaded and compiled at `p.at` with its runtime entries.
+fn compile_case(p: &TPolicy) -> Result<(String, CompiledPolicy), TestCaseError> {
+    let text = yaml(p);
+    let now = secs(BASE + p.at);
+    let loaded = policy::parse_str_at("prop.yaml", &text, now)
+        .map_err(|e| TestCaseError::fail(format!("{e}\n{text}")))?;
+    let compiled = policy::compile(&loaded.policy, now, &runtime_entries(p));
+    Ok((text, compiled))
+}
+
 fn cases(default: u32) -> ProptestConfig {
     let n = std::env::var("PROPTEST_CASES")
         .ok()
@@ -634,11 +656,7 @@ proptest! {
         p in policy(),
         queries in prop::collection::vec(query(), 48),
     ) {
-        let text = yaml(&p);
-        let now = secs(BASE + p.at);
-        let loaded = policy::parse_str_at("prop.yaml", &text, now)
-            .map_err(|e| TestCaseError::fail(format!("{e}\n{text}")))?;
-        let compiled = policy::compile(&loaded.policy, now, &runtime_entries(&p));
+        let (text, compiled) = compile_case(&p)?;
         let ex = Explainer::new(&compiled);
         for (s, q) in queries {
             let want = reference(&p, s, q);
@@ -672,14 +690,7 @@ proptest! {
                 let (_, e) = r.decider.expect("a decider");
                 // ... and the entry the policy's text names, derived from
                 // the prefixes' owners rather than the compiled values.
-                let ports = match q {
-                    Q::Port(proto, port) => Ports::Port {
-                        service: ex.service_of(proto, port),
-                        tcp: u8::from(proto == Proto::Tcp),
-                    },
-                    Q::NoPort => Ports::NoPort,
-                    Q::Fragment => Ports::Fragment,
-                };
+                let ports = ports_of(&ex, q);
                 let (_, written) = ex.written_decider(s.ip(), ports).expect("a written decider");
                 prop_assert!(
                     std::ptr::eq(e, written),
@@ -781,11 +792,7 @@ proptest! {
         pick in any::<u32>(),
         queries in prop::collection::vec(query(), 48),
     ) {
-        let text = yaml(&p);
-        let now = secs(BASE + p.at);
-        let loaded = policy::parse_str_at("prop.yaml", &text, now)
-            .map_err(|e| TestCaseError::fail(format!("{e}\n{text}")))?;
-        let compiled = policy::compile(&loaded.policy, now, &runtime_entries(&p));
+        let (text, compiled) = compile_case(&p)?;
         let table = policy::range4::RangeTable4::of_policy(&compiled);
         let ex = Explainer::new(&compiled);
         // Judge at a random moment, or right at (or a second around) an
@@ -807,14 +814,7 @@ proptest! {
             if later > 0 && timed_cover(&p, s) > DEADLINE_STEPS as usize {
                 continue;
             }
-            let ports = match q {
-                Q::Port(proto, port) => Ports::Port {
-                    service: ex.service_of(proto, port),
-                    tcp: u8::from(proto == Proto::Tcp),
-                },
-                Q::NoPort => Ports::NoPort,
-                Q::Fragment => Ports::Fragment,
-            };
+            let ports = ports_of(&ex, q);
             let value = ex.value(s.ip()).and_then(|v| table.expire(v, t_ns));
             let d = decide(&compiled.config, value, ports);
             prop_assert_eq!(
