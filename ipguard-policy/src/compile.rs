@@ -164,6 +164,21 @@ impl Timed {
     }
 }
 
+/// What a claim of `list` sets in a prefix value's mask or flags.
+fn add_claim(list: u8, mask: &mut u64, flags: &mut u32) {
+    match list {
+        LIST_ALWAYS_ALLOW => *flags |= FLAG_ALWAYS_ALLOW,
+        LIST_DENY => *flags |= FLAG_DENY,
+        s => *mask |= 1u64 << s,
+    }
+}
+
+/// The value's allow mask: services without a list of their own
+/// (`inherit`) allow what the host-wide list (bit 0) allows.
+fn allow_mask(mask: u64, inherit: u64) -> u64 {
+    if mask & 1 != 0 { mask | inherit } else { mask }
+}
+
 /// One claim of a compiled prefix's level: (list, entry, expiry).
 type LevelClaim = (u8, u32, u64);
 
@@ -194,11 +209,7 @@ fn value_at<K: Key>(
     for (&(key, len), cl) in levels.iter().zip(claims).rev() {
         for c in cl.iter().filter(|c| keep(c)) {
             any = true;
-            match c.0 {
-                LIST_ALWAYS_ALLOW => flags |= FLAG_ALWAYS_ALLOW,
-                LIST_DENY => flags |= FLAG_DENY,
-                s => mask |= 1u64 << s,
-            }
+            add_claim(c.0, &mut mask, &mut flags);
             // Deepest level first, and a level's claims of one list by
             // entry: the first one found decides, as in the sweep.
             if !here.iter().any(|d| d.list == c.0) {
@@ -221,7 +232,7 @@ fn value_at<K: Key>(
         e => e,
     };
     Some(PrefixValue {
-        allow_mask: if mask & 1 != 0 { mask | inherit } else { mask },
+        allow_mask: allow_mask(mask, inherit),
         flags,
         entry,
     })
@@ -307,6 +318,8 @@ fn sweep<K: Key>(
     let mut level_timed: Vec<bool> = Vec::new();
     let mut levels: Vec<(K, u8)> = Vec::new();
     let expiry_of = |e: u32| expiry.get(e as usize).copied().unwrap_or(NEVER);
+    // A policy without time-limited entries keeps no levels at all.
+    let any_timed = expiry.iter().any(|&e| e != NEVER);
     let mut own: Vec<Decider<K>> = Vec::new();
     let mut classes: Vec<Decider<K>> = Vec::new();
     let mut needed: Vec<(u8, K, u8, u32)> = Vec::new();
@@ -322,11 +335,7 @@ fn sweep<K: Key>(
         while i < claims.len() && claims[i].key == key && claims[i].len == len {
             let c = claims[i];
             let list = unrank(c.rank);
-            match list {
-                LIST_ALWAYS_ALLOW => flags |= FLAG_ALWAYS_ALLOW,
-                LIST_DENY => flags |= FLAG_DENY,
-                s => mask |= 1u64 << s,
-            }
+            add_claim(list, &mut mask, &mut flags);
             // Claims of one list are sorted by entry: the first is the one
             // written first.
             if last_rank != Some(c.rank) {
@@ -356,21 +365,23 @@ fn sweep<K: Key>(
             flags |= f;
         }
         stack.push((key, len, mask, flags));
-        if level_claims.len() <= depth {
-            level_claims.resize_with(depth + 1, Vec::new);
+        if any_timed {
+            if level_claims.len() <= depth {
+                level_claims.resize_with(depth + 1, Vec::new);
+            }
+            level_timed.truncate(depth);
+            levels.truncate(depth);
+            let mine = &mut level_claims[depth];
+            mine.clear();
+            mine.extend(
+                claims[start..i]
+                    .iter()
+                    .map(|c| (unrank(c.rank), c.entry, expiry_of(c.entry))),
+            );
+            let own_timed = mine.iter().any(|c| c.2 != NEVER);
+            level_timed.push(own_timed || depth > 0 && level_timed[depth - 1]);
+            levels.push((key, len));
         }
-        level_timed.truncate(depth);
-        levels.truncate(depth);
-        let mine = &mut level_claims[depth];
-        mine.clear();
-        mine.extend(
-            claims[start..i]
-                .iter()
-                .map(|c| (unrank(c.rank), c.entry, expiry_of(c.entry))),
-        );
-        let own_timed = mine.iter().any(|c| c.2 != NEVER);
-        level_timed.push(own_timed || depth > 0 && level_timed[depth - 1]);
-        levels.push((key, len));
         if deciders.len() <= depth {
             deciders.resize_with(depth + 1, Vec::new);
         }
@@ -405,13 +416,12 @@ fn sweep<K: Key>(
                 entry = ENTRY_NONE;
             }
         }
-        let allow_mask = if mask & 1 != 0 { mask | inherit } else { mask };
         let mut value = PrefixValue {
-            allow_mask,
+            allow_mask: allow_mask(mask, inherit),
             flags,
             entry,
         };
-        if level_timed[depth] {
+        if any_timed && level_timed[depth] {
             let chain = chain_of(value, &levels, &level_claims[..=depth], inherit, merged);
             value = timed.link(value, &chain);
         }
