@@ -12,8 +12,10 @@ pub mod deadline;
 pub mod decide;
 pub mod maps;
 pub mod range4;
+pub mod range6;
 
 pub use deadline::*;
 pub use decide::*;
 pub use maps::*;
 pub use range4::*;
+pub use range6::*;

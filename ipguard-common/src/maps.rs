@@ -1,7 +1,8 @@
 //! Map names, sizes and value layouts of the datapath.
 //!
 //! The policy lives twice in the kernel: slot 0 and slot 1, each a complete
-//! IPv4 range table (`range4`), IPv6 LPM trie, port table and config. The XDP program reads
+//! IPv4 range table (`range4`), IPv6 range tree (`range6`), port table and
+//! config. The XDP program reads
 //! [`ACTIVE_SLOT`](MAP_ACTIVE) once per packet and then looks only at that
 //! slot, so a packet is always judged by one whole policy. The daemon writes a
 //! new policy into the inactive slot, flips the index, and later reuses the
@@ -14,10 +15,9 @@
 pub const SLOTS: u32 = 2;
 
 /// Map names as they appear in the object file and under the pin directory.
-/// Maps an earlier version pinned that this one has no more (the IPv4
-/// LPM tries the range table replaced); the loader removes their pins.
-pub const OBSOLETE_MAPS: &[&str] = &["IPG_V4_0", "IPG_V4_1"];
-pub const MAP_V6: [&str; 2] = ["IPG_V6_0", "IPG_V6_1"];
+/// Maps an earlier version pinned that this one has no more (the LPM
+/// tries the range tables replaced); the loader removes their pins.
+pub const OBSOLETE_MAPS: &[&str] = &["IPG_V4_0", "IPG_V4_1", "IPG_V6_0", "IPG_V6_1"];
 /// Per slot, the allow entries that decide for sources whose prefix is
 /// allowed by several lists with different deciding entries (see
 /// [`ENTRY_LOOKUP`]). Key: the list (0 host-wide, 1..=63 a service's own
@@ -58,8 +58,12 @@ pub const MAP_LAYOUTS: &[(&str, u32, u32)] = &[
         core::mem::size_of::<crate::R4Range>() as u32,
     ),
     (crate::MAP_R4_LEAVES, 4, PREFIX_VALUE_SIZE),
-    (MAP_V6[0], 4 + 16, PREFIX_VALUE_SIZE),
-    (MAP_V6[1], 4 + 16, PREFIX_VALUE_SIZE),
+    (
+        crate::MAP_R6_NODES,
+        4,
+        core::mem::size_of::<crate::R6Node>() as u32,
+    ),
+    (crate::MAP_R6_LEAVES, 4, PREFIX_VALUE_SIZE),
     (MAP_DECIDERS_V4[0], 4 + 5, 4),
     (MAP_DECIDERS_V4[1], 4 + 5, 4),
     (MAP_DECIDERS_V6[0], 4 + 17, 4),
@@ -127,11 +131,11 @@ pub const GLOBAL_NR_CPUS: &str = "IPG_NR_CPUS";
 pub const GLOBAL_COARSE_CLOCK: &str = "IPG_COARSE_CLOCK";
 
 /// Default capacities in prefixes (`ipguard run --ipv4-capacity`,
-/// `--ipv6-capacity`). The IPv4 lookup's arrays are allocated whole (see
-/// `r4_ranges_capacity`), about 32 bytes per prefix and slot; the IPv6
-/// trie takes memory only for what it holds.
+/// `--ipv6-capacity`). The lookups' arrays are allocated whole (see
+/// `r4_ranges_capacity`, `r6_nodes_capacity`): about 32 bytes per IPv4
+/// prefix and 59 per IPv6 prefix, per slot.
 pub const DEFAULT_V4_CAPACITY: u32 = 131_072;
-pub const DEFAULT_V6_CAPACITY: u32 = 262_144;
+pub const DEFAULT_V6_CAPACITY: u32 = 65_536;
 /// Flows of connections this host opened (see [`FlowKey`]); `ipguard run
 /// --flow-capacity` sets another size. About 100 bytes each in the kernel.
 pub const DEFAULT_FLOW_CAPACITY: u32 = 262_144;
@@ -293,6 +297,16 @@ pub struct PolicyConfig {
     /// CLOCK_BOOTTIME when the loader wrote the slot): the kernel's
     /// deadlines are Unix times, its clock counts from boot.
     pub unix_at_boot_ns: u64,
+    /// Where this slot's IPv6 tree nodes and leaves start in
+    /// [`crate::MAP_R6_NODES`] and [`crate::MAP_R6_LEAVES`], and how many
+    /// it has (set by the loader; the node count bounds the search).
+    pub r6_node_base: u32,
+    pub r6_nodes: u32,
+    pub r6_leaf_base: u32,
+    pub r6_leaves: u32,
+    /// IPv6 prefixes of the policy (for `status`).
+    pub v6_prefixes: u32,
+    pub _pad0: u32,
 }
 
 /// Key data of [`MAP_DECIDERS_V4`]: the list, then the address. A prefix
@@ -533,7 +547,7 @@ pub const fn rate_key(family: u8, src: &[u8; 16]) -> [u8; 16] {
 }
 
 const _: () = assert!(core::mem::size_of::<PrefixValue>() == 16);
-const _: () = assert!(core::mem::size_of::<PolicyConfig>() == 104);
+const _: () = assert!(core::mem::size_of::<PolicyConfig>() == 128);
 const _: () = assert!(core::mem::size_of::<DropEvent>() == 48);
 const _: () = assert!(core::mem::size_of::<SourceRate>() == 16);
 const _: () = assert!(core::mem::size_of::<EventBudget>() == 16);

@@ -23,12 +23,17 @@ pub(crate) static IPG_R4_LEAVES: Array<PrefixValue> = Array::pinned(
     SLOTS * r4_leaves_capacity(DEFAULT_V4_CAPACITY),
     BPF_F_MMAPABLE,
 );
+// The IPv6 lookup (`ipguard_common::range6`), as the IPv4 one.
 #[map]
-pub(crate) static IPG_V6_0: LpmTrie<[u8; 16], PrefixValue> =
-    LpmTrie::pinned(DEFAULT_V6_CAPACITY, 0);
+pub(crate) static IPG_R6_NODES: Array<R6Node> = Array::pinned(
+    SLOTS * r6_nodes_capacity(DEFAULT_V6_CAPACITY),
+    BPF_F_MMAPABLE,
+);
 #[map]
-pub(crate) static IPG_V6_1: LpmTrie<[u8; 16], PrefixValue> =
-    LpmTrie::pinned(DEFAULT_V6_CAPACITY, 0);
+pub(crate) static IPG_R6_LEAVES: Array<PrefixValue> = Array::pinned(
+    SLOTS * r6_leaves_capacity(DEFAULT_V6_CAPACITY),
+    BPF_F_MMAPABLE,
+);
 #[map]
 pub(crate) static IPG_DEC_V4_0: LpmTrie<[u8; 5], u32> = LpmTrie::pinned(DECIDERS_V4_CAPACITY, 0);
 #[map]

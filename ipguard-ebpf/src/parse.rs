@@ -168,6 +168,21 @@ impl IpPacket {
     pub fn offsets_bounded(&self) -> bool {
         self.l3 <= MAX_OFFSET && self.l4_off <= MAX_OFFSET && self.ip_end <= NO_END
     }
+
+    /// The packet with its header offsets masked to their bound, for a
+    /// packet read back from map memory (`util::forget`). The checks of
+    /// [`IpPacket::offsets_bounded`] and `Packet::bytes` bound the register
+    /// they test, but LLVM, short of registers, reloads an offset from its
+    /// stack copy after the check, and verifiers before 6.x do not carry a
+    /// check over to the copy ("math between pkt pointer and register with
+    /// unbounded min value"). Masked as soon as it is read, the value is
+    /// bounded in every copy. Changes nothing for what `parse` returns.
+    #[inline(always)]
+    pub fn masked(mut self) -> Self {
+        self.l3 &= OFFSET_MASK;
+        self.l4_off &= OFFSET_MASK;
+        self
+    }
 }
 
 pub enum Parsed {

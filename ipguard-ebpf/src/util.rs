@@ -60,7 +60,7 @@ pub(crate) fn forget<T>(scratch: *mut T, v: T) -> T {
 }
 
 /// The prefix value of the source in `slot`: the range table for IPv4
-/// (see `ipguard_common::range4`), the LPM trie for IPv6.
+/// (see `ipguard_common::range4`), the range tree for IPv6 (`range6`).
 #[inline(always)]
 pub(crate) fn lookup(
     slot: u32,
@@ -72,12 +72,7 @@ pub(crate) fn lookup(
         let addr = u32::from_be_bytes([src[0], src[1], src[2], src[3]]);
         lookup_v4(slot, cfg, addr)
     } else {
-        let key = Key::new(128, *src);
-        if slot == 0 {
-            IPG_V6_0.get(&key)
-        } else {
-            IPG_V6_1.get(&key)
-        }
+        lookup_v6(cfg, src)
     }?;
     // Time-limited entries end here, daemon or not; only a value with a
     // deadline reads the clock.
@@ -102,6 +97,19 @@ pub(crate) fn lookup_v4(slot: u32, cfg: &PolicyConfig, addr: u32) -> Option<&'st
         return None;
     }
     IPG_R4_LEAVES.get(cfg.r4_leaf_base.wrapping_add(leaf))
+}
+
+#[inline(always)]
+pub(crate) fn lookup_v6(cfg: &PolicyConfig, src: &[u8; 16]) -> Option<&'static PrefixValue> {
+    let (hi, lo) = r6_key(src);
+    let base = cfg.r6_node_base;
+    let leaf = r6_search(cfg.r6_nodes, hi, lo, |k| {
+        IPG_R6_NODES.get(base.wrapping_add(k))
+    })?;
+    if leaf == R4_LEAF_NONE {
+        return None;
+    }
+    IPG_R6_LEAVES.get(cfg.r6_leaf_base.wrapping_add(leaf))
 }
 
 /// CLOCK_MONOTONIC at tick resolution: rate windows, flow timeouts and

@@ -27,7 +27,7 @@ pub(crate) fn try_ipguard(ctx: &XdpContext) -> Result<u32, ()> {
         }
         Parsed::Malformed => return Ok(malformed(cfg)),
         // SAFETY: as above.
-        Parsed::Ip(ip) => forget(unsafe { &raw mut (*scratch).ip }, ip),
+        Parsed::Ip(ip) => forget(unsafe { &raw mut (*scratch).ip }, ip).masked(),
     };
     if !ip.offsets_bounded() {
         // Never from `parse`; checked for the verifier's sake.

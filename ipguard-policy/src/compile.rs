@@ -779,5 +779,11 @@ fn config(p: &Policy) -> PolicyConfig {
         r4_leaves: 0,
         timed_leaves: 0,
         unix_at_boot_ns: 0,
+        r6_node_base: 0,
+        r6_nodes: 0,
+        r6_leaf_base: 0,
+        r6_leaves: 0,
+        v6_prefixes: 0,
+        _pad0: 0,
     }
 }

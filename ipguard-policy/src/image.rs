@@ -1,6 +1,6 @@
 //! What the kernel holds for one compiled policy, built by one function:
-//! the IPv4 range table, the keys and values of a slot's IPv6 trie, its
-//! port table, its deciders,
+//! the IPv4 range table, the IPv6 range tree, its port table, its
+//! deciders,
 //! its DHCP servers and its config, laid out by the formulas of
 //! `ipguard_common` (`port_index`, `decider_key_v4`, ...). The loader only
 //! diffs the image against what the slot holds and writes the difference;
@@ -9,7 +9,7 @@
 use ipguard_common::*;
 use ipnet::IpNet;
 
-use super::{CompiledPolicy, range4::RangeTable4};
+use super::{CompiledPolicy, range4::RangeTable4, range6::RangeTable6};
 
 /// An LPM trie key as the kernel's `bpf_lpm_trie_key_u8` holds it: the
 /// data, and the prefix length in bits. Sorted by data, then length.
@@ -29,7 +29,9 @@ pub struct SlotImage {
     /// capacity).
     pub v4_prefixes: usize,
     pub range4: RangeTable4,
-    pub v6: Vec<(TrieKey<16>, PrefixValue)>,
+    /// How many IPv6 prefixes `range6` holds.
+    pub v6_prefixes: usize,
+    pub range6: RangeTable6,
     pub deciders_v4: Vec<(TrieKey<5>, u32)>,
     pub deciders_v6: Vec<(TrieKey<17>, u32)>,
     /// The slot's part of `IPG_PORTS`: [`PORT_SLOT_STRIDE`] service
@@ -42,30 +44,14 @@ pub struct SlotImage {
 
 impl SlotImage {
     pub fn build(c: &CompiledPolicy) -> Self {
-        let mut v6: Vec<(TrieKey<16>, PrefixValue)> =
-            c.v6.iter()
-                .map(|(n, v)| {
-                    let data = n.trunc().network().octets();
-                    (
-                        TrieKey {
-                            data,
-                            len: u32::from(n.prefix_len()),
-                        },
-                        *v,
-                    )
-                })
-                .collect();
-        // The compiler promises sorted, unique prefixes; the loader's diff
-        // relies on it, so make sure (cheap on sorted input).
-        v6.sort_by_key(|e| e.0);
-        v6.dedup_by_key(|e| e.0);
         Self {
             config: c.config,
             range4: RangeTable4::of_policy(c),
             // Sorted and unique by the compiler's promise (the table
             // keeps the last of a duplicate).
             v4_prefixes: c.v4.len(),
-            v6,
+            v6_prefixes: c.v6.len(),
+            range6: RangeTable6::build(&c.v6),
             deciders_v4: Self::deciders_v4(c),
             deciders_v6: Self::deciders_v6(c),
             ports: Self::ports(c),
@@ -168,6 +154,9 @@ mod tests {
                 .lookup(u32::from(std::net::Ipv4Addr::new(11, 0, 0, 0)))
                 .is_none()
         );
+        assert_eq!(img.v6_prefixes, c.v6.len());
+        assert!(img.range6.lookup("2001:db8::1".parse().unwrap()).is_some());
+        assert!(img.range6.lookup("2001:db9::1".parse().unwrap()).is_none());
         // 10.0.0.2 is allowed by ssh's own list and the host-wide /8 with
         // other entries: its deciders are keyed by list, as the kernel
         // looks them up.

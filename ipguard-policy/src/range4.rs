@@ -11,13 +11,14 @@
 //! the loader writes and the reference the kernel must agree with. Sizes:
 //! the direct table is 2^16 words (256 KiB), a range 8 bytes, a leaf 16.
 
-use std::collections::HashMap;
-
 use ipguard_common::{
     PrefixValue, R4_CHUNK_FLAG, R4_DIRECT_BITS, R4_LEAF_NONE, R4Range, expire, r4_search,
 };
 
-use crate::CompiledPolicy;
+use crate::{
+    CompiledPolicy,
+    intervals::{elementary_intervals, sorted_leaves},
+};
 use ipnet::Ipv4Net;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -52,40 +53,13 @@ impl RangeTable4 {
             ..Self::default()
         };
         t.leaves.extend_from_slice(first);
-        // Interning is most of the build at a million prefixes: presized,
-        // and with a fast hasher (SipHash took 185 of 205 ms there).
-        let mut interned: HashMap<PrefixValue, u32, foldhash::fast::RandomState> =
-            HashMap::with_capacity_and_hasher(prefixes.len(), Default::default());
-        let mut leaf_of = |v: &PrefixValue, leaves: &mut Vec<PrefixValue>| -> u32 {
-            *interned.entry(*v).or_insert_with(|| {
-                leaves.push(*v);
-                (leaves.len() - 1) as u32
-            })
-        };
-        // (first address, prefix length, leaf), less specific first at a
-        // shared start, so that the more specific one ends up on top.
-        let mut sorted: Vec<(u32, u8, u32)> = prefixes
-            .iter()
-            .map(|(n, v)| {
+        let sorted = sorted_leaves(
+            prefixes.iter().map(|(n, v)| {
                 let n = n.trunc();
-                (
-                    u32::from(n.network()),
-                    n.prefix_len(),
-                    leaf_of(v, &mut t.leaves),
-                )
-            })
-            .collect();
-        // Stable: of a prefix written twice, the later stays later.
-        sorted.sort_by_key(|&(a, l, _)| (a, l));
-        sorted.dedup_by(|b, a| {
-            // Same prefix twice: keep the later value.
-            if (a.0, a.1) == (b.0, b.1) {
-                a.2 = b.2;
-                true
-            } else {
-                false
-            }
-        });
+                (u32::from(n.network()), n.prefix_len(), *v)
+            }),
+            &mut t.leaves,
+        );
         let intervals = elementary_intervals(&sorted);
         t.direct = vec![R4_LEAF_NONE; 1 << R4_DIRECT_BITS];
         let mut i = 0usize;
@@ -162,51 +136,6 @@ impl RangeTable4 {
             + self.ranges.len() * std::mem::size_of::<R4Range>()
             + self.leaves.len() * std::mem::size_of::<PrefixValue>()
     }
-}
-
-/// The address space cut where the longest matching prefix changes:
-/// (first address, leaf), sorted, starting at 0, neighbours with the same
-/// leaf merged. `sorted` holds (first address, length, leaf) by address,
-/// then length; prefixes nest or are disjoint, so a stack of the prefixes
-/// holding the current address gives the most specific one on top.
-fn elementary_intervals(sorted: &[(u32, u8, u32)]) -> Vec<(u32, u32)> {
-    let end = |a: u32, l: u8| -> u64 { u64::from(a) + (1u64 << (32 - u32::from(l))) };
-    let mut out: Vec<(u32, u32)> = Vec::with_capacity(sorted.len() * 2 + 1);
-    let push = |out: &mut Vec<(u32, u32)>, at: u64, leaf: u32| {
-        if at > u64::from(u32::MAX) {
-            return;
-        }
-        let at = at as u32;
-        match out.last_mut() {
-            Some(last) if last.0 == at => last.1 = leaf,
-            Some(last) if last.1 == leaf => {}
-            _ => out.push((at, leaf)),
-        }
-        // Two neighbours with one leaf after an overwrite: merge them.
-        if out.len() >= 2 && out[out.len() - 2].1 == out[out.len() - 1].1 {
-            out.pop();
-        }
-    };
-    // (end, leaf) of the prefixes holding the current address.
-    let mut stack: Vec<(u64, u32)> = Vec::new();
-    push(&mut out, 0, R4_LEAF_NONE);
-    for &(a, l, leaf) in sorted {
-        let a64 = u64::from(a);
-        // Close the prefixes that end before this one starts.
-        while let Some(&(e, _)) = stack.last() {
-            if e > a64 {
-                break;
-            }
-            stack.pop();
-            push(&mut out, e, stack.last().map_or(R4_LEAF_NONE, |s| s.1));
-        }
-        push(&mut out, a64, leaf);
-        stack.push((end(a, l), leaf));
-    }
-    while let Some((e, _)) = stack.pop() {
-        push(&mut out, e, stack.last().map_or(R4_LEAF_NONE, |s| s.1));
-    }
-    out
 }
 
 #[cfg(test)]

@@ -130,18 +130,16 @@ pub struct Memory {
     pub ipv4_allocated: u64,
     /// What the active policy's IPv4 table fills of its slot.
     pub ipv4_policy: u64,
-    /// The IPv6 trie of the active policy, estimated (one kmalloc'd node of
-    /// 96 bytes per prefix; the kernel adds a node where two prefixes part).
-    pub ipv6_estimate: u64,
+    /// The same for IPv6 (`--ipv6-capacity`).
+    #[serde(default)]
+    pub ipv6_allocated: u64,
+    #[serde(default)]
+    pub ipv6_policy: u64,
     /// Of the leaves in `ipv4_policy`, those that hold the deadlines of
     /// time-limited entries (both families) and the values after them.
     #[serde(default)]
     pub deadline_leaves: u64,
 }
-
-/// Kernel bytes per IPv6 prefix in an LPM trie (a node of the kmalloc-96
-/// cache: its header, 16 bytes of key and 16 of value).
-pub const IPV6_TRIE_NODE_BYTES: u64 = 96;
 
 #[derive(Clone, Debug, Serialize, Deserialize, Default, PartialEq, Eq)]
 pub struct Prefixes {

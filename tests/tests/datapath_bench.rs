@@ -9,7 +9,7 @@
 //!
 //! Programs: `ipguard_bench_empty` (XDP_PASS only), `ipguard_bench_parse`
 //! (the parser), `ipguard_bench_lookup` (parser, active slot, the source
-//! lookup: the IPv4 range table or the IPv6 trie), `ipguard`
+//! lookup: the IPv4 range table or the IPv6 range tree), `ipguard`
 //! (everything); the first three are the bench object's, on the product's
 //! pinned maps; and xdp-filter from
 //! Debian's xdp-tools, loaded onto a veth in a throw-away namespace and
@@ -425,11 +425,12 @@ fn prog_fd_by_id(id: u32) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(fd as RawFd) }
 }
 
-/// Capacities for the largest set (the default holds 131,072 IPv4
-/// prefixes).
+/// Capacities for the largest sets (the defaults hold 131,072 IPv4 and
+/// 65,536 IPv6 prefixes).
 fn bench_caps() -> Capacities {
     Capacities {
         v4: 1 << 20,
+        v6: 1 << 17,
         ..Capacities::default()
     }
 }

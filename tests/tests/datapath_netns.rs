@@ -37,7 +37,7 @@ fn protect(pair: &Pair, policy: CompiledPolicy) -> PinDir {
                     flows: 4096,
                 },
             )?;
-            dp.maps.apply(&policy, None)?;
+            dp.maps.apply(&policy)?;
             dp.attach(&iface, XdpModeRequest::Native, None)?;
             Ok(())
         })
@@ -310,7 +310,7 @@ fn host_initiated_connections_to_a_refused_peer_work() {
     let mut cfg = config(MODE_ENFORCE, ACTION_DROP, SCOPE_HOST);
     cfg.infra &= !INFRA_RETURN_TRAFFIC;
     let mut maps = maps;
-    maps.apply(&two_lists(cfg), None).unwrap();
+    maps.apply(&two_lists(cfg)).unwrap();
     assert!(
         !out(SERVER_V4_ALT, CLIENT_V4_ALT),
         "without return traffic the reply is refused"
@@ -347,7 +347,7 @@ fn a_udp_servers_answers_never_keep_a_refused_client_in() {
         &[(&format!("{CLIENT_V6}/128"), value(1, 0, 0))],
         &[],
     );
-    maps.apply(&without, None).unwrap();
+    maps.apply(&without).unwrap();
     assert!(
         !client.ask(Duration::from_millis(600)),
         "a refused client was answered"

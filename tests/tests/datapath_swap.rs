@@ -210,9 +210,7 @@ fn a_thousand_swaps_under_traffic_never_mix_two_policies() {
             .collect();
         for i in 0..swaps() {
             let t = Instant::now();
-            l.dp.maps
-                .apply(if i % 2 == 0 { &pb } else { &pa }, None)
-                .unwrap();
+            l.dp.maps.apply(if i % 2 == 0 { &pb } else { &pa }).unwrap();
             swap_times.push(t.elapsed());
             // Let traffic run on both policies between swaps too.
             if i % (swaps() / 10).max(1) == 0 {

@@ -188,15 +188,16 @@ fn the_verifier_walks_each_program_within_a_quarter_of_its_limit() {
 /// memory figures are that table's, and a policy over the capacity is
 /// refused with the flag that raises it, leaving the running one.
 #[test]
-fn the_kernel_holds_the_images_ipv4_table_in_either_slot() {
+fn the_kernel_holds_the_images_lookup_tables_in_either_slot() {
     let mut l = Loaded::with_caps(ipguard::datapath::Capacities {
         v4: 4096,
-        v6: 1024,
+        v6: 4096,
         flows: 1024,
     });
     let cfg = config(MODE_ENFORCE, ACTION_DROP, SCOPE_HOST);
     let nets: Vec<String> = (0..3000u32)
         .map(|i| format!("10.{}.{}.0/24", i / 200, i % 200))
+        .chain((0..3000u32).map(|i| format!("2001:db8:{:x}::/48", i * 3)))
         .collect();
     let mut prefixes: Vec<(&str, PrefixValue)> = nets
         .iter()
@@ -205,34 +206,71 @@ fn the_kernel_holds_the_images_ipv4_table_in_either_slot() {
         .collect();
     prefixes.push(("0.0.0.0/0", value(0, FLAG_DENY, 9)));
     prefixes.push(("198.51.100.7/32", value(1, 0, 8)));
+    prefixes.push(("::/0", value(0, FLAG_DENY, 9)));
+    prefixes.push(("2001:db8:ffff::7/128", value(1, 0, 8)));
     let p = policy(cfg, &prefixes, &[]);
-    let want = ipguard::policy::range4::RangeTable4::build(&p.v4);
+    let want4 = ipguard::policy::range4::RangeTable4::build(&p.v4);
+    let want6 = ipguard::policy::range6::RangeTable6::build(&p.v6);
+    // 6,003 ranges (::/0, each /48 and the /128 start one, the /48s and
+    // the /128 end one): 2,001 nodes in 7 levels.
+    assert_eq!((want6.nodes.len(), want6.levels()), (2001, 7));
     for _ in 0..2 {
         l.apply(&p);
         let slot = l.dp.maps.active_slot().unwrap();
-        let got = l.dp.maps.range_table_v4(slot).unwrap();
-        assert_eq!(got, want, "slot {slot}");
+        assert_eq!(
+            l.dp.maps.range_table_v4(slot).unwrap(),
+            want4,
+            "slot {slot}"
+        );
+        assert_eq!(
+            l.dp.maps.range_table_v6(slot).unwrap(),
+            want6,
+            "slot {slot}"
+        );
         let m = l.dp.maps.memory(slot);
         assert_eq!(
             m.ipv4_policy,
-            r4_table_bytes(want.ranges.len() as u32, want.leaves.len() as u32)
+            r4_table_bytes(want4.ranges.len() as u32, want4.leaves.len() as u32)
+        );
+        assert_eq!(
+            m.ipv6_policy,
+            r6_table_bytes(want6.nodes.len() as u32, want6.leaves.len() as u32)
         );
         assert!(m.ipv4_allocated >= 2 * m.ipv4_policy, "{m:?}");
-        let j = l.judge(&tcp("198.51.100.7", 7000).build());
-        assert_eq!((j.verdict, j.reason), (VERDICT_PASS, REASON_ALLOWED));
-        let j = l.judge(&tcp("10.14.199.9", 7000).build());
-        assert_eq!((j.verdict, j.reason), (VERDICT_PASS, REASON_ALLOWED));
-        let j = l.judge(&tcp("10.15.0.1", 7000).build());
-        assert_eq!((j.verdict, j.reason), (VERDICT_DROP, REASON_DENY));
+        assert!(m.ipv6_allocated >= 2 * m.ipv6_policy, "{m:?}");
+        assert_eq!(l.dp.maps.prefix_counts(slot), (3002, 3002));
+        for (src, verdict, reason) in [
+            ("198.51.100.7", VERDICT_PASS, REASON_ALLOWED),
+            ("10.14.199.9", VERDICT_PASS, REASON_ALLOWED),
+            ("10.15.0.1", VERDICT_DROP, REASON_DENY),
+            ("2001:db8:ffff::7", VERDICT_PASS, REASON_ALLOWED),
+            ("2001:db8:ffff::8", VERDICT_DROP, REASON_DENY),
+            ("2001:db8:0:ffff::1", VERDICT_PASS, REASON_ALLOWED),
+            ("2001:db8:1::1", VERDICT_DROP, REASON_DENY),
+            ("2001:db8:2325:ffff::", VERDICT_PASS, REASON_ALLOWED),
+            ("2001:db8:2326::", VERDICT_DROP, REASON_DENY),
+        ] {
+            let j = l.judge(&tcp(src, 7000).build());
+            assert_eq!((j.verdict, j.reason), (verdict, reason), "{src}");
+        }
     }
     let many: Vec<String> = (0..5000u32)
         .map(|i| format!("172.{}.{}.0/24", 16 + i / 256, i % 256))
         .collect();
     let over: Vec<(&str, PrefixValue)> =
         many.iter().map(|n| (n.as_str(), value(1, 0, 1))).collect();
-    let e = l.dp.maps.apply(&policy(cfg, &over, &[]), None).unwrap_err();
+    let e = l.dp.maps.apply(&policy(cfg, &over, &[])).unwrap_err();
     assert!(e.to_string().contains("--ipv4-capacity"), "{e}");
+    let many6: Vec<String> = (0..5000u32)
+        .map(|i| format!("2001:db8:{i:x}::/48"))
+        .collect();
+    let over6: Vec<(&str, PrefixValue)> =
+        many6.iter().map(|n| (n.as_str(), value(1, 0, 1))).collect();
+    let e = l.dp.maps.apply(&policy(cfg, &over6, &[])).unwrap_err();
+    assert!(e.to_string().contains("--ipv6-capacity"), "{e}");
     let j = l.judge(&tcp("198.51.100.7", 7000).build());
+    assert_eq!(j.verdict, VERDICT_PASS, "the running policy stays");
+    let j = l.judge(&tcp("2001:db8:ffff::7", 7000).build());
     assert_eq!(j.verdict, VERDICT_PASS, "the running policy stays");
 }
 

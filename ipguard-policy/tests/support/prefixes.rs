@@ -1,11 +1,11 @@
-//! Random IPv4 prefix sets shaped like real tables, shared by this crate's
+//! Random IPv4 and IPv6 prefix sets shaped like real tables, shared by this crate's
 //! range-table differential and the kernel's (the `tests` crate includes
 //! it with `#[path]`, beside `rng.rs`).
 
 use std::collections::HashSet;
 
 use ipguard_common::PrefixValue;
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
 use super::rng::Rng;
 
@@ -69,5 +69,78 @@ pub fn query(r: &mut Rng, set: &[(Ipv4Net, PrefixValue)], q: usize) -> u32 {
         }
     } else {
         r.next() as u32
+    }
+}
+
+/// `n` distinct IPv6 prefixes shaped like an IPv6 allowlist: most inside
+/// a few /32s (one provider's customers: /48, /56, /64, hosts), some
+/// anywhere (from /16 on), a part nested in earlier ones, values that
+/// repeat.
+pub fn prefix_set6(r: &mut Rng, n: usize) -> Vec<(Ipv6Net, PrefixValue)> {
+    let homes: Vec<u128> = (0..4)
+        .map(|_| (0x2001_0db8u128 << 96) | (u128::from(r.below(1 << 16) as u32) << 80))
+        .collect();
+    let mut seen = HashSet::new();
+    let mut out: Vec<(Ipv6Net, PrefixValue)> = Vec::with_capacity(n);
+    while out.len() < n {
+        let len = match r.below(100) {
+            0..3 => 16 + r.below(16) as u8,
+            3..8 => 32 + r.below(16) as u8,
+            8..40 => 48,
+            40..55 => 56,
+            55..80 => 64,
+            80..85 => 65 + r.below(63) as u8,
+            _ => 128,
+        };
+        let random = (u128::from(r.next()) << 64) | u128::from(r.next());
+        let addr = match r.below(8) {
+            0 if !out.is_empty() => {
+                // Inside an earlier prefix.
+                let (p, _) = out[r.below(out.len() as u64) as usize];
+                u128::from(p.network()) | (random & !mask6(p.prefix_len()))
+            }
+            1 => random,
+            _ => homes[r.below(homes.len() as u64) as usize] | (random & !mask6(48)),
+        };
+        let net = Ipv6Net::new(addr.into(), len).unwrap().trunc();
+        if seen.insert(net) {
+            let value = PrefixValue {
+                allow_mask: r.below(8),
+                flags: r.below(3) as u32,
+                entry: r.below(n as u64 / 2 + 1) as u32,
+            };
+            out.push((net, value));
+        }
+    }
+    out
+}
+
+pub fn mask6(len: u8) -> u128 {
+    if len == 0 {
+        0
+    } else {
+        u128::MAX << (128 - u32::from(len))
+    }
+}
+
+/// As [`query`], for IPv6.
+pub fn query6(r: &mut Rng, set: &[(Ipv6Net, PrefixValue)], q: usize) -> u128 {
+    let random = (u128::from(r.next()) << 64) | u128::from(r.next());
+    if q.is_multiple_of(2) {
+        let (p, _) = set[r.below(set.len() as u64) as usize];
+        let base = u128::from(p.network());
+        let host = !mask6(p.prefix_len());
+        match r.below(4) {
+            0 => base,
+            1 => base | host,
+            2 => (base | host).wrapping_add(1),
+            _ => base | (random & host),
+        }
+    } else if q % 4 == 1 {
+        // Near the prefixes (the same /32s), outside most of them.
+        let (p, _) = set[r.below(set.len() as u64) as usize];
+        (u128::from(p.network()) & mask6(32)) | (random & !mask6(32))
+    } else {
+        random
     }
 }

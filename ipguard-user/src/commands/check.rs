@@ -146,9 +146,9 @@ fn summary_text(name: &str, l: &LoadedPolicy, c: &CompiledPolicy, now: SystemTim
     ));
     let m = kernel_memory(c);
     line(format!(
-        "  kernel memory: IPv4 lookup {} per slot, IPv6 trie about {}",
+        "  kernel memory: IPv4 lookup {} per slot, IPv6 lookup {} per slot",
         crate::report::mib(m.ipv4_policy),
-        crate::report::mib(m.ipv6_estimate)
+        crate::report::mib(m.ipv6_policy)
     ));
     if let Some(t) = c.next_change {
         line(format!(
@@ -160,9 +160,9 @@ fn summary_text(name: &str, l: &LoadedPolicy, c: &CompiledPolicy, now: SystemTim
     out
 }
 
-/// What the policy takes in the kernel: its IPv4 table exactly (as the
-/// loader builds it), its IPv6 trie estimated. The arrays themselves are
-/// allocated at `run --ipv4-capacity`, whatever the policy.
+/// What the policy takes in the kernel: its IPv4 and IPv6 tables exactly,
+/// as the loader builds them. The arrays themselves are allocated at `run
+/// --ipv4-capacity` and `--ipv6-capacity`, whatever the policy.
 fn kernel_memory(c: &CompiledPolicy) -> crate::protocol::Memory {
     let t = crate::policy::range4::RangeTable4::of_policy(c);
     let sat = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
@@ -170,13 +170,18 @@ fn kernel_memory(c: &CompiledPolicy) -> crate::protocol::Memory {
         // The daemon's to say: it depends on `run --ipv4-capacity`.
         ipv4_allocated: 0,
         ipv4_policy: ipguard_common::r4_table_bytes(sat(t.ranges.len()), sat(t.leaves.len())),
-        ipv6_estimate: c.v6.len() as u64 * crate::protocol::IPV6_TRIE_NODE_BYTES,
+        ipv6_allocated: 0,
+        ipv6_policy: {
+            let t = crate::policy::range6::RangeTable6::build(&c.v6);
+            ipguard_common::r6_table_bytes(sat(t.nodes.len()), sat(t.leaves.len()))
+        },
         deadline_leaves: c.timed.len() as u64,
     }
 }
 
 fn summary_json(name: &str, l: &LoadedPolicy, c: &CompiledPolicy) -> serde_json::Value {
     let p = &l.policy;
+    let m = kernel_memory(c);
     json!({
         "valid": true,
         "file": name,
@@ -185,8 +190,8 @@ fn summary_json(name: &str, l: &LoadedPolicy, c: &CompiledPolicy) -> serde_json:
         "warnings": diag_json(&l.warnings),
         "prefixes": {"ipv4": c.v4.len(), "ipv6": c.v6.len()},
         "memory": {
-            "ipv4_policy": kernel_memory(c).ipv4_policy,
-            "ipv6_estimate": kernel_memory(c).ipv6_estimate,
+            "ipv4_policy": m.ipv4_policy,
+            "ipv6_policy": m.ipv6_policy,
         },
         "mode": p.mode.as_str(),
         "action": p.action.as_str(),

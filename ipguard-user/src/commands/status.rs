@@ -111,10 +111,11 @@ pub fn render(st: &StatusReport) -> String {
     };
     let _ = writeln!(
         o,
-        "memory:     IPv4 lookup {} allocated (both slots), {} for this policy{deadlines}; IPv6 trie about {}",
+        "memory:     IPv4 lookup {} allocated (both slots), {} for this policy{deadlines}; IPv6 lookup {} allocated, {} for this policy",
         crate::report::mib(m.ipv4_allocated),
         crate::report::mib(m.ipv4_policy),
-        crate::report::mib(m.ipv6_estimate)
+        crate::report::mib(m.ipv6_allocated),
+        crate::report::mib(m.ipv6_policy)
     );
     let c = &st.counters;
     let _ = writeln!(

@@ -250,7 +250,7 @@ impl Daemon {
         let stats = self
             .dp
             .maps
-            .apply(&compiled, Some(self.caps))
+            .apply(&compiled)
             .map_err(|e| CliError::system(e.to_string()))?;
         match delete_refused_flows(&mut self.dp.maps, &self.compiled, &ex) {
             Ok(0) => {}

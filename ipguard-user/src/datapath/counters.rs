@@ -44,33 +44,34 @@ impl Maps {
         Ok(self.lookup4.read(slot, c.r4_ranges, c.r4_leaves))
     }
 
+    /// The IPv6 lookup tree a slot holds, as its config sizes it.
+    pub fn range_table_v6(&self, slot: u32) -> Result<crate::policy::range6::RangeTable6> {
+        let c = self.config(slot)?;
+        Ok(self.lookup6.read(slot, c.r6_nodes, c.r6_leaves))
+    }
+
     /// Kernel memory of the source lookup, with `slot`'s policy.
     pub fn memory(&self, slot: u32) -> crate::protocol::Memory {
         let c = self.config(slot).unwrap_or_default();
-        let (_, v6) = self.prefix_counts(slot);
         crate::protocol::Memory {
             ipv4_allocated: self.lookup4.allocated(),
             ipv4_policy: r4_table_bytes(c.r4_ranges, c.r4_leaves),
-            ipv6_estimate: v6 as u64 * crate::protocol::IPV6_TRIE_NODE_BYTES,
+            ipv6_allocated: self.lookup6.allocated(),
+            ipv6_policy: r6_table_bytes(c.r6_nodes, c.r6_leaves),
             deadline_leaves: u64::from(c.timed_leaves),
         }
     }
 
-    /// Number of prefixes in a slot: IPv4 as its config says, IPv6 by
-    /// walking the trie.
+    /// Number of prefixes in a slot, as its config says.
     pub fn prefix_counts(&self, slot: u32) -> (usize, usize) {
-        let v4 = self.config(slot).map_or(0, |c| c.v4_prefixes as usize);
-        (v4, self.v6[slot as usize].keys().count())
+        self.config(slot)
+            .map_or((0, 0), |c| (c.v4_prefixes as usize, c.v6_prefixes as usize))
     }
 
     pub fn capacities(&self) -> Capacities {
         Capacities {
             v4: self.lookup4.prefix_capacity(),
-            v6: self.v6[0]
-                .map()
-                .info()
-                .map(|i| i.max_entries())
-                .unwrap_or(0),
+            v6: self.lookup6.prefix_capacity(),
             flows: self
                 .flows
                 .map()

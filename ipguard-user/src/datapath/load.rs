@@ -33,8 +33,8 @@ fn loader<'a>(
     l.default_map_pin_directory(pin_dir)
         .map_max_entries(MAP_R4_RANGES, SLOTS * r4_ranges_capacity(caps.v4))
         .map_max_entries(MAP_R4_LEAVES, SLOTS * r4_leaves_capacity(caps.v4))
-        .map_max_entries(MAP_V6[0], caps.v6)
-        .map_max_entries(MAP_V6[1], caps.v6)
+        .map_max_entries(MAP_R6_NODES, SLOTS * r6_nodes_capacity(caps.v6))
+        .map_max_entries(MAP_R6_LEAVES, SLOTS * r6_leaves_capacity(caps.v6))
         .map_max_entries(MAP_FLOWS, caps.flows.max(1))
         .override_global(GLOBAL_NR_CPUS, ncpu, true)
         .override_global(GLOBAL_COARSE_CLOCK, coarse, true);
@@ -192,7 +192,8 @@ pub(super) fn replace_incompatible_maps(pin_dir: &Path, caps: Capacities) -> boo
             n if n == MAP_FLOWS => Some(caps.flows.max(1)),
             n if n == MAP_R4_RANGES => Some(SLOTS * r4_ranges_capacity(caps.v4)),
             n if n == MAP_R4_LEAVES => Some(SLOTS * r4_leaves_capacity(caps.v4)),
-            n if MAP_V6.contains(&n) => Some(caps.v6),
+            n if n == MAP_R6_NODES => Some(SLOTS * r6_nodes_capacity(caps.v6)),
+            n if n == MAP_R6_LEAVES => Some(SLOTS * r6_leaves_capacity(caps.v6)),
             _ => None,
         }
     };
@@ -258,8 +259,8 @@ const POLICY_MAPS: [&str; 13] = [
     MAP_R4_DIRECT,
     MAP_R4_RANGES,
     MAP_R4_LEAVES,
-    MAP_V6[0],
-    MAP_V6[1],
+    MAP_R6_NODES,
+    MAP_R6_LEAVES,
     MAP_DECIDERS_V4[0],
     MAP_DECIDERS_V4[1],
     MAP_DECIDERS_V6[0],

@@ -13,8 +13,10 @@ mod attach;
 mod counters;
 mod flows;
 mod load;
+mod mapped;
 mod pins;
 mod range4;
+mod range6;
 mod slots;
 mod sys;
 mod writes;
@@ -26,6 +28,7 @@ pub use pins::*;
 pub use slots::*;
 // Shared between the files of this module.
 use range4::Lookup4;
+use range6::Lookup6;
 use writes::*;
 
 use std::{

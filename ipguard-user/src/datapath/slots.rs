@@ -9,7 +9,8 @@ pub struct Maps {
     pub pin_dir: PathBuf,
     /// The IPv4 lookup's arrays, mapped.
     pub(super) lookup4: Lookup4,
-    pub(super) v6: [LpmTrie<MapData, [u8; 16], PrefixValue>; 2],
+    /// The IPv6 lookup's arrays, mapped.
+    pub(super) lookup6: Lookup6,
     pub(super) dec_v4: [LpmTrie<MapData, [u8; 5], u32>; 2],
     pub(super) dec_v6: [LpmTrie<MapData, [u8; 17], u32>; 2],
     pub(super) ports: Array<MapData, u8>,
@@ -66,12 +67,6 @@ pub struct ApplyStats {
     pub generation: u64,
     pub v4: usize,
     pub v6: usize,
-    /// IPv6 prefixes removed from the slot (the policy before last had
-    /// them).
-    pub removed: usize,
-    /// Prefixes written: every IPv4 one (the table is copied whole), and
-    /// the new or changed IPv6 ones.
-    pub written: usize,
 }
 
 /// An image's LPM key as bytes in the kernel's layout (`struct
@@ -81,38 +76,11 @@ pub(super) fn key_bytes<const N: usize>(k: &TrieKey<N>, out: &mut Vec<u8>) {
     out.extend_from_slice(&k.data);
 }
 
-pub(super) fn key_read<const N: usize>(b: &[u8]) -> TrieKey<N> {
-    let mut data = [0u8; N];
-    data.copy_from_slice(&b[4..4 + N]);
-    TrieKey {
-        data,
-        len: u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
-    }
-}
-
-pub(super) fn value_bytes(v: &PrefixValue, out: &mut Vec<u8>) {
-    out.extend_from_slice(&v.allow_mask.to_ne_bytes());
-    out.extend_from_slice(&v.flags.to_ne_bytes());
-    out.extend_from_slice(&v.entry.to_ne_bytes());
-}
-
-pub(super) fn value_read(b: &[u8]) -> PrefixValue {
-    let u32_at = |i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-    let mut m = [0u8; 8];
-    m.copy_from_slice(&b[..8]);
-    PrefixValue {
-        allow_mask: u64::from_ne_bytes(m),
-        flags: u32_at(8),
-        entry: u32_at(12),
-    }
-}
-
 /// A slot's contents as this process last wrote (or read) them, valid while
 /// the slot's config still carries `generation` (generations only grow, so
 /// any other writer would have changed it).
 pub(super) struct Shadow {
     pub(super) generation: u64,
-    pub(super) v6: Vec<(TrieKey<16>, PrefixValue)>,
     pub(super) ports: Vec<u8>,
 }
 
@@ -121,7 +89,7 @@ impl Maps {
         Ok(Self {
             pin_dir: pin_dir.to_path_buf(),
             lookup4: Lookup4::open(pin_dir)?,
-            v6: [typed!(pin_dir, MAP_V6[0]), typed!(pin_dir, MAP_V6[1])],
+            lookup6: Lookup6::open(pin_dir)?,
             dec_v4: [
                 typed!(pin_dir, MAP_DECIDERS_V4[0]),
                 typed!(pin_dir, MAP_DECIDERS_V4[1]),
@@ -163,29 +131,16 @@ impl Maps {
     /// it, [`wait_for_readers`] waits for an RCU grace period, after which
     /// no XDP or TC run that read the old index is still going (both run
     /// inside RCU read-side sections). Only the difference to what the slot
-    /// held is written, so the multi-million-entry trie is never freed nor
-    /// rebuilt: removed prefixes are deleted one by one, kept ones updated
-    /// in place.
-    pub fn apply(
-        &mut self,
-        policy: &CompiledPolicy,
-        caps: Option<Capacities>,
-    ) -> Result<ApplyStats> {
-        if let Some(caps) = caps
-            && policy.v6.len() > caps.v6 as usize
-        {
-            return Err(DatapathError::Capacity {
-                family: "IPv6",
-                need: policy.v6.len(),
-                capacity: caps.v6,
-                fix: FIX_V6_CAPACITY,
-            });
-        }
+    /// held is written of the port table; the lookups' tables are copied
+    /// whole into arrays allocated at load, so nothing large is ever freed
+    /// nor allocated.
+    pub fn apply(&mut self, policy: &CompiledPolicy) -> Result<ApplyStats> {
         // What the slot must hold, by the one function that lays a policy
         // out for the kernel; from here on only differences are written
-        // (the IPv4 table is copied whole: a few milliseconds).
+        // (the lookup tables are copied whole: a few milliseconds).
         let image = SlotImage::build(policy);
         self.lookup4.check_fits(&image.range4, image.v4_prefixes)?;
+        self.lookup6.check_fits(&image.range6, image.v6_prefixes)?;
         let active = self.active_slot()?;
         let slot = 1 - active;
         let s = slot as usize;
@@ -203,7 +158,7 @@ impl Maps {
         // Until the config carries the new generation the slot's contents
         // are unknown to the shadow (an error below leaves it None).
         let (r4_range_base, r4_leaf_base) = self.lookup4.write(slot, &image.range4);
-        let (removed6, written6) = self.sync_trie(slot, &old.v6, &image.v6)?;
+        let (r6_node_base, r6_leaf_base) = self.lookup6.write(slot, &image.range6);
         self.sync_ports(slot, &old.ports, &image.ports)?;
         let names = (MAP_DECIDERS_V4[s], MAP_DECIDERS_V6[s]);
         self.replace_deciders(&self.dec_v4[s], names.0, &image.deciders_v4)?;
@@ -221,6 +176,11 @@ impl Maps {
         cfg.r4_ranges = image.range4.ranges.len() as u32;
         cfg.r4_leaves = image.range4.leaves.len() as u32;
         cfg.timed_leaves = policy.timed.len() as u32;
+        cfg.v6_prefixes = image.v6_prefixes as u32;
+        cfg.r6_node_base = r6_node_base;
+        cfg.r6_leaf_base = r6_leaf_base;
+        cfg.r6_nodes = image.range6.nodes.len() as u32;
+        cfg.r6_leaves = image.range6.leaves.len() as u32;
         cfg.unix_at_boot_ns = super::sys::unix_at_boot_ns();
         self.config.set(slot, cfg, 0).map_err(map_err(MAP_CONFIG))?;
         // x86 keeps stores in order, so a reader that sees the new index
@@ -235,13 +195,10 @@ impl Maps {
             slot,
             generation,
             v4: image.v4_prefixes,
-            v6: image.v6.len(),
-            removed: removed6,
-            written: image.v4_prefixes + written6,
+            v6: image.v6_prefixes,
         };
         self.shadow[s] = Some(Shadow {
             generation,
-            v6: image.v6,
             ports: image.ports,
         });
         Ok(stats)
@@ -249,8 +206,6 @@ impl Maps {
 
     /// Reads what a slot holds (a daemon taking over, or another writer).
     pub(super) fn read_slot(&self, slot: u32) -> Result<Shadow> {
-        let s = slot as usize;
-        let v6 = read_trie::<16>(&self.v6[s], MAP_V6[s])?;
         let all = dump(self.ports.map(), MAP_PORTS, 4, 1)?;
         let mut ports = vec![0u8; PORT_SLOT_STRIDE as usize];
         let base = slot * PORT_SLOT_STRIDE;
@@ -262,7 +217,6 @@ impl Maps {
         }
         Ok(Shadow {
             generation: self.config(slot)?.generation,
-            v6,
             ports,
         })
     }

@@ -1,63 +1,9 @@
-//! Map writes of a slot: differences of tries and the port table, the
-//! deciders, the DHCP servers; reading a slot back.
+//! Map writes of a slot: differences of the port table, the deciders,
+//! the DHCP servers; reading a map back.
 
 use super::*;
 
 impl Maps {
-    /// Makes the slot's IPv6 trie hold exactly `want`, given that it holds
-    /// `have`: deletes first (so the trie never needs more room than the
-    /// larger of the two), then writes new and changed prefixes.
-    pub(super) fn sync_trie(
-        &mut self,
-        slot: u32,
-        have: &[(TrieKey<16>, PrefixValue)],
-        want: &[(TrieKey<16>, PrefixValue)],
-    ) -> Result<(usize, usize)> {
-        const N: usize = 16;
-        let s = slot as usize;
-        let (name, data) = (MAP_V6[s], self.v6[s].map());
-        let (mut stale, mut fresh) = (Vec::new(), Vec::new());
-        let (mut i, mut j) = (0, 0);
-        while i < have.len() || j < want.len() {
-            match (have.get(i), want.get(j)) {
-                (Some(h), Some(w)) if h.0 == w.0 => {
-                    if h.1 != w.1 {
-                        fresh.push(*w);
-                    }
-                    i += 1;
-                    j += 1;
-                }
-                (Some(h), Some(w)) if h.0 < w.0 => {
-                    stale.push(h.0);
-                    i += 1;
-                }
-                (Some(h), None) => {
-                    stale.push(h.0);
-                    i += 1;
-                }
-                (_, Some(w)) => {
-                    fresh.push(*w);
-                    j += 1;
-                }
-                (None, None) => break,
-            }
-        }
-        let key_size = 4 + N;
-        let mut keys = Vec::with_capacity(stale.len().max(fresh.len()) * key_size);
-        for k in &stale {
-            key_bytes(k, &mut keys);
-        }
-        self.delete(data, name, &keys, key_size)?;
-        keys.clear();
-        let mut values = Vec::with_capacity(fresh.len() * 16);
-        for (k, v) in &fresh {
-            key_bytes(k, &mut keys);
-            value_bytes(v, &mut values);
-        }
-        self.update(data, name, &keys, key_size, &values, 16)?;
-        Ok((stale.len(), fresh.len()))
-    }
-
     /// Makes a slot's deciders trie hold exactly `want`. The trie is small
     /// (at most `DECIDERS_*_CAPACITY`) and the slot inactive, so it is
     /// emptied and written again rather than diffed.
@@ -263,40 +209,4 @@ pub(super) fn dump(
         op: "BPF_MAP_LOOKUP_BATCH",
         source,
     })
-}
-
-pub(super) fn read_trie<const N: usize>(
-    trie: &LpmTrie<MapData, [u8; N], PrefixValue>,
-    name: &'static str,
-) -> Result<Vec<(TrieKey<N>, PrefixValue)>>
-where
-    [u8; N]: aya::Pod,
-{
-    let key_size = 4 + N;
-    let mut out: Vec<(TrieKey<N>, PrefixValue)> = match dump(trie.map(), name, key_size, 16) {
-        Ok((keys, values)) => keys
-            .chunks_exact(key_size)
-            .zip(values.chunks_exact(16))
-            .map(|(k, v)| (key_read(k), value_read(v)))
-            .collect(),
-        // Kernels without batched lookups on LPM tries: walk the keys.
-        Err(DatapathError::MapIo { source, .. }) if sys::unsupported(&source) => {
-            let mut out = Vec::new();
-            for k in trie.keys() {
-                let k: Key<[u8; N]> = k.map_err(map_err(name))?;
-                let v = trie.get(&k, 0).map_err(map_err(name))?;
-                out.push((
-                    TrieKey {
-                        data: k.data(),
-                        len: k.prefix_len(),
-                    },
-                    v,
-                ));
-            }
-            out
-        }
-        Err(e) => return Err(e),
-    };
-    out.sort_by_key(|e| e.0);
-    Ok(out)
 }

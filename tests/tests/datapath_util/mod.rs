@@ -37,7 +37,7 @@ impl Loaded {
     }
 
     pub fn apply(&mut self, p: &CompiledPolicy) {
-        self.dp.maps.apply(p, None).expect("apply");
+        self.dp.maps.apply(p).expect("apply");
     }
 
     /// Runs `frame` through the XDP program `prog` once: (XDP action, the

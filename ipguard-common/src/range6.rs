@@ -1,0 +1,135 @@
+//! The IPv6 source lookup as the kernel holds it, and the one search both
+//! sides run over it: a static B-tree of the address ranges' starts.
+//!
+//! IPv6 policies do not spread over the top bits as IPv4 ones do (a
+//! hundred thousand customer prefixes may all sit in one /32), so a direct
+//! table indexed by leading bits buys nothing; what bounds the reads is
+//! the tree's fan-out. The address space is cut where the longest matching
+//! prefix changes; the cuts' first addresses, sorted, are the keys, three
+//! to a node of one cache line ([`R6Node`], with each key's leaf), nodes
+//! in breadth-first order with the children of node `k` at
+//! `k * 4 + 1 ..= k * 4 + 4` ([`r6_child`]) and the keys placed in order
+//! by an in-order walk of that shape (Eytzinger's layout with fan-out 4).
+//! A lookup reads one node per level, at most [`R6_MAX_LEVELS`], and one
+//! leaf; the top levels, a few kilobytes, stay in cache.
+//!
+//! A leaf indexes the slot's distinct IPv6 prefix values
+//! ([`crate::PrefixValue`], in [`MAP_R6_LEAVES`]); [`crate::R4_LEAF_NONE`]
+//! is "no prefix holds it". Both slots live in the same two arrays; a
+//! slot's nodes and leaves start at the bases its config holds
+//! ([`crate::PolicyConfig::r6_node_base`]).
+
+pub const MAP_R6_NODES: &str = "IPG_R6_NODES";
+pub const MAP_R6_LEAVES: &str = "IPG_R6_LEAVES";
+
+/// Keys per node.
+pub const R6_KEYS: usize = 3;
+/// Levels a slot's tree may have: (4^12 - 1) / 3 nodes, 16.7 million
+/// keys, more than any capacity [`r6_nodes_capacity`] allows.
+pub const R6_MAX_LEVELS: u32 = 12;
+/// Nodes of a complete tree of [`R6_MAX_LEVELS`] levels.
+pub const R6_MAX_NODES: u32 = ((1u64 << (2 * R6_MAX_LEVELS)) / 3) as u32;
+/// The largest IPv6 capacity (prefixes) a slot may be given: its nodes fit
+/// [`R6_MAX_NODES`].
+pub const R6_MAX_PREFIXES: u32 = (R6_MAX_NODES * R6_KEYS as u32 - 1) / 2;
+
+/// Three keys, the first addresses of ranges, ascending, each as its high
+/// and low 64 bits, and the leaves of those ranges. A node's unused slots
+/// (only in the last nodes of a tree whose key count is not a multiple of
+/// three) hold the largest address and the last range's leaf, so they
+/// never change an answer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct R6Node {
+    pub hi: [u64; R6_KEYS],
+    pub lo: [u64; R6_KEYS],
+    pub leaf: [u32; R6_KEYS],
+    pub _pad0: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<R6Node>() == 64);
+const _: () = assert!(r6_nodes_capacity(R6_MAX_PREFIXES) <= R6_MAX_NODES);
+const _: () = assert!(r6_prefix_capacity(r6_nodes_capacity(65_536), 65_536) == 65_536);
+const _: () = assert!(r6_prefix_capacity(r6_nodes_capacity(4_096), 4_096) == 4_096);
+
+/// Index of child `i` (0..=3) of node `k`.
+#[inline(always)]
+pub const fn r6_child(k: u32, i: u32) -> u32 {
+    k.wrapping_mul(R6_KEYS as u32 + 1)
+        .wrapping_add(i)
+        .wrapping_add(1)
+}
+
+/// Nodes a slot needs at most for `prefixes` prefixes: each prefix cuts
+/// the address space at most twice, plus the range at address 0.
+pub const fn r6_nodes_capacity(prefixes: u32) -> u32 {
+    let keys = (prefixes as u64) * 2 + 1;
+    keys.div_ceil(R6_KEYS as u64) as u32
+}
+
+/// Leaves a slot needs at most for `prefixes` prefixes: one per distinct
+/// value.
+pub const fn r6_leaves_capacity(prefixes: u32) -> u32 {
+    if prefixes == 0 { 1 } else { prefixes }
+}
+
+/// The prefixes a slot of `nodes` nodes and `leaves` leaves holds whatever
+/// they are: the inverse of the two capacities above.
+pub const fn r6_prefix_capacity(nodes: u32, leaves: u32) -> u32 {
+    let by_nodes = ((nodes as u64 * R6_KEYS as u64).saturating_sub(1) / 2) as u32;
+    if by_nodes < leaves { by_nodes } else { leaves }
+}
+
+/// Bytes a slot's tree takes in the kernel with `nodes` nodes and `leaves`
+/// leaves.
+pub const fn r6_table_bytes(nodes: u32, leaves: u32) -> u64 {
+    nodes as u64 * 64 + leaves as u64 * 16
+}
+
+/// The high and low 64 bits of an address in network byte order.
+#[inline(always)]
+pub fn r6_key(addr: &[u8; 16]) -> (u64, u64) {
+    let mut hi = [0u8; 8];
+    let mut lo = [0u8; 8];
+    hi.copy_from_slice(&addr[..8]);
+    lo.copy_from_slice(&addr[8..]);
+    (u64::from_be_bytes(hi), u64::from_be_bytes(lo))
+}
+
+/// The leaf of address (`hi`, `lo`) in a tree of `nodes` nodes, given a
+/// reader of the slot's nodes (`node(k)`: node `k` from the slot's base,
+/// None past the array). The kernel and user space run this same search.
+/// Each node visited narrows the range to one of its four gaps; the leaf
+/// is that of the last key at or below the address met on the way down
+/// (the deepest one is the nearest). An empty tree answers
+/// [`crate::R4_LEAF_NONE`].
+#[inline(always)]
+pub fn r6_search<'a>(
+    nodes: u32,
+    hi: u64,
+    lo: u64,
+    node: impl Fn(u32) -> Option<&'a R6Node>,
+) -> Option<u32> {
+    let mut leaf = crate::R4_LEAF_NONE;
+    let mut k = 0u32;
+    let mut level = 0;
+    while level < R6_MAX_LEVELS {
+        if k >= nodes {
+            break;
+        }
+        let n = node(k)?;
+        // Keys at or below the address; they are the node's first ones.
+        let mut below = 0u32;
+        let mut i = 0;
+        while i < R6_KEYS {
+            if n.hi[i] < hi || (n.hi[i] == hi && n.lo[i] <= lo) {
+                below += 1;
+                leaf = n.leaf[i];
+            }
+            i += 1;
+        }
+        k = r6_child(k, below);
+        level += 1;
+    }
+    Some(leaf)
+}

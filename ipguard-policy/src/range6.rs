@@ -1,0 +1,196 @@
+//! An IPv6 longest-prefix lookup built in user space with a bounded
+//! number of reads: the first addresses of the ranges where the longest
+//! matching prefix changes, in a static B-tree of fan-out 4 laid out in
+//! breadth-first order (`ipguard_common::range6`). It answers what an LPM
+//! trie over the same prefixes answers, through an index into a table of
+//! the distinct prefix values, so the verdict and the attribution stay
+//! those of the compiled values.
+//!
+//! `lookup` runs the kernel's search (`r6_search`) over the kernel's
+//! layout, so this is both what the loader writes and the reference the
+//! kernel must agree with. Sizes: a node 64 bytes (three keys), a leaf 16.
+
+use std::net::Ipv6Addr;
+
+use ipguard_common::{PrefixValue, R4_LEAF_NONE, R6_KEYS, R6Node, r6_child, r6_search};
+use ipnet::Ipv6Net;
+
+use crate::intervals::{elementary_intervals, sorted_leaves};
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RangeTable6 {
+    /// The distinct prefix values; a leaf is an index into it.
+    pub leaves: Vec<PrefixValue>,
+    /// The tree, breadth first; empty for a policy without IPv6 prefixes.
+    pub nodes: Vec<R6Node>,
+}
+
+impl RangeTable6 {
+    /// The table of `prefixes` (any order; a prefix written twice keeps
+    /// its last value).
+    pub fn build(prefixes: &[(Ipv6Net, PrefixValue)]) -> Self {
+        let mut t = Self::default();
+        if prefixes.is_empty() {
+            return t;
+        }
+        let sorted = sorted_leaves(
+            prefixes.iter().map(|(n, v)| {
+                let n = n.trunc();
+                (u128::from(n.network()), n.prefix_len(), *v)
+            }),
+            &mut t.leaves,
+        );
+        let keys = elementary_intervals(&sorted);
+        let count = keys.len().div_ceil(R6_KEYS);
+        t.nodes = vec![R6Node::default(); count];
+        // Slots past the last key: the largest address, with the last
+        // range's leaf (they come after every key in order, so the search
+        // meets them only for that address, which that range holds).
+        let pad = keys
+            .last()
+            .map_or((u128::MAX, R4_LEAF_NONE), |&(_, l)| (u128::MAX, l));
+        let mut next = keys.iter().copied().chain(std::iter::repeat(pad));
+        fill(&mut t.nodes, 0, &mut next);
+        t
+    }
+
+    /// The value of the longest prefix holding `addr`, as an LPM trie
+    /// lookup returns it.
+    pub fn lookup(&self, addr: Ipv6Addr) -> Option<&PrefixValue> {
+        match self.leaf_of(addr) {
+            R4_LEAF_NONE => None,
+            leaf => self.leaves.get(leaf as usize),
+        }
+    }
+
+    /// The leaf `addr` resolves to ([`R4_LEAF_NONE`] for none, or for a
+    /// tree that is not well formed).
+    pub fn leaf_of(&self, addr: Ipv6Addr) -> u32 {
+        let a = u128::from(addr);
+        r6_search(self.nodes.len() as u32, (a >> 64) as u64, a as u64, |k| {
+            self.nodes.get(k as usize)
+        })
+        .unwrap_or(R4_LEAF_NONE)
+    }
+
+    /// Levels of the tree: the node reads of a lookup at most.
+    pub fn levels(&self) -> u32 {
+        let mut levels = 0;
+        let mut k = 0usize;
+        while k < self.nodes.len() {
+            levels += 1;
+            k = r6_child(k as u32, 0) as usize;
+        }
+        levels
+    }
+
+    /// Bytes the tree takes as the kernel holds it.
+    pub fn bytes(&self) -> usize {
+        self.nodes.len() * std::mem::size_of::<R6Node>()
+            + self.leaves.len() * std::mem::size_of::<PrefixValue>()
+    }
+}
+
+/// Places the keys of node `k`'s subtree in order: child 0, key 0, child
+/// 1, ..., key 2, child 3. Recursion depth is the tree's levels (at most
+/// `R6_MAX_LEVELS`).
+fn fill(nodes: &mut [R6Node], k: usize, next: &mut impl Iterator<Item = (u128, u32)>) {
+    if k >= nodes.len() {
+        return;
+    }
+    for i in 0..R6_KEYS {
+        fill(nodes, r6_child(k as u32, i as u32) as usize, next);
+        let (a, leaf) = next.next().unwrap_or((u128::MAX, R4_LEAF_NONE));
+        let n = &mut nodes[k];
+        n.hi[i] = (a >> 64) as u64;
+        n.lo[i] = a as u64;
+        n.leaf[i] = leaf;
+    }
+    fill(nodes, r6_child(k as u32, R6_KEYS as u32) as usize, next);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(entry: u32) -> PrefixValue {
+        PrefixValue {
+            allow_mask: 1,
+            flags: 0,
+            entry,
+        }
+    }
+
+    fn net(s: &str) -> Ipv6Net {
+        s.parse().unwrap()
+    }
+
+    fn ip(s: &str) -> Ipv6Addr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn nested_and_disjoint_prefixes_resolve_to_the_most_specific() {
+        let t = RangeTable6::build(&[
+            (net("2001:db8::/32"), v(1)),
+            (net("2001:db8:1::/48"), v(2)),
+            (net("2001:db8:1:2::/64"), v(3)),
+            (net("2001:db8:1:2::3/128"), v(4)),
+            (net("2001:db8:ff00::/40"), v(5)),
+            (net("::/0"), v(6)),
+            (net("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff/128"), v(7)),
+        ]);
+        let e = |a: &str| t.lookup(ip(a)).map(|x| x.entry);
+        assert_eq!(e("2001:db8:9::1"), Some(1));
+        assert_eq!(e("2001:db8:1:9::1"), Some(2));
+        assert_eq!(e("2001:db8:1:2::2"), Some(3));
+        assert_eq!(e("2001:db8:1:2::3"), Some(4));
+        assert_eq!(e("2001:db8:1:2::4"), Some(3));
+        assert_eq!(e("2001:db8:1:3::"), Some(2));
+        assert_eq!(e("2001:db8:2::"), Some(1));
+        assert_eq!(e("2001:db8:ffff::1"), Some(5));
+        assert_eq!(e("2001:db9::"), Some(6));
+        assert_eq!(e("ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe"), Some(6));
+        assert_eq!(e("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"), Some(7));
+        assert_eq!(e("::"), Some(6));
+    }
+
+    #[test]
+    fn nothing_is_found_outside_every_prefix() {
+        let t = RangeTable6::build(&[(net("2001:db8::/32"), v(1))]);
+        assert_eq!(t.lookup(ip("2001:db8::7")).map(|x| x.entry), Some(1));
+        assert!(t.lookup(ip("2001:db9::")).is_none());
+        assert!(
+            t.lookup(ip("2001:db7:ffff:ffff:ffff:ffff:ffff:ffff"))
+                .is_none()
+        );
+        assert!(t.lookup(ip("::")).is_none());
+        assert!(t.lookup(Ipv6Addr::from(u128::MAX)).is_none());
+        // Three ranges (none, the /32, none): one node, one leaf.
+        assert_eq!((t.nodes.len(), t.leaves.len(), t.levels()), (1, 1, 1));
+        assert!(RangeTable6::build(&[]).lookup(ip("::1")).is_none());
+    }
+
+    #[test]
+    fn every_range_of_a_deep_tree_is_found_at_both_ends() {
+        // 999 disjoint /64s, every other one: 1,999 ranges, 667 nodes,
+        // 6 levels, two unused slots in the last node.
+        let base = u128::from(ip("2001:db8::"));
+        let prefixes: Vec<(Ipv6Net, PrefixValue)> = (0..999u128)
+            .map(|i| {
+                let a = base + ((2 * i) << 64);
+                (Ipv6Net::new(Ipv6Addr::from(a), 64).unwrap(), v(i as u32))
+            })
+            .collect();
+        let t = RangeTable6::build(&prefixes);
+        assert_eq!((t.nodes.len(), t.levels()), (667, 6));
+        for i in 0..999u128 {
+            let a = base + ((2 * i) << 64);
+            let at = |x: u128| t.lookup(Ipv6Addr::from(x)).map(|v| v.entry);
+            assert_eq!(at(a), Some(i as u32));
+            assert_eq!(at(a + (1 << 64) - 1), Some(i as u32));
+            assert_eq!(at(a + (1 << 64)), None);
+            assert_eq!(at(a - 1), None);
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! The range tables (`ipguard_policy::range4`, `range6`) against the
+//! compiler's own longest-prefix lookup (`Explainer::value`, which
+//! `explain` and the proptests use), over random prefix sets of every size
+//! class and random addresses: both must name the same prefix value for
+//! every address.
+
+use std::net::{IpAddr, Ipv6Addr};
+
+use ipguard_policy::{CompiledPolicy, Explainer, range4::RangeTable4, range6::RangeTable6};
+
+#[path = "support/rng.rs"]
+mod rng;
+use rng::Rng;
+#[path = "support/prefixes.rs"]
+mod prefixes;
+use prefixes::{prefix_set, prefix_set6, query, query6};
+
+#[test]
+fn the_range_table_agrees_with_the_compilers_lookup() {
+    let mut r = Rng(0x0005_eed0_fd12);
+    for (n, seeds, queries) in [
+        (1usize, 20, 2_000),
+        (10, 20, 2_000),
+        (1_000, 10, 20_000),
+        (100_000, 2, 200_000),
+    ] {
+        for _ in 0..seeds {
+            let mut set = prefix_set(&mut r, n);
+            set.sort_by_key(|(p, _)| (p.network(), p.prefix_len()));
+            let table = RangeTable4::build(&set);
+            let compiled = CompiledPolicy {
+                v4: set.clone(),
+                ..Default::default()
+            };
+            let ex = Explainer::new(&compiled);
+            for q in 0..queries {
+                let a = query(&mut r, &set, q);
+                let want = ex.value(std::net::IpAddr::V4(a.into()));
+                assert_eq!(
+                    table.lookup(a),
+                    want,
+                    "{} prefixes, address {}",
+                    n,
+                    std::net::Ipv4Addr::from(a)
+                );
+            }
+            assert_eq!(table.direct.len(), 1 << 16);
+        }
+    }
+}
+
+#[test]
+fn the_range_tree_agrees_with_the_compilers_lookup() {
+    let mut r = Rng(0x0006_eed0_fd12);
+    let mut levels = Vec::new();
+    for (n, seeds, queries) in [
+        (1usize, 20, 2_000),
+        (10, 20, 2_000),
+        (1_000, 10, 20_000),
+        (100_000, 2, 200_000),
+    ] {
+        for _ in 0..seeds {
+            let mut set = prefix_set6(&mut r, n);
+            set.sort_by_key(|(p, _)| (p.network(), p.prefix_len()));
+            let table = RangeTable6::build(&set);
+            let compiled = CompiledPolicy {
+                v6: set.clone(),
+                ..Default::default()
+            };
+            let ex = Explainer::new(&compiled);
+            for q in 0..queries {
+                let a = Ipv6Addr::from(query6(&mut r, &set, q));
+                assert_eq!(
+                    table.lookup(a),
+                    ex.value(IpAddr::V6(a)),
+                    "{n} prefixes, address {a}"
+                );
+            }
+            levels.push((n, table.nodes.len(), table.levels()));
+        }
+    }
+    // 100,000 prefixes: about 200,000 ranges in 9 levels.
+    let (_, nodes, depth) = levels.last().copied().unwrap();
+    assert!(nodes > 30_000 && depth == 9, "{levels:?}");
+}

@@ -1,0 +1,79 @@
+//! The IPv6 lookup's arrays (`ipguard_common::range6`), written as the
+//! IPv4 ones are: through memory mappings of the pinned maps, a slot's
+//! tree and leaves copied in whole, nothing freed.
+
+use super::{mapped::*, *};
+use crate::policy::range6::RangeTable6;
+
+/// The two arrays, mapped.
+pub(super) struct Lookup6 {
+    nodes: Mapping,
+    leaves: Mapping,
+    /// Per slot.
+    pub(super) node_capacity: u32,
+    pub(super) leaf_capacity: u32,
+}
+
+impl Lookup6 {
+    pub(super) fn open(pin_dir: &Path) -> Result<Self> {
+        let (nodes, n) = open_mapped(pin_dir, MAP_R6_NODES)?;
+        let (leaves, l) = open_mapped(pin_dir, MAP_R6_LEAVES)?;
+        Ok(Self {
+            nodes,
+            leaves,
+            node_capacity: n / SLOTS,
+            leaf_capacity: l / SLOTS,
+        })
+    }
+
+    /// Bytes of the two arrays, both slots.
+    pub(super) fn allocated(&self) -> u64 {
+        (self.nodes.len + self.leaves.len) as u64
+    }
+
+    /// The prefixes a slot holds whatever they are.
+    pub(super) fn prefix_capacity(&self) -> u32 {
+        r6_prefix_capacity(self.node_capacity, self.leaf_capacity)
+    }
+
+    /// Whether `t` fits a slot; the error names what it needs.
+    pub(super) fn check_fits(&self, t: &RangeTable6, prefixes: usize) -> Result<()> {
+        if prefixes > self.prefix_capacity() as usize
+            || t.nodes.len() > self.node_capacity as usize
+            || t.leaves.len() > self.leaf_capacity as usize
+        {
+            return Err(DatapathError::Capacity {
+                family: "IPv6",
+                need: prefixes,
+                capacity: self.prefix_capacity(),
+                fix: FIX_V6_CAPACITY,
+            });
+        }
+        Ok(())
+    }
+
+    /// Writes `t` into `slot` (which no packet reads now) and returns the
+    /// bases its config must carry.
+    pub(super) fn write(&self, slot: u32, t: &RangeTable6) -> (u32, u32) {
+        let node_base = slot * self.node_capacity;
+        let leaf_base = slot * self.leaf_capacity;
+        self.nodes.write(node_base as usize, &t.nodes);
+        self.leaves.write(leaf_base as usize, &t.leaves);
+        (node_base, leaf_base)
+    }
+
+    /// What `slot` holds, as a table; `nodes` and `leaves` are the counts
+    /// its config gives.
+    pub(super) fn read(&self, slot: u32, nodes: u32, leaves: u32) -> RangeTable6 {
+        RangeTable6 {
+            nodes: self.nodes.read::<R6Node>(
+                (slot * self.node_capacity) as usize,
+                nodes.min(self.node_capacity) as usize,
+            ),
+            leaves: self.leaves.read::<PrefixValue>(
+                (slot * self.leaf_capacity) as usize,
+                leaves.min(self.leaf_capacity) as usize,
+            ),
+        }
+    }
+}
