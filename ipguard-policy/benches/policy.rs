@@ -6,7 +6,10 @@
 //! - `compile/1M_v4_100k_v6_from_yaml`: the same from its YAML text
 //!   (parse, validate, compile);
 //! - `explain/1M_queries`: 1,000,000 `Explainer` lookups against it,
-//!   written as the JSON lines of `explain --stdin --json`.
+//!   written as the JSON lines of `explain --stdin --json`;
+//! - `list_file/1M_lines_to_slot_image`: a policy whose group is a list
+//!   file of 1,000,000 lines, from the files to the slot image the daemon
+//!   copies into the kernel (read, parse, compile, both range tables).
 //!
 //! `IPGUARD_BENCH_PHASES=1 cargo bench -p ipguard-user --bench policy`
 //! instead times each phase once (parse, validate+compile, explain) and
@@ -81,6 +84,35 @@ pub fn policy_text(n4: usize, n6: usize) -> String {
         s.push_str(&format!("  - {}\n", v6(&mut r)));
     }
     s
+}
+
+/// A policy allowing a group read from a list file of `n` lines (IPv4 of
+/// mixed lengths, every tenth line IPv6, a comment every 1,000 lines),
+/// written under the target directory; returns the policy's path.
+fn list_file_policy(n: usize) -> std::path::PathBuf {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-list-file");
+    std::fs::create_dir_all(&dir).expect("bench directory");
+    let mut r = Rng(0x51ed_270b_27a4_4f3c);
+    let mut lines = String::with_capacity(n * 20);
+    for i in 0..n {
+        if i % 1000 == 0 {
+            lines.push_str("# generated\n");
+        }
+        if i % 10 == 9 {
+            lines.push_str(v6(&mut r).trim_matches('"'));
+        } else {
+            lines.push_str(&v4(&mut r));
+        }
+        lines.push('\n');
+    }
+    std::fs::write(dir.join("feed.txt"), lines).expect("write the list file");
+    let policy = dir.join("policy.yaml");
+    std::fs::write(
+        &policy,
+        "version: 1\ngroups:\n  feed: { file: feed.txt }\nservices:\n  ssh: { ports: [tcp/22], allow: [203.0.113.0/24] }\nallow: [feed]\n",
+    )
+    .expect("write the policy");
+    policy
 }
 
 /// A parsed query and its `SRC [PROTO/PORT]` line.
@@ -202,7 +234,45 @@ fn phases() {
     );
 }
 
+fn list_file_phases() {
+    let path = list_file_policy(1_000_000);
+    let t = Instant::now();
+    let loaded = policy::load_file(&path).expect("valid policy");
+    println!(
+        "list file of 1,000,000 lines: read+parse+validate {:?}",
+        t.elapsed()
+    );
+    let t = Instant::now();
+    let compiled = policy::compile(&loaded.policy, SystemTime::now(), &[]);
+    println!(
+        "  compile {:?} ({} IPv4 + {} IPv6 prefixes)",
+        t.elapsed(),
+        compiled.v4.len(),
+        compiled.v6.len()
+    );
+    let t = Instant::now();
+    let image = policy::SlotImage::build(&compiled);
+    println!(
+        "  slot image (both range tables) {:?}: {} ranges, {} IPv6 nodes",
+        t.elapsed(),
+        image.range4.ranges.len(),
+        image.range6.nodes.len()
+    );
+}
+
 fn benches(c: &mut Criterion) {
+    let path = list_file_policy(1_000_000);
+    let mut g = c.benchmark_group("list_file");
+    g.sample_size(10).measurement_time(Duration::from_secs(20));
+    g.bench_function("1M_lines_to_slot_image", |b| {
+        b.iter(|| {
+            let l = policy::load_file(&path).expect("valid policy");
+            let c = policy::compile(&l.policy, SystemTime::now(), &[]);
+            black_box(policy::SlotImage::build(&c))
+        })
+    });
+    g.finish();
+
     let text = policy_text(1_000_000, 100_000);
     let loaded = policy::parse_str("bench.yaml", &text).expect("valid policy");
     let now = SystemTime::now();
@@ -249,6 +319,7 @@ criterion_group!(policy_benches, benches);
 fn main() {
     if std::env::var_os("IPGUARD_BENCH_PHASES").is_some() {
         phases();
+        list_file_phases();
         let _ = std::io::stdout().flush();
         return;
     }

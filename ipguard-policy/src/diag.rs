@@ -117,6 +117,25 @@ impl Sink {
         });
     }
 
+    /// An error in another file than the policy (a list file it names).
+    pub fn error_in(&mut self, file: &str, pos: Option<Pos>, message: impl Into<String>) {
+        self.errors.push(Diagnostic {
+            severity: Severity::Error,
+            file: file.to_string(),
+            pos,
+            message: message.into(),
+        });
+    }
+
+    pub fn warning_in(&mut self, file: &str, pos: Option<Pos>, message: impl Into<String>) {
+        self.warnings.push(Diagnostic {
+            severity: Severity::Warning,
+            file: file.to_string(),
+            pos,
+            message: message.into(),
+        });
+    }
+
     pub fn warning(&mut self, pos: Option<Pos>, message: impl Into<String>) {
         self.warnings.push(Diagnostic {
             severity: Severity::Warning,
@@ -127,10 +146,20 @@ impl Sink {
     }
 
     /// Sorted by position so that the output reads top to bottom; problems
-    /// without a line come first.
+    /// without a line come first. The policy's come before those of the
+    /// list files it names, each file's together (stable: in the order the
+    /// policy names them).
     pub fn into_parts(mut self) -> (Vec<Diagnostic>, Vec<Diagnostic>) {
-        self.errors.sort_by_key(|d| d.pos);
-        self.warnings.sort_by_key(|d| d.pos);
+        let file = std::mem::take(&mut self.file);
+        let mut order: Vec<String> = vec![file];
+        for d in self.errors.iter().chain(&self.warnings) {
+            if !order.contains(&d.file) {
+                order.push(d.file.clone());
+            }
+        }
+        let rank = |d: &Diagnostic| (order.iter().position(|f| *f == d.file), d.pos);
+        self.errors.sort_by_key(rank);
+        self.warnings.sort_by_key(rank);
         (self.errors, self.warnings)
     }
 }

@@ -14,6 +14,7 @@ mod diag;
 mod explain;
 mod image;
 mod intervals;
+mod lists;
 mod model;
 pub mod range4;
 pub mod range6;
@@ -31,6 +32,7 @@ pub use compiled::*;
 pub use diag::{Diagnostic, PolicyErrors, Pos, Severity};
 pub use explain::{ExplainRef, Explainer, Explanation, parse_port_query};
 pub use image::{SlotImage, TrieKey};
+pub use lists::{DiskLists, GivenLists, ListFile, ListSource};
 pub use model::{Action, Entry, Events, Infrastructure, Mode, Policy, PortSpec, Scope, Service};
 pub use time::Window;
 
@@ -39,8 +41,12 @@ pub use time::Window;
 pub struct LoadedPolicy {
     pub policy: Policy,
     pub warnings: Vec<Diagnostic>,
-    /// Of the file's bytes, lowercase hex.
+    /// Of the file's bytes, lowercase hex; for a policy that names list
+    /// files, of that hash and theirs ([`policy_sha256`]), so that a changed
+    /// list file is a changed policy.
     pub sha256: String,
+    /// The list files it read, in the order it names them.
+    pub lists: Vec<ListFile>,
 }
 
 /// Reads and checks a policy file. Diagnostics name the file as given.
@@ -65,24 +71,34 @@ fn max_policy_bytes() -> Result<u64, String> {
 /// after a check cannot hang the daemon. Symbolic links are followed (a
 /// Kubernetes ConfigMap is one).
 pub fn read_policy_bytes(path: &Path) -> Result<Vec<u8>, String> {
+    read_regular_file(path, "the policy")
+}
+
+/// As [`read_policy_bytes`], for a list file.
+pub fn read_list_bytes(path: &Path) -> Result<Vec<u8>, String> {
+    read_regular_file(path, "the list file")
+}
+
+/// As [`read_policy_bytes`], for `what` (the policy or a list file).
+pub(crate) fn read_regular_file(path: &Path, what: &str) -> Result<Vec<u8>, String> {
     use std::{io::Read, os::unix::fs::OpenOptionsExt};
     let limit = max_policy_bytes()?;
     let f = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
         .open(path)
-        .map_err(|e| format!("cannot read the policy: {e}"))?;
+        .map_err(|e| format!("cannot read {what}: {e}"))?;
     let meta = f
         .metadata()
-        .map_err(|e| format!("cannot read the policy: {e}"))?;
+        .map_err(|e| format!("cannot read {what}: {e}"))?;
     if !meta.is_file() {
-        return Err(
-            "the policy is not a regular file (a FIFO, a device or a directory): give the path of a file".into(),
-        );
+        return Err(format!(
+            "{what} is not a regular file (a FIFO, a device or a directory): give the path of a file"
+        ));
     }
     let too_big = || {
         format!(
-            "the policy is larger than the limit of {limit} bytes: make it smaller, or raise {MAX_POLICY_BYTES_ENV}"
+            "{what} is larger than the limit of {limit} bytes: make it smaller, or raise {MAX_POLICY_BYTES_ENV}"
         )
     };
     if meta.len() > limit {
@@ -91,7 +107,7 @@ pub fn read_policy_bytes(path: &Path) -> Result<Vec<u8>, String> {
     let mut bytes = Vec::new();
     f.take(limit.saturating_add(1))
         .read_to_end(&mut bytes)
-        .map_err(|e| format!("cannot read the policy: {e}"))?;
+        .map_err(|e| format!("cannot read {what}: {e}"))?;
     // It may have grown since the check.
     if bytes.len() as u64 > limit {
         return Err(too_big());
@@ -125,10 +141,11 @@ pub fn load_file(path: &Path) -> Result<LoadedPolicy, PolicyErrors> {
             "the policy is not UTF-8: invalid byte here".to_string(),
         )
     })?;
-    parse_str_at(&name, text, SystemTime::now())
+    parse_with(&name, text, SystemTime::now(), &DiskLists::beside(path))
 }
 
-/// Checks a policy given as text; `name` stands for the file in diagnostics.
+/// Checks a policy given as text; `name` stands for the file in
+/// diagnostics. It may name no list files (see [`parse_with`]).
 pub fn parse_str(name: &str, text: &str) -> Result<LoadedPolicy, PolicyErrors> {
     parse_str_at(name, text, SystemTime::now())
 }
@@ -136,7 +153,18 @@ pub fn parse_str(name: &str, text: &str) -> Result<LoadedPolicy, PolicyErrors> {
 /// [`parse_str`] with "now" given, for the warnings that depend on it (an
 /// `until` that has passed).
 pub fn parse_str_at(name: &str, text: &str, now: SystemTime) -> Result<LoadedPolicy, PolicyErrors> {
-    let sha256 = sha256_hex(text.as_bytes());
+    parse_with(name, text, now, &GivenLists::default())
+}
+
+/// Checks a policy given as text, its list files read from `lists`.
+pub fn parse_with(
+    name: &str,
+    text: &str,
+    now: SystemTime,
+    lists: &dyn ListSource,
+) -> Result<LoadedPolicy, PolicyErrors> {
+    let file_sha256 = sha256_hex(text.as_bytes());
+    let mut read = Vec::new();
     let mut sink = diag::Sink::new(name);
     let text_nobom = text.strip_prefix('\u{feff}').unwrap_or(text);
     let policy = if text_nobom.trim().is_empty() {
@@ -144,7 +172,15 @@ pub fn parse_str_at(name: &str, text: &str, now: SystemTime) -> Result<LoadedPol
         None
     } else {
         match yaml::parse(text_nobom) {
-            Ok(raw) => validate::validate(raw, compile::timestamp(now), &mut sink),
+            Ok(raw) => validate::validate(
+                raw,
+                compile::timestamp(now),
+                &mut sink,
+                &mut validate::Lists {
+                    source: lists,
+                    read: &mut read,
+                },
+            ),
             Err(e) => {
                 sink.error(e.pos, e.message);
                 None
@@ -156,14 +192,45 @@ pub fn parse_str_at(name: &str, text: &str, now: SystemTime) -> Result<LoadedPol
         Some(policy) if errors.is_empty() => Ok(LoadedPolicy {
             policy,
             warnings,
-            sha256,
+            sha256: policy_sha256(&file_sha256, &read),
+            lists: read,
         }),
         _ => Err(PolicyErrors { errors, warnings }),
     }
 }
 
-/// The policy hash of a file's bytes (lowercase hex SHA-256), as
-/// [`LoadedPolicy::sha256`] has it.
+/// [`LoadedPolicy::sha256`] of a policy file whose bytes hash to
+/// `file_sha256` and which read `lists`.
+pub fn policy_sha256(file_sha256: &str, lists: &[ListFile]) -> String {
+    if lists.is_empty() {
+        return file_sha256.to_string();
+    }
+    let mut all = format!("{file_sha256}\n");
+    for l in lists {
+        all.push_str(&format!("{}\0{}\n", l.written, l.sha256));
+    }
+    sha256_hex(all.as_bytes())
+}
+
+/// [`LoadedPolicy::sha256`] that the policy file at `path` would have now if
+/// it still read the list files `lists` (what it read when last loaded):
+/// a cheap test of whether anything changed, without parsing. None when a
+/// file cannot be read.
+pub fn current_sha256(path: &Path, lists: &[ListFile]) -> Option<String> {
+    let bytes = read_policy_bytes(path).ok()?;
+    let disk = DiskLists::beside(path);
+    let mut now = Vec::with_capacity(lists.len());
+    for l in lists {
+        let b = read_regular_file(&disk.path_of(&l.written), "the list file").ok()?;
+        now.push(ListFile {
+            sha256: sha256_hex(&b),
+            ..l.clone()
+        });
+    }
+    Some(policy_sha256(&sha256_hex(&bytes), &now))
+}
+
+/// The hash of a file's bytes (lowercase hex SHA-256).
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))
 }

@@ -13,9 +13,10 @@ use super::{
     Proto,
     addr::{self, Item},
     diag::{Pos, Sink},
+    lists::{ListFile, ListSource, read_list},
     model::*,
     time::{self, Window},
-    yaml::{EntryList, ItemList, RawEntry, RawPolicy, RawWhen, Scalar, spos},
+    yaml::{EntryList, GroupValue, ItemList, RawEntry, RawPolicy, RawWhen, Scalar, spos},
 };
 use ipguard_common::MAX_SERVICES;
 
@@ -28,7 +29,18 @@ fn at(p: Option<Pos>) -> String {
     }
 }
 
-pub(crate) fn validate(raw: RawPolicy, now: Timestamp, sink: &mut Sink) -> Option<Policy> {
+/// Where the list files a policy names are read, and what was read.
+pub(crate) struct Lists<'a> {
+    pub source: &'a dyn ListSource,
+    pub read: &'a mut Vec<ListFile>,
+}
+
+pub(crate) fn validate(
+    raw: RawPolicy,
+    now: Timestamp,
+    sink: &mut Sink,
+    lists: &mut Lists<'_>,
+) -> Option<Policy> {
     let errors_before = sink.errors.len();
     match &raw.version {
         None => sink.error(
@@ -74,19 +86,20 @@ pub(crate) fn validate(raw: RawPolicy, now: Timestamp, sink: &mut Sink) -> Optio
     let mut groups = Groups::new(
         sink,
         raw.groups.as_ref().map(|g| &g.value.0[..]).unwrap_or(&[]),
+        lists,
     );
     let group_names = groups.names.clone();
 
-    let mut lists = ListReader {
+    let mut entries = ListReader {
         sink,
         groups: &mut groups,
         now,
     };
-    let allow = lists.entries(raw.allow.as_ref().map(|l| &l.value));
-    let deny = lists.entries(raw.deny.as_ref().map(|l| &l.value));
-    let always_allow = lists.entries(raw.always_allow.as_ref().map(|l| &l.value));
-    let services = lists.services(raw.services.as_ref());
-    let sink = lists.sink;
+    let allow = entries.entries(raw.allow.as_ref().map(|l| &l.value));
+    let deny = entries.entries(raw.deny.as_ref().map(|l| &l.value));
+    let always_allow = entries.entries(raw.always_allow.as_ref().map(|l| &l.value));
+    let services = entries.services(raw.services.as_ref());
+    let sink = entries.sink;
 
     let infrastructure = infrastructure(sink, raw.infrastructure.as_ref());
     let events = events(sink, raw.events.as_ref());
@@ -201,7 +214,11 @@ enum GroupState {
 }
 
 impl Groups {
-    fn new(sink: &mut Sink, raw: &[(Spanned<Scalar>, Spanned<ItemList>)]) -> Self {
+    fn new(
+        sink: &mut Sink,
+        raw: &[(Spanned<Scalar>, Spanned<GroupValue>)],
+        lists: &mut Lists<'_>,
+    ) -> Self {
         let mut names = Vec::new();
         let mut defs: HashMap<String, GroupDef> = HashMap::new();
         let mut first_pos: HashMap<String, Option<Pos>> = HashMap::new();
@@ -222,7 +239,37 @@ impl Groups {
             first_pos.insert(name.to_string(), kpos);
             let mut nets = Vec::new();
             let mut refs = Vec::new();
-            value.value.for_each(spos(value), |text, pos| {
+            let items = match &value.value {
+                GroupValue::Items(items) => items,
+                GroupValue::File(f) => {
+                    let written = f.file.value.0.trim();
+                    let nets = if written.is_empty() {
+                        sink.error(
+                            spos(&f.file),
+                            format!("group {name:?}: `file:` needs the path of a list file"),
+                        );
+                        None
+                    } else {
+                        read_list(sink, lists.source, written, spos(&f.file), lists.read)
+                    };
+                    let (nets, state) = match nets {
+                        Some(n) => (n, GroupState::Todo),
+                        // Reported: entries naming it add nothing more.
+                        None => (Vec::new(), GroupState::Failed),
+                    };
+                    names.push(name.to_string());
+                    defs.insert(
+                        name.to_string(),
+                        GroupDef {
+                            nets,
+                            refs: Vec::new(),
+                            state,
+                        },
+                    );
+                    continue;
+                }
+            };
+            items.for_each(spos(value), |text, pos| {
                 let before = nets.len();
                 match addr::parse_item(text, &mut nets) {
                     Ok(Item::Nets { host_bits }) => {
@@ -367,7 +414,7 @@ fn bad_name_message(what: &str, name: &str) -> String {
     }
 }
 
-fn host_bits_message(text: &str, n: &IpNet) -> String {
+pub(crate) fn host_bits_message(text: &str, n: &IpNet) -> String {
     format!("{:?} has host bits set: it means {n}", text.trim())
 }
 

@@ -48,7 +48,7 @@ pub(crate) struct RawPolicy {
     pub action: Option<Spanned<Scalar>>,
     pub scope: Option<Spanned<Scalar>>,
     pub interfaces: Option<Spanned<ItemList>>,
-    pub groups: Option<Spanned<NamedMap<Spanned<ItemList>>>>,
+    pub groups: Option<Spanned<NamedMap<Spanned<GroupValue>>>>,
     pub allow: Option<Spanned<EntryList>>,
     pub services: Option<Spanned<NamedMap<Spanned<RawService>>>>,
     pub deny: Option<Spanned<EntryList>>,
@@ -250,6 +250,62 @@ impl<'de> Visitor<'de> for ItemListVisitor {
 impl<'de> Deserialize<'de> for ItemList {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         d.deserialize_any(ItemListVisitor)
+    }
+}
+
+/// A group: its address items, or a source of them (`{ file: PATH }`).
+#[derive(Debug)]
+pub(crate) enum GroupValue {
+    Items(ItemList),
+    File(RawListFile),
+}
+
+/// `{ file: PATH }`: one address item per line of the file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawListFile {
+    pub file: Spanned<Scalar>,
+}
+
+struct GroupVisitor;
+
+impl<'de> Visitor<'de> for GroupVisitor {
+    type Value = GroupValue;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a list of address items, or `{ file: PATH }`")
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<GroupValue, E> {
+        ItemListVisitor.visit_str(v).map(GroupValue::Items)
+    }
+    fn visit_string<E: de::Error>(self, v: String) -> Result<GroupValue, E> {
+        ItemListVisitor.visit_string(v).map(GroupValue::Items)
+    }
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<GroupValue, E> {
+        ItemListVisitor.visit_bool(v).map(GroupValue::Items)
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<GroupValue, E> {
+        ItemListVisitor.visit_i64(v).map(GroupValue::Items)
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<GroupValue, E> {
+        ItemListVisitor.visit_u64(v).map(GroupValue::Items)
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<GroupValue, E> {
+        ItemListVisitor.visit_f64(v).map(GroupValue::Items)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<GroupValue, E> {
+        ItemListVisitor.visit_unit().map(GroupValue::Items)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<GroupValue, A::Error> {
+        ItemListVisitor.visit_seq(seq).map(GroupValue::Items)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<GroupValue, A::Error> {
+        RawListFile::deserialize(de::value::MapAccessDeserializer::new(map)).map(GroupValue::File)
+    }
+}
+
+impl<'de> Deserialize<'de> for GroupValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(GroupVisitor)
     }
 }
 

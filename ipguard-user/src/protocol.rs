@@ -21,6 +21,10 @@ pub enum Request {
         path: String,
         /// The policy text itself: the daemon never reads a client's file.
         text: String,
+        /// The list files it names (`{ file: PATH }` groups), by the path
+        /// the policy writes, read by the client for the same reason.
+        #[serde(default)]
+        lists: Vec<ListText>,
         confirm_secs: Option<u64>,
         force: bool,
     },
@@ -120,6 +124,15 @@ pub struct PolicyJson {
     pub path: String,
     pub sha256: String,
     pub applied_at: String,
+}
+
+/// A list file sent with `apply`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ListText {
+    /// As the policy writes it.
+    pub path: String,
+    pub text: String,
 }
 
 /// Bytes of kernel memory the source lookup takes.

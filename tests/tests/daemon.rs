@@ -365,6 +365,94 @@ fn a_configmap_style_symlink_swap_reloads() {
 }
 
 #[test]
+fn a_changed_list_file_reloads() {
+    require_root();
+    let pair = Pair::new().unwrap();
+    tcp_listener(
+        &pair.server,
+        SocketAddr::new(SERVER_V4_ALT.parse().unwrap(), 7000),
+    )
+    .unwrap();
+    // The list file in a directory of its own: its directory is watched
+    // once the policy names it.
+    let mut d = Daemon::start(&pair, POLICY).unwrap();
+    let lists = d.dir.join("lists");
+    std::fs::create_dir_all(&lists).unwrap();
+    std::fs::write(lists.join("feed.txt"), "# partners\n198.51.100.77\n").unwrap();
+    let with_list = POLICY.replace(
+        "version: 1\n",
+        "version: 1\ngroups:\n  feed: { file: lists/feed.txt }\n",
+    ) + "deny: []\nalways_allow: [feed]\n";
+    std::fs::write(&d.policy, &with_list).unwrap();
+    d.proc.signal_and_wait(Signal::SIGTERM).unwrap();
+    d.restart(&pair).unwrap();
+    assert!(!connects(&pair, CLIENT_V4_ALT, SERVER_V4_ALT, 7000));
+    let sha = d.status().unwrap()["policy"]["sha256"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // Replaced by rename, as config management writes files.
+    std::fs::write(
+        lists.join(".feed.tmp"),
+        "198.51.100.77\n203.0.113.9  # new\n",
+    )
+    .unwrap();
+    std::fs::rename(lists.join(".feed.tmp"), lists.join("feed.txt")).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(5), || connects(
+            &pair,
+            CLIENT_V4_ALT,
+            SERVER_V4_ALT,
+            7000
+        )
+        .then_some(()))
+        .is_some(),
+        "the changed list file is enforced"
+    );
+    assert_ne!(
+        d.status().unwrap()["policy"]["sha256"].as_str().unwrap(),
+        sha
+    );
+
+    // A broken line: refused with its place, the running policy stays.
+    std::fs::write(lists.join("feed.txt"), "203.0.113.9\n203.0.113.999\n").unwrap();
+    assert!(
+        wait_for(Duration::from_secs(5), || d
+            .log()
+            .contains("feed.txt:2:1: error:")
+            .then_some(()))
+        .is_some(),
+        "the error names the list file's line"
+    );
+    assert!(connects(&pair, CLIENT_V4_ALT, SERVER_V4_ALT, 7000));
+
+    // `apply` sends the list files it names: the client reads them, from
+    // beside the applied file.
+    let other = d.dir.join("other");
+    std::fs::create_dir_all(other.join("lists")).unwrap();
+    std::fs::write(other.join("lists/feed.txt"), "198.51.100.77\n").unwrap();
+    let applied = other.join("policy.yaml");
+    std::fs::write(&applied, &with_list).unwrap();
+    ok(d.client(&["apply", applied.to_str().unwrap()])
+        .output()
+        .unwrap());
+    assert!(
+        !connects(&pair, CLIENT_V4_ALT, SERVER_V4_ALT, 7000),
+        "the applied policy's list file, not the daemon's, is enforced"
+    );
+    // A broken list file is refused on the client, with its line.
+    std::fs::write(other.join("lists/feed.txt"), "198.51.100.777\n").unwrap();
+    let out = d
+        .client(&["apply", applied.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("feed.txt:1:1: error:"), "{err}");
+}
+
+#[test]
 fn kill_9_and_restart_keep_enforcing_without_a_gap() {
     let (pair, mut d) = setup();
     let counter = UdpCounter::new(

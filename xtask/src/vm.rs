@@ -83,6 +83,7 @@ const HOST_ONLY: &[&str] = &[
     "daemon::idle_metrics_connections_are_bounded",
     "daemon::metrics_are_served",
     "daemon::a_configmap_style_symlink_swap_reloads",
+    "daemon::a_changed_list_file_reloads",
     "daemon::an_invalid_reload_leaves_the_old_policy_enforcing",
     "daemon::apply_with_confirm_rolls_back_by_itself",
     "daemon::the_attach_mode_is_kept_in_the_state_directory_not_in_shared_temp",

@@ -144,6 +144,13 @@ fn summary_text(name: &str, l: &LoadedPolicy, c: &CompiledPolicy, now: SystemTim
         c.v4.len(),
         c.v6.len(),
     ));
+    for f in &l.lists {
+        line(format!(
+            "  list file {}: {}",
+            f.name,
+            plural(f.prefixes, "prefix").replace("prefixs", "prefixes")
+        ));
+    }
     let m = kernel_memory(c);
     line(format!(
         "  kernel memory: IPv4 lookup {} per slot, IPv6 lookup {} per slot",
@@ -189,6 +196,11 @@ fn summary_json(name: &str, l: &LoadedPolicy, c: &CompiledPolicy) -> serde_json:
         "errors": [],
         "warnings": diag_json(&l.warnings),
         "prefixes": {"ipv4": c.v4.len(), "ipv6": c.v6.len()},
+        "lists": l.lists.iter().map(|f| json!({
+            "file": f.name,
+            "prefixes": f.prefixes,
+            "sha256": f.sha256,
+        })).collect::<Vec<_>>(),
         "memory": {
             "ipv4_policy": m.ipv4_policy,
             "ipv6_policy": m.ipv6_policy,

@@ -7,7 +7,7 @@ use crate::{
     cli::{AllowArgs, ApplyArgs, BlockedArgs, ConfirmArgs, EventsArgs, RevokeArgs},
     control::Client,
     error::CliError,
-    protocol::{ApplyAnswer, EventLine, Request, RevokeAnswer},
+    protocol::{ApplyAnswer, EventLine, ListText, Request, RevokeAnswer},
     runtime::parse_duration,
     runtime::parse_net,
 };
@@ -25,10 +25,12 @@ pub fn apply(args: &ApplyArgs) -> Result<ExitCode> {
         crate::runtime::check_confirm(secs).map_err(CliError::refused)?;
     }
     let path = std::fs::canonicalize(&args.file).unwrap_or_else(|_| args.file.clone());
+    let lists = list_files(args, &text)?;
     let mut c = Client::connect(&args.sock.socket)?;
     let answer: ApplyAnswer = c.call_as(&Request::Apply {
         path: path.display().to_string(),
         text,
+        lists,
         confirm_secs: args.confirm,
         force: args.force,
     })?;
@@ -48,6 +50,37 @@ pub fn apply(args: &ApplyArgs) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The list files the policy names, read here: the daemon never opens a
+/// file a client names. Only a policy that names some is checked here
+/// first (to find them); the daemon checks every policy again.
+fn list_files(args: &ApplyArgs, text: &str) -> Result<Vec<ListText>> {
+    if !text.contains("file:") {
+        return Ok(Vec::new());
+    }
+    let loaded = crate::policy::load_file(&args.file)
+        .map_err(|e| crate::error::Diagnostics(e.to_string()))?;
+    let disk = crate::policy::DiskLists::beside(&args.file);
+    loaded
+        .lists
+        .iter()
+        .map(|l| {
+            let path = disk.path_of(&l.written);
+            let bytes = crate::policy::read_list_bytes(&path)
+                .map_err(|e| CliError::refused(format!("{}: {e}", path.display())))?;
+            let text = String::from_utf8(bytes).map_err(|_| {
+                CliError::refused(format!(
+                    "{}: the list file is not UTF-8 (`ipguard check` shows where)",
+                    path.display()
+                ))
+            })?;
+            Ok(ListText {
+                path: l.written.clone(),
+                text,
+            })
+        })
+        .collect()
 }
 
 pub fn confirm(args: &ConfirmArgs) -> Result<ExitCode> {

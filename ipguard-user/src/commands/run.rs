@@ -86,7 +86,7 @@ async fn start(args: &RunArgs, loaded: policy::LoadedPolicy, ifaces: Vec<String>
     // Watch first, then look at the file once more when the event loop
     // starts: a change made while the datapath was being set up is not lost.
     let (file_tx, file_rx) = mpsc::channel(1);
-    let _watcher = watch::watch(&args.config, file_tx.clone())?;
+    let watcher = watch::Watch::new(&args.config, file_tx.clone())?;
     let _ = file_tx.try_send(());
     let runtime = RuntimeStore::load(&args.loc.state_dir)?;
     let (events_tx, _) = broadcast::channel(1024);
@@ -94,7 +94,7 @@ async fn start(args: &RunArgs, loaded: policy::LoadedPolicy, ifaces: Vec<String>
     // verifier refusal) leaves nothing behind: no pinned map, no link. A
     // start that adopts a running datapath never removes it.
     let fresh = !datapath::is_loaded(&args.loc.pin_dir);
-    let (d, stats) = match bring_up(args, loaded, &ifaces, runtime, events_tx.clone()) {
+    let (mut d, stats) = match bring_up(args, loaded, &ifaces, runtime, events_tx.clone()) {
         Ok(up) => up,
         Err(e) => {
             if fresh {
@@ -106,6 +106,9 @@ async fn start(args: &RunArgs, loaded: policy::LoadedPolicy, ifaces: Vec<String>
             return Err(e);
         }
     };
+    d.watch = Some(watcher);
+    let lists = d.lists.clone();
+    d.follow_lists(&lists);
     d.log_applied("start", &stats);
     d.record()?;
     d.metrics.lock().await.reload(true);
@@ -181,6 +184,8 @@ fn bring_up(
             policy: loaded.policy.clone(),
         },
         file_sha256: loaded.sha256.clone(),
+        lists: loaded.lists.clone(),
+        watch: None,
         compiled: Default::default(),
         runtime,
         pending: None,

@@ -65,10 +65,15 @@ pub struct Daemon {
     pub attached: Vec<Attached>,
     pub dp: Datapath,
     pub current: Source,
-    /// The hash of the policy file as last read: a directory event reloads
-    /// only when the file's content differs, so a policy pushed with
-    /// `apply` is not replaced by an unchanged file.
+    /// The hash of the policy file as last read (with its list files: see
+    /// `policy::policy_sha256`): a directory event reloads only when the
+    /// content differs, so a policy pushed with `apply` is not replaced by
+    /// an unchanged file.
     pub file_sha256: String,
+    /// The list files the policy file read when last loaded.
+    pub lists: Vec<policy::ListFile>,
+    /// The watch on the policy's and the list files' directories.
+    pub watch: Option<watch::Watch>,
     pub compiled: CompiledPolicy,
     pub runtime: RuntimeStore,
     pub(crate) pending: Option<Pending>,
@@ -312,8 +317,8 @@ impl Daemon {
         // a read (60 ms at a million entries) where parsing takes seconds,
         // with the control socket waiting.
         if !force
-            && let Ok(bytes) = std::fs::read(&self.config)
-            && policy::sha256_hex(&bytes) == self.file_sha256
+            && policy::current_sha256(&self.config, &self.lists).as_deref()
+                == Some(self.file_sha256.as_str())
         {
             return;
         }
@@ -322,9 +327,7 @@ impl Daemon {
             Err(errs) => {
                 // The same broken file is reported once, not at every
                 // event in its directory.
-                let sha = std::fs::read(&self.config)
-                    .map(|b| policy::sha256_hex(&b))
-                    .unwrap_or_default();
+                let sha = policy::current_sha256(&self.config, &self.lists).unwrap_or_default();
                 if !force && !sha.is_empty() && sha == self.file_sha256 {
                     return;
                 }
@@ -340,6 +343,7 @@ impl Daemon {
                 return;
             }
         };
+        self.follow_lists(&loaded.lists);
         if !force && loaded.sha256 == self.file_sha256 {
             return;
         }
@@ -363,6 +367,17 @@ impl Daemon {
                 tracing::error!("{why}: {e}; the running policy stays in force");
                 self.count_reload(false).await;
             }
+        }
+    }
+
+    /// Remembers the list files the policy file read, and watches their
+    /// directories.
+    pub fn follow_lists(&mut self, lists: &[policy::ListFile]) {
+        self.lists = lists.to_vec();
+        let disk = policy::DiskLists::beside(&self.config);
+        let paths: Vec<PathBuf> = lists.iter().map(|l| disk.path_of(&l.written)).collect();
+        if let Some(w) = self.watch.as_mut() {
+            w.follow(&paths);
         }
     }
 
@@ -445,10 +460,17 @@ impl Daemon {
             Request::Apply {
                 path,
                 text,
+                lists,
                 confirm_secs,
                 force,
             } => {
-                let loaded = match policy::parse_str(&path, &text) {
+                let given = policy::GivenLists(
+                    lists
+                        .into_iter()
+                        .map(|l| (l.path, l.text.into_bytes()))
+                        .collect(),
+                );
+                let loaded = match policy::parse_with(&path, &text, SystemTime::now(), &given) {
                     Ok(l) => l,
                     Err(errs) => {
                         return Response::err(
