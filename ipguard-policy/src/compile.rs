@@ -26,20 +26,36 @@ use super::{
 pub const LIST_DENY: u8 = 64;
 pub const LIST_ALWAYS_ALLOW: u8 = 65;
 
-/// A runtime entry (docs/policy.md §6), merged into the host-wide `allow`, or
-/// into the list of service `service`.
+/// A runtime entry (docs/policy.md §6): an allow, merged into the
+/// host-wide `allow` or into the list of service `service`, or a deny,
+/// merged into `deny` (it wins over every allow entry and loses only to
+/// `always_allow`, as the policy's own denies; a deny has no service).
 ///
-/// For a service without a list of its own, the entry extends what the
+/// For a service without a list of its own, an allow extends what the
 /// service inherits: the service then allows the host-wide list plus its
 /// runtime entries, and other services are unaffected. A runtime entry
 /// naming a service the current policy does not define is kept by the
 /// daemon but compiles to nothing until such a service exists again.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RuntimeEntry {
+    pub kind: RuntimeKind,
     pub net: IpNet,
     pub service: Option<String>,
     pub label: Option<String>,
     pub until: Option<SystemTime>,
+}
+
+/// What a runtime entry does.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum RuntimeKind {
+    /// `ipguard allow`.
+    #[default]
+    Allow,
+    /// `ipguard deny`.
+    Deny,
 }
 
 /// Unix nanoseconds of `t`, clamped to the kernel's u64 (before 1970: 0).
@@ -612,9 +628,10 @@ pub fn compile(policy: &Policy, at: SystemTime, runtime: &[RuntimeEntry]) -> Com
         LIST_ALWAYS_ALLOW,
     );
     for r in runtime {
-        let (kind, id) = match &r.service {
-            None => (ListKind::Allow, 0),
-            Some(name) => match services.iter().find(|s| &s.name == name) {
+        let (kind, id) = match (r.kind, &r.service) {
+            (RuntimeKind::Deny, _) => (ListKind::Deny, LIST_DENY),
+            (RuntimeKind::Allow, None) => (ListKind::Allow, 0),
+            (RuntimeKind::Allow, Some(name)) => match services.iter().find(|s| &s.name == name) {
                 Some(s) => (ListKind::Service(s.index), s.index),
                 None => continue,
             },

@@ -27,7 +27,7 @@ use std::{path::Path, time::SystemTime};
 use sha2::{Digest, Sha256};
 
 pub use addr::{is_valid_name, range_v4, range_v6};
-pub use compile::{LIST_ALWAYS_ALLOW, LIST_DENY, RuntimeEntry, compile};
+pub use compile::{LIST_ALWAYS_ALLOW, LIST_DENY, RuntimeEntry, RuntimeKind, compile};
 pub use compiled::*;
 pub use diag::{Diagnostic, PolicyErrors, Pos, Severity};
 pub use explain::{ExplainRef, Explainer, Explanation, parse_port_query};

@@ -9,7 +9,7 @@ use std::{
 
 use ipguard_common::*;
 use ipguard_policy::{
-    self as policy, CompiledPolicy, Explainer, ListKind, Policy, Proto, RuntimeEntry,
+    self as policy, CompiledPolicy, Explainer, ListKind, Policy, Proto, RuntimeEntry, RuntimeKind,
 };
 
 fn ts(s: &str) -> SystemTime {
@@ -380,12 +380,61 @@ fn readable_line_of_cli_md() {
 }
 
 #[test]
+fn a_runtime_deny_wins_over_every_allow_and_loses_to_always_allow() {
+    let p = load(
+        "version: 1\nallow: [10.0.0.0/8]\nservices:\n  ssh: { ports: [tcp/22], allow: [10.0.0.0/24] }\n\
+         always_allow: [10.0.0.9]\n",
+    );
+    let rt = |kind, net: &str, until: Option<SystemTime>| RuntimeEntry {
+        kind,
+        net: net.parse().unwrap(),
+        service: None,
+        label: Some(format!("rt {net}")),
+        until,
+    };
+    let runtime = [
+        rt(RuntimeKind::Deny, "10.0.0.0/28", None),
+        rt(RuntimeKind::Allow, "10.0.0.5/32", None),
+        rt(
+            RuntimeKind::Deny,
+            "10.1.0.0/16",
+            Some(now() + Duration::from_secs(60)),
+        ),
+        rt(
+            RuntimeKind::Deny,
+            "10.2.0.0/16",
+            Some(now() - Duration::from_secs(1)),
+        ),
+    ];
+    let c = policy::compile(&p, now(), &runtime);
+    let v = |s: &str, q: &str| verdict(&c, s, q);
+    // The deny beats the host-wide list, ssh's own list and a runtime allow.
+    assert_eq!(v("10.0.0.1", "-").0, "drop");
+    assert_eq!(v("10.0.0.1", "tcp/22").0, "drop");
+    assert_eq!(v("10.0.0.5", "tcp/22").0, "drop");
+    assert_eq!(v("10.0.0.16", "tcp/22").0, "pass");
+    // always_allow beats it.
+    assert_eq!(v("10.0.0.9", "tcp/22").0, "pass");
+    // Until its end; an ended one is nothing.
+    assert_eq!(v("10.1.2.3", "-").0, "drop");
+    assert_eq!(v("10.2.2.3", "-").0, "pass");
+    let later = policy::compile(&p, now() + Duration::from_secs(61), &runtime);
+    assert_eq!(verdict(&later, "10.1.2.3", "-").0, "pass");
+    // Credited to the deny, as a policy deny would be.
+    let ex = Explainer::new(&c);
+    let e = ex.explain("10.0.0.1".parse().unwrap(), None);
+    assert_eq!(e.reason, REASON_DENY);
+    assert_eq!(e.label.as_deref(), Some("rt 10.0.0.0/28"));
+}
+
+#[test]
 fn runtime_entries_merge_into_the_right_list() {
     let p = load(
         "version: 1\nallow: [10.0.0.1]\nservices:\n  ssh: { ports: [tcp/22], allow: [10.0.0.2] }\n  \
          web: { ports: [tcp/443] }\n",
     );
     let rt = |net: &str, svc: Option<&str>, until: Option<SystemTime>| RuntimeEntry {
+        kind: RuntimeKind::Allow,
         net: net.parse().unwrap(),
         service: svc.map(str::to_string),
         label: Some(format!("rt {net}")),
@@ -687,6 +736,7 @@ fn time_limited_entries_carry_their_deadlines_into_the_kernel() {
     let text = "version: 1\nallow:\n  - 10.0.0.0/8\n  - { from: 203.0.113.0/24, until: 2025-06-15T13:00:00Z }\n\
                 deny:\n  - { from: 10.9.0.0/16, until: 2025-06-15T12:30:00Z }\n";
     let grant = |net: &str, secs: u64| RuntimeEntry {
+        kind: RuntimeKind::Allow,
         net: net.parse().unwrap(),
         service: None,
         label: None,
@@ -733,6 +783,7 @@ fn past_the_last_deadline_the_kernel_follows_it_refuses_rather_than_allows() {
         .iter()
         .enumerate()
         .map(|(i, l)| RuntimeEntry {
+            kind: RuntimeKind::Allow,
             net: format!("198.51.100.7/{l}")
                 .parse::<ipnet::IpNet>()
                 .unwrap()

@@ -20,7 +20,7 @@ use std::{
 
 use ipguard_common::*;
 use ipguard_policy::{
-    self as policy, CompiledPolicy, Explainer, Proto, RuntimeEntry, range_v4, range_v6,
+    self as policy, CompiledPolicy, Explainer, Proto, RuntimeEntry, RuntimeKind, range_v4, range_v6,
 };
 use ipnet::{IpNet, Ipv6Net};
 use jiff::{Timestamp, tz::TimeZone};
@@ -89,6 +89,8 @@ struct TRuntime {
     /// None: host-wide; Some(i): service `s{i}` (may not exist).
     service: Option<usize>,
     until: Option<i64>,
+    /// `ipguard deny` rather than `allow` (a deny has no service).
+    deny: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -213,15 +215,17 @@ fn runtime() -> impl Strategy<Value = Vec<TRuntime>> {
             any::<u8>(),
             prop::option::of(0usize..6),
             prop::option::weighted(0.3, -7200i64..7200),
+            prop::bool::weighted(0.25),
         )
-            .prop_map(|(net, l, service, until)| TRuntime {
+            .prop_map(|(net, l, service, until, deny)| TRuntime {
                 net,
                 len: match net {
                     A::V4(_) => [24, 28, 32][l as usize % 3],
                     A::V6(_) => [112, 120, 128][l as usize % 3],
                 },
-                service,
+                service: if deny { None } else { service },
                 until,
+                deny,
             }),
         0..3,
     )
@@ -490,7 +494,20 @@ fn runtime_covers(p: &TPolicy, service: Option<usize>, s: A) -> bool {
     p.runtime.iter().any(|r| {
         let live = r.until.is_none_or(|u| u > p.later);
         let known = r.service.is_none_or(|i| i < p.services.len());
-        live && known && r.service == service && item_covers(p, &Item::Cidr(r.net, r.len), s)
+        !r.deny
+            && live
+            && known
+            && r.service == service
+            && item_covers(p, &Item::Cidr(r.net, r.len), s)
+    })
+}
+
+/// A runtime deny holds `s` (it wins as the policy's `deny` does).
+fn runtime_denies(p: &TPolicy, s: A) -> bool {
+    p.runtime.iter().any(|r| {
+        r.deny
+            && r.until.is_none_or(|u| u > p.later)
+            && item_covers(p, &Item::Cidr(r.net, r.len), s)
     })
 }
 
@@ -541,7 +558,7 @@ fn reference(p: &TPolicy, s: A, q: Q) -> (u8, u8, u8) {
     if list_covers(p, &p.always_allow, s) {
         return (VERDICT_PASS, REASON_ALWAYS_ALLOW, svc_id);
     }
-    if list_covers(p, &p.deny, s) {
+    if list_covers(p, &p.deny, s) || runtime_denies(p, s) {
         return refuse(REASON_DENY, svc_id, tcp);
     }
     if let Q::Fragment = q {
@@ -587,6 +604,11 @@ fn runtime_entries(p: &TPolicy) -> Vec<RuntimeEntry> {
     p.runtime
         .iter()
         .map(|r| RuntimeEntry {
+            kind: if r.deny {
+                RuntimeKind::Deny
+            } else {
+                RuntimeKind::Allow
+            },
             net: IpNet::new(r.net.ip(), r.len).unwrap(),
             service: r.service.map(|i| format!("s{i}")),
             label: Some("runtime".into()),

@@ -42,6 +42,8 @@ pub enum Command {
     Events(EventsArgs),
     Allow(AllowArgs),
     Revoke(RevokeArgs),
+    Deny(DenyArgs),
+    Undeny(UndenyArgs),
     Blocked(BlockedArgs),
     Unload(UnloadArgs),
 }
@@ -122,6 +124,42 @@ pub struct AllowArgs {
 #[command(after_help = "Example:\n  ipguard revoke 203.0.113.9")]
 pub struct RevokeArgs {
     /// The address or CIDR as it was given to `ipguard allow`.
+    pub addr: String,
+    #[command(flatten)]
+    pub sock: SocketArg,
+}
+
+/// Refuse a source at runtime (a ban from fail2ban or CrowdSec, a lost
+/// laptop): it wins over every allow entry and loses only to
+/// `always_allow`; kept across restarts, never written into the policy file.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Examples:\n  ipguard deny 203.0.113.66 --for 1h --label \"fail2ban sshd\"\n  \
+printf '203.0.113.66 1h sshd\\n198.51.100.0/24\\n' | ipguard deny --stdin   # one swap"
+)]
+pub struct DenyArgs {
+    /// An address or CIDR (not with --stdin).
+    #[arg(required_unless_present = "stdin", conflicts_with = "stdin")]
+    pub addr: Option<String>,
+    /// How long, e.g. 30m, 8h, 2d (default: until `ipguard undeny`).
+    #[arg(long = "for", value_name = "DURATION", conflicts_with = "stdin")]
+    pub duration: Option<String>,
+    /// Shown by status, events and explain, e.g. the jail that banned it.
+    #[arg(long, conflicts_with = "stdin")]
+    pub label: Option<String>,
+    /// Read `ADDR [DURATION] [LABEL]` lines from standard input (`-` for no
+    /// duration; `#` comments), all denied in one policy swap.
+    #[arg(long)]
+    pub stdin: bool,
+    #[command(flatten)]
+    pub sock: SocketArg,
+}
+
+/// Remove the runtime deny of an address.
+#[derive(Debug, Args)]
+#[command(after_help = "Example:\n  ipguard undeny 203.0.113.66")]
+pub struct UndenyArgs {
+    /// The address or CIDR as it was given to `ipguard deny`.
     pub addr: String,
     #[command(flatten)]
     pub sock: SocketArg,

@@ -19,6 +19,8 @@ fn main() -> ExitCode {
         Command::Events(a) => commands::client::events(a),
         Command::Allow(a) => commands::client::allow(a),
         Command::Revoke(a) => commands::client::revoke(a),
+        Command::Deny(a) => commands::client::deny(a),
+        Command::Undeny(a) => commands::client::undeny(a),
         Command::Blocked(a) => commands::client::blocked(a),
         Command::Status(a) => commands::status::run(a),
         Command::Unload(a) => commands::unload::run(a),

@@ -41,7 +41,23 @@ pub enum Request {
     Revoke {
         addr: String,
     },
+    /// `ipguard deny`: one source, or many (`--stdin`) in one swap.
+    Deny {
+        entries: Vec<DenyItem>,
+    },
+    Undeny {
+        addr: String,
+    },
     Blocked {},
+}
+
+/// One source of `deny`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DenyItem {
+    pub addr: String,
+    pub for_secs: Option<u64>,
+    pub label: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -247,7 +263,15 @@ pub struct ApplyAnswer {
     pub confirm_within_secs: Option<u64>,
 }
 
-/// The answer to `revoke`.
+/// The answer to `deny`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DenyAnswer {
+    pub denied: usize,
+    /// One line per established session the denial cut.
+    pub warnings: Vec<String>,
+}
+
+/// The answer to `revoke` and `undeny`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RevokeAnswer {
     pub revoked: usize,

@@ -1,7 +1,8 @@
 //! Runtime entries (docs/policy.md §6): `ipguard allow ADDR --for 8h` and
-//! `ipguard revoke ADDR`. Kept by the daemon in its state directory,
-//! written atomically, reloaded at start, expired on time, merged into
-//! whatever policy file is current; never written into that file.
+//! `ipguard revoke ADDR`, `ipguard deny ADDR` and `ipguard undeny ADDR`.
+//! Kept by the daemon in its state directory, written atomically, reloaded
+//! at start, expired on time, merged into whatever policy file is current;
+//! never written into that file.
 
 use std::{
     path::{Path, PathBuf},
@@ -13,13 +14,19 @@ use ipnet::IpNet;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
-use crate::{policy::RuntimeEntry, state::write_atomic};
+use crate::{
+    policy::{RuntimeEntry, RuntimeKind},
+    state::write_atomic,
+};
 
 pub const RUNTIME_FILE: &str = "runtime.json";
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct RuntimeRecord {
+    /// Absent in the files of versions before `deny`: an allow.
+    #[serde(default)]
+    pub kind: RuntimeKind,
     pub addr: IpNet,
     pub service: Option<String>,
     pub label: Option<String>,
@@ -42,7 +49,7 @@ impl RuntimeStore {
         let entries = match std::fs::read_to_string(&path) {
             Ok(text) => serde_json::from_str(&text).with_context(|| {
                 format!(
-                    "{} is corrupt: fix or remove it (it holds the runtime allow entries)",
+                    "{} is corrupt: fix or remove it (it holds the runtime allow and deny entries)",
                     path.display()
                 )
             })?,
@@ -57,8 +64,8 @@ impl RuntimeStore {
         write_atomic(&self.path, &json)
     }
 
-    /// Adds (or replaces: same address and service) an entry, in memory:
-    /// the caller writes the datapath, then [`RuntimeStore::save`]s.
+    /// Adds (or replaces: same kind, address and service) an entry, in
+    /// memory: the caller writes the datapath, then [`RuntimeStore::save`]s.
     pub fn allow(
         &mut self,
         addr: IpNet,
@@ -67,37 +74,39 @@ impl RuntimeStore {
         label: Option<String>,
         now: SystemTime,
     ) -> Result<RuntimeRecord> {
-        let now_ts = Timestamp::try_from(now).context("the clock is out of range")?;
-        let until = match duration {
-            Some(d) => {
-                check_for(d).map_err(anyhow::Error::msg)?;
-                let t = now
-                    .checked_add(d)
-                    .context("--for reaches past the clock's range")?;
-                Some(Timestamp::try_from(t).context("--for reaches past the clock's range")?)
-            }
-            None => None,
-        };
-        let rec = RuntimeRecord {
-            addr: addr.trunc(),
-            service,
-            label,
-            until,
-            added_at: now_ts,
-        };
-        self.entries
-            .retain(|e| !(e.addr == rec.addr && e.service == rec.service));
-        self.entries.push(rec.clone());
+        let rec = record(RuntimeKind::Allow, addr, duration, service, label, now)?;
+        self.add(vec![rec.clone()]);
         Ok(rec)
     }
 
-    /// Removes every runtime entry for `addr`, in memory (as
-    /// [`RuntimeStore::allow`]); returns how many.
-    pub fn revoke(&mut self, addr: IpNet) -> Result<usize> {
+    /// Adds runtime entries at once (a bulk `deny`), each replacing an
+    /// entry of the same kind, address and service (of two in `recs`, the
+    /// later wins); in memory, as [`RuntimeStore::allow`].
+    pub fn add(&mut self, recs: Vec<RuntimeRecord>) {
+        type Key = (RuntimeKind, IpNet, Option<String>);
+        let key = |r: &RuntimeRecord| -> Key { (r.kind, r.addr, r.service.clone()) };
+        let mut last: std::collections::HashMap<Key, usize> =
+            std::collections::HashMap::with_capacity(recs.len());
+        for (i, r) in recs.iter().enumerate() {
+            last.insert(key(r), i);
+        }
+        self.entries.retain(|e| !last.contains_key(&key(e)));
+        self.entries.extend(
+            recs.into_iter()
+                .enumerate()
+                .filter(|(i, r)| last.get(&key(r)) == Some(i))
+                .map(|(_, r)| r),
+        );
+    }
+
+    /// Removes the runtime entries of `kind` for `addr` (revoke: allows;
+    /// undeny: denies), in memory (as [`RuntimeStore::allow`]); returns how
+    /// many.
+    pub fn remove(&mut self, kind: RuntimeKind, addr: IpNet) -> usize {
         let before = self.entries.len();
         let addr = addr.trunc();
-        self.entries.retain(|e| e.addr != addr);
-        Ok(before - self.entries.len())
+        self.entries.retain(|e| !(e.kind == kind && e.addr == addr));
+        before - self.entries.len()
     }
 
     /// Drops the entries whose time is up; returns them.
@@ -127,6 +136,7 @@ impl RuntimeStore {
         self.entries
             .iter()
             .map(|e| RuntimeEntry {
+                kind: e.kind,
                 net: e.addr,
                 service: e.service.clone(),
                 label: e
@@ -137,6 +147,37 @@ impl RuntimeStore {
             })
             .collect()
     }
+}
+
+/// A runtime entry of `kind` for `addr`, `duration` from `now` (None: until
+/// removed).
+pub fn record(
+    kind: RuntimeKind,
+    addr: IpNet,
+    duration: Option<Duration>,
+    service: Option<String>,
+    label: Option<String>,
+    now: SystemTime,
+) -> Result<RuntimeRecord> {
+    let now_ts = Timestamp::try_from(now).context("the clock is out of range")?;
+    let until = match duration {
+        Some(d) => {
+            check_for(d).map_err(anyhow::Error::msg)?;
+            let t = now
+                .checked_add(d)
+                .context("--for reaches past the clock's range")?;
+            Some(Timestamp::try_from(t).context("--for reaches past the clock's range")?)
+        }
+        None => None,
+    };
+    Ok(RuntimeRecord {
+        kind,
+        addr: addr.trunc(),
+        service,
+        label,
+        until,
+        added_at: now_ts,
+    })
 }
 
 /// The longest time-boxed runtime entry (3650 days): longer is meant to
@@ -268,7 +309,17 @@ mod tests {
         let gone = st.expire(now + Duration::from_secs(3)).unwrap();
         assert_eq!(gone.len(), 1);
         assert_eq!(gone[0].addr, a);
-        assert_eq!(st.revoke(b).unwrap(), 1);
+        // A deny of the same address is an entry of its own; undeny and
+        // revoke remove only their kind.
+        st.add(vec![
+            record(RuntimeKind::Deny, b, None, None, Some("x".into()), now).unwrap(),
+            record(RuntimeKind::Deny, b, None, None, Some("y".into()), now).unwrap(),
+        ]);
+        assert_eq!(st.entries.len(), 2, "{:?}", st.entries);
+        assert_eq!(st.entries[1].label.as_deref(), Some("y"), "the later wins");
+        assert_eq!(st.remove(RuntimeKind::Deny, b), 1);
+        assert_eq!(st.remove(RuntimeKind::Deny, b), 0);
+        assert_eq!(st.remove(RuntimeKind::Allow, b), 1);
         st.save().unwrap();
         assert!(RuntimeStore::load(&dir).unwrap().entries.is_empty());
         std::fs::remove_dir_all(&dir).unwrap();

@@ -50,6 +50,15 @@ fn connects(pair: &Pair, src: &str, dst: &str, port: u16) -> bool {
     .is_ok()
 }
 
+/// Whether the alternative client gets through to the alternative server
+/// within `limit` (a reload taking effect).
+fn alt_connects_within(pair: &Pair, limit: Duration) -> bool {
+    wait_for(limit, || {
+        connects(pair, CLIENT_V4_ALT, SERVER_V4_ALT, 7000).then_some(())
+    })
+    .is_some()
+}
+
 fn setup() -> (Pair, Daemon) {
     require_root();
     let pair = Pair::new().unwrap();
@@ -196,6 +205,134 @@ fn runtime_allow_lets_a_source_in_until_it_expires() {
     assert_eq!(out.status.code(), Some(1));
 }
 
+#[test]
+fn runtime_deny_wins_over_allow_entries_and_undeny_lifts_it() {
+    let (pair, d) = setup();
+    assert!(
+        connects(&pair, CLIENT_V4, SERVER_V4, 7000),
+        "allowed by the file"
+    );
+    ok(d.client(&["deny", CLIENT_V4, "--label", "lost laptop"])
+        .output()
+        .unwrap());
+    assert!(
+        !connects(&pair, CLIENT_V4, SERVER_V4, 7000),
+        "a runtime deny wins over the file's allow"
+    );
+    // An allow of the same source at runtime does not lift it either.
+    ok(d.client(&["allow", CLIENT_V4]).output().unwrap());
+    assert!(!connects(&pair, CLIENT_V4, SERVER_V4, 7000));
+    assert_eq!(n(&d.status().unwrap()["runtime_entries"]), 2);
+    // revoke removes the allow only; undeny the deny.
+    ok(d.client(&["revoke", CLIENT_V4]).output().unwrap());
+    assert!(!connects(&pair, CLIENT_V4, SERVER_V4, 7000));
+    ok(d.client(&["undeny", CLIENT_V4]).output().unwrap());
+    assert!(connects(&pair, CLIENT_V4, SERVER_V4, 7000), "undenied");
+    let out = d.client(&["undeny", CLIENT_V4]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "nothing left to undeny");
+
+    // In bulk from standard input: one swap for all, and one bad line
+    // refuses them all, naming the line.
+    let deny_stdin = |text: &str| {
+        let mut c = d.client(&["deny", "--stdin"]);
+        c.stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), text.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let generation = |d: &Daemon| n(&d.status().unwrap()["generation"]);
+    let before = generation(&d);
+    let out =
+        deny_stdin("# bans\n203.0.113.200 1h sshd\n198.51.100.2 - web scan\n\n2001:db8:9::/48\n");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("denied 3 sources in one swap"));
+    assert_eq!(generation(&d), before + 1, "one policy write for the batch");
+    assert!(!connects(&pair, CLIENT_V4, SERVER_V4, 7000));
+    let out = deny_stdin("203.0.113.201\nnot-an-address 1h\n203.0.113.202 5y\n");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("line 2:") && err.contains("line 3:"), "{err}");
+    assert_eq!(generation(&d), before + 1, "nothing denied");
+}
+
+/// The fail2ban action file and the CrowdSec bouncer script of packaging/,
+/// their commands run as fail2ban and the bouncer run them.
+#[test]
+fn fail2ban_and_crowdsec_ban_and_unban_through_the_daemon() {
+    let (pair, d) = setup();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let bin_dir = ipguard_bin().parent().unwrap().to_path_buf();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let sh = |cmd: &str| {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(cmd)
+            .env("PATH", &path)
+            .env("IPGUARD_SOCKET", d.socket())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let action = std::fs::read_to_string(root.join("packaging/fail2ban/ipguard.conf")).unwrap();
+    let tag = |key: &str| {
+        action
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(|v| v.trim_start_matches([' ', '=']).trim().to_string())
+            .unwrap_or_else(|| panic!("{key} in the action file"))
+    };
+    let fill = |cmd: &str, bantime: &str| {
+        cmd.replace("<ip>", CLIENT_V4)
+            .replace("<bantime>", bantime)
+            .replace("<name>", "sshd")
+    };
+    let (ban, unban) = (tag("actionban"), tag("actionunban"));
+    sh(&fill(&ban, "600"));
+    assert!(!connects(&pair, CLIENT_V4, SERVER_V4, 7000), "banned");
+    let st = d.status().unwrap();
+    assert_eq!(n(&st["runtime_entries"]), 1);
+    // The ban ends in the kernel: its deadline record, and the value after
+    // it (the file's allow of the source).
+    assert_eq!(n(&st["memory"]["deadline_leaves"]), 2, "{st}");
+    sh(&fill(&unban, "600"));
+    assert!(connects(&pair, CLIENT_V4, SERVER_V4, 7000), "unbanned");
+    // A permanent ban (bantime -1) has no end; unbanning twice is fine.
+    sh(&fill(&ban, "-1"));
+    assert!(!connects(&pair, CLIENT_V4, SERVER_V4, 7000));
+    assert_eq!(n(&d.status().unwrap()["memory"]["deadline_leaves"]), 0);
+    sh(&fill(&unban, "-1"));
+    sh(&fill(&unban, "-1"));
+    assert!(connects(&pair, CLIENT_V4, SERVER_V4, 7000));
+
+    let bouncer = root.join("packaging/crowdsec/crowdsec-ipguard");
+    let b = bouncer.display();
+    sh(&format!(
+        "sh {b} add {CLIENT_V4} 3600 crowdsecurity/ssh-bf '{{}}'"
+    ));
+    assert!(
+        !connects(&pair, CLIENT_V4, SERVER_V4, 7000),
+        "banned by CrowdSec"
+    );
+    sh(&format!(
+        "sh {b} del {CLIENT_V4} 3600 crowdsecurity/ssh-bf '{{}}'"
+    ));
+    assert!(connects(&pair, CLIENT_V4, SERVER_V4, 7000));
+}
+
 /// A time-boxed grant ends in the kernel: with the daemon frozen (SIGSTOP,
 /// as a hung daemon is) a 3 s grant is honoured, then refused after its
 /// deadline; the daemon, resumed, agrees that it ended.
@@ -308,14 +445,7 @@ fn an_invalid_reload_leaves_the_old_policy_enforcing() {
     )
     .unwrap();
     assert!(
-        wait_for(Duration::from_secs(5), || connects(
-            &pair,
-            CLIENT_V4_ALT,
-            SERVER_V4_ALT,
-            7000
-        )
-        .then_some(()))
-        .is_some(),
+        alt_connects_within(&pair, Duration::from_secs(5)),
         "edited file reloaded"
     );
 }
@@ -352,14 +482,7 @@ fn a_configmap_style_symlink_swap_reloads() {
     std::os::unix::fs::symlink("..v2", cfg.join("..data_tmp")).unwrap();
     std::fs::rename(cfg.join("..data_tmp"), cfg.join("..data")).unwrap();
     assert!(
-        wait_for(Duration::from_secs(5), || connects(
-            &pair,
-            CLIENT_V4_ALT,
-            SERVER_V4_ALT,
-            7000
-        )
-        .then_some(()))
-        .is_some(),
+        alt_connects_within(&pair, Duration::from_secs(5)),
         "the swapped policy is enforced"
     );
 }
@@ -400,14 +523,7 @@ fn a_changed_list_file_reloads() {
     .unwrap();
     std::fs::rename(lists.join(".feed.tmp"), lists.join("feed.txt")).unwrap();
     assert!(
-        wait_for(Duration::from_secs(5), || connects(
-            &pair,
-            CLIENT_V4_ALT,
-            SERVER_V4_ALT,
-            7000
-        )
-        .then_some(()))
-        .is_some(),
+        alt_connects_within(&pair, Duration::from_secs(5)),
         "the changed list file is enforced"
     );
     assert_ne!(

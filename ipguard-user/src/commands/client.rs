@@ -4,10 +4,13 @@ use std::{net::IpAddr, process::ExitCode};
 use anyhow::Result;
 
 use crate::{
-    cli::{AllowArgs, ApplyArgs, BlockedArgs, ConfirmArgs, EventsArgs, RevokeArgs},
+    cli::{
+        AllowArgs, ApplyArgs, BlockedArgs, ConfirmArgs, DenyArgs, EventsArgs, RevokeArgs,
+        UndenyArgs,
+    },
     control::Client,
     error::CliError,
-    protocol::{ApplyAnswer, EventLine, ListText, Request, RevokeAnswer},
+    protocol::{ApplyAnswer, DenyAnswer, DenyItem, EventLine, ListText, Request, RevokeAnswer},
     runtime::parse_duration,
     runtime::parse_net,
 };
@@ -177,6 +180,119 @@ pub fn revoke(args: &RevokeArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+pub fn deny(args: &DenyArgs) -> Result<ExitCode> {
+    let entries = if args.stdin {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+            .map_err(|e| CliError::system(format!("cannot read standard input: {e}")))?;
+        deny_lines(&text).map_err(CliError::refused)?
+    } else {
+        let addr = args.addr.clone().unwrap_or_default();
+        vec![
+            deny_item(&addr, args.duration.as_deref(), args.label.clone())
+                .map_err(CliError::refused)?,
+        ]
+    };
+    let n = entries.len();
+    let one = (!args.stdin).then(|| entries[0].clone());
+    let answer: DenyAnswer =
+        Client::connect(&args.sock.socket)?.call_as(&Request::Deny { entries })?;
+    for w in &answer.warnings {
+        eprintln!("warning: {w}");
+    }
+    match one {
+        Some(e) => println!(
+            "denied {}{}",
+            e.addr,
+            e.for_secs
+                .map(|s| format!(" for {s} s"))
+                .unwrap_or_else(|| " until undenied".into())
+        ),
+        None => println!("denied {n} sources in one swap"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One source of `deny`, checked here so that a typo is a usage error
+/// before the daemon is asked.
+fn deny_item(
+    addr: &str,
+    duration: Option<&str>,
+    label: Option<String>,
+) -> Result<DenyItem, String> {
+    parse_net(addr)?;
+    let for_secs = match duration {
+        Some(d) => {
+            let d = parse_duration(d)?;
+            crate::runtime::check_for(d)?;
+            Some(d.as_secs())
+        }
+        None => None,
+    };
+    Ok(DenyItem {
+        addr: addr.to_string(),
+        for_secs,
+        label,
+    })
+}
+
+/// `ADDR [DURATION] [LABEL]` lines (`-` for no duration, the label the rest
+/// of the line); blank lines and `#` comments skipped. Any bad line refuses
+/// the whole batch, naming the first ten.
+pub fn deny_lines(text: &str) -> Result<Vec<DenyItem>, String> {
+    let mut out = Vec::new();
+    let mut bad = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        // Fields apart by any run of blanks; the label is the rest.
+        let field = |s: &str| -> (String, String) {
+            let s = s.trim_start();
+            match s.find(char::is_whitespace) {
+                Some(i) => (s[..i].to_string(), s[i..].trim_start().to_string()),
+                None => (s.to_string(), String::new()),
+            }
+        };
+        let (addr, rest) = field(line);
+        let (duration, label) = field(&rest);
+        let duration = Some(duration.as_str()).filter(|d| !d.is_empty() && *d != "-");
+        let label = Some(label.trim().to_string()).filter(|l| !l.is_empty());
+        match deny_item(&addr, duration, label) {
+            Ok(item) => out.push(item),
+            Err(e) => bad.push(format!("line {}: {e}", i + 1)),
+        }
+    }
+    if !bad.is_empty() {
+        let more = bad.len().saturating_sub(10);
+        bad.truncate(10);
+        let mut msg = format!("standard input: nothing denied: {}", bad.join("; "));
+        if more > 0 {
+            msg.push_str(&format!("; and {more} more bad lines"));
+        }
+        return Err(msg);
+    }
+    if out.is_empty() {
+        return Err(
+            "standard input: no source to deny (lines of `ADDR [DURATION] [LABEL]`)".into(),
+        );
+    }
+    Ok(out)
+}
+
+pub fn undeny(args: &UndenyArgs) -> Result<ExitCode> {
+    parse_net(&args.addr).map_err(CliError::refused)?;
+    let answer: RevokeAnswer = Client::connect(&args.sock.socket)?.call_as(&Request::Undeny {
+        addr: args.addr.clone(),
+    })?;
+    for w in &answer.warnings {
+        eprintln!("warning: {w}");
+    }
+    println!("undenied {}", args.addr);
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn blocked(args: &BlockedArgs) -> Result<ExitCode> {
     let data = Client::connect(&args.sock.socket)?.call(&Request::Blocked {})?;
     if args.json {
@@ -209,4 +325,49 @@ pub fn status_from_daemon(socket: &std::path::Path) -> Option<crate::protocol::S
     let mut c = Client::connect(socket).ok()?;
     c.set_timeout(Some(std::time::Duration::from_secs(10)));
     c.call_as(&Request::Status {}).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deny_lines_take_an_address_a_duration_and_the_rest_as_label() {
+        let got = deny_lines(
+            "# bans\n203.0.113.9   1h   fail2ban sshd  \n\n  2001:db8::/64\n198.51.100.0/24 - web # scan\n",
+        )
+        .unwrap();
+        assert_eq!(
+            got,
+            vec![
+                DenyItem {
+                    addr: "203.0.113.9".into(),
+                    for_secs: Some(3600),
+                    label: Some("fail2ban sshd".into()),
+                },
+                DenyItem {
+                    addr: "2001:db8::/64".into(),
+                    for_secs: None,
+                    label: None,
+                },
+                DenyItem {
+                    addr: "198.51.100.0/24".into(),
+                    for_secs: None,
+                    label: Some("web".into()),
+                },
+            ]
+        );
+        let e = deny_lines("203.0.113.9\nbad\n203.0.113.10 1y\n").unwrap_err();
+        assert!(
+            e.contains("line 2:") && e.contains("line 3:") && !e.contains("line 1:"),
+            "{e}"
+        );
+        let many: String = (0..15).map(|_| "x\n").collect();
+        assert!(
+            deny_lines(&many)
+                .unwrap_err()
+                .ends_with("and 5 more bad lines")
+        );
+        assert!(deny_lines("# nothing\n").is_err());
+    }
 }

@@ -28,7 +28,7 @@ use crate::{
     datapath::{Capacities, Datapath},
     error::{CliError, Exit},
     metrics::{Metrics, Snapshot},
-    policy::{self, CompiledPolicy, Explainer, Proto},
+    policy::{self, CompiledPolicy, Explainer, Proto, RuntimeKind},
     protocol::{Request, Response},
     runtime::RuntimeStore,
     sessions,
@@ -580,35 +580,91 @@ impl Daemon {
                 tracing::info!(addr = %rec.addr, until = ?rec.until, "runtime allow");
                 Response::ok(json!(rec))
             }
-            Request::Revoke { addr } => {
-                let net = match crate::runtime::parse_net(&addr) {
-                    Ok(n) => n,
-                    Err(e) => return Response::err(Exit::Refused, e),
-                };
-                let before = self.runtime.entries.clone();
-                match self.runtime.revoke(net) {
-                    Ok(0) => Response::err(
-                        Exit::Refused,
-                        format!(
-                            "{addr} has no runtime entry (see `ipguard status`); entries of the policy file are changed in the file"
-                        ),
-                    ),
-                    Ok(n) => {
-                        // A revocation is the operator's decision: never
-                        // refused by the lockout guard, but every session
-                        // it cuts is said, to the log and to the caller.
-                        let warnings = match self.commit_runtime("runtime revoke", before) {
-                            Ok(w) => w,
-                            Err(e) => return Response::err(Exit::System, e),
-                        };
-                        tracing::info!(addr = %net, "runtime entry revoked");
-                        Response::ok(json!(RevokeAnswer {
-                            revoked: n,
-                            warnings,
-                        }))
-                    }
-                    Err(e) => Response::err(Exit::System, format!("{e:#}")),
+            Request::Revoke { addr } => self.remove_runtime(RuntimeKind::Allow, &addr),
+            Request::Undeny { addr } => self.remove_runtime(RuntimeKind::Deny, &addr),
+            Request::Deny { entries } => self.deny(entries),
+        }
+    }
+
+    /// `ipguard deny`: every entry checked first, then all of them in one
+    /// swap (a bulk deny from fail2ban or CrowdSec is one policy write).
+    fn deny(&mut self, entries: Vec<crate::protocol::DenyItem>) -> Response {
+        let now = SystemTime::now();
+        let mut recs = Vec::with_capacity(entries.len());
+        for (i, e) in entries.into_iter().enumerate() {
+            let which = || {
+                if i == 0 {
+                    String::new()
+                } else {
+                    format!("entry {}: ", i + 1)
                 }
+            };
+            let net = match crate::runtime::parse_net(&e.addr) {
+                Ok(n) => n,
+                Err(m) => return Response::err(Exit::Refused, format!("{}{m}", which())),
+            };
+            match crate::runtime::record(
+                RuntimeKind::Deny,
+                net,
+                e.for_secs.map(Duration::from_secs),
+                None,
+                e.label,
+                now,
+            ) {
+                Ok(r) => recs.push(r),
+                Err(m) => return Response::err(Exit::Refused, format!("{}{m:#}", which())),
+            }
+        }
+        if recs.is_empty() {
+            return Response::err(Exit::Refused, "no source to deny");
+        }
+        let n = recs.len();
+        let before = self.runtime.entries.clone();
+        self.runtime.add(recs);
+        // A denial is the operator's decision: never refused by the lockout
+        // guard, but every session it cuts is said.
+        let warnings = match self.commit_runtime("runtime deny", before) {
+            Ok(w) => w,
+            Err(e) => return Response::err(Exit::System, e),
+        };
+        tracing::info!(sources = n, "runtime deny");
+        Response::ok(json!(crate::protocol::DenyAnswer {
+            denied: n,
+            warnings,
+        }))
+    }
+
+    /// `revoke` (allows) and `undeny` (denies) of an address.
+    fn remove_runtime(&mut self, kind: RuntimeKind, addr: &str) -> Response {
+        let net = match crate::runtime::parse_net(addr) {
+            Ok(n) => n,
+            Err(e) => return Response::err(Exit::Refused, e),
+        };
+        let before = self.runtime.entries.clone();
+        let (what, verb) = match kind {
+            RuntimeKind::Allow => ("allow", "revoke"),
+            RuntimeKind::Deny => ("deny", "undeny"),
+        };
+        match self.runtime.remove(kind, net) {
+            0 => Response::err(
+                Exit::Refused,
+                format!(
+                    "{addr} has no runtime {what} entry (see `ipguard status`); entries of the policy file are changed in the file"
+                ),
+            ),
+            n => {
+                // The operator's decision: never refused by the lockout
+                // guard, but every session it cuts is said, to the log and
+                // to the caller.
+                let warnings = match self.commit_runtime(&format!("runtime {verb}"), before) {
+                    Ok(w) => w,
+                    Err(e) => return Response::err(Exit::System, e),
+                };
+                tracing::info!(addr = %net, "runtime {what} entry removed");
+                Response::ok(json!(RevokeAnswer {
+                    revoked: n,
+                    warnings,
+                }))
             }
         }
     }
