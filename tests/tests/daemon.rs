@@ -423,6 +423,52 @@ fn apply_with_confirm_rolls_back_by_itself() {
     assert_eq!(out.status.code(), Some(1), "nothing left to confirm");
 }
 
+/// A large policy is read and checked off the daemon's event loop:
+/// `status` answers (with the policy still in force) while it is read.
+#[test]
+fn status_answers_while_a_large_policy_is_read() {
+    let (pair, d) = setup();
+    let generation = |d: &Daemon| n(&d.status().unwrap()["generation"]);
+    let before = generation(&d);
+    // A group of 600,000 items naming 256 addresses over and over (a group
+    // keeps each once): seconds to read and check in a debug build, and
+    // well within the default capacity.
+    let mut group = String::with_capacity(600_000 * 18);
+    for i in 0..600_000u32 {
+        group.push_str(&format!("    - 10.0.0.{}\n", i & 255));
+    }
+    let big = POLICY.replacen(
+        "allow:\n",
+        &format!("groups:\n  many:\n{group}allow:\n  - many\n"),
+        1,
+    );
+    let written = Instant::now();
+    std::fs::write(&d.policy, big).unwrap();
+    // The directory event, its 200 ms to settle, and the read begun.
+    thread::sleep(Duration::from_millis(500));
+    let asked = Instant::now();
+    assert_eq!(
+        generation(&d),
+        before,
+        "status answered while the new policy was still being read"
+    );
+    let answered = asked.elapsed();
+    assert!(
+        wait_for(Duration::from_secs(120), || (generation(&d) == before + 1)
+            .then_some(()))
+        .is_some(),
+        "the large policy goes in after"
+    );
+    let read = written.elapsed();
+    // Relative, not a fixed time: waiting for the read would take most
+    // of it.
+    assert!(
+        answered * 4 < read,
+        "status took {answered:?} of a {read:?} reload"
+    );
+    assert!(connects(&pair, CLIENT_V4, SERVER_V4, 7000));
+}
+
 #[test]
 fn an_invalid_reload_leaves_the_old_policy_enforcing() {
     let (pair, d) = setup();

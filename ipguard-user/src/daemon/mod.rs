@@ -52,6 +52,13 @@ pub struct Source {
     pub policy: policy::Policy,
 }
 
+/// A policy file being read and checked off the event loop.
+struct Loading {
+    why: &'static str,
+    force: bool,
+    task: tokio::task::JoinHandle<Result<policy::LoadedPolicy, policy::PolicyErrors>>,
+}
+
 /// An `apply --confirm` waiting for `ipguard confirm`.
 pub(crate) struct Pending {
     previous: Source,
@@ -307,22 +314,41 @@ impl Daemon {
         self.metrics.lock().await.reload(ok);
     }
 
-    /// Re-reads the policy file and installs it if its content changed since
-    /// it was last read (a directory event), or always when `force` (SIGHUP,
-    /// which also replaces a policy pushed with `apply`). An invalid or
-    /// locking-out file is refused and the running policy stays.
-    async fn reload_file(&mut self, why: &str, force: bool) {
-        // Most directory events (the start's own re-check, a neighbour's
-        // file, a touch) leave the content as it was: the hash tells so in
-        // a read (60 ms at a million entries) where parsing takes seconds,
-        // with the control socket waiting.
-        if !force
-            && policy::current_sha256(&self.config, &self.lists).as_deref()
-                == Some(self.file_sha256.as_str())
-        {
-            return;
+    /// Whether a reload has anything to read: always when `force` (SIGHUP,
+    /// which also replaces a policy pushed with `apply`); for a directory
+    /// event only when the policy file or a list file it read changed
+    /// since it was last read. Most events (the start's own re-check, a
+    /// neighbour's file, a touch) leave the content as it was: the hash
+    /// tells so in a read (60 ms at a million entries) where parsing takes
+    /// a second.
+    fn reload_wanted(&self, force: bool) -> bool {
+        force
+            || policy::current_sha256(&self.config, &self.lists).as_deref()
+                != Some(self.file_sha256.as_str())
+    }
+
+    /// Reads and checks the policy file on a blocking thread, so that the
+    /// event loop answers `status` and relays events meanwhile; the result
+    /// comes back to [`Daemon::reload_finish`].
+    fn reload_start(&self, why: &'static str, force: bool) -> Loading {
+        let path = self.config.clone();
+        Loading {
+            why,
+            force,
+            task: tokio::task::spawn_blocking(move || policy::load_file(&path)),
         }
-        let loaded = match policy::load_file(&self.config) {
+    }
+
+    /// Installs a policy file read by [`Daemon::reload_start`] if its content
+    /// changed since it was last read, or always when `force`. An invalid
+    /// or locking-out file is refused and the running policy stays.
+    async fn reload_finish(
+        &mut self,
+        why: &str,
+        force: bool,
+        result: Result<policy::LoadedPolicy, policy::PolicyErrors>,
+    ) {
+        let loaded = match result {
             Ok(l) => l,
             Err(errs) => {
                 // The same broken file is reported once, not at every
@@ -349,6 +375,13 @@ impl Daemon {
         }
         self.file_sha256 = loaded.sha256.clone();
         if loaded.sha256 == self.current.sha256 && self.current.path == self.config {
+            if force {
+                tracing::info!(
+                    "{why}: {} is the policy in force (sha256 {}); nothing to do",
+                    self.config.display(),
+                    loaded.sha256
+                );
+            }
             return;
         }
         for w in &loaded.warnings {
@@ -679,6 +712,9 @@ impl Daemon {
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut hup = signal(SignalKind::hangup())?;
+        // The reload asked for (why, forced) and the one being read.
+        let mut want: Option<(&'static str, bool)> = None;
+        let mut loading: Option<Loading> = None;
         loop {
             let wake = self.next_wakeup();
             let timer = async {
@@ -687,16 +723,32 @@ impl Daemon {
                     None => std::future::pending().await,
                 }
             };
+            let loaded = async {
+                match loading.as_mut() {
+                    Some(l) => (&mut l.task).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
-                _ = hup.recv() => self.reload_file("SIGHUP", true).await,
+                _ = hup.recv() => want = Some(("SIGHUP", true)),
                 Some(()) = file_changes.recv() => {
                     // Editors and ConfigMap swaps write in several steps:
                     // let them settle, then read once.
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     while file_changes.try_recv().is_ok() {}
-                    self.reload_file("policy file changed", false).await;
+                    if want.is_none() {
+                        want = Some(("policy file changed", false));
+                    }
+                }
+                result = loaded => {
+                    if let Some(l) = loading.take() {
+                        match result {
+                            Ok(r) => self.reload_finish(l.why, l.force, r).await,
+                            Err(e) => tracing::error!("{}: reading the policy failed: {e}", l.why),
+                        }
+                    }
                 }
                 Some(call) = calls.recv() => {
                     let resp = self.handle(call.req).await;
@@ -713,6 +765,13 @@ impl Daemon {
                         self.refresh("time edge").await;
                     }
                 }
+            }
+            // One read at a time; a change during a read is read after it.
+            if loading.is_none()
+                && let Some((why, force)) = want.take()
+                && self.reload_wanted(force)
+            {
+                loading = Some(self.reload_start(why, force));
             }
         }
         tracing::info!(
