@@ -44,6 +44,7 @@ pub enum Command {
     Revoke(RevokeArgs),
     Deny(DenyArgs),
     Undeny(UndenyArgs),
+    Reject(RejectArgs),
     Blocked(BlockedArgs),
     Unload(UnloadArgs),
 }
@@ -161,6 +162,27 @@ pub struct DenyArgs {
 pub struct UndenyArgs {
     /// The address or CIDR as it was given to `ipguard deny`.
     pub addr: String,
+    #[command(flatten)]
+    pub sock: SocketArg,
+}
+
+/// Reject a refused source's access request: `blocked` shows it rejected
+/// instead of pending (kept across restarts); with --deny, also deny it.
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:\n  ipguard reject 203.0.113.77\n  \
+ipguard reject 203.0.113.0/24 --deny --for 7d --label \"scanner\"")]
+pub struct RejectArgs {
+    /// An address or CIDR.
+    pub addr: String,
+    /// Also deny it (as `ipguard deny`).
+    #[arg(long)]
+    pub deny: bool,
+    /// With --deny: how long, e.g. 30m, 8h, 2d (default: until undenied).
+    #[arg(long = "for", value_name = "DURATION", requires = "deny")]
+    pub duration: Option<String>,
+    /// Shown by `blocked`, and with --deny by status, events and explain.
+    #[arg(long)]
+    pub label: Option<String>,
     #[command(flatten)]
     pub sock: SocketArg,
 }

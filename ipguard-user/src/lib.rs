@@ -15,6 +15,7 @@ pub mod kernel;
 pub mod metrics;
 pub mod protocol;
 pub mod report;
+pub mod requests;
 /// The policy language, compiler and explain: its own crate, which builds
 /// on stable Rust without the eBPF toolchain.
 pub use ipguard_policy as policy;

@@ -21,6 +21,7 @@ fn main() -> ExitCode {
         Command::Revoke(a) => commands::client::revoke(a),
         Command::Deny(a) => commands::client::deny(a),
         Command::Undeny(a) => commands::client::undeny(a),
+        Command::Reject(a) => commands::client::reject(a),
         Command::Blocked(a) => commands::client::blocked(a),
         Command::Status(a) => commands::status::run(a),
         Command::Unload(a) => commands::unload::run(a),

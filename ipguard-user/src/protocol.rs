@@ -48,6 +48,14 @@ pub enum Request {
     Undeny {
         addr: String,
     },
+    /// Marks a refused source's access request rejected; with `deny`, also
+    /// denies it (for `for_secs`).
+    Reject {
+        addr: String,
+        deny: bool,
+        for_secs: Option<u64>,
+        label: Option<String>,
+    },
     Blocked {},
 }
 
@@ -242,6 +250,9 @@ pub struct BlockedSource {
     pub first_seen: String,
     pub last_seen: String,
     pub service: Option<String>,
+    /// Its access request: pending, approved or rejected.
+    #[serde(default)]
+    pub status: crate::requests::RequestStatus,
     /// Order of the last refusal (the table's LRU clock).
     #[serde(skip)]
     pub(crate) last_seq: u64,

@@ -261,6 +261,67 @@ fn runtime_deny_wins_over_allow_entries_and_undeny_lifts_it() {
     assert_eq!(generation(&d), before + 1, "nothing denied");
 }
 
+/// The seeds' access requests: a refused source is pending until it is
+/// approved (a runtime allow) or rejected (kept across restarts).
+#[test]
+fn access_requests_are_pending_approved_or_rejected() {
+    let (pair, mut d) = setup();
+    let status_of = |d: &Daemon, src: &str| -> Option<String> {
+        let v: Value =
+            serde_json::from_str(&ok(d.client(&["blocked", "--json"]).output().unwrap())).unwrap();
+        v.as_array()?
+            .iter()
+            .find(|b| b["src"] == src)
+            .map(|b| b["status"].as_str().unwrap_or_default().to_string())
+    };
+    let seen_as = |d: &Daemon, src: &str, want: &str| {
+        wait_for(Duration::from_secs(5), || {
+            (status_of(d, src).as_deref() == Some(want)).then_some(())
+        })
+        .is_some()
+    };
+    assert!(!connects(&pair, CLIENT_V4_ALT, SERVER_V4_ALT, 7000));
+    assert!(seen_as(&d, CLIENT_V4_ALT, "pending"));
+    let text = ok(d.client(&["blocked"]).output().unwrap());
+    assert!(
+        text.contains("pending") && text.contains("ipguard reject"),
+        "{text}"
+    );
+    ok(d.client(&["reject", CLIENT_V4_ALT, "--label", "unknown"])
+        .output()
+        .unwrap());
+    assert!(seen_as(&d, CLIENT_V4_ALT, "rejected"));
+    assert!(
+        !connects(&pair, CLIENT_V4_ALT, SERVER_V4_ALT, 7000),
+        "a rejection alone changes no verdict"
+    );
+
+    // Kept across a restart: refused again, it is shown rejected.
+    d.proc.signal_and_wait(Signal::SIGTERM).unwrap();
+    d.restart(&pair).unwrap();
+    assert!(!connects(&pair, CLIENT_V4_ALT, SERVER_V4_ALT, 7000));
+    assert!(seen_as(&d, CLIENT_V4_ALT, "rejected"));
+
+    // Approved after all: the allow takes the rejection back.
+    ok(d.client(&["allow", CLIENT_V4_ALT]).output().unwrap());
+    assert!(connects(&pair, CLIENT_V4_ALT, SERVER_V4_ALT, 7000));
+    assert!(seen_as(&d, CLIENT_V4_ALT, "approved"));
+    let kept = std::fs::read_to_string(d.dir.join("state/rejected.json")).unwrap();
+    assert!(!kept.contains(CLIENT_V4_ALT), "{kept}");
+
+    // reject --deny refuses the source too.
+    ok(d.client(&["reject", CLIENT_V4, "--deny", "--for", "1h"])
+        .output()
+        .unwrap());
+    assert!(!connects(&pair, CLIENT_V4, SERVER_V4, 7000));
+    assert!(seen_as(&d, CLIENT_V4, "rejected"));
+    let out = d
+        .client(&["reject", CLIENT_V4, "--for", "1h"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "--for needs --deny");
+}
+
 /// The fail2ban action file and the CrowdSec bouncer script of packaging/,
 /// their commands run as fail2ban and the bouncer run them.
 #[test]

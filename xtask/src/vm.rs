@@ -87,6 +87,7 @@ const HOST_ONLY: &[&str] = &[
     "daemon::status_answers_while_a_large_policy_is_read",
     "daemon::runtime_deny_wins_over_allow_entries_and_undeny_lifts_it",
     "daemon::fail2ban_and_crowdsec_ban_and_unban_through_the_daemon",
+    "daemon::access_requests_are_pending_approved_or_rejected",
     "daemon::an_invalid_reload_leaves_the_old_policy_enforcing",
     "daemon::apply_with_confirm_rolls_back_by_itself",
     "daemon::the_attach_mode_is_kept_in_the_state_directory_not_in_shared_temp",

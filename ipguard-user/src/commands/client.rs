@@ -5,8 +5,8 @@ use anyhow::Result;
 
 use crate::{
     cli::{
-        AllowArgs, ApplyArgs, BlockedArgs, ConfirmArgs, DenyArgs, EventsArgs, RevokeArgs,
-        UndenyArgs,
+        AllowArgs, ApplyArgs, BlockedArgs, ConfirmArgs, DenyArgs, EventsArgs, RejectArgs,
+        RevokeArgs, UndenyArgs,
     },
     control::Client,
     error::CliError,
@@ -281,6 +281,27 @@ pub fn deny_lines(text: &str) -> Result<Vec<DenyItem>, String> {
     Ok(out)
 }
 
+pub fn reject(args: &RejectArgs) -> Result<ExitCode> {
+    // The same checks as `deny`, before the daemon is asked.
+    let item = deny_item(&args.addr, args.duration.as_deref(), args.label.clone())
+        .map_err(CliError::refused)?;
+    let data = Client::connect(&args.sock.socket)?.call(&Request::Reject {
+        addr: item.addr,
+        deny: args.deny,
+        for_secs: item.for_secs,
+        label: item.label,
+    })?;
+    for w in data["warnings"].as_array().into_iter().flatten() {
+        eprintln!("warning: {}", w.as_str().unwrap_or_default());
+    }
+    let denied = if args.deny { " and denied it" } else { "" };
+    println!(
+        "rejected the access request of {}{denied}",
+        data["rejected"].as_str().unwrap_or(&args.addr)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn undeny(args: &UndenyArgs) -> Result<ExitCode> {
     parse_net(&args.addr).map_err(CliError::refused)?;
     let answer: RevokeAnswer = Client::connect(&args.sock.socket)?.call_as(&Request::Undeny {
@@ -310,8 +331,14 @@ pub fn blocked(args: &BlockedArgs) -> Result<ExitCode> {
             .as_str()
             .map(|s| format!(" service {s}"))
             .unwrap_or_default();
+        let status = b["status"].as_str().unwrap_or("pending");
+        let hint = if status == "pending" {
+            format!("   (approve: ipguard allow {src} --for 8h; reject: ipguard reject {src})")
+        } else {
+            String::new()
+        };
         println!(
-            "{:>8}  {src:<39} first {} last {}{svc}   (approve: ipguard allow {src} --for 8h)",
+            "{:>8}  {src:<39} {status:<8} first {} last {}{svc}{hint}",
             b["count"],
             b["first_seen"].as_str().unwrap_or(""),
             b["last_seen"].as_str().unwrap_or(""),

@@ -187,6 +187,7 @@ fn bring_up(
         lists: loaded.lists.clone(),
         watch: None,
         compiled: Default::default(),
+        rejections: crate::requests::Rejections::load(&args.loc.state_dir)?,
         runtime,
         pending: None,
         metrics: Arc::new(Mutex::new(Metrics::new())),

@@ -100,6 +100,7 @@ impl Blocked {
             first_seen: ev.time.clone(),
             last_seen: ev.time.clone(),
             service: ev.service.clone(),
+            status: Default::default(),
             last_seq: seq,
         });
         e.count += 1 + ev.suppressed;

@@ -83,6 +83,8 @@ pub struct Daemon {
     pub watch: Option<watch::Watch>,
     pub compiled: CompiledPolicy,
     pub runtime: RuntimeStore,
+    /// Rejected access requests (`ipguard reject`).
+    pub rejections: crate::requests::Rejections,
     pub(crate) pending: Option<Pending>,
     pub metrics: Arc<Mutex<Metrics>>,
     pub blocked: Arc<Mutex<Blocked>>,
@@ -485,6 +487,8 @@ impl Daemon {
             Request::Status {} => match crate::report::collect(&self.dp.maps, &self.state_dir) {
                 Ok(mut st) => {
                     st.top_blocked = self.blocked.lock().await.top(10);
+                    self.rejections
+                        .status_of(&mut st.top_blocked, &self.runtime.entries);
                     st.runtime_entries = self.runtime.entries.len();
                     Response::ok(serde_json::to_value(st).unwrap_or_default())
                 }
@@ -564,7 +568,11 @@ impl Daemon {
                 ),
             },
             Request::Events { .. } => Response::ok(json!(self.blocked.lock().await.recent())),
-            Request::Blocked {} => Response::ok(json!(self.blocked.lock().await.top(usize::MAX))),
+            Request::Blocked {} => {
+                let mut top = self.blocked.lock().await.top(usize::MAX);
+                self.rejections.status_of(&mut top, &self.runtime.entries);
+                Response::ok(json!(top))
+            }
             Request::Allow {
                 addr,
                 for_secs,
@@ -611,11 +619,23 @@ impl Daemon {
                     return Response::err(Exit::System, e);
                 }
                 tracing::info!(addr = %rec.addr, until = ?rec.until, "runtime allow");
+                // An approval takes a rejection of the address back.
+                if self.rejections.take_back(rec.addr)
+                    && let Err(e) = self.rejections.save()
+                {
+                    tracing::warn!("cannot save the rejected access requests: {e:#}");
+                }
                 Response::ok(json!(rec))
             }
             Request::Revoke { addr } => self.remove_runtime(RuntimeKind::Allow, &addr),
             Request::Undeny { addr } => self.remove_runtime(RuntimeKind::Deny, &addr),
             Request::Deny { entries } => self.deny(entries),
+            Request::Reject {
+                addr,
+                deny,
+                for_secs,
+                label,
+            } => self.reject(addr, deny, for_secs, label),
         }
     }
 
@@ -665,6 +685,47 @@ impl Daemon {
             denied: n,
             warnings,
         }))
+    }
+
+    /// `ipguard reject`: the access request of `addr` is rejected (kept in
+    /// the state directory), and with `deny` the source denied as `ipguard
+    /// deny` would.
+    fn reject(
+        &mut self,
+        addr: String,
+        deny: bool,
+        for_secs: Option<u64>,
+        label: Option<String>,
+    ) -> Response {
+        let net = match crate::runtime::parse_net(&addr) {
+            Ok(n) => n,
+            Err(e) => return Response::err(Exit::Refused, e),
+        };
+        let mut warnings = Vec::new();
+        if deny {
+            let resp = self.deny(vec![crate::protocol::DenyItem {
+                addr: addr.clone(),
+                for_secs,
+                label: label.clone(),
+            }]);
+            if !resp.ok {
+                return resp;
+            }
+            if let Some(w) = resp.data["warnings"].as_array() {
+                warnings.extend(w.iter().filter_map(|x| x.as_str().map(str::to_string)));
+            }
+        }
+        let before = self.rejections.list.clone();
+        self.rejections.reject(net, label, jiff::Timestamp::now());
+        if let Err(e) = self.rejections.save() {
+            self.rejections.list = before;
+            return Response::err(
+                Exit::System,
+                format!("cannot save the rejected access requests ({e:#}); not rejected"),
+            );
+        }
+        tracing::info!(addr = %net, deny, "access request rejected");
+        Response::ok(json!({ "rejected": net, "denied": deny, "warnings": warnings }))
     }
 
     /// `revoke` (allows) and `undeny` (denies) of an address.
