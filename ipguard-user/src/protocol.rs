@@ -132,6 +132,17 @@ pub struct StatusReport {
     /// Filled by the daemon from relayed events; empty without a daemon.
     pub top_blocked: Vec<BlockedSource>,
     pub runtime_entries: usize,
+    /// The list files the policy file read (filled by the daemon).
+    #[serde(default)]
+    pub lists: Vec<ListJson>,
+}
+
+/// A list file of the policy in force, as the daemon last read it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ListJson {
+    pub file: String,
+    pub prefixes: usize,
+    pub sha256: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -159,6 +159,7 @@ pub fn collect(maps: &Maps, state_dir: &std::path::Path) -> Result<StatusReport>
         flows: maps.flow_stats().ok(),
         top_blocked: Vec::new(),
         runtime_entries: 0,
+        lists: Vec::new(),
     })
 }
 

@@ -633,9 +633,15 @@ fn a_changed_list_file_reloads() {
         alt_connects_within(&pair, Duration::from_secs(5)),
         "the changed list file is enforced"
     );
-    assert_ne!(
-        d.status().unwrap()["policy"]["sha256"].as_str().unwrap(),
-        sha
+    let st = d.status().unwrap();
+    assert_ne!(st["policy"]["sha256"].as_str().unwrap(), sha);
+    assert_eq!(st["lists"][0]["prefixes"], 2, "{st}");
+    assert!(
+        st["lists"][0]["file"]
+            .as_str()
+            .unwrap()
+            .ends_with("lists/feed.txt"),
+        "{st}"
     );
 
     // A broken line: refused with its place, the running policy stays.

@@ -1,6 +1,8 @@
 //! `cargo xtask bench`: the datapath benchmark (BPF_PROG_TEST_RUN over
 //! 65,536 distinct sources per row; see tests/tests/datapath_bench.rs for
-//! what is measured and how). Installs xdp-tools (for xdp-filter) when it
+//! what is measured and how), then the daemon's (tests/tests/daemon_bench.rs:
+//! list files, a large YAML policy and a batch of denies to applied, and
+//! the daemon's memory). Installs xdp-tools (for xdp-filter) when it
 //! is missing, runs the benchmark in release mode, and prints the Markdown
 //! table it also writes to target/bench.md.
 
@@ -35,6 +37,36 @@ pub fn run(extra: &[String]) -> Result<()> {
         "--test-threads=1",
     ])
     .args(extra)
+    .env("IPGUARD_BENCH", "1")
+    .env("IPGUARD_BENCH_OUT", &out);
+    crate::run(&mut c)?;
+    // The daemon's figures, on the release binary its tests start.
+    let mut b = crate::cargo(&tools);
+    b.args([
+        "build",
+        "--release",
+        "--quiet",
+        "--package",
+        "ipguard-user",
+        "--bin",
+        "ipguard",
+    ]);
+    crate::run(&mut b)?;
+    let mut c = crate::cargo(&tools);
+    c.args([
+        "test",
+        "--release",
+        "--quiet",
+        "--package",
+        "ipguard-tests",
+        "--test",
+        "daemon_bench",
+        "--",
+        "--exact",
+        "bench",
+        "--nocapture",
+        "--test-threads=1",
+    ])
     .env("IPGUARD_BENCH", "1")
     .env("IPGUARD_BENCH_OUT", &out);
     crate::run(&mut c)?;

@@ -172,6 +172,15 @@ pub fn render(st: &StatusReport) -> String {
             f.live, f.capacity, f.created, f.deleted, f.evicted, f.not_recorded
         );
     }
+    for l in &st.lists {
+        let _ = writeln!(
+            o,
+            "list file:  {} ({} prefixes, sha256 {})",
+            l.file,
+            l.prefixes,
+            l.sha256.get(..12).unwrap_or(&l.sha256)
+        );
+    }
     if !st.top_blocked.is_empty() {
         let _ = writeln!(o, "top refused sources:");
         for b in &st.top_blocked {

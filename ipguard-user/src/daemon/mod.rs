@@ -490,6 +490,20 @@ impl Daemon {
                     self.rejections
                         .status_of(&mut st.top_blocked, &self.runtime.entries);
                     st.runtime_entries = self.runtime.entries.len();
+                    // The file's lists, while what the file holds now is
+                    // in force (not a policy sent with `apply`, nor one the
+                    // file held before a refused reload).
+                    if self.current.path == self.config && self.current.sha256 == self.file_sha256 {
+                        st.lists = self
+                            .lists
+                            .iter()
+                            .map(|l| crate::protocol::ListJson {
+                                file: l.name.clone(),
+                                prefixes: l.prefixes,
+                                sha256: l.sha256.clone(),
+                            })
+                            .collect();
+                    }
                     Response::ok(serde_json::to_value(st).unwrap_or_default())
                 }
                 Err(e) => Response::err(Exit::System, format!("{e:#}")),
