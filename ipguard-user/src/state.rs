@@ -42,6 +42,10 @@ pub struct AppliedState {
     pub slot: u32,
     /// Service names; index i is service i + 1.
     pub services: Vec<String>,
+    /// The first `ENTRY_CAPACITY` entries: the ones the kernel counts hits
+    /// for, all that `status` names. Recording all of them wrote some 70 MB
+    /// at every change of a million-entry policy (each runtime deny
+    /// included) and had `status` and every metrics scrape parse it.
     pub entries: Vec<EntryRecord>,
     pub prefixes_v4: usize,
     pub prefixes_v6: usize,
@@ -66,6 +70,7 @@ impl AppliedState {
         let entries = compiled
             .entries
             .iter()
+            .take(ipguard_common::ENTRY_CAPACITY as usize)
             .map(|e| EntryRecord {
                 list: list_name(e.list, compiled),
                 text: e.text.clone(),
@@ -147,4 +152,29 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
         .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
     File::open(dir)?.sync_all()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{EntryInfo, ListKind};
+
+    #[test]
+    fn the_record_keeps_the_entries_the_kernel_counts_hits_for() {
+        let n = ipguard_common::ENTRY_CAPACITY as usize;
+        let compiled = CompiledPolicy {
+            entries: (0..n + 5)
+                .map(|i| EntryInfo {
+                    list: ListKind::Allow,
+                    label: None,
+                    text: format!("entry {i}"),
+                    line: None,
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let st = AppliedState::describe(&compiled, Path::new("p.yaml"), "x", 1, 0, Vec::new());
+        assert_eq!(st.entries.len(), n);
+        assert_eq!(st.entries[n - 1].text, format!("entry {}", n - 1));
+    }
 }
