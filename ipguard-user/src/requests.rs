@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use ipnet::IpNet;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
@@ -38,16 +38,7 @@ impl Rejections {
     /// A missing file is no rejection; a corrupt one an error naming it.
     pub fn load(state_dir: &Path) -> Result<Self> {
         let path = state_dir.join(REJECTED_FILE);
-        let list = match std::fs::read_to_string(&path) {
-            Ok(text) => serde_json::from_str(&text).with_context(|| {
-                format!(
-                    "{} is corrupt: fix or remove it (it holds the rejected access requests)",
-                    path.display()
-                )
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
-        };
+        let list = crate::state::read_list(&path, "the rejected access requests")?;
         Ok(Self { path, list })
     }
 

@@ -46,16 +46,7 @@ impl RuntimeStore {
     /// revocations).
     pub fn load(state_dir: &Path) -> Result<Self> {
         let path = state_dir.join(RUNTIME_FILE);
-        let entries = match std::fs::read_to_string(&path) {
-            Ok(text) => serde_json::from_str(&text).with_context(|| {
-                format!(
-                    "{} is corrupt: fix or remove it (it holds the runtime allow and deny entries)",
-                    path.display()
-                )
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
-        };
+        let entries = crate::state::read_list(&path, "the runtime allow and deny entries")?;
         Ok(Self { path, entries })
     }
 

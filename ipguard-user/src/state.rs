@@ -130,6 +130,23 @@ pub fn write_applied(state_dir: &Path, state: &AppliedState) -> Result<()> {
     write_atomic(&applied_path(state_dir), &json)
 }
 
+/// A JSON list kept in the state directory (`holds`: what it holds, for the
+/// error): a missing file is an empty list, a corrupt one an error naming
+/// the file (the daemon must not silently forget what an operator
+/// decided).
+pub fn read_list<T: serde::de::DeserializeOwned>(path: &Path, holds: &str) -> Result<Vec<T>> {
+    match fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{} is corrupt: fix or remove it (it holds {holds})",
+                path.display()
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
 /// write, fsync, rename, fsync the directory.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     let dir = path.parent().context("state file has no directory")?;

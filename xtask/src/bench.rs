@@ -21,25 +21,30 @@ pub fn run(extra: &[String]) -> Result<()> {
     ensure_xdp_filter()?;
     ipguard_tests::ensure_bpffs()?;
     let out = setup::workspace_root()?.join("target").join("bench.md");
-    let mut c = crate::cargo(&tools);
-    c.args([
-        "test",
-        "--release",
-        "--quiet",
-        "--package",
-        "ipguard-tests",
-        "--test",
-        "datapath_bench",
-        "--",
-        "--exact",
-        "bench",
-        "--nocapture",
-        "--test-threads=1",
-    ])
-    .args(extra)
-    .env("IPGUARD_BENCH", "1")
-    .env("IPGUARD_BENCH_OUT", &out);
-    crate::run(&mut c)?;
+    // `bench` of a test binary of ipguard-tests, in release mode, writing
+    // (datapath) or appending (daemon) its table to `out`.
+    let bench = |test: &str, extra: &[String]| -> Result<()> {
+        let mut c = crate::cargo(&tools);
+        c.args([
+            "test",
+            "--release",
+            "--quiet",
+            "--package",
+            "ipguard-tests",
+            "--test",
+            test,
+            "--",
+            "--exact",
+            "bench",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .args(extra)
+        .env("IPGUARD_BENCH", "1")
+        .env("IPGUARD_BENCH_OUT", &out);
+        crate::run(&mut c)
+    };
+    bench("datapath_bench", extra)?;
     // The daemon's figures, on the release binary its tests start.
     let mut b = crate::cargo(&tools);
     b.args([
@@ -52,24 +57,7 @@ pub fn run(extra: &[String]) -> Result<()> {
         "ipguard",
     ]);
     crate::run(&mut b)?;
-    let mut c = crate::cargo(&tools);
-    c.args([
-        "test",
-        "--release",
-        "--quiet",
-        "--package",
-        "ipguard-tests",
-        "--test",
-        "daemon_bench",
-        "--",
-        "--exact",
-        "bench",
-        "--nocapture",
-        "--test-threads=1",
-    ])
-    .env("IPGUARD_BENCH", "1")
-    .env("IPGUARD_BENCH_OUT", &out);
-    crate::run(&mut c)?;
+    bench("daemon_bench", &[])?;
     println!("(table written to {})", out.display());
     Ok(())
 }
