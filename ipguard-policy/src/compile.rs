@@ -10,7 +10,7 @@
 //! that stack. O(n log n) for the sort, O(n) for the sweep.
 
 use std::collections::{HashMap, HashSet};
-use std::time::SystemTime;
+use std::{sync::Arc, time::SystemTime};
 
 use ipguard_common::*;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -640,8 +640,8 @@ pub fn compile(policy: &Policy, at: SystemTime, runtime: &[RuntimeEntry]) -> Com
         let idx = u32::try_from(b.entries.len()).unwrap_or(ENTRY_NONE - 1);
         b.entries.push(EntryInfo {
             list: kind,
-            label: r.label.clone(),
-            text: r.net.trunc().to_string(),
+            label: r.label.as_deref().map(Arc::from),
+            text: Arc::from(r.net.trunc().to_string()),
             line: None,
         });
         b.note_change(until.filter(|u| *u > now));

@@ -2,7 +2,7 @@
 //! slot, plus what user space needs to explain and report it. This is the
 //! contract between the compiler (`policy`) and the loader (`datapath`).
 
-use std::time::SystemTime;
+use std::{sync::Arc, time::SystemTime};
 
 use ipguard_common::{PolicyConfig, PrefixValue};
 use ipnet::{Ipv4Net, Ipv6Net};
@@ -55,9 +55,9 @@ pub enum ListKind {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EntryInfo {
     pub list: ListKind,
-    pub label: Option<String>,
+    pub label: Option<Arc<str>>,
     /// The entry as written (e.g. `office`, `198.51.100.10-198.51.100.20`).
-    pub text: String,
+    pub text: Arc<str>,
     /// 1-based line in the policy file; None for runtime entries.
     pub line: Option<usize>,
 }

@@ -107,8 +107,10 @@ impl ExplainRef<'_> {
             reason: self.decision.reason,
             service: self.service.map(str::to_string),
             entry: self.decider.map(|(n, _)| n.to_string()),
-            label: self.decider.and_then(|(_, e)| e.label.clone()),
-            written: self.decider.map(|(_, e)| e.text.clone()),
+            label: self
+                .decider
+                .and_then(|(_, e)| e.label.as_deref().map(str::to_string)),
+            written: self.decider.map(|(_, e)| e.text.to_string()),
             line: self.decider.and_then(|(_, e)| e.line),
         }
     }
@@ -142,7 +144,7 @@ impl ExplainRef<'_> {
                 service: self.service,
                 entry: self.decider.map(|(n, _)| n),
                 label: self.decider.and_then(|(_, e)| e.label.as_deref()),
-                written: self.decider.map(|(_, e)| e.text.as_str()),
+                written: self.decider.map(|(_, e)| &*e.text),
                 line: self.decider.and_then(|(_, e)| e.line),
             },
         )

@@ -2,7 +2,7 @@
 //! wildcards turned into prefixes. What it means at a given moment is the
 //! compiler's business (`compile`).
 
-use std::{net::IpAddr, time::Duration};
+use std::{net::IpAddr, sync::Arc, time::Duration};
 
 use ipnet::IpNet;
 use jiff::Timestamp;
@@ -58,15 +58,19 @@ impl Scope {
 #[derive(Clone, Debug)]
 pub struct Entry {
     /// As written: `office`, `198.51.100.10-198.51.100.20`, `[a, b]`.
-    pub text: String,
+    /// Shared with the compiled policy's [`crate::EntryInfo`] (a million
+    /// entries would hold each text twice).
+    pub text: Arc<str>,
     /// The prefixes it covers, sorted, without duplicates (a range is its
     /// minimal prefix set, a group all of its members').
     pub nets: Vec<IpNet>,
-    pub label: Option<String>,
+    pub label: Option<Arc<str>>,
     /// Inactive from this moment on.
     pub until: Option<Timestamp>,
     /// Active only inside this window.
-    pub when: Option<Window>,
+    /// Boxed: most entries have none, and inline it is 40 of the entry's
+    /// bytes.
+    pub when: Option<Box<Window>>,
     /// Where the entry starts in the file.
     pub pos: Option<Pos>,
 }

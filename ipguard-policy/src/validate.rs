@@ -439,7 +439,9 @@ impl ListReader<'_> {
     fn entry(&mut self, e: &Spanned<RawEntry>) -> Option<Entry> {
         let epos = spos(e);
         let errors_before = self.sink.errors.len();
-        let mut nets = Vec::new();
+        // Most entries are one prefix: room for exactly that (a Vec's
+        // first push would make room for four).
+        let mut nets = Vec::with_capacity(1);
         let (text, label, until, when) = match &e.value {
             RawEntry::Item(s) => {
                 self.item(s, epos, &mut nets);
@@ -500,13 +502,14 @@ impl ListReader<'_> {
         if nets.len() > 1 {
             nets.sort_unstable();
             nets.dedup();
+            nets.shrink_to_fit();
         }
         Some(Entry {
-            text,
+            text: Arc::from(text),
             nets,
-            label,
+            label: label.map(Arc::from),
             until,
-            when,
+            when: when.map(Box::new),
             pos: epos,
         })
     }
@@ -879,48 +882,53 @@ pub(crate) fn covering(list: &[Entry]) -> Vec<Option<Vec<u32>>> {
     pairs.sort_unstable();
     let mut cands: Vec<Option<Vec<u32>>> = vec![None; list.len()];
     let mut dead = vec![false; list.len()];
-    // Stack of (net, entries owning exactly it).
-    let mut stack: Vec<(IpNet, Vec<u32>)> = Vec::new();
+    // Stack of (net, the range of `pairs` owning exactly it). Buffers are
+    // reused: a million-entry list must not cost allocations per prefix
+    // (most prefixes are covered by nothing).
+    let mut stack: Vec<(IpNet, usize, usize)> = Vec::new();
+    let mut above: Vec<u32> = Vec::new();
+    let mut here: Vec<u32> = Vec::new();
     let mut i = 0;
     while i < pairs.len() {
         let net = pairs[i].0;
         let mut j = i;
-        let mut owners = Vec::new();
         while j < pairs.len() && pairs[j].0 == net {
-            owners.push(pairs[j].1);
             j += 1;
         }
-        while let Some((top, _)) = stack.last() {
+        while let Some((top, _, _)) = stack.last() {
             if top.contains(&net) {
                 break;
             }
             stack.pop();
         }
-        let mut above: Vec<u32> = Vec::new();
-        for (_, o) in stack.iter().rev() {
-            for &x in o {
-                if above.len() < MAX_CANDIDATES {
-                    above.push(x);
+        above.clear();
+        'above: for &(_, from, to) in stack.iter().rev() {
+            for &(_, x) in &pairs[from..to] {
+                if above.len() == MAX_CANDIDATES {
+                    break 'above;
                 }
+                above.push(x);
             }
         }
-        for &e in &owners {
+        let owners = &pairs[i..j];
+        for &(_, e) in owners {
             if dead[e as usize] {
                 continue;
             }
             let entry = &list[e as usize];
-            let mut here: Vec<u32> = owners
-                .iter()
-                .copied()
-                .filter(|&o| o != e)
-                .chain(above.iter().copied())
-                .filter(|&o| o != e && active_whenever(&list[o as usize], entry))
-                .collect();
+            here.clear();
+            here.extend(
+                owners
+                    .iter()
+                    .map(|&(_, o)| o)
+                    .chain(above.iter().copied())
+                    .filter(|&o| o != e && active_whenever(&list[o as usize], entry)),
+            );
             here.sort_unstable();
             here.dedup();
             let c = &mut cands[e as usize];
             *c = Some(match c.take() {
-                None => here,
+                None => here.clone(),
                 Some(prev) => prev
                     .into_iter()
                     .filter(|x| here.binary_search(x).is_ok())
@@ -930,7 +938,7 @@ pub(crate) fn covering(list: &[Entry]) -> Vec<Option<Vec<u32>>> {
                 dead[e as usize] = true;
             }
         }
-        stack.push((net, owners));
+        stack.push((net, i, j));
         i = j;
     }
     cands

@@ -204,7 +204,7 @@ fn entry_field_is_the_decider_not_just_the_most_specific_prefix() {
                 .unwrap()
                 .1
                 .entry;
-        c.entries.get(e as usize).map(|e| e.text.as_str())
+        c.entries.get(e as usize).map(|e| &*e.text)
     };
     // Host-wide nesting, and web uses the host-wide list: one decider.
     assert_eq!(get("10.3.0.0/16"), Some("10.3.0.0/16"));
@@ -225,7 +225,7 @@ fn entry_field_is_the_decider_not_just_the_most_specific_prefix() {
     let mut deciders: Vec<(u8, String, &str)> = c
         .deciders_v4
         .iter()
-        .map(|(l, n, e)| (*l, n.to_string(), c.entries[*e as usize].text.as_str()))
+        .map(|(l, n, e)| (*l, n.to_string(), &*c.entries[*e as usize].text))
         .collect();
     deciders.sort();
     assert_eq!(
@@ -494,7 +494,11 @@ fn runtime_entries_merge_into_the_right_list() {
         (x.label.as_deref(), x.line),
         (Some("rt 192.0.2.3/32"), None)
     );
-    let e = c.entries.iter().find(|e| e.text == "192.0.2.2/32").unwrap();
+    let e = c
+        .entries
+        .iter()
+        .find(|e| &*e.text == "192.0.2.2/32")
+        .unwrap();
     assert_eq!(e.list, ListKind::Service(1));
 }
 

@@ -73,8 +73,8 @@ impl AppliedState {
             .take(ipguard_common::ENTRY_CAPACITY as usize)
             .map(|e| EntryRecord {
                 list: list_name(e.list, compiled),
-                text: e.text.clone(),
-                label: e.label.clone(),
+                text: e.text.to_string(),
+                label: e.label.as_deref().map(str::to_string),
             })
             .collect();
         Self {
@@ -184,7 +184,7 @@ mod tests {
                 .map(|i| EntryInfo {
                     list: ListKind::Allow,
                     label: None,
-                    text: format!("entry {i}"),
+                    text: format!("entry {i}").into(),
                     line: None,
                 })
                 .collect(),

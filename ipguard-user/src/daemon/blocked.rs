@@ -76,8 +76,8 @@ impl EventLine {
             service,
             verdict: verdict_name(ev.verdict).to_string(),
             reason: reason_name(ev.reason).to_string(),
-            entry: entry.map(|e| e.text.clone()),
-            label: entry.and_then(|e| e.label.clone()),
+            entry: entry.map(|e| e.text.to_string()),
+            label: entry.and_then(|e| e.label.as_deref().map(str::to_string)),
             suppressed: ev.suppressed,
         }
     }

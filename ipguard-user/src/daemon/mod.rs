@@ -93,6 +93,19 @@ pub struct Daemon {
     pub stdout: stdout::EventOut,
 }
 
+/// Hands the memory freed by a policy change back to the system. A large
+/// policy is read on a blocking thread (its own malloc arena) and the
+/// previous one is freed here: without this the daemon keeps both peaks
+/// resident (at a million entries, about 130 MB more after every reload).
+/// It costs a walk of the free lists, a few ms, once per change.
+pub fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only reorganizes the allocator's free memory.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Sessions a policy would cut: (those on the lockout guard's ports,
 /// others).
 pub type Cuts = (Vec<sessions::Session>, Vec<sessions::Session>);
@@ -277,6 +290,7 @@ impl Daemon {
         drop(ex);
         self.compiled = compiled;
         self.current = src;
+        release_freed_memory();
         let answer = ApplyAnswer {
             generation: stats.generation,
             prefixes: Prefixes {
