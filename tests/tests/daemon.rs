@@ -595,6 +595,34 @@ fn a_configmap_style_symlink_swap_reloads() {
 }
 
 #[test]
+fn a_reload_logs_the_first_warnings_and_counts_the_rest() {
+    require_root();
+    let pair = Pair::new().unwrap();
+    let d = Daemon::start(&pair, POLICY).unwrap();
+    // 25 entries of always_allow, each covered by the first one.
+    let mut p = format!("{POLICY}always_allow:\n  - 203.0.113.0/24\n");
+    for i in 1..=25 {
+        p.push_str(&format!("  - 203.0.113.{i}\n"));
+    }
+    let before = d.status().unwrap()["generation"].as_u64().unwrap();
+    std::fs::write(&d.policy, &p).unwrap();
+    wait_for(Duration::from_secs(20), || {
+        (d.status().ok()?["generation"].as_u64()? > before).then_some(())
+    })
+    .expect("the policy with warnings was applied");
+    let log = d.log();
+    assert_eq!(
+        log.matches("is fully covered by entry").count(),
+        20,
+        "{log}"
+    );
+    assert!(
+        log.contains("5 more warnings in ") && log.contains("lists them all"),
+        "{log}"
+    );
+}
+
+#[test]
 fn a_changed_list_file_reloads() {
     require_root();
     let pair = Pair::new().unwrap();

@@ -84,6 +84,7 @@ const HOST_ONLY: &[&str] = &[
     "daemon::metrics_are_served",
     "daemon::a_configmap_style_symlink_swap_reloads",
     "daemon::a_changed_list_file_reloads",
+    "daemon::a_reload_logs_the_first_warnings_and_counts_the_rest",
     "daemon::status_answers_while_a_large_policy_is_read",
     "daemon::runtime_deny_wins_over_allow_entries_and_undeny_lifts_it",
     "daemon::fail2ban_and_crowdsec_ban_and_unban_through_the_daemon",

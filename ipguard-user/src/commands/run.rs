@@ -52,9 +52,7 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
 fn load_policy(path: &Path) -> Result<policy::LoadedPolicy> {
     match policy::load_file(path) {
         Ok(loaded) => {
-            for w in &loaded.warnings {
-                tracing::warn!("{w}");
-            }
+            crate::daemon::log_warnings(path, &loaded.warnings);
             Ok(loaded)
         }
         Err(errors) => Err(Diagnostics(errors.to_string()).into()),

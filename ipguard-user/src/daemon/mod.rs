@@ -93,6 +93,26 @@ pub struct Daemon {
     pub stdout: stdout::EventOut,
 }
 
+/// How many of a policy file's warnings a reload writes to the log.
+const LOGGED_WARNINGS: usize = 20;
+
+/// Logs a policy file's warnings. A large feed can carry tens of
+/// thousands (entries covered by others): the log gets the first
+/// [`LOGGED_WARNINGS`] and a count, `check` lists them all.
+pub fn log_warnings(path: &std::path::Path, warnings: &[policy::Diagnostic]) {
+    for w in warnings.iter().take(LOGGED_WARNINGS) {
+        tracing::warn!("{w}");
+    }
+    if warnings.len() > LOGGED_WARNINGS {
+        tracing::warn!(
+            "{} more warnings in {}: `ipguard check {}` lists them all",
+            warnings.len() - LOGGED_WARNINGS,
+            path.display(),
+            path.display()
+        );
+    }
+}
+
 /// Hands the memory freed by a policy change back to the system. A large
 /// policy is read on a blocking thread (its own malloc arena) and the
 /// previous one is freed here: without this the daemon keeps both peaks
@@ -400,9 +420,7 @@ impl Daemon {
             }
             return;
         }
-        for w in &loaded.warnings {
-            tracing::warn!("{w}");
-        }
+        log_warnings(&self.config, &loaded.warnings);
         // A new file on disk supersedes a pending `apply --confirm`.
         self.pending = None;
         let src = Source {
