@@ -6,6 +6,7 @@ use std::{net::IpAddr, sync::Arc, time::Duration};
 
 use ipnet::IpNet;
 use jiff::Timestamp;
+use smallvec::SmallVec;
 
 use super::{Pos, Proto, time::Window};
 
@@ -62,8 +63,10 @@ pub struct Entry {
     /// entries would hold each text twice).
     pub text: Arc<str>,
     /// The prefixes it covers, sorted, without duplicates (a range is its
-    /// minimal prefix set, a group all of its members').
-    pub nets: Vec<IpNet>,
+    /// minimal prefix set, a group all of its members'). One prefix, the
+    /// usual case, is held inline: a million entries would otherwise cost
+    /// a million allocations and 32 MB for them.
+    pub nets: SmallVec<[IpNet; 1]>,
     pub label: Option<Arc<str>>,
     /// Inactive from this moment on.
     pub until: Option<Timestamp>,

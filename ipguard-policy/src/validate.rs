@@ -8,6 +8,7 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 use ipnet::IpNet;
 use jiff::Timestamp;
 use serde_saphyr::Spanned;
+use smallvec::SmallVec;
 
 use super::{
     Proto,
@@ -94,6 +95,7 @@ pub(crate) fn validate(
         sink,
         groups: &mut groups,
         now,
+        nets: Vec::new(),
     };
     let allow = entries.entries(raw.allow.as_ref().map(|l| &l.value));
     let deny = entries.entries(raw.deny.as_ref().map(|l| &l.value));
@@ -422,6 +424,8 @@ struct ListReader<'a> {
     sink: &'a mut Sink,
     groups: &'a mut Groups,
     now: Timestamp,
+    /// An entry's prefixes while it is read, reused from entry to entry.
+    nets: Vec<IpNet>,
 }
 
 impl ListReader<'_> {
@@ -439,9 +443,8 @@ impl ListReader<'_> {
     fn entry(&mut self, e: &Spanned<RawEntry>) -> Option<Entry> {
         let epos = spos(e);
         let errors_before = self.sink.errors.len();
-        // Most entries are one prefix: room for exactly that (a Vec's
-        // first push would make room for four).
-        let mut nets = Vec::with_capacity(1);
+        let mut nets = std::mem::take(&mut self.nets);
+        nets.clear();
         let (text, label, until, when) = match &e.value {
             RawEntry::Item(s) => {
                 self.item(s, epos, &mut nets);
@@ -496,17 +499,18 @@ impl ListReader<'_> {
                 (m.from.value.text(), label, until, when)
             }
         };
-        if self.sink.errors.len() > errors_before {
-            return None;
-        }
         if nets.len() > 1 {
             nets.sort_unstable();
             nets.dedup();
-            nets.shrink_to_fit();
+        }
+        let own = SmallVec::from_slice(&nets);
+        self.nets = nets;
+        if self.sink.errors.len() > errors_before {
+            return None;
         }
         Some(Entry {
             text: Arc::from(text),
-            nets,
+            nets: own,
             label: label.map(Arc::from),
             until,
             when: when.map(Box::new),
