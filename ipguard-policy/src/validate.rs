@@ -884,8 +884,9 @@ pub(crate) fn covering(list: &[Entry]) -> Vec<Option<Vec<u32>>> {
         }
     }
     pairs.sort_unstable();
+    // None: not seen yet; Some(empty): some prefix of the entry has no
+    // candidate, so none can cover the whole entry.
     let mut cands: Vec<Option<Vec<u32>>> = vec![None; list.len()];
-    let mut dead = vec![false; list.len()];
     // Stack of (net, the range of `pairs` owning exactly it). Buffers are
     // reused: a million-entry list must not cost allocations per prefix
     // (most prefixes are covered by nothing).
@@ -916,7 +917,7 @@ pub(crate) fn covering(list: &[Entry]) -> Vec<Option<Vec<u32>>> {
         }
         let owners = &pairs[i..j];
         for &(_, e) in owners {
-            if dead[e as usize] {
+            if cands[e as usize].as_ref().is_some_and(|v| v.is_empty()) {
                 continue;
             }
             let entry = &list[e as usize];
@@ -938,9 +939,6 @@ pub(crate) fn covering(list: &[Entry]) -> Vec<Option<Vec<u32>>> {
                     .filter(|x| here.binary_search(x).is_ok())
                     .collect(),
             });
-            if c.as_ref().is_some_and(|v| v.is_empty()) {
-                dead[e as usize] = true;
-            }
         }
         stack.push((net, i, j));
         i = j;

@@ -639,6 +639,14 @@ impl Daemon {
 }
 
 impl Daemon {
+    /// The generation of the policy in force, from `status`.
+    pub fn generation(&self) -> u64 {
+        let s = self.status().expect("status");
+        s["generation"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no generation in status: {s}"))
+    }
+
     /// What the daemon (and its restarts) logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()

@@ -242,8 +242,7 @@ fn runtime_deny_wins_over_allow_entries_and_undeny_lifts_it() {
         std::io::Write::write_all(&mut child.stdin.take().unwrap(), text.as_bytes()).unwrap();
         child.wait_with_output().unwrap()
     };
-    let generation = |d: &Daemon| n(&d.status().unwrap()["generation"]);
-    let before = generation(&d);
+    let before = d.generation();
     let out =
         deny_stdin("# bans\n203.0.113.200 1h sshd\n198.51.100.2 - web scan\n\n2001:db8:9::/48\n");
     assert!(
@@ -252,13 +251,13 @@ fn runtime_deny_wins_over_allow_entries_and_undeny_lifts_it() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("denied 3 sources in one swap"));
-    assert_eq!(generation(&d), before + 1, "one policy write for the batch");
+    assert_eq!(d.generation(), before + 1, "one policy write for the batch");
     assert!(!connects(&pair, CLIENT_V4, SERVER_V4, 7000));
     let out = deny_stdin("203.0.113.201\nnot-an-address 1h\n203.0.113.202 5y\n");
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("line 2:") && err.contains("line 3:"), "{err}");
-    assert_eq!(generation(&d), before + 1, "nothing denied");
+    assert_eq!(d.generation(), before + 1, "nothing denied");
 }
 
 /// The seeds' access requests: a refused source is pending until it is
@@ -489,8 +488,7 @@ fn apply_with_confirm_rolls_back_by_itself() {
 #[test]
 fn status_answers_while_a_large_policy_is_read() {
     let (pair, d) = setup();
-    let generation = |d: &Daemon| n(&d.status().unwrap()["generation"]);
-    let before = generation(&d);
+    let before = d.generation();
     // A group of 600,000 items naming 256 addresses over and over (a group
     // keeps each once): seconds to read and check in a debug build, and
     // well within the default capacity.
@@ -509,13 +507,13 @@ fn status_answers_while_a_large_policy_is_read() {
     thread::sleep(Duration::from_millis(500));
     let asked = Instant::now();
     assert_eq!(
-        generation(&d),
+        d.generation(),
         before,
         "status answered while the new policy was still being read"
     );
     let answered = asked.elapsed();
     assert!(
-        wait_for(Duration::from_secs(120), || (generation(&d) == before + 1)
+        wait_for(Duration::from_secs(120), || (d.generation() == before + 1)
             .then_some(()))
         .is_some(),
         "the large policy goes in after"
@@ -604,10 +602,10 @@ fn a_reload_logs_the_first_warnings_and_counts_the_rest() {
     for i in 1..=25 {
         p.push_str(&format!("  - 203.0.113.{i}\n"));
     }
-    let before = d.status().unwrap()["generation"].as_u64().unwrap();
+    let before = d.generation();
     std::fs::write(&d.policy, &p).unwrap();
     wait_for(Duration::from_secs(20), || {
-        (d.status().ok()?["generation"].as_u64()? > before).then_some(())
+        (d.generation() > before).then_some(())
     })
     .expect("the policy with warnings was applied");
     let log = d.log();

@@ -47,20 +47,14 @@ fn prefix(r: &mut Rng) -> String {
 
 const BASE: &str = "version: 1\nallow:\n  - 198.51.100.2\nservices:\n  ssh: { ports: [tcp/22] }\n";
 
-fn generation(d: &Daemon) -> u64 {
-    d.status().expect("status")["generation"]
-        .as_u64()
-        .expect("generation")
-}
-
 /// Runs `change` and waits until the daemon has applied one more
 /// generation; returns how long that took.
 fn until_applied(d: &Daemon, change: impl FnOnce()) -> Duration {
-    let before = generation(d);
+    let before = d.generation();
     let t = Instant::now();
     change();
     wait_for(Duration::from_secs(300), || {
-        (generation(d) > before).then_some(())
+        (d.generation() > before).then_some(())
     })
     .expect("the change was applied");
     t.elapsed()
