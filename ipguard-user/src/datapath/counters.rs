@@ -41,13 +41,13 @@ impl Maps {
     /// The IPv4 lookup table a slot holds, as its config sizes it.
     pub fn range_table_v4(&self, slot: u32) -> Result<crate::policy::range4::RangeTable4> {
         let c = self.config(slot)?;
-        Ok(self.lookup4.read(slot, c.r4_ranges, c.r4_leaves))
+        self.lookup4.read(slot, c.r4_ranges, c.r4_leaves)
     }
 
     /// The IPv6 lookup tree a slot holds, as its config sizes it.
     pub fn range_table_v6(&self, slot: u32) -> Result<crate::policy::range6::RangeTable6> {
         let c = self.config(slot)?;
-        Ok(self.lookup6.read(slot, c.r6_nodes, c.r6_leaves))
+        self.lookup6.read(slot, c.r6_nodes, c.r6_leaves)
     }
 
     /// Kernel memory of the source lookup, with `slot`'s policy.

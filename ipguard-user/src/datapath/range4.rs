@@ -6,11 +6,11 @@
 use super::{mapped::*, *};
 use crate::policy::range4::RangeTable4;
 
-/// The three arrays, mapped.
+/// The three arrays, mapped while a slot is written or read.
 pub(super) struct Lookup4 {
-    direct: Mapping,
-    ranges: Mapping,
-    leaves: Mapping,
+    direct: MappableArray,
+    ranges: MappableArray,
+    leaves: MappableArray,
     /// Per slot.
     pub(super) range_capacity: u32,
     pub(super) leaf_capacity: u32,
@@ -18,9 +18,9 @@ pub(super) struct Lookup4 {
 
 impl Lookup4 {
     pub(super) fn open(pin_dir: &Path) -> Result<Self> {
-        let (direct, _) = open_mapped(pin_dir, MAP_R4_DIRECT)?;
-        let (ranges, r) = open_mapped(pin_dir, MAP_R4_RANGES)?;
-        let (leaves, l) = open_mapped(pin_dir, MAP_R4_LEAVES)?;
+        let (direct, _) = MappableArray::open(pin_dir, MAP_R4_DIRECT)?;
+        let (ranges, r) = MappableArray::open(pin_dir, MAP_R4_RANGES)?;
+        let (leaves, l) = MappableArray::open(pin_dir, MAP_R4_LEAVES)?;
         Ok(Self {
             direct,
             ranges,
@@ -63,7 +63,7 @@ impl Lookup4 {
 
     /// Writes `t` into `slot` (which no packet reads now) and returns the
     /// bases its config must carry.
-    pub(super) fn write(&self, slot: u32, t: &RangeTable4) -> (u32, u32) {
+    pub(super) fn write(&self, slot: u32, t: &RangeTable4) -> Result<(u32, u32)> {
         let range_base = slot * self.range_capacity;
         let leaf_base = slot * self.leaf_capacity;
         // The table's direct words index ranges from the slot's base.
@@ -77,31 +77,32 @@ impl Lookup4 {
             })
             .collect();
         self.direct
+            .map()?
             .write((slot * R4_DIRECT_VALUES) as usize, &words);
-        self.ranges.write(range_base as usize, &t.ranges);
-        self.leaves.write(leaf_base as usize, &t.leaves);
-        (range_base, leaf_base)
+        self.ranges.map()?.write(range_base as usize, &t.ranges);
+        self.leaves.map()?.write(leaf_base as usize, &t.leaves);
+        Ok((range_base, leaf_base))
     }
 
     /// What `slot` holds, as a table (for a test or a daemon that wants to
     /// compare); `ranges` and `leaves` are the counts its config gives.
-    pub(super) fn read(&self, slot: u32, ranges: u32, leaves: u32) -> RangeTable4 {
-        let direct: Vec<R4Direct> = self.direct.read(
+    pub(super) fn read(&self, slot: u32, ranges: u32, leaves: u32) -> Result<RangeTable4> {
+        let direct: Vec<R4Direct> = self.direct.map()?.read(
             (slot * R4_DIRECT_VALUES) as usize,
             R4_DIRECT_VALUES as usize,
         );
-        let ranges = self.ranges.read::<R4Range>(
+        let ranges = self.ranges.map()?.read::<R4Range>(
             (slot * self.range_capacity) as usize,
             ranges.min(self.range_capacity) as usize,
         );
-        let leaves = self.leaves.read::<PrefixValue>(
+        let leaves = self.leaves.map()?.read::<PrefixValue>(
             (slot * self.leaf_capacity) as usize,
             leaves.min(self.leaf_capacity) as usize,
         );
-        RangeTable4 {
+        Ok(RangeTable4 {
             leaves,
             direct: direct.iter().flat_map(|d| d.words).collect(),
             ranges,
-        }
+        })
     }
 }

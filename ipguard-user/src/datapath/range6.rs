@@ -5,10 +5,10 @@
 use super::{mapped::*, *};
 use crate::policy::range6::RangeTable6;
 
-/// The two arrays, mapped.
+/// The two arrays, mapped while a slot is written or read.
 pub(super) struct Lookup6 {
-    nodes: Mapping,
-    leaves: Mapping,
+    nodes: MappableArray,
+    leaves: MappableArray,
     /// Per slot.
     pub(super) node_capacity: u32,
     pub(super) leaf_capacity: u32,
@@ -16,8 +16,8 @@ pub(super) struct Lookup6 {
 
 impl Lookup6 {
     pub(super) fn open(pin_dir: &Path) -> Result<Self> {
-        let (nodes, n) = open_mapped(pin_dir, MAP_R6_NODES)?;
-        let (leaves, l) = open_mapped(pin_dir, MAP_R6_LEAVES)?;
+        let (nodes, n) = MappableArray::open(pin_dir, MAP_R6_NODES)?;
+        let (leaves, l) = MappableArray::open(pin_dir, MAP_R6_LEAVES)?;
         Ok(Self {
             nodes,
             leaves,
@@ -54,26 +54,26 @@ impl Lookup6 {
 
     /// Writes `t` into `slot` (which no packet reads now) and returns the
     /// bases its config must carry.
-    pub(super) fn write(&self, slot: u32, t: &RangeTable6) -> (u32, u32) {
+    pub(super) fn write(&self, slot: u32, t: &RangeTable6) -> Result<(u32, u32)> {
         let node_base = slot * self.node_capacity;
         let leaf_base = slot * self.leaf_capacity;
-        self.nodes.write(node_base as usize, &t.nodes);
-        self.leaves.write(leaf_base as usize, &t.leaves);
-        (node_base, leaf_base)
+        self.nodes.map()?.write(node_base as usize, &t.nodes);
+        self.leaves.map()?.write(leaf_base as usize, &t.leaves);
+        Ok((node_base, leaf_base))
     }
 
     /// What `slot` holds, as a table; `nodes` and `leaves` are the counts
     /// its config gives.
-    pub(super) fn read(&self, slot: u32, nodes: u32, leaves: u32) -> RangeTable6 {
-        RangeTable6 {
-            nodes: self.nodes.read::<R6Node>(
+    pub(super) fn read(&self, slot: u32, nodes: u32, leaves: u32) -> Result<RangeTable6> {
+        Ok(RangeTable6 {
+            nodes: self.nodes.map()?.read::<R6Node>(
                 (slot * self.node_capacity) as usize,
                 nodes.min(self.node_capacity) as usize,
             ),
-            leaves: self.leaves.read::<PrefixValue>(
+            leaves: self.leaves.map()?.read::<PrefixValue>(
                 (slot * self.leaf_capacity) as usize,
                 leaves.min(self.leaf_capacity) as usize,
             ),
-        }
+        })
     }
 }

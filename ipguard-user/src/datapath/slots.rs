@@ -157,8 +157,8 @@ impl Maps {
         };
         // Until the config carries the new generation the slot's contents
         // are unknown to the shadow (an error below leaves it None).
-        let (r4_range_base, r4_leaf_base) = self.lookup4.write(slot, &image.range4);
-        let (r6_node_base, r6_leaf_base) = self.lookup6.write(slot, &image.range6);
+        let (r4_range_base, r4_leaf_base) = self.lookup4.write(slot, &image.range4)?;
+        let (r6_node_base, r6_leaf_base) = self.lookup6.write(slot, &image.range6)?;
         self.sync_ports(slot, &old.ports, &image.ports)?;
         let names = (MAP_DECIDERS_V4[s], MAP_DECIDERS_V6[s]);
         self.replace_deciders(&self.dec_v4[s], names.0, &image.deciders_v4)?;
