@@ -17,7 +17,7 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use jiff::Timestamp;
 
 use super::{
-    CompiledPolicy, EntryInfo, ListKind, Owner, PortRange, Provenance, ServiceInfo,
+    CompiledPolicy, EntryInfo, ListKind, Owner, PortRange, Provenance, ServiceInfo, Written,
     model::{Action, Entry, Mode, Policy, Scope},
 };
 
@@ -556,7 +556,7 @@ impl Builder {
                 list: kind,
                 label: e.label.clone(),
                 text: e.text.clone(),
-                line: e.pos.map(|p| p.line as usize),
+                line: e.pos.and_then(|p| std::num::NonZeroU32::new(p.line)),
             });
             self.note_change(e.next_change(self.now));
             let active = e.is_active(self.now);
@@ -641,7 +641,8 @@ pub fn compile(policy: &Policy, at: SystemTime, runtime: &[RuntimeEntry]) -> Com
         b.entries.push(EntryInfo {
             list: kind,
             label: r.label.as_deref().map(Arc::from),
-            text: Arc::from(r.net.trunc().to_string()),
+            // As runtime entries have always been shown (`ADDR/LEN`).
+            text: Written::from(r.net.trunc().to_string().as_str()),
             line: None,
         });
         b.note_change(until.filter(|u| *u > now));

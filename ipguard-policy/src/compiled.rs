@@ -57,9 +57,16 @@ pub struct EntryInfo {
     pub list: ListKind,
     pub label: Option<Arc<str>>,
     /// The entry as written (e.g. `office`, `198.51.100.10-198.51.100.20`).
-    pub text: Arc<str>,
-    /// 1-based line in the policy file; None for runtime entries.
-    pub line: Option<usize>,
+    pub text: crate::Written,
+    /// 1-based line in the policy file; None for runtime entries. Four
+    /// bytes: a million entries are held.
+    pub line: Option<std::num::NonZeroU32>,
+}
+
+impl EntryInfo {
+    pub fn line(&self) -> Option<usize> {
+        self.line.map(|l| l.get() as usize)
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -111,7 +111,7 @@ impl ExplainRef<'_> {
                 .decider
                 .and_then(|(_, e)| e.label.as_deref().map(str::to_string)),
             written: self.decider.map(|(_, e)| e.text.to_string()),
-            line: self.decider.and_then(|(_, e)| e.line),
+            line: self.decider.and_then(|(_, e)| e.line()),
         }
     }
 
@@ -131,7 +131,7 @@ impl ExplainRef<'_> {
             service: Option<&'a str>,
             entry: Option<IpNet>,
             label: Option<&'a str>,
-            written: Option<&'a str>,
+            written: Option<&'a crate::Written>,
             line: Option<usize>,
         }
         serde_json::to_writer(
@@ -144,8 +144,8 @@ impl ExplainRef<'_> {
                 service: self.service,
                 entry: self.decider.map(|(n, _)| n),
                 label: self.decider.and_then(|(_, e)| e.label.as_deref()),
-                written: self.decider.map(|(_, e)| &*e.text),
-                line: self.decider.and_then(|(_, e)| e.line),
+                written: self.decider.map(|(_, e)| &e.text),
+                line: self.decider.and_then(|(_, e)| e.line()),
             },
         )
     }

@@ -20,6 +20,7 @@ pub mod range4;
 pub mod range6;
 mod time;
 mod validate;
+mod written;
 mod yaml;
 
 use std::{path::Path, time::SystemTime};
@@ -35,6 +36,7 @@ pub use image::{SlotImage, TrieKey};
 pub use lists::{DiskLists, GivenLists, ListFile, ListSource};
 pub use model::{Action, Entry, Events, Infrastructure, Mode, Policy, PortSpec, Scope, Service};
 pub use time::Window;
+pub use written::Written;
 
 /// A valid policy file.
 #[derive(Clone, Debug)]

@@ -8,7 +8,7 @@ use ipnet::IpNet;
 use jiff::Timestamp;
 use smallvec::SmallVec;
 
-use super::{Pos, Proto, time::Window};
+use super::{Pos, Proto, Written, time::Window};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -61,7 +61,7 @@ pub struct Entry {
     /// As written: `office`, `198.51.100.10-198.51.100.20`, `[a, b]`.
     /// Shared with the compiled policy's [`crate::EntryInfo`] (a million
     /// entries would hold each text twice).
-    pub text: Arc<str>,
+    pub text: Written,
     /// The prefixes it covers, sorted, without duplicates (a range is its
     /// minimal prefix set, a group all of its members'). One prefix, the
     /// usual case, is held inline: a million entries would otherwise cost

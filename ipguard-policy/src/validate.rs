@@ -11,7 +11,7 @@ use serde_saphyr::Spanned;
 use smallvec::SmallVec;
 
 use super::{
-    Proto,
+    Proto, Written,
     addr::{self, Item},
     diag::{Pos, Sink},
     lists::{ListFile, ListSource, read_list},
@@ -504,12 +504,13 @@ impl ListReader<'_> {
             nets.dedup();
         }
         let own = SmallVec::from_slice(&nets);
+        let text = Written::new(&text, &nets);
         self.nets = nets;
         if self.sink.errors.len() > errors_before {
             return None;
         }
         Some(Entry {
-            text: Arc::from(text),
+            text,
             nets: own,
             label: label.map(Arc::from),
             until,

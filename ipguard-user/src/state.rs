@@ -184,7 +184,7 @@ mod tests {
                 .map(|i| EntryInfo {
                     list: ListKind::Allow,
                     label: None,
-                    text: format!("entry {i}").into(),
+                    text: format!("entry {i}").as_str().into(),
                     line: None,
                 })
                 .collect(),
