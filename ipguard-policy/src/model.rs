@@ -68,22 +68,39 @@ pub struct Entry {
     /// a million allocations and 32 MB for them.
     pub nets: SmallVec<[IpNet; 1]>,
     pub label: Option<Arc<str>>,
+    /// When it is active, if not always. Boxed: most entries have
+    /// neither an `until` nor a window, and inline they are 64 of the
+    /// entry's bytes (a million entries are held).
+    pub timing: Option<Box<Timing>>,
+    /// Where the entry starts in the file.
+    pub pos: Option<Pos>,
+}
+
+/// An entry's `until` and `when`.
+#[derive(Clone, Debug, Default)]
+pub struct Timing {
     /// Inactive from this moment on.
     pub until: Option<Timestamp>,
     /// Active only inside this window.
-    /// Boxed: most entries have none, and inline it is 40 of the entry's
-    /// bytes.
-    pub when: Option<Box<Window>>,
-    /// Where the entry starts in the file.
-    pub pos: Option<Pos>,
+    pub when: Option<Window>,
 }
 
 /// Window edges [`Entry::active_until`] steps over.
 const ACTIVE_EDGES: usize = 64;
 
 impl Entry {
+    /// Inactive from this moment on.
+    pub fn until(&self) -> Option<Timestamp> {
+        self.timing.as_ref().and_then(|t| t.until)
+    }
+
+    /// Active only inside this window.
+    pub fn when(&self) -> Option<&Window> {
+        self.timing.as_ref().and_then(|t| t.when.as_ref())
+    }
+
     pub fn is_active(&self, at: Timestamp) -> bool {
-        self.until.is_none_or(|u| at < u) && self.when.as_ref().is_none_or(|w| w.contains(at))
+        self.until().is_none_or(|u| at < u) && self.when().is_none_or(|w| w.contains(at))
     }
 
     pub fn covers(&self, addr: IpAddr) -> bool {
@@ -109,8 +126,8 @@ impl Entry {
 
     /// The next moment after `at` at which [`Entry::is_active`] may change.
     pub fn next_change(&self, at: Timestamp) -> Option<Timestamp> {
-        let until = self.until.filter(|u| *u > at);
-        let edge = self.when.as_ref().and_then(|w| w.next_edge(at));
+        let until = self.until().filter(|u| *u > at);
+        let edge = self.when().and_then(|w| w.next_edge(at));
         match (until, edge) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),

@@ -513,8 +513,8 @@ impl ListReader<'_> {
             text,
             nets: own,
             label: label.map(Arc::from),
-            until,
-            when: when.map(Box::new),
+            timing: (until.is_some() || when.is_some())
+                .then(|| Box::new(crate::model::Timing { until, when })),
             pos: epos,
         })
     }
@@ -855,12 +855,12 @@ fn events(sink: &mut Sink, raw: Option<&super::yaml::RawEvents>) -> Events {
 /// Whether `f` is active at least whenever `e` is, so that covering `e`'s
 /// prefixes makes `e` redundant at every moment.
 fn active_whenever(f: &Entry, e: &Entry) -> bool {
-    let until_ok = match (f.until, e.until) {
+    let until_ok = match (f.until(), e.until()) {
         (None, _) => true,
         (Some(fu), Some(eu)) => eu <= fu,
         (Some(_), None) => false,
     };
-    let when_ok = match (&f.when, &e.when) {
+    let when_ok = match (f.when(), e.when()) {
         (None, _) => true,
         (Some(a), Some(b)) => {
             a.days == b.days && a.start == b.start && a.end == b.end && a.tz_name == b.tz_name
@@ -996,7 +996,7 @@ fn warn_allows_nobody(sink: &mut Sink, p: &Policy, mode_pos: Option<Pos>, now: T
     // times; only an expired one does not.
     let any_active = |l: &[Entry]| {
         l.iter()
-            .any(|e| e.until.is_none_or(|u| now < u) && !e.nets.is_empty())
+            .any(|e| e.until().is_none_or(|u| now < u) && !e.nets.is_empty())
     };
     let someone = any_active(&p.allow)
         || any_active(&p.always_allow)

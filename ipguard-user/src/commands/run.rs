@@ -170,17 +170,20 @@ fn bring_up(
     };
     let dp =
         Datapath::load(&args.loc.pin_dir, caps).map_err(|e| CliError::system(e.to_string()))?;
+    let src = Source {
+        path: args.config.clone(),
+        sha256: loaded.sha256.clone(),
+        policy: Arc::new(loaded.policy),
+    };
     let mut d = Daemon {
         config: args.config.clone(),
         state_dir: args.loc.state_dir.clone(),
         caps,
         attached: Vec::new(),
         dp,
-        current: Source {
-            path: args.config.clone(),
-            sha256: String::new(),
-            policy: loaded.policy.clone(),
-        },
+        // Replaced by the write below (a shared copy of the policy until
+        // then).
+        current: src.clone(),
         file_sha256: loaded.sha256.clone(),
         lists: loaded.lists.clone(),
         watch: None,
@@ -195,11 +198,6 @@ fn bring_up(
     };
     // The policy goes in before the program is attached: a fresh install
     // never passes a packet the policy would refuse.
-    let src = Source {
-        path: args.config.clone(),
-        sha256: loaded.sha256,
-        policy: loaded.policy,
-    };
     // The modes the previous run recorded (links do not say theirs).
     let previous = crate::state::read_applied(&args.loc.state_dir);
     let (stats, _) = d.write_policy(src, args.force)?;

@@ -49,7 +49,9 @@ pub struct Call {
 pub struct Source {
     pub path: PathBuf,
     pub sha256: String,
-    pub policy: policy::Policy,
+    /// Shared: a runtime change or a time edge recompiles the current
+    /// policy, and a copy of a million entries costs 120 MB.
+    pub policy: Arc<policy::Policy>,
 }
 
 /// A policy file being read and checked off the event loop.
@@ -426,7 +428,7 @@ impl Daemon {
         let src = Source {
             path: self.config.clone(),
             sha256: loaded.sha256,
-            policy: loaded.policy,
+            policy: Arc::new(loaded.policy),
         };
         match self.install(src, false, why) {
             Ok(_) => self.count_reload(true).await,
@@ -566,7 +568,7 @@ impl Daemon {
                 let src = Source {
                     path: PathBuf::from(&path),
                     sha256: loaded.sha256,
-                    policy: loaded.policy,
+                    policy: Arc::new(loaded.policy),
                 };
                 if let Some(secs) = confirm_secs
                     && let Err(e) = crate::runtime::check_confirm(secs)
