@@ -1,8 +1,8 @@
 //! What a large policy holds in memory, structure by structure, counted by
 //! the allocator: the parsed policy (which the daemon keeps to recompile
-//! on runtime changes and time edges), the compiled policy (kept for
-//! `explain` and `status`) and the slot image (built, copied into the
-//! kernel, dropped).
+//! on runtime changes and time edges, and whose entries the compiled
+//! policy names), the compiled policy (kept for `explain` and `status`)
+//! and the slot image (built, copied into the kernel, dropped).
 //!
 //! `cargo run --release -p ipguard-policy --example memory [ENTRIES]`
 //! (default 1,000,000) on a policy shaped like the daemon benchmark's: one
@@ -69,11 +69,7 @@ fn main() {
             writeln!(yaml, "  - {a}/{len}")
         };
     }
-    println!(
-        "sizes: Entry {} B, EntryInfo {} B",
-        size_of::<policy::Entry>(),
-        size_of::<policy::EntryInfo>()
-    );
+    println!("size of an entry: {} B", size_of::<policy::Entry>());
     let base = HELD.load(Relaxed);
     PEAK.store(base, Relaxed);
     let t = Instant::now();

@@ -17,7 +17,7 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use jiff::Timestamp;
 
 use super::{
-    CompiledPolicy, EntryInfo, ListKind, Owner, PortRange, Provenance, ServiceInfo, Written,
+    CompiledPolicy, Entries, ListKind, Owner, PortRange, Provenance, ServiceInfo, Written,
     model::{Action, Entry, Mode, Policy, Scope},
 };
 
@@ -508,7 +508,7 @@ fn decider_of<K>(deciders: &[Decider<K>], classes: &[Decider<K>], flags: u32) ->
 
 /// Collects the claims of the active entries and their descriptions.
 struct Builder {
-    entries: Vec<EntryInfo>,
+    entries: Entries,
     /// Per entry, when it stops being active (Unix ns; [`NEVER`]).
     expiry: Vec<u64>,
     v4: Vec<Claim<u32>>,
@@ -549,15 +549,12 @@ impl Builder {
         }
     }
 
+    /// `list` is the policy's list `kind` (which `Entries` reads again).
     fn list(&mut self, list: &[Entry], kind: ListKind, id: u8) {
-        for e in list {
-            let idx = u32::try_from(self.entries.len()).unwrap_or(ENTRY_NONE - 1);
-            self.entries.push(EntryInfo {
-                list: kind,
-                label: e.label.clone(),
-                text: e.text.clone(),
-                line: e.pos.and_then(|p| std::num::NonZeroU32::new(p.line)),
-            });
+        let first = self.entries.push_list(kind) as usize;
+        debug_assert_eq!(self.entries.len(), first + list.len());
+        for (k, e) in list.iter().enumerate() {
+            let idx = u32::try_from(first + k).unwrap_or(ENTRY_NONE - 1);
             self.note_change(e.next_change(self.now));
             let active = e.is_active(self.now);
             self.expiry.push(if active {
@@ -577,7 +574,7 @@ impl Builder {
 /// The datapath contents of `policy` at `at`, with the runtime entries
 /// merged in. Never fails: everything that can be wrong was refused when
 /// the policy was loaded.
-pub fn compile(policy: &Policy, at: SystemTime, runtime: &[RuntimeEntry]) -> CompiledPolicy {
+pub fn compile(policy: &Arc<Policy>, at: SystemTime, runtime: &[RuntimeEntry]) -> CompiledPolicy {
     let now = timestamp(at);
     let total: usize = policy.allow.len()
         + policy.deny.len()
@@ -589,7 +586,7 @@ pub fn compile(policy: &Policy, at: SystemTime, runtime: &[RuntimeEntry]) -> Com
             .sum::<usize>()
         + runtime.len();
     let mut b = Builder {
-        entries: Vec::with_capacity(total),
+        entries: Entries::new(policy),
         expiry: Vec::with_capacity(total),
         v4: Vec::new(),
         v6: Vec::new(),
@@ -637,14 +634,15 @@ pub fn compile(policy: &Policy, at: SystemTime, runtime: &[RuntimeEntry]) -> Com
             },
         };
         let until = r.until.map(timestamp);
-        let idx = u32::try_from(b.entries.len()).unwrap_or(ENTRY_NONE - 1);
-        b.entries.push(EntryInfo {
-            list: kind,
-            label: r.label.as_deref().map(Arc::from),
-            // As runtime entries have always been shown (`ADDR/LEN`).
-            text: Written::from(r.net.trunc().to_string().as_str()),
-            line: None,
-        });
+        let idx = b
+            .entries
+            .push_runtime(
+                kind,
+                // As runtime entries have always been shown (`ADDR/LEN`).
+                Written::from(r.net.trunc().to_string().as_str()),
+                r.label.as_deref().map(Arc::from),
+            )
+            .min(ENTRY_NONE - 1);
         b.note_change(until.filter(|u| *u > now));
         b.expiry.push(until.map_or(NEVER, unix_ns));
         if until.is_none_or(|u| now < u) {

@@ -2,7 +2,7 @@
 //! slot, plus what user space needs to explain and report it. This is the
 //! contract between the compiler (`policy`) and the loader (`datapath`).
 
-use std::{sync::Arc, time::SystemTime};
+use std::time::SystemTime;
 
 use ipguard_common::{PolicyConfig, PrefixValue};
 use ipnet::{Ipv4Net, Ipv6Net};
@@ -50,25 +50,6 @@ pub enum ListKind {
     Service(u8),
 }
 
-/// One policy entry; `PrefixValue::entry` is an index into
-/// `CompiledPolicy::entries`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct EntryInfo {
-    pub list: ListKind,
-    pub label: Option<Arc<str>>,
-    /// The entry as written (e.g. `office`, `198.51.100.10-198.51.100.20`).
-    pub text: crate::Written,
-    /// 1-based line in the policy file; None for runtime entries. Four
-    /// bytes: a million entries are held.
-    pub line: Option<std::num::NonZeroU32>,
-}
-
-impl EntryInfo {
-    pub fn line(&self) -> Option<usize> {
-        self.line.map(|l| l.get() as usize)
-    }
-}
-
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CompiledPolicy {
     /// Mode, action, scope, infrastructure, event limits. `generation` is
@@ -87,7 +68,9 @@ pub struct CompiledPolicy {
     pub deciders_v6: Vec<(u8, Ipv6Net, u32)>,
     pub ports: Vec<PortRange>,
     pub services: Vec<ServiceInfo>,
-    pub entries: Vec<EntryInfo>,
+    /// Indexed by `PrefixValue::entry`; a policy entry is read from the
+    /// policy, shared.
+    pub entries: crate::Entries,
     /// `dhcp: [...]`: the only sources whose DHCP replies are
     /// infrastructure (empty: any, when DHCP is exempted at all).
     pub dhcp_servers: Vec<ipnet::IpNet>,

@@ -95,7 +95,7 @@ pub struct ExplainRef<'a> {
     pub decision: Decision,
     pub service: Option<&'a str>,
     /// The deciding prefix and the entry that owns it.
-    pub decider: Option<(IpNet, &'a EntryInfo)>,
+    pub decider: Option<(IpNet, EntryInfo<'a>)>,
     /// Whether the service (if any) has a list of its own.
     pub service_own_list: bool,
 }
@@ -107,11 +107,9 @@ impl ExplainRef<'_> {
             reason: self.decision.reason,
             service: self.service.map(str::to_string),
             entry: self.decider.map(|(n, _)| n.to_string()),
-            label: self
-                .decider
-                .and_then(|(_, e)| e.label.as_deref().map(str::to_string)),
+            label: self.decider.and_then(|(_, e)| e.label.map(str::to_string)),
             written: self.decider.map(|(_, e)| e.text.to_string()),
-            line: self.decider.and_then(|(_, e)| e.line()),
+            line: self.decider.and_then(|(_, e)| e.line),
         }
     }
 
@@ -143,9 +141,9 @@ impl ExplainRef<'_> {
                 reason: reason_name(self.decision.reason),
                 service: self.service,
                 entry: self.decider.map(|(n, _)| n),
-                label: self.decider.and_then(|(_, e)| e.label.as_deref()),
-                written: self.decider.map(|(_, e)| &e.text),
-                line: self.decider.and_then(|(_, e)| e.line()),
+                label: self.decider.and_then(|(_, e)| e.label),
+                written: self.decider.map(|(_, e)| e.text),
+                line: self.decider.and_then(|(_, e)| e.line),
             },
         )
     }
@@ -405,7 +403,7 @@ impl<'a> Explainer<'a> {
 
     /// The most specific prefix containing prefix `i` (itself included)
     /// that entry `entry` owns, and the entry.
-    fn owned_by(&self, v6: bool, i: usize, entry: u32) -> Option<(IpNet, &'a EntryInfo)> {
+    fn owned_by(&self, v6: bool, i: usize, entry: u32) -> Option<(IpNet, EntryInfo<'a>)> {
         let c: &'a CompiledPolicy = self.c;
         let mut i = i as u32;
         loop {
@@ -439,7 +437,7 @@ impl<'a> Explainer<'a> {
         v6: bool,
         i: usize,
         want: impl Fn(u8) -> bool,
-    ) -> Option<(IpNet, &'a EntryInfo)> {
+    ) -> Option<(IpNet, EntryInfo<'a>)> {
         let c: &'a CompiledPolicy = self.c;
         let mut i = i as u32;
         loop {
@@ -468,7 +466,7 @@ impl<'a> Explainer<'a> {
     /// of the list that judged the packet. Tests compare it with the
     /// credited entry ([`ExplainRef::decider`]), which comes from the
     /// compiled values and deciders.
-    pub fn written_decider(&self, src: IpAddr, ports: Ports) -> Option<(IpNet, &'a EntryInfo)> {
+    pub fn written_decider(&self, src: IpAddr, ports: Ports) -> Option<(IpNet, EntryInfo<'a>)> {
         let (v6, i) = self.lookup(src)?;
         let d = self.decide(src, ports);
         let s = d.service;

@@ -11,6 +11,7 @@ mod addr;
 mod compile;
 mod compiled;
 mod diag;
+mod entries;
 mod explain;
 mod image;
 mod intervals;
@@ -23,7 +24,7 @@ mod validate;
 mod written;
 mod yaml;
 
-use std::{path::Path, time::SystemTime};
+use std::{path::Path, sync::Arc, time::SystemTime};
 
 use sha2::{Digest, Sha256};
 
@@ -31,6 +32,7 @@ pub use addr::{is_valid_name, range_v4, range_v6};
 pub use compile::{LIST_ALWAYS_ALLOW, LIST_DENY, RuntimeEntry, RuntimeKind, compile};
 pub use compiled::*;
 pub use diag::{Diagnostic, PolicyErrors, Pos, Severity};
+pub use entries::{Entries, EntryInfo};
 pub use explain::{ExplainRef, Explainer, Explanation, parse_port_query};
 pub use image::{SlotImage, TrieKey};
 pub use lists::{DiskLists, GivenLists, ListFile, ListSource};
@@ -41,7 +43,9 @@ pub use written::Written;
 /// A valid policy file.
 #[derive(Clone, Debug)]
 pub struct LoadedPolicy {
-    pub policy: Policy,
+    /// Shared with what it compiles to (which reads its entries' texts
+    /// from it).
+    pub policy: Arc<Policy>,
     pub warnings: Vec<Diagnostic>,
     /// Of the file's bytes, lowercase hex; for a policy that names list
     /// files, of that hash and theirs ([`policy_sha256`]), so that a changed
@@ -192,7 +196,7 @@ pub fn parse_with(
     let (errors, warnings) = sink.into_parts();
     match policy {
         Some(policy) if errors.is_empty() => Ok(LoadedPolicy {
-            policy,
+            policy: Arc::new(policy),
             warnings,
             sha256: policy_sha256(&file_sha256, &read),
             lists: read,

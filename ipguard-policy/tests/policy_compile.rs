@@ -20,7 +20,7 @@ fn now() -> SystemTime {
     ts("2025-06-15T12:00:00Z")
 }
 
-fn load(text: &str) -> Policy {
+fn load(text: &str) -> std::sync::Arc<Policy> {
     policy::parse_str_at("test.yaml", text, now())
         .unwrap_or_else(|e| panic!("{e}"))
         .policy
@@ -187,7 +187,7 @@ fn entry_field_names_the_deciding_entry_with_list_ties() {
     assert_eq!(get("10.0.0.0/8"), 0);
     assert_eq!(get("10.1.1.1/32"), 5, "always_allow wins the tie");
     assert_eq!(get("10.9.9.9/32"), 4, "deny before a service list");
-    assert_eq!(c.entries[0].line(), Some(3));
+    assert_eq!(c.entries.get(0).unwrap().line, Some(3));
 }
 
 #[test]
@@ -225,7 +225,13 @@ fn entry_field_is_the_decider_not_just_the_most_specific_prefix() {
     let mut deciders: Vec<(u8, String, String)> = c
         .deciders_v4
         .iter()
-        .map(|(l, n, e)| (*l, n.to_string(), c.entries[*e as usize].text.to_string()))
+        .map(|(l, n, e)| {
+            (
+                *l,
+                n.to_string(),
+                c.entries.get(*e as usize).unwrap().text.to_string(),
+            )
+        })
         .collect();
     deciders.sort();
     assert_eq!(
@@ -497,7 +503,7 @@ fn runtime_entries_merge_into_the_right_list() {
     let e = c
         .entries
         .iter()
-        .find(|e| e.text == *"192.0.2.2/32")
+        .find(|e| *e.text == *"192.0.2.2/32")
         .unwrap();
     assert_eq!(e.list, ListKind::Service(1));
 }
@@ -553,7 +559,7 @@ fn compiled_prefixes_are_sorted_unique_and_owned() {
     for (i, (net, v)) in c.v4.iter().enumerate() {
         assert!(!owners(i).is_empty());
         // The credited entry owns this prefix or one containing it.
-        let e = &c.entries[v.entry as usize];
+        let e = c.entries.get(v.entry as usize).unwrap();
         let found = c.v4.iter().enumerate().any(|(j, (outer, _))| {
             outer.contains(net) && owners(j).iter().any(|o| o.entry == v.entry)
         });

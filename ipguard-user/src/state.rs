@@ -74,7 +74,7 @@ impl AppliedState {
             .map(|e| EntryRecord {
                 list: list_name(e.list, compiled),
                 text: e.text.to_string(),
-                label: e.label.as_deref().map(str::to_string),
+                label: e.label.map(str::to_string),
             })
             .collect();
         Self {
@@ -174,24 +174,19 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::{EntryInfo, ListKind};
 
     #[test]
     fn the_record_keeps_the_entries_the_kernel_counts_hits_for() {
         let n = ipguard_common::ENTRY_CAPACITY as usize;
-        let compiled = CompiledPolicy {
-            entries: (0..n + 5)
-                .map(|i| EntryInfo {
-                    list: ListKind::Allow,
-                    label: None,
-                    text: format!("entry {i}").as_str().into(),
-                    line: None,
-                })
-                .collect(),
-            ..Default::default()
-        };
+        let addr = |i: usize| std::net::Ipv4Addr::from(0x0a00_0000 + i as u32);
+        let mut text = "version: 1\nallow:\n".to_string();
+        for i in 0..n + 5 {
+            text.push_str(&format!("  - {}\n", addr(i)));
+        }
+        let loaded = crate::policy::parse_str("p.yaml", &text).unwrap();
+        let compiled = crate::policy::compile(&loaded.policy, std::time::SystemTime::now(), &[]);
         let st = AppliedState::describe(&compiled, Path::new("p.yaml"), "x", 1, 0, Vec::new());
         assert_eq!(st.entries.len(), n);
-        assert_eq!(st.entries[n - 1].text, format!("entry {}", n - 1));
+        assert_eq!(st.entries[n - 1].text, addr(n - 1).to_string());
     }
 }

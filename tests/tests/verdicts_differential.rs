@@ -292,7 +292,7 @@ fn the_kernel_agrees_with_explain_on_random_policies_and_packets() {
                 compiled
                     .entries
                     .iter()
-                    .position(|x| std::ptr::eq(x, entry))
+                    .position(|x| std::ptr::eq(x.text, entry.text))
                     .expect("an entry of the policy")
             });
             let (action, _) = l.run_prog(PROG_XDP, &p.frame);
@@ -310,8 +310,11 @@ fn the_kernel_agrees_with_explain_on_random_policies_and_packets() {
                 named.filter(|&i| i < n_entries),
                 "seed {seed:#x}, policy {n}, packet {}: the kernel credited {:?}, explain names {:?} ({}/{})\n{text}",
                 p.what,
-                moved.first().map(|&i| &compiled.entries[i].text),
-                e.decider.map(|(_, x)| &x.text),
+                moved
+                    .first()
+                    .and_then(|&i| compiled.entries.get(i))
+                    .map(|x| x.text),
+                e.decider.map(|(_, x)| x.text),
                 verdict_name(d.verdict),
                 reason_name(d.reason)
             );

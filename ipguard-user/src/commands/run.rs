@@ -173,7 +173,7 @@ fn bring_up(
     let src = Source {
         path: args.config.clone(),
         sha256: loaded.sha256.clone(),
-        policy: Arc::new(loaded.policy),
+        policy: loaded.policy,
     };
     let mut d = Daemon {
         config: args.config.clone(),

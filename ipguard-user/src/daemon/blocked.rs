@@ -77,7 +77,7 @@ impl EventLine {
             verdict: verdict_name(ev.verdict).to_string(),
             reason: reason_name(ev.reason).to_string(),
             entry: entry.map(|e| e.text.to_string()),
-            label: entry.and_then(|e| e.label.as_deref().map(str::to_string)),
+            label: entry.and_then(|e| e.label.map(str::to_string)),
             suppressed: ev.suppressed,
         }
     }

@@ -428,7 +428,7 @@ impl Daemon {
         let src = Source {
             path: self.config.clone(),
             sha256: loaded.sha256,
-            policy: Arc::new(loaded.policy),
+            policy: loaded.policy,
         };
         match self.install(src, false, why) {
             Ok(_) => self.count_reload(true).await,
@@ -568,7 +568,7 @@ impl Daemon {
                 let src = Source {
                     path: PathBuf::from(&path),
                     sha256: loaded.sha256,
-                    policy: Arc::new(loaded.policy),
+                    policy: loaded.policy,
                 };
                 if let Some(secs) = confirm_secs
                     && let Err(e) = crate::runtime::check_confirm(secs)
