@@ -15,6 +15,8 @@ pub(crate) enum Item<'a> {
         host_bits: Option<IpNet>,
     },
     Group(&'a str),
+    /// `dns:NAME`: addresses the daemon resolves.
+    Name(crate::DnsName),
 }
 
 pub const KEYWORDS: [&str; 3] = ["any", "any4", "any6"];
@@ -43,6 +45,9 @@ pub(crate) fn any6() -> IpNet {
 pub(crate) fn parse_item<'a>(raw: &'a str, out: &mut Vec<IpNet>) -> Result<Item<'a>, String> {
     let s = raw.trim();
     let plain = Item::Nets { host_bits: None };
+    if let Some(n) = crate::dns::parse(s) {
+        return n.map(Item::Name);
+    }
     match s {
         "any" => {
             out.extend([any4(), any6()]);
@@ -227,12 +232,15 @@ mod tests {
         match parse_item(s, &mut out).unwrap() {
             Item::Nets { .. } => out.iter().map(|n| n.to_string()).collect(),
             Item::Group(g) => vec![format!("group {g}")],
+            Item::Name(n) => vec![n.to_string()],
         }
     }
 
     #[test]
     fn forms() {
         assert_eq!(nets("203.0.113.7"), ["203.0.113.7/32"]);
+        assert_eq!(nets("dns:VPN.example.com"), ["dns:vpn.example.com"]);
+        assert_eq!(nets("dns6:vpn.example.com."), ["dns6:vpn.example.com"]);
         assert_eq!(nets("2001:db8::7"), ["2001:db8::7/128"]);
         assert_eq!(nets("203.0.113.0/24"), ["203.0.113.0/24"]);
         assert_eq!(nets("10.15.1.*"), ["10.15.1.0/24"]);
@@ -262,7 +270,7 @@ mod tests {
                 assert_eq!(nets[0].to_string(), "203.0.113.0/24");
                 assert_eq!(host_bits.unwrap().to_string(), "203.0.113.0/24");
             }
-            Item::Group(_) => panic!(),
+            Item::Group(_) | Item::Name(_) => panic!(),
         }
     }
 

@@ -17,7 +17,8 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use jiff::Timestamp;
 
 use super::{
-    CompiledPolicy, Entries, ListKind, Owner, PortRange, Provenance, ServiceInfo, Written,
+    CompiledPolicy, Entries, ListKind, Owner, PortRange, Provenance, Resolved, ServiceInfo,
+    Written,
     model::{Action, Entry, Mode, Policy, Scope},
 };
 
@@ -550,7 +551,7 @@ impl Builder {
     }
 
     /// `list` is the policy's list `kind` (which `Entries` reads again).
-    fn list(&mut self, list: &[Entry], kind: ListKind, id: u8) {
+    fn list(&mut self, list: &[Entry], kind: ListKind, id: u8, dns: &Resolved) {
         let first = self.entries.push_list(kind) as usize;
         debug_assert_eq!(self.entries.len(), first + list.len());
         for (k, e) in list.iter().enumerate() {
@@ -566,6 +567,11 @@ impl Builder {
                 for n in &e.nets {
                     self.claim(n, id, idx);
                 }
+                for name in e.dns() {
+                    for a in dns.addresses(name) {
+                        self.claim(&IpNet::from(a), id, idx);
+                    }
+                }
             }
         }
     }
@@ -575,6 +581,18 @@ impl Builder {
 /// merged in. Never fails: everything that can be wrong was refused when
 /// the policy was loaded.
 pub fn compile(policy: &Arc<Policy>, at: SystemTime, runtime: &[RuntimeEntry]) -> CompiledPolicy {
+    compile_with(policy, at, runtime, &Resolved::default())
+}
+
+/// [`compile`] with the addresses the policy's DNS names resolved to
+/// (the daemon's resolver's last answers); a name without one adds
+/// nothing.
+pub fn compile_with(
+    policy: &Arc<Policy>,
+    at: SystemTime,
+    runtime: &[RuntimeEntry],
+    dns: &Resolved,
+) -> CompiledPolicy {
     let now = timestamp(at);
     let total: usize = policy.allow.len()
         + policy.deny.len()
@@ -594,7 +612,7 @@ pub fn compile(policy: &Arc<Policy>, at: SystemTime, runtime: &[RuntimeEntry]) -
         next_change: None,
         claimed: 0,
     };
-    b.list(&policy.allow, ListKind::Allow, 0);
+    b.list(&policy.allow, ListKind::Allow, 0, dns);
     let mut services = Vec::with_capacity(policy.services.len());
     let mut ports = Vec::new();
     let mut inherit = 0u64;
@@ -614,15 +632,16 @@ pub fn compile(policy: &Arc<Policy>, at: SystemTime, runtime: &[RuntimeEntry]) -
             });
         }
         match &s.allow {
-            Some(l) => b.list(l, ListKind::Service(index), index),
+            Some(l) => b.list(l, ListKind::Service(index), index, dns),
             None => inherit |= 1u64 << index,
         }
     }
-    b.list(&policy.deny, ListKind::Deny, LIST_DENY);
+    b.list(&policy.deny, ListKind::Deny, LIST_DENY, dns);
     b.list(
         &policy.always_allow,
         ListKind::AlwaysAllow,
         LIST_ALWAYS_ALLOW,
+        dns,
     );
     for r in runtime {
         let (kind, id) = match (r.kind, &r.service) {

@@ -11,6 +11,7 @@ mod addr;
 mod compile;
 mod compiled;
 mod diag;
+mod dns;
 mod entries;
 mod explain;
 mod image;
@@ -29,14 +30,17 @@ use std::{path::Path, sync::Arc, time::SystemTime};
 use sha2::{Digest, Sha256};
 
 pub use addr::{is_valid_name, range_v4, range_v6};
-pub use compile::{LIST_ALWAYS_ALLOW, LIST_DENY, RuntimeEntry, RuntimeKind, compile};
+pub use compile::{LIST_ALWAYS_ALLOW, LIST_DENY, RuntimeEntry, RuntimeKind, compile, compile_with};
 pub use compiled::*;
 pub use diag::{Diagnostic, PolicyErrors, Pos, Severity};
+pub use dns::{DnsFamily, DnsName, Resolved};
 pub use entries::{Entries, EntryInfo};
 pub use explain::{ExplainRef, Explainer, Explanation, parse_port_query};
 pub use image::{SlotImage, TrieKey};
 pub use lists::{DiskLists, GivenLists, ListFile, ListSource};
-pub use model::{Action, Entry, Events, Infrastructure, Mode, Policy, PortSpec, Scope, Service};
+pub use model::{
+    Action, DnsSettings, Entry, Events, Infrastructure, Mode, Policy, PortSpec, Scope, Service,
+};
 pub use time::Window;
 pub use written::Written;
 

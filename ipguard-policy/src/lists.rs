@@ -139,8 +139,8 @@ pub(crate) fn read_list(
         let column = item.chars().take_while(|c| c.is_whitespace()).count() + 1;
         let at = || Some(position(i + 1, column));
         let before = nets.len();
-        match addr::parse_item(trimmed, &mut nets) {
-            Ok(Item::Nets { host_bits: None }) => {}
+        let refused = match addr::parse_item(trimmed, &mut nets) {
+            Ok(Item::Nets { host_bits: None }) => None,
             Ok(Item::Nets { host_bits: Some(n) }) => {
                 host_bits += 1;
                 if host_bits <= MAX_LIST_DIAGNOSTICS {
@@ -148,30 +148,25 @@ pub(crate) fn read_list(
                 } else if host_bits_unshown.is_none() {
                     host_bits_unshown = at();
                 }
+                None
             }
-            Ok(Item::Group(g)) => {
-                nets.truncate(before);
-                bad += 1;
-                if bad > MAX_LIST_DIAGNOSTICS {
-                    bad_unshown = bad_unshown.or_else(at);
-                } else {
-                    sink.error_in(
-                        &name,
-                        at(),
-                        format!(
-                            "{g:?} is not an address item: a list file holds addresses, CIDRs, ranges and wildcards, one per line, not group names"
-                        ),
-                    );
-                }
-            }
-            Err(msg) => {
-                nets.truncate(before);
-                bad += 1;
-                if bad > MAX_LIST_DIAGNOSTICS {
-                    bad_unshown = bad_unshown.or_else(at);
-                } else {
-                    sink.error_in(&name, at(), msg);
-                }
+            Ok(Item::Group(g)) => Some(format!(
+                "{g:?} is not an address item: a list file holds addresses, CIDRs, ranges and wildcards, one per line, not group names"
+            )),
+            // A file of names would be a resolver's load on every change:
+            // names go in the policy.
+            Ok(Item::Name(n)) => Some(format!(
+                "\"{n}\": a list file holds addresses, CIDRs, ranges and wildcards, not DNS names: write the name in the policy"
+            )),
+            Err(msg) => Some(msg),
+        };
+        if let Some(msg) = refused {
+            nets.truncate(before);
+            bad += 1;
+            if bad > MAX_LIST_DIAGNOSTICS {
+                bad_unshown = bad_unshown.or_else(at);
+            } else {
+                sink.error_in(&name, at(), msg);
             }
         }
     }

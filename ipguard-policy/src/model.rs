@@ -8,7 +8,7 @@ use ipnet::IpNet;
 use jiff::Timestamp;
 use smallvec::SmallVec;
 
-use super::{Pos, Proto, Written, time::Window};
+use super::{DnsName, Pos, Proto, Written, time::Window};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -68,21 +68,24 @@ pub struct Entry {
     /// a million allocations and 32 MB for them.
     pub nets: SmallVec<[IpNet; 1]>,
     pub label: Option<Arc<str>>,
-    /// When it is active, if not always. Boxed: most entries have
-    /// neither an `until` nor a window, and inline they are 64 of the
-    /// entry's bytes (a million entries are held).
-    pub timing: Option<Box<Timing>>,
+    /// What most entries have none of: an `until`, a window, DNS names.
+    /// Boxed: inline they would be 88 of the entry's bytes, and a million
+    /// entries are held.
+    pub extras: Option<Box<Extras>>,
     /// Where the entry starts in the file.
     pub pos: Option<Pos>,
 }
 
-/// An entry's `until` and `when`.
+/// An entry's `until`, `when` and DNS names.
 #[derive(Clone, Debug, Default)]
-pub struct Timing {
+pub struct Extras {
     /// Inactive from this moment on.
     pub until: Option<Timestamp>,
     /// Active only inside this window.
     pub when: Option<Window>,
+    /// `dns:` items, sorted, without duplicates: the entry also covers
+    /// what they resolve to.
+    pub dns: Vec<DnsName>,
 }
 
 /// Window edges [`Entry::active_until`] steps over.
@@ -91,12 +94,17 @@ const ACTIVE_EDGES: usize = 64;
 impl Entry {
     /// Inactive from this moment on.
     pub fn until(&self) -> Option<Timestamp> {
-        self.timing.as_ref().and_then(|t| t.until)
+        self.extras.as_ref().and_then(|t| t.until)
     }
 
     /// Active only inside this window.
     pub fn when(&self) -> Option<&Window> {
-        self.timing.as_ref().and_then(|t| t.when.as_ref())
+        self.extras.as_ref().and_then(|t| t.when.as_ref())
+    }
+
+    /// The DNS names it covers the addresses of.
+    pub fn dns(&self) -> &[DnsName] {
+        self.extras.as_ref().map_or(&[], |t| &t.dns)
     }
 
     pub fn is_active(&self, at: Timestamp) -> bool {
@@ -244,9 +252,42 @@ pub struct Policy {
     /// sessions a new policy may not cut unless forced. None: port 22 and
     /// the ports of a service named `ssh`.
     pub lockout_ports: Option<Vec<PortSpec>>,
+    pub dns: DnsSettings,
+}
+
+/// `dns:`: a name is resolved again when its answer's TTL runs out,
+/// clamped to [`min_ttl`, `max_ttl`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DnsSettings {
+    pub min_ttl: Duration,
+    pub max_ttl: Duration,
+}
+
+impl Default for DnsSettings {
+    fn default() -> Self {
+        Self {
+            min_ttl: Duration::from_secs(30),
+            max_ttl: Duration::from_secs(3600),
+        }
+    }
 }
 
 impl Policy {
+    /// Every DNS name its entries use, once.
+    pub fn dns_names(&self) -> Vec<DnsName> {
+        let mut v: Vec<DnsName> = self
+            .allow
+            .iter()
+            .chain(&self.deny)
+            .chain(&self.always_allow)
+            .chain(self.services.iter().flat_map(|s| s.allow.iter().flatten()))
+            .flat_map(|e| e.dns().iter().cloned())
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
     /// The service whose ports hold (proto, port), as an index into
     /// `services`.
     pub fn service_for(&self, proto: Proto, port: u16) -> Option<usize> {

@@ -11,7 +11,7 @@ use serde_saphyr::Spanned;
 use smallvec::SmallVec;
 
 use super::{
-    Proto, Written,
+    DnsName, Proto, Written,
     addr::{self, Item},
     diag::{Pos, Sink},
     lists::{ListFile, ListSource, read_list},
@@ -122,6 +122,7 @@ pub(crate) fn validate(
         }
         ports
     });
+    let dns = dns_settings(sink, raw.dns.as_ref());
     let reject_max_per_sec = match &raw.reject_max_rate {
         None => DEFAULT_REJECT_MAX_PER_SEC,
         Some(r) => match parse_rate(&r.value.0) {
@@ -150,6 +151,7 @@ pub(crate) fn validate(
         events,
         reject_max_per_sec,
         lockout_ports,
+        dns,
     };
     warn_covered(sink, &policy);
     warn_allows_nobody(sink, &policy, raw.mode.as_ref().and_then(spos), now);
@@ -202,6 +204,8 @@ struct Groups {
 struct GroupDef {
     /// The prefixes written directly in the group.
     nets: Vec<IpNet>,
+    /// Its `dns:` items.
+    dns: Vec<DnsName>,
     /// The groups it names, where.
     refs: Vec<(String, Option<Pos>)>,
     state: GroupState,
@@ -210,9 +214,16 @@ struct GroupDef {
 enum GroupState {
     Todo,
     Busy,
-    Done(Arc<Vec<IpNet>>),
+    Done(Arc<Members>),
     /// A cycle or an unknown name below it (already reported).
     Failed,
+}
+
+/// Everything a group stands for, its subgroups' members included.
+#[derive(Default)]
+struct Members {
+    nets: Vec<IpNet>,
+    dns: Vec<DnsName>,
 }
 
 impl Groups {
@@ -240,6 +251,7 @@ impl Groups {
             }
             first_pos.insert(name.to_string(), kpos);
             let mut nets = Vec::new();
+            let mut dns = Vec::new();
             let mut refs = Vec::new();
             let items = match &value.value {
                 GroupValue::Items(items) => items,
@@ -264,6 +276,7 @@ impl Groups {
                         name.to_string(),
                         GroupDef {
                             nets,
+                            dns: Vec::new(),
                             refs: Vec::new(),
                             state,
                         },
@@ -280,6 +293,7 @@ impl Groups {
                         }
                     }
                     Ok(Item::Group(g)) => refs.push((g.to_string(), pos)),
+                    Ok(Item::Name(n)) => dns.push(n),
                     Err(msg) => {
                         nets.truncate(before);
                         sink.error(pos, msg);
@@ -291,6 +305,7 @@ impl Groups {
                 name.to_string(),
                 GroupDef {
                     nets,
+                    dns,
                     refs,
                     state: GroupState::Todo,
                 },
@@ -304,7 +319,7 @@ impl Groups {
     ///
     /// Iterative depth-first expansion: a chain of thousands of nested
     /// groups must not overflow the stack.
-    fn expand(&mut self, sink: &mut Sink, name: &str, pos: Option<Pos>) -> Option<Arc<Vec<IpNet>>> {
+    fn expand(&mut self, sink: &mut Sink, name: &str, pos: Option<Pos>) -> Option<Arc<Members>> {
         match self.defs.get(name).map(|d| &d.state) {
             None => {
                 sink.error(pos, format!("unknown group {name:?}"));
@@ -327,8 +342,8 @@ impl Groups {
                         Some(GroupState::Failed)
                     );
                     if !failed {
-                        let nets = self.collect(&g);
-                        self.set_state(&g, GroupState::Done(Arc::new(nets)));
+                        let members = self.collect(&g);
+                        self.set_state(&g, GroupState::Done(Arc::new(members)));
                     }
                 }
                 Some((child, ipos)) => {
@@ -384,26 +399,59 @@ impl Groups {
     }
 
     /// All members of `g`, whose subgroups are done.
-    fn collect(&self, g: &str) -> Vec<IpNet> {
+    fn collect(&self, g: &str) -> Members {
         let Some(d) = self.defs.get(g) else {
-            return Vec::new();
+            return Members::default();
         };
         let mut nets = d.nets.clone();
+        let mut dns = d.dns.clone();
         for (c, _) in &d.refs {
             if let Some(GroupDef {
-                state: GroupState::Done(n),
+                state: GroupState::Done(m),
                 ..
             }) = self.defs.get(c)
             {
-                nets.extend_from_slice(n);
+                nets.extend_from_slice(&m.nets);
+                dns.extend_from_slice(&m.dns);
             }
         }
         // Deduplicated per group, so that groups naming the same group many
         // times over cannot blow up exponentially.
         nets.sort_unstable();
         nets.dedup();
-        nets
+        dns.sort_unstable();
+        dns.dedup();
+        Members { nets, dns }
     }
+}
+
+/// The shortest and longest re-resolution intervals an operator may set.
+const DNS_TTL_FLOOR: Duration = Duration::from_secs(1);
+const DNS_TTL_CEILING: Duration = Duration::from_secs(24 * 3600);
+
+fn dns_settings(sink: &mut Sink, raw: Option<&crate::yaml::RawDns>) -> DnsSettings {
+    let mut s = DnsSettings::default();
+    let Some(raw) = raw else { return s };
+    let mut read = |v: &Option<Spanned<Scalar>>, key: &str, out: &mut Duration| {
+        let Some(v) = v else { return };
+        match time::parse_duration(&v.value.0) {
+            Ok(d) if (DNS_TTL_FLOOR..=DNS_TTL_CEILING).contains(&d) => *out = d,
+            Ok(_) => sink.error(
+                spos(v),
+                format!("dns {key} {:?}: write a duration from 1s to 24h", v.value.0),
+            ),
+            Err(msg) => sink.error(spos(v), format!("dns {key}: {msg}")),
+        }
+    };
+    read(&raw.min_ttl, "min_ttl", &mut s.min_ttl);
+    read(&raw.max_ttl, "max_ttl", &mut s.max_ttl);
+    if s.min_ttl > s.max_ttl {
+        sink.error(
+            raw.min_ttl.as_ref().and_then(spos),
+            "dns min_ttl is longer than max_ttl: the shortest interval comes first",
+        );
+    }
+    s
 }
 
 fn bad_name_message(what: &str, name: &str) -> String {
@@ -445,16 +493,17 @@ impl ListReader<'_> {
         let errors_before = self.sink.errors.len();
         let mut nets = std::mem::take(&mut self.nets);
         nets.clear();
+        let mut dns = Vec::new();
         let (text, label, until, when) = match &e.value {
             RawEntry::Item(s) => {
-                self.item(s, epos, &mut nets);
+                self.item(s, epos, &mut nets, &mut dns);
                 (s.clone(), None, None, None)
             }
             RawEntry::Map(m) => {
                 let mut any = false;
                 m.from.value.for_each(spos(&m.from), |t, pos| {
                     any = true;
-                    self.item(t, pos, &mut nets);
+                    self.item(t, pos, &mut nets, &mut dns);
                 });
                 if !any {
                     self.sink.error(
@@ -503,6 +552,8 @@ impl ListReader<'_> {
             nets.sort_unstable();
             nets.dedup();
         }
+        dns.sort_unstable();
+        dns.dedup();
         let own = SmallVec::from_slice(&nets);
         let text = Written::new(&text, &nets);
         self.nets = nets;
@@ -513,14 +564,15 @@ impl ListReader<'_> {
             text,
             nets: own,
             label: label.map(Arc::from),
-            timing: (until.is_some() || when.is_some())
-                .then(|| Box::new(crate::model::Timing { until, when })),
+            extras: (until.is_some() || when.is_some() || !dns.is_empty())
+                .then(|| Box::new(crate::model::Extras { until, when, dns })),
             pos: epos,
         })
     }
 
-    /// One address item of an entry, its prefixes appended to `nets`.
-    fn item(&mut self, t: &str, pos: Option<Pos>, nets: &mut Vec<IpNet>) {
+    /// One address item of an entry, its prefixes appended to `nets`, its
+    /// DNS names to `dns`.
+    fn item(&mut self, t: &str, pos: Option<Pos>, nets: &mut Vec<IpNet>, dns: &mut Vec<DnsName>) {
         match addr::parse_item(t, nets) {
             Ok(Item::Nets { host_bits }) => {
                 if let Some(h) = host_bits {
@@ -528,10 +580,12 @@ impl ListReader<'_> {
                 }
             }
             Ok(Item::Group(g)) => {
-                if let Some(n) = self.groups.expand(self.sink, g, pos) {
-                    nets.extend_from_slice(&n);
+                if let Some(m) = self.groups.expand(self.sink, g, pos) {
+                    nets.extend_from_slice(&m.nets);
+                    dns.extend_from_slice(&m.dns);
                 }
             }
+            Ok(Item::Name(n)) => dns.push(n),
             Err(msg) => self.sink.error(pos, msg),
         }
     }
@@ -782,7 +836,7 @@ fn dhcp(sink: &mut Sink, d: &Spanned<ItemList>, infra: &mut Infrastructure) {
         let before = nets.len();
         match addr::parse_item(item, &mut nets) {
             Ok(addr::Item::Nets { .. }) => {}
-            Ok(addr::Item::Group(_)) | Err(_) => {
+            Ok(addr::Item::Group(_) | addr::Item::Name(_)) | Err(_) => {
                 nets.truncate(before);
                 sink.error(
                     pos,
@@ -954,6 +1008,10 @@ fn warn_covered_list(sink: &mut Sink, list: &[Entry], what: &str) {
     let cands = covering(list);
     for (e, c) in cands.iter().enumerate() {
         let Some(c) = c else { continue };
+        // What its names resolve to is not known here.
+        if !list[e].dns().is_empty() {
+            continue;
+        }
         // Two entries with the same prefixes cover each other: only the
         // later one is redundant.
         let by = c.iter().copied().find(|&f| {
@@ -995,8 +1053,9 @@ fn warn_allows_nobody(sink: &mut Sink, p: &Policy, mode_pos: Option<Pos>, now: T
     // An entry outside its time window still allows someone at other
     // times; only an expired one does not.
     let any_active = |l: &[Entry]| {
-        l.iter()
-            .any(|e| e.until().is_none_or(|u| now < u) && !e.nets.is_empty())
+        l.iter().any(|e| {
+            e.until().is_none_or(|u| now < u) && !(e.nets.is_empty() && e.dns().is_empty())
+        })
     };
     let someone = any_active(&p.allow)
         || any_active(&p.always_allow)

@@ -57,6 +57,15 @@ pub(crate) struct RawPolicy {
     pub events: Option<RawEvents>,
     pub reject_max_rate: Option<Spanned<Scalar>>,
     pub lockout_guard: Option<RawLockoutGuard>,
+    pub dns: Option<RawDns>,
+}
+
+/// `dns: { min_ttl: 30s, max_ttl: 1h }`: how often names are resolved.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDns {
+    pub min_ttl: Option<Spanned<Scalar>>,
+    pub max_ttl: Option<Spanned<Scalar>>,
 }
 
 #[derive(Debug, Deserialize)]

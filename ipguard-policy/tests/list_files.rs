@@ -100,18 +100,20 @@ fn errors_name_the_list_file_its_line_and_column() {
     let d = Dir::new();
     d.write(
         "lists/feed.txt",
-        "203.0.113.0/24\n   203.0.113.300\nbastion\n\t10.0.0.0/33 # bad\n",
+        "203.0.113.0/24\n   203.0.113.300\nbastion\n\t10.0.0.0/33 # bad\ndns:vpn.example.com\n",
     );
     let path = d.write("policy.yaml", POLICY);
     let e = policy::load_file(&path).unwrap_err().to_string();
     let name = d.0.join("lists/feed.txt").display().to_string();
     let lines: Vec<&str> = e.lines().collect();
-    assert_eq!(lines.len(), 3, "{e}");
+    assert_eq!(lines.len(), 4, "{e}");
     assert!(lines[0].starts_with(&format!("{name}:2:4: error:")), "{e}");
     assert!(lines[0].contains("203.0.113.300"), "{e}");
     assert!(lines[1].starts_with(&format!("{name}:3:1: error:")), "{e}");
     assert!(lines[1].contains("not group names"), "{e}");
     assert!(lines[2].starts_with(&format!("{name}:4:2: error:")), "{e}");
+    assert!(lines[3].starts_with(&format!("{name}:5:1: error:")), "{e}");
+    assert!(lines[3].contains("not DNS names"), "{e}");
 
     // A missing file is the policy's error, at its `file:`.
     std::fs::remove_file(d.0.join("lists/feed.txt")).unwrap();

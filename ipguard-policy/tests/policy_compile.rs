@@ -825,3 +825,85 @@ fn past_the_last_deadline_the_kernel_follows_it_refuses_rather_than_allows() {
         ("drop", "not_allowed")
     );
 }
+
+#[test]
+fn dns_names_cover_what_they_resolved_to() {
+    let p = load(
+        r#"
+version: 1
+dns: { min_ttl: 2s, max_ttl: 10m }
+groups:
+  office: [dns:office.test, 203.0.113.0/28]
+allow:
+  - { from: office, label: Office }
+  - dns6:v6only.test
+deny:
+  - dns4:bad.test
+"#,
+    );
+    assert_eq!(p.dns.min_ttl, Duration::from_secs(2));
+    assert_eq!(p.dns.max_ttl, Duration::from_secs(600));
+    let names: Vec<String> = p.dns_names().iter().map(|n| n.to_string()).collect();
+    assert_eq!(
+        names,
+        ["dns4:bad.test", "dns:office.test", "dns6:v6only.test"]
+    );
+    // Before any answer a name stands for nothing: only the group's CIDR.
+    let c = policy::compile(&p, now(), &[]);
+    assert_eq!(verdict(&c, "198.51.100.7", "-"), ("drop", "not_allowed"));
+    assert_eq!(verdict(&c, "203.0.113.3", "-"), ("pass", "allowed"));
+    let mut dns = policy::Resolved::default();
+    let addrs = |v: &[&str]| v.iter().map(|a| a.parse::<IpAddr>().unwrap()).collect();
+    dns.0.insert(
+        "office.test".into(),
+        addrs(&["198.51.100.7", "2001:db8::7"]),
+    );
+    dns.0.insert(
+        "v6only.test".into(),
+        addrs(&["198.51.100.8", "2001:db8::8"]),
+    );
+    dns.0
+        .insert("bad.test".into(), addrs(&["198.51.100.7", "2001:db8::9"]));
+    let c = policy::compile_with(&p, now(), &[], &dns);
+    let ex = Explainer::new(&c);
+    let x = ex.explain("2001:db8::7".parse().unwrap(), None);
+    assert_eq!(verdict_name(x.verdict), "pass");
+    assert_eq!(x.label.as_deref(), Some("Office"));
+    assert_eq!(x.written.as_deref(), Some("office"));
+    assert_eq!(x.entry.as_deref(), Some("2001:db8::7/128"));
+    // The deny's dns4: takes the name's A record only, and wins.
+    assert_eq!(verdict(&c, "198.51.100.7", "-"), ("drop", "deny"));
+    assert_eq!(verdict(&c, "2001:db8::9", "-"), ("drop", "not_allowed"));
+    // dns6: takes the AAAA record only.
+    assert_eq!(verdict(&c, "2001:db8::8", "-"), ("pass", "allowed"));
+    assert_eq!(verdict(&c, "198.51.100.8", "-"), ("drop", "not_allowed"));
+}
+
+#[test]
+fn dns_settings_and_names_are_checked() {
+    for (text, want) in [
+        ("version: 1\nallow: [\"dns:a..test\"]\n", "empty label"),
+        (
+            "version: 1\ndns: { min_ttl: 0s }\nallow: [10.0.0.1]\n",
+            "from 1s to 24h",
+        ),
+        (
+            "version: 1\ndns: { min_ttl: 2h, max_ttl: 1h }\nallow: [10.0.0.1]\n",
+            "longer than max_ttl",
+        ),
+        (
+            "version: 1\ndns: { ttl: 1h }\nallow: [10.0.0.1]\n",
+            "unknown",
+        ),
+    ] {
+        let e = policy::parse_str_at("test.yaml", text, now())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(want), "{text}: {e}");
+    }
+    // A policy whose only allow entry is a name allows someone (once it
+    // resolves): no "allows nobody" warning.
+    let l =
+        policy::parse_str_at("t.yaml", "version: 1\nallow: [dns:office.test]\n", now()).unwrap();
+    assert!(l.warnings.is_empty(), "{:?}", l.warnings);
+}

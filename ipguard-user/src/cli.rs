@@ -320,6 +320,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = ipguard_common::DEFAULT_FLOW_CAPACITY,
           value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
     pub flow_capacity: u32,
+
+    /// The resolver configuration for the policy's `dns:` names (servers,
+    /// timeout, attempts).
+    #[arg(long, value_name = "FILE", default_value = "/etc/resolv.conf")]
+    pub resolv_conf: PathBuf,
 }
 
 /// Show what is enforced and what it has done.

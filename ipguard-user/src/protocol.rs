@@ -135,6 +135,24 @@ pub struct StatusReport {
     /// The list files the policy file read (filled by the daemon).
     #[serde(default)]
     pub lists: Vec<ListJson>,
+    /// The policy's DNS names (filled by the daemon).
+    #[serde(default)]
+    pub dns: Vec<DnsNameJson>,
+}
+
+/// A DNS name of the policy in force and what it stands for now.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DnsNameJson {
+    pub name: String,
+    /// The last good answer (A and AAAA), in force.
+    pub addresses: Vec<std::net::IpAddr>,
+    /// When that answer came (RFC 3339); None: never resolved.
+    pub resolved_at: Option<String>,
+    /// When it is asked next; None while a lookup runs.
+    pub next_lookup: Option<String>,
+    /// The last lookup's failure, until one succeeds.
+    pub last_error: Option<String>,
+    pub last_failure: Option<String>,
 }
 
 /// A list file of the policy in force, as the daemon last read it.

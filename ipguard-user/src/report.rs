@@ -118,6 +118,7 @@ pub fn collect(maps: &Maps, state_dir: &std::path::Path) -> Result<StatusReport>
         .collect();
     let caps = maps.capacities();
     Ok(StatusReport {
+        dns: Vec::new(),
         daemon: true,
         kernel: crate::kernel::probe(),
         attached,

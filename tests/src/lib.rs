@@ -27,6 +27,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use nix::sched::{CloneFlags, setns};
 
+pub mod dns_server;
 pub mod frames;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -545,6 +546,16 @@ impl Daemon {
             bail!("the previous daemon still runs");
         }
         self.spawn(pair, &[])
+    }
+
+    /// [`Daemon::restart`] with extra `ipguard run` arguments.
+    pub fn restart_with(&mut self, pair: &Pair, extra: &[&str]) -> Result<()> {
+        if let Some(c) = self.proc.child.as_mut()
+            && c.try_wait()?.is_none()
+        {
+            bail!("the previous daemon still runs");
+        }
+        self.spawn(pair, extra)
     }
 
     /// Runs `ipguard run` in the server namespace and waits until it has

@@ -195,6 +195,7 @@ fn bring_up(
         blocked: Arc::new(Mutex::new(Blocked::default())),
         events_tx,
         stdout: daemon::stdout::EventOut::spawn()?,
+        dns: daemon::dns::Dns::new(&args.loc.state_dir, &args.resolv_conf),
     };
     // The policy goes in before the program is attached: a fresh install
     // never passes a packet the policy would refuse.

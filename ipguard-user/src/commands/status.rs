@@ -172,6 +172,23 @@ pub fn render(st: &StatusReport) -> String {
             f.live, f.capacity, f.created, f.deleted, f.evicted, f.not_recorded
         );
     }
+    for n in &st.dns {
+        let addrs: Vec<String> = n.addresses.iter().map(|a| a.to_string()).collect();
+        let when = match &n.resolved_at {
+            Some(t) => format!("resolved {t}"),
+            None => "never resolved".to_string(),
+        };
+        let failed = match (&n.last_error, &n.last_failure) {
+            (Some(e), Some(t)) => format!("; failing since {t}: {e}"),
+            _ => String::new(),
+        };
+        let _ = writeln!(
+            o,
+            "dns name:   {} -> [{}] ({when}{failed})",
+            n.name,
+            addrs.join(", ")
+        );
+    }
     for l in &st.lists {
         let _ = writeln!(
             o,

@@ -5,6 +5,7 @@
 //! policy changes are serialized without locks around kernel objects.
 
 pub mod blocked;
+pub mod dns;
 pub mod server;
 pub mod stdout;
 pub mod watch;
@@ -93,6 +94,8 @@ pub struct Daemon {
     pub events_tx: broadcast::Sender<EventLine>,
     /// The event stream on stdout (a thread of its own).
     pub stdout: stdout::EventOut,
+    /// The policy's DNS names and their answers.
+    pub dns: dns::Dns,
 }
 
 /// How many of a policy file's warnings a reload writes to the log.
@@ -266,10 +269,11 @@ impl Daemon {
         src: Source,
         force: bool,
     ) -> Result<(crate::datapath::ApplyStats, ApplyAnswer), CliError> {
-        let compiled = policy::compile(
+        let compiled = policy::compile_with(
             &src.policy,
             SystemTime::now(),
             &self.runtime.policy_entries(),
+            &self.dns.answers_for(&src.policy),
         );
         // One explainer of the new policy serves the lockout guard and the
         // flow pruning (at a million prefixes it takes tens of ms).
@@ -311,6 +315,7 @@ impl Daemon {
         }
         drop(ex);
         self.compiled = compiled;
+        self.dns.track(&src.policy);
         self.current = src;
         release_freed_memory();
         let answer = ApplyAnswer {
@@ -502,14 +507,25 @@ impl Daemon {
         }
     }
 
-    fn next_wakeup(&self) -> Option<Instant> {
+    /// The next time edge of the policy or the runtime entries.
+    fn next_edge(&self) -> Option<Instant> {
         let now_sys = SystemTime::now();
         let now = Instant::now();
         let to_instant = |t: SystemTime| now + t.duration_since(now_sys).unwrap_or_default();
         [
             self.compiled.next_change.map(to_instant),
             self.runtime.next_expiry().map(to_instant),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    fn next_wakeup(&self) -> Option<Instant> {
+        [
+            self.next_edge(),
             self.pending.as_ref().map(|p| p.deadline),
+            self.dns.next_due(),
         ]
         .into_iter()
         .flatten()
@@ -538,6 +554,7 @@ impl Daemon {
                             })
                             .collect();
                     }
+                    st.dns = self.dns.status();
                     Response::ok(serde_json::to_value(st).unwrap_or_default())
                 }
                 Err(e) => Response::err(Exit::System, format!("{e:#}")),
@@ -818,6 +835,7 @@ impl Daemon {
         mut file_changes: mpsc::Receiver<()>,
         mut events: mpsc::Receiver<DropEvent>,
     ) -> Result<()> {
+        let mut dns_answers = self.dns.answers();
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut hup = signal(SignalKind::hangup())?;
@@ -864,13 +882,20 @@ impl Daemon {
                     let _ = call.reply.send(resp);
                 }
                 Some(ev) = events.recv() => self.relay(ev).await,
+                Some(a) = dns_answers.recv() => {
+                    if self.dns.answer(a) {
+                        self.refresh("DNS answer changed").await;
+                    }
+                }
                 _ = timer => {
-                    if let Some(p) = self.pending.take_if(|p| p.deadline <= Instant::now()) {
+                    let now = Instant::now();
+                    self.dns.start_due();
+                    if let Some(p) = self.pending.take_if(|p| p.deadline <= now) {
                         tracing::warn!("no `ipguard confirm` in time: rolling back to {}", p.previous.path.display());
                         if let Err(e) = self.install(p.previous, true, "rollback") {
                             tracing::error!("rollback failed: {e}");
                         }
-                    } else {
+                    } else if self.next_edge().is_some_and(|t| t <= Instant::now()) {
                         self.refresh("time edge").await;
                     }
                 }

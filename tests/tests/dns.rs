@@ -1,0 +1,143 @@
+//! `dns:` names in a policy, resolved by the real daemon against a real DNS
+//! server (UDP and TCP) in the test's own namespace: an answer that
+//! changes moves the allowed source, a failing server keeps the last
+//! answer, and a restart without any server enforces the saved one.
+
+use std::{net::SocketAddr, time::Duration};
+
+use ipguard_tests::{dns_server::DnsServer, *};
+
+/// A directory of the test's own, removed when dropped.
+struct Dir(std::path::PathBuf);
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// TTLs of 1 s, re-resolved at most every 2 s: the test waits seconds.
+const POLICY: &str = "version: 1
+dns: { min_ttl: 1s, max_ttl: 2s }
+allow:
+  - 198.51.100.2
+  - { from: dns:office.test, label: Office }
+  - dns4:big.test
+";
+
+/// The status entry of `name`.
+fn name_status(d: &Daemon, name: &str) -> Option<serde_json::Value> {
+    let st = d.status().ok()?;
+    st["dns"]
+        .as_array()?
+        .iter()
+        .find(|n| n["name"] == name)
+        .cloned()
+}
+
+fn addresses(d: &Daemon, name: &str) -> Vec<String> {
+    name_status(d, name)
+        .and_then(|n| {
+            n["addresses"].as_array().map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(str::to_string))
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn names_follow_their_answers_and_outlive_the_server() {
+    require_root();
+    let pair = Pair::new().unwrap();
+    // The server's namespace answers itself on its loopback: DNS traffic
+    // never crosses the filtered link.
+    pair.server.ip(&["link", "set", "lo", "up"]).unwrap();
+    let dns_addr: SocketAddr = "127.0.0.1:53".parse().unwrap();
+    let server = DnsServer::new(&pair.server, dns_addr, 1).unwrap();
+    server.set("office.test", &["203.0.113.50", "2001:db8:1::50"]);
+    server.set("big.test", &["203.0.113.60", "203.0.113.61"]);
+    server.tcp_only("big.test");
+    let dir = Dir(scratch_dir("dns-"));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let resolv = dir.0.join("resolv.conf");
+    std::fs::write(
+        &resolv,
+        "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n",
+    )
+    .unwrap();
+    let resolv = resolv.to_str().unwrap().to_string();
+    let args = ["--resolv-conf", resolv.as_str()];
+    let mut d = Daemon::start_with(&pair, POLICY, &args).unwrap();
+    let echo = UdpEcho::new(&pair.server, format!("{SERVER_V4}:9999").parse().unwrap()).unwrap();
+    let within = Duration::from_secs(15);
+
+    // First answers: the client's other address is not among them.
+    wait_for(within, || {
+        (addresses(&d, "office.test").len() == 2).then_some(())
+    })
+    .expect("office.test resolved");
+    assert_eq!(
+        addresses(&d, "office.test"),
+        ["203.0.113.50", "2001:db8:1::50"]
+    );
+    assert!(echo.ask(&pair.client, CLIENT_V4), "the literal entry");
+    assert!(!echo.ask(&pair.client, CLIENT_V4_ALT), "not in any answer");
+    // big.test is answered over TCP only, and dns4: takes its A records.
+    wait_for(within, || {
+        (addresses(&d, "big.test").len() == 2).then_some(())
+    })
+    .expect("big.test resolved over TCP");
+    assert!(
+        server
+            .tcp_queries
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
+
+    // The answer changes: the allowed source moves within a TTL or two.
+    server.set("office.test", &[CLIENT_V4_ALT]);
+    wait_for(within, || {
+        echo.ask(&pair.client, CLIENT_V4_ALT).then_some(())
+    })
+    .expect("the new address allowed");
+    assert_eq!(addresses(&d, "office.test"), [CLIENT_V4_ALT]);
+    let st = d.status().unwrap();
+    assert!(
+        st["dns"][1]["resolved_at"].is_string() && st["dns"][1]["next_lookup"].is_string(),
+        "{st}"
+    );
+
+    // The server fails: the failure is reported, the last answer stays.
+    server.failing(true);
+    wait_for(within, || {
+        name_status(&d, "office.test").and_then(|n| n["last_error"].as_str().map(str::to_string))
+    })
+    .expect("the failure reported");
+    assert_eq!(addresses(&d, "office.test"), [CLIENT_V4_ALT]);
+    assert!(
+        echo.ask(&pair.client, CLIENT_V4_ALT),
+        "the last answer holds"
+    );
+    let text = d.client(&["status"]).output().unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("dns name:   office.test -> [203.0.113.9]") && text.contains("failing since"),
+        "{text}"
+    );
+
+    // A restart with no server at all enforces the saved answers.
+    drop(server);
+    d.proc
+        .signal_and_wait(nix::sys::signal::Signal::SIGTERM)
+        .unwrap();
+    d.restart_with(&pair, &args).unwrap();
+    assert_eq!(addresses(&d, "office.test"), [CLIENT_V4_ALT]);
+    assert!(
+        echo.ask(&pair.client, CLIENT_V4_ALT),
+        "saved answer enforced"
+    );
+    let n = name_status(&d, "office.test").unwrap();
+    assert!(n["resolved_at"].is_string(), "{n}");
+}
