@@ -50,6 +50,17 @@ struct FlowLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NameLabels {
+    name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LookupLabels {
+    name: String,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EventLabels {
     outcome: &'static str,
 }
@@ -75,6 +86,9 @@ pub struct Metrics {
     flow_capacity: Gauge,
     reloads: Family<ResultLabels, Counter>,
     policy: Family<PolicyLabels, Gauge>,
+    dns_addresses: Family<NameLabels, Gauge>,
+    dns_resolved: Family<NameLabels, Gauge>,
+    dns_lookups: Family<LookupLabels, Counter>,
     last: HashMap<String, u64>,
 }
 
@@ -95,6 +109,24 @@ impl Metrics {
         let flow_capacity = Gauge::default();
         let reloads = Family::<ResultLabels, Counter>::default();
         let policy = Family::<PolicyLabels, Gauge>::default();
+        let dns_addresses = Family::<NameLabels, Gauge>::default();
+        let dns_resolved = Family::<NameLabels, Gauge>::default();
+        let dns_lookups = Family::<LookupLabels, Counter>::default();
+        registry.register(
+            "dns_addresses",
+            "Addresses a DNS name of the policy stands for now (its last good answer)",
+            dns_addresses.clone(),
+        );
+        registry.register(
+            "dns_resolved_timestamp_seconds",
+            "When a DNS name's answer in force came (Unix time; absent: never resolved)",
+            dns_resolved.clone(),
+        );
+        registry.register(
+            "dns_lookups",
+            "Lookups of a DNS name of the policy, by result",
+            dns_lookups.clone(),
+        );
         registry.register(
             "packets",
             "Packets judged by the XDP program, by verdict and reason",
@@ -145,7 +177,38 @@ impl Metrics {
             flow_capacity,
             reloads,
             policy,
+            dns_addresses,
+            dns_resolved,
+            dns_lookups,
             last: HashMap::new(),
+        }
+    }
+
+    /// One lookup of `name` and what every name stands for after it.
+    pub fn dns_lookup(&self, name: &str, ok: bool, names: &[crate::protocol::DnsNameJson]) {
+        self.dns_lookups
+            .get_or_create(&LookupLabels {
+                name: name.to_string(),
+                result: if ok { "success" } else { "failure" },
+            })
+            .inc();
+        // Names the policy no longer uses disappear.
+        self.dns_addresses.clear();
+        self.dns_resolved.clear();
+        for n in names {
+            let l = NameLabels {
+                name: n.name.clone(),
+            };
+            self.dns_addresses
+                .get_or_create(&l)
+                .set(i64::try_from(n.addresses.len()).unwrap_or(i64::MAX));
+            if let Some(t) = n
+                .resolved_at
+                .as_deref()
+                .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+            {
+                self.dns_resolved.get_or_create(&l).set(t.as_second());
+            }
         }
     }
 

@@ -3,7 +3,7 @@
 //! changes moves the allowed source, a failing server keeps the last
 //! answer, and a restart without any server enforces the saved one.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{io::Write, net::SocketAddr, time::Duration};
 
 use ipguard_tests::{dns_server::DnsServer, *};
 
@@ -47,6 +47,22 @@ fn addresses(d: &Daemon, name: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The daemon's /metrics, read from inside the server's namespace.
+fn metrics(pair: &Pair, sa: SocketAddr) -> String {
+    pair.server
+        .run_in(move || -> Option<String> {
+            let mut s = std::net::TcpStream::connect_timeout(&sa, Duration::from_secs(2)).ok()?;
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                .ok()?;
+            let mut body = String::new();
+            std::io::Read::read_to_string(&mut s, &mut body).ok()?;
+            Some(body)
+        })
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+}
+
 #[test]
 fn names_follow_their_answers_and_outlive_the_server() {
     require_root();
@@ -68,7 +84,14 @@ fn names_follow_their_answers_and_outlive_the_server() {
     )
     .unwrap();
     let resolv = resolv.to_str().unwrap().to_string();
-    let args = ["--resolv-conf", resolv.as_str()];
+    let port = 20_000 + (std::process::id() % 1000) as u16;
+    let maddr = format!("127.0.0.1:{port}");
+    let args = [
+        "--resolv-conf",
+        resolv.as_str(),
+        "--metrics",
+        maddr.as_str(),
+    ];
     let mut d = Daemon::start_with(&pair, POLICY, &args).unwrap();
     let echo = UdpEcho::new(&pair.server, format!("{SERVER_V4}:9999").parse().unwrap()).unwrap();
     let within = Duration::from_secs(15);
@@ -126,6 +149,16 @@ fn names_follow_their_answers_and_outlive_the_server() {
         text.contains("dns name:   office.test -> [203.0.113.9]") && text.contains("failing since"),
         "{text}"
     );
+    let m = metrics(&pair, maddr.parse().unwrap());
+    for want in [
+        r#"ipguard_dns_addresses{name="office.test"} 1"#,
+        r#"ipguard_dns_addresses{name="big.test"} 2"#,
+        r#"ipguard_dns_lookups_total{name="office.test",result="failure"}"#,
+        r#"ipguard_dns_lookups_total{name="office.test",result="success"}"#,
+        r#"ipguard_dns_resolved_timestamp_seconds{name="office.test"}"#,
+    ] {
+        assert!(m.contains(want), "{want} not in\n{m}");
+    }
 
     // A restart with no server at all enforces the saved answers.
     drop(server);

@@ -883,7 +883,10 @@ impl Daemon {
                 }
                 Some(ev) = events.recv() => self.relay(ev).await,
                 Some(a) = dns_answers.recv() => {
-                    if self.dns.answer(a) {
+                    let (name, ok) = (a.name.clone(), a.result.is_ok());
+                    let changed = self.dns.answer(a);
+                    self.metrics.lock().await.dns_lookup(&name, ok, &self.dns.status());
+                    if changed {
                         self.refresh("DNS answer changed").await;
                     }
                 }
