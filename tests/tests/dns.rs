@@ -23,6 +23,7 @@ allow:
   - 198.51.100.2
   - { from: dns:office.test, label: Office }
   - dns4:big.test
+  - dns:missing.test
 ";
 
 /// The status entry of `name`.
@@ -119,6 +120,20 @@ fn names_follow_their_answers_and_outlive_the_server() {
             > 0
     );
 
+    // A name nobody answers for: an empty set, its failure said, and the
+    // rest of the policy in force.
+    let missing = wait_for(within, || {
+        name_status(&d, "missing.test").filter(|n| n["last_error"].is_string())
+    })
+    .expect("the failure of missing.test reported");
+    assert!(missing["resolved_at"].is_null(), "{missing}");
+    assert_eq!(missing["addresses"], serde_json::json!([]), "{missing}");
+    assert!(
+        d.log().contains("dns:missing.test: no answer yet"),
+        "{}",
+        d.log()
+    );
+
     // The answer changes: the allowed source moves within a TTL or two.
     server.set("office.test", &[CLIENT_V4_ALT]);
     wait_for(within, || {
@@ -126,10 +141,10 @@ fn names_follow_their_answers_and_outlive_the_server() {
     })
     .expect("the new address allowed");
     assert_eq!(addresses(&d, "office.test"), [CLIENT_V4_ALT]);
-    let st = d.status().unwrap();
+    let n = name_status(&d, "office.test").unwrap();
     assert!(
-        st["dns"][1]["resolved_at"].is_string() && st["dns"][1]["next_lookup"].is_string(),
-        "{st}"
+        n["resolved_at"].is_string() && n["next_lookup"].is_string(),
+        "{n}"
     );
 
     // The server fails: the failure is reported, the last answer stays.
