@@ -207,6 +207,18 @@ pub struct CheckArgs {
     /// Print the result as JSON on stdout (also when the policy is invalid).
     #[arg(long)]
     pub json: bool,
+    /// Resolve the policy's DNS names once (without it they stand for no
+    /// address) and show what they resolve to.
+    #[arg(long)]
+    pub resolve: bool,
+    /// The resolver configuration for `--resolve`.
+    #[arg(
+        long,
+        value_name = "FILE",
+        default_value = "/etc/resolv.conf",
+        requires = "resolve"
+    )]
+    pub resolv_conf: PathBuf,
 }
 
 /// Give the verdict of a policy for a packet, with the rule that decided.

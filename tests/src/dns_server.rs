@@ -79,26 +79,13 @@ impl DnsServer {
             threads.push(thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     match tcp.accept() {
-                        Ok((mut s, _)) => {
+                        // A thread per connection: resolvers keep theirs
+                        // open for more queries. Each ends at its
+                        // client's close or after 2 s of silence.
+                        Ok((s, _)) => {
                             count.fetch_add(1, Ordering::Relaxed);
-                            let _ = s.set_nonblocking(false);
-                            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-                            // Length-prefixed messages (RFC 1035 4.2.2).
-                            let mut len = [0u8; 2];
-                            while s.read_exact(&mut len).is_ok() {
-                                let mut q = vec![0u8; u16::from_be_bytes(len) as usize];
-                                if s.read_exact(&mut q).is_err() {
-                                    break;
-                                }
-                                let Some(out) = answer(&zone, &q, false) else {
-                                    break;
-                                };
-                                let mut framed = (out.len() as u16).to_be_bytes().to_vec();
-                                framed.extend_from_slice(&out);
-                                if s.write_all(&framed).is_err() {
-                                    break;
-                                }
-                            }
+                            let zone = zone.clone();
+                            thread::spawn(move || serve_tcp(s, &zone));
                         }
                         Err(_) => thread::sleep(Duration::from_millis(20)),
                     }
@@ -146,6 +133,27 @@ impl Drop for DnsServer {
         self.stop.store(true, Ordering::Relaxed);
         for t in self.threads.drain(..) {
             let _ = t.join();
+        }
+    }
+}
+
+/// Length-prefixed messages (RFC 1035 4.2.2) until the client closes.
+fn serve_tcp(mut s: std::net::TcpStream, zone: &Mutex<Zone>) {
+    let _ = s.set_nonblocking(false);
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut len = [0u8; 2];
+    while s.read_exact(&mut len).is_ok() {
+        let mut q = vec![0u8; u16::from_be_bytes(len) as usize];
+        if s.read_exact(&mut q).is_err() {
+            break;
+        }
+        let Some(out) = answer(zone, &q, false) else {
+            break;
+        };
+        let mut framed = (out.len() as u16).to_be_bytes().to_vec();
+        framed.extend_from_slice(&out);
+        if s.write_all(&framed).is_err() {
+            break;
         }
     }
 }

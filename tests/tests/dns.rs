@@ -147,6 +147,48 @@ fn names_follow_their_answers_and_outlive_the_server() {
         "{n}"
     );
 
+    // `check --resolve` asks the same server once; plain `check` does not.
+    let check = |extra: &[&str]| -> serde_json::Value {
+        let out = pair
+            .server
+            .command(ipguard_bin())
+            .arg("check")
+            .arg(&d.policy)
+            .arg("--json")
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let c = check(&["--resolve", "--resolv-conf", resolv.as_str()]);
+    let by_name = |c: &serde_json::Value, n: &str| {
+        c["dns"]
+            .as_array()
+            .and_then(|a| a.iter().find(|x| x["name"] == n).cloned())
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        by_name(&c, "dns:office.test")["addresses"],
+        serde_json::json!([CLIENT_V4_ALT]),
+        "{c}"
+    );
+    assert_eq!(
+        by_name(&c, "dns4:big.test")["addresses"],
+        serde_json::json!(["203.0.113.60", "203.0.113.61"]),
+        "{c}"
+    );
+    assert!(by_name(&c, "dns:missing.test")["error"].is_string(), "{c}");
+    // The literal entry, office.test and big.test's two.
+    assert_eq!(c["prefixes"]["ipv4"], 4, "{c}");
+    let c = check(&[]);
+    assert_eq!(by_name(&c, "dns:office.test")["resolved"], false, "{c}");
+    assert_eq!(c["prefixes"]["ipv4"], 1, "{c}");
+
     // The server fails: the failure is reported, the last answer stays.
     server.failing(true);
     wait_for(within, || {

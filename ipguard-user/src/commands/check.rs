@@ -55,21 +55,91 @@ pub fn run(args: &CheckArgs) -> Result<ExitCode> {
         }
         Ok(loaded) => {
             let now = SystemTime::now();
-            let compiled = policy::compile(&loaded.policy, now, &[]);
+            let names = names_of(args, &loaded.policy)?;
+            let mut answers = policy::Resolved::default();
+            for (n, r) in &names {
+                if let Some(Ok(a)) = r {
+                    answers.0.insert(n.name.clone(), a.clone());
+                }
+            }
+            let compiled = policy::compile_with(&loaded.policy, now, &[], &answers);
             let mut stderr = std::io::stderr().lock();
             for w in &loaded.warnings {
                 let _ = writeln!(stderr, "{w}");
             }
             if args.json {
-                let out = summary_json(&name, &loaded, &compiled);
+                let mut out = summary_json(&name, &loaded, &compiled);
+                out["dns"] = names_json(&names);
                 writeln!(stdout, "{out}").context("cannot write to stdout")?;
             } else {
                 write!(stdout, "{}", summary_text(&name, &loaded, &compiled, now))
                     .context("cannot write to stdout")?;
+                write!(stdout, "{}", names_text(&names)).context("cannot write to stdout")?;
             }
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// A DNS name of the policy and, with `--resolve`, what it resolved to
+/// (None: not looked up).
+type NameAnswer = (
+    policy::DnsName,
+    Option<std::result::Result<Vec<std::net::IpAddr>, String>>,
+);
+
+/// The policy's names, looked up once with `--resolve`.
+fn names_of(args: &CheckArgs, p: &policy::Policy) -> Result<Vec<NameAnswer>> {
+    let names = p.dns_names();
+    if !args.resolve || names.is_empty() {
+        return Ok(names.into_iter().map(|n| (n, None)).collect());
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the resolver's runtime")?;
+    let answers = rt.block_on(crate::daemon::dns::resolve_once(p, &args.resolv_conf));
+    Ok(answers
+        .into_iter()
+        .map(|(n, r)| {
+            // What this item takes of the name's A and AAAA records.
+            let r = r.map(|a| a.into_iter().filter(|x| n.wants(x)).collect());
+            (n, Some(r))
+        })
+        .collect())
+}
+
+fn names_text(names: &[NameAnswer]) -> String {
+    let mut out = String::new();
+    for (n, r) in names {
+        let what = match r {
+            None => "not resolved (`check --resolve` resolves it)".to_string(),
+            Some(Ok(a)) => format!(
+                "[{}]",
+                a.iter()
+                    .map(|x| x.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Some(Err(e)) => format!("lookup failed: {e}"),
+        };
+        out.push_str(&format!("  {n} -> {what}\n"));
+    }
+    out
+}
+
+fn names_json(names: &[NameAnswer]) -> serde_json::Value {
+    names
+        .iter()
+        .map(|(n, r)| {
+            json!({
+                "name": n.to_string(),
+                "resolved": matches!(r, Some(Ok(_))),
+                "addresses": match r { Some(Ok(a)) => a.clone(), _ => Vec::new() },
+                "error": match r { Some(Err(e)) => Some(e.clone()), _ => None },
+            })
+        })
+        .collect()
 }
 
 fn plural(n: usize, one: &str) -> String {

@@ -74,7 +74,7 @@ pub struct Dns {
 /// A resolver with `resolv_conf`'s servers and options, asking for A and
 /// AAAA and caching nothing (the daemon keeps the answers and asks again
 /// at their TTL).
-fn resolver(resolv_conf: &Path) -> std::result::Result<TokioResolver, String> {
+pub fn resolver(resolv_conf: &Path) -> std::result::Result<TokioResolver, String> {
     let text = std::fs::read(resolv_conf)
         .map_err(|e| format!("cannot read {}: {e}", resolv_conf.display()))?;
     let (config, mut opts): (ResolverConfig, ResolverOpts) =
@@ -301,6 +301,44 @@ fn rfc3339(t: SystemTime) -> String {
     jiff::Timestamp::try_from(t)
         .map(|t| t.round(jiff::Unit::Second).unwrap_or(t).to_string())
         .unwrap_or_default()
+}
+
+/// Each of `policy`'s names looked up once, at the same time: what
+/// `check --resolve` shows and compiles with.
+pub async fn resolve_once(
+    policy: &Policy,
+    resolv_conf: &Path,
+) -> Vec<(
+    crate::policy::DnsName,
+    std::result::Result<Vec<IpAddr>, String>,
+)> {
+    let names = policy.dns_names();
+    let r = resolver(resolv_conf).map(Arc::new);
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, n) in names.iter().enumerate() {
+        let (r, name) = (r.clone(), n.name.clone());
+        tasks.spawn(async move {
+            let out = match r {
+                Ok(r) => lookup(&r, &name).await.map(|(a, _)| a),
+                Err(e) => Err(e),
+            };
+            (i, out)
+        });
+    }
+    let mut out: Vec<_> = names
+        .iter()
+        .map(|n| (n.clone(), Err("not looked up".to_string())))
+        .collect();
+    while let Some(Ok((i, res))) = tasks.join_next().await {
+        if let Some(slot) = out.get_mut(i) {
+            slot.1 = res.map(|mut a| {
+                a.sort_unstable();
+                a.dedup();
+                a
+            });
+        }
+    }
+    out
 }
 
 /// A and AAAA of `name` (absolute: no search domains) and their TTL.
