@@ -737,6 +737,23 @@ fn confined(ns: &Netns, keep: &[u32]) -> Result<Command> {
     Ok(c)
 }
 
+/// `GET /metrics` from the server's namespace (the daemon listens there):
+/// the whole answer, or None if there was none.
+pub fn get_metrics(pair: &Pair, sa: SocketAddr) -> Option<String> {
+    use std::io::Write as _;
+    pair.server
+        .run_in(move || -> Option<String> {
+            let mut s = TcpStream::connect_timeout(&sa, Duration::from_secs(2)).ok()?;
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                .ok()?;
+            let mut body = String::new();
+            std::io::Read::read_to_string(&mut s, &mut body).ok()?;
+            Some(body)
+        })
+        .ok()
+        .flatten()
+}
+
 /// Sends `count` UDP datagrams from `src` (an address of `ns`) to `dst`.
 pub fn udp_send(ns: &Netns, src: IpAddr, dst: SocketAddr, count: usize) -> Result<()> {
     ns.run_in(move || -> io::Result<()> {

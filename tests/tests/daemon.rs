@@ -826,22 +826,6 @@ fn the_lockout_guard_refuses_to_cut_ssh_unless_forced() {
     );
 }
 
-/// `GET /metrics` from the server's namespace (the daemon listens there):
-/// the whole answer, or None if there was none.
-fn get_metrics(pair: &Pair, sa: SocketAddr) -> Option<String> {
-    pair.server
-        .run_in(move || -> Option<String> {
-            let mut s = std::net::TcpStream::connect_timeout(&sa, Duration::from_secs(2)).ok()?;
-            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-                .ok()?;
-            let mut body = String::new();
-            std::io::Read::read_to_string(&mut s, &mut body).ok()?;
-            Some(body)
-        })
-        .ok()
-        .flatten()
-}
-
 #[test]
 fn metrics_are_served() {
     require_root();

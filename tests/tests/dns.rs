@@ -3,7 +3,7 @@
 //! changes moves the allowed source, a failing server keeps the last
 //! answer, and a restart without any server enforces the saved one.
 
-use std::{io::Write, net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use ipguard_tests::{dns_server::DnsServer, *};
 
@@ -45,22 +45,6 @@ fn addresses(d: &Daemon, name: &str) -> Vec<String> {
                     .collect()
             })
         })
-        .unwrap_or_default()
-}
-
-/// The daemon's /metrics, read from inside the server's namespace.
-fn metrics(pair: &Pair, sa: SocketAddr) -> String {
-    pair.server
-        .run_in(move || -> Option<String> {
-            let mut s = std::net::TcpStream::connect_timeout(&sa, Duration::from_secs(2)).ok()?;
-            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-                .ok()?;
-            let mut body = String::new();
-            std::io::Read::read_to_string(&mut s, &mut body).ok()?;
-            Some(body)
-        })
-        .ok()
-        .flatten()
         .unwrap_or_default()
 }
 
@@ -206,7 +190,7 @@ fn names_follow_their_answers_and_outlive_the_server() {
         text.contains("dns name:   office.test -> [203.0.113.9]") && text.contains("failing since"),
         "{text}"
     );
-    let m = metrics(&pair, maddr.parse().unwrap());
+    let m = get_metrics(&pair, maddr.parse().unwrap()).unwrap_or_default();
     for want in [
         r#"ipguard_dns_addresses{name="office.test"} 1"#,
         r#"ipguard_dns_addresses{name="big.test"} 2"#,
