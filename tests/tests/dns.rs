@@ -215,3 +215,45 @@ fn names_follow_their_answers_and_outlive_the_server() {
     let n = name_status(&d, "office.test").unwrap();
     assert!(n["resolved_at"].is_string(), "{n}");
 }
+
+/// A host without a resolver configuration (a container may have none)
+/// hears about it only once its policy names a host, then in one line of
+/// the log and in each name's status.
+#[test]
+fn the_resolver_configuration_is_read_only_for_names() {
+    require_root();
+    let pair = Pair::new().unwrap();
+    let d = Daemon::start_with(
+        &pair,
+        "version: 1\nallow: [198.51.100.2]\n",
+        &["--resolv-conf", "/nonexistent/resolv.conf"],
+    )
+    .unwrap();
+    assert!(!d.log().contains("resolv.conf"), "{}", d.log());
+    let before = d.generation();
+    std::fs::write(
+        &d.policy,
+        "version: 1\nallow: [198.51.100.2, dns:office.test]\n",
+    )
+    .unwrap();
+    wait_for(Duration::from_secs(15), || {
+        (d.generation() > before).then_some(())
+    })
+    .expect("the policy with a name applied");
+    let n = wait_for(Duration::from_secs(15), || {
+        name_status(&d, "office.test").filter(|n| n["last_error"].is_string())
+    })
+    .expect("the failure reported");
+    assert!(
+        n["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("cannot read /nonexistent/resolv.conf")),
+        "{n}"
+    );
+    let log = d.log();
+    assert_eq!(
+        log.matches("DNS names cannot be resolved").count(),
+        1,
+        "{log}"
+    );
+}

@@ -60,8 +60,11 @@ struct Name {
 
 pub struct Dns {
     path: PathBuf,
-    /// None: the resolver configuration could not be read (the reason).
-    resolver: std::result::Result<Arc<TokioResolver>, String>,
+    resolv_conf: PathBuf,
+    /// Made at the first lookup: a policy without names never reads the
+    /// resolver configuration (a container may have none). Err: why it
+    /// could not be made (each lookup fails with that).
+    resolver: Option<std::result::Result<Arc<TokioResolver>, String>>,
     settings: DnsSettings,
     names: HashMap<Arc<str>, Name>,
     /// The answers the state file holds (names the policy may name later).
@@ -108,13 +111,10 @@ impl Dns {
             },
             Err(_) => BTreeMap::new(),
         };
-        let resolver = resolver(resolv_conf).map(Arc::new);
-        if let Err(e) = &resolver {
-            tracing::error!("DNS names cannot be resolved: {e}");
-        }
         Self {
             path,
-            resolver,
+            resolv_conf: resolv_conf.to_path_buf(),
+            resolver: None,
             settings: DnsSettings::default(),
             names: HashMap::new(),
             saved,
@@ -200,7 +200,16 @@ impl Dns {
             n.next_at = None;
             let name = name.clone();
             let tx = self.tx.clone();
-            let resolver = self.resolver.clone();
+            let resolver = self
+                .resolver
+                .get_or_insert_with(|| {
+                    let r = resolver(&self.resolv_conf).map(Arc::new);
+                    if let Err(e) = &r {
+                        tracing::error!("DNS names cannot be resolved: {e}");
+                    }
+                    r
+                })
+                .clone();
             tokio::spawn(async move {
                 let result = match resolver {
                     Ok(r) => lookup(&r, &name).await,
