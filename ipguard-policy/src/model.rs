@@ -253,6 +253,9 @@ pub struct Policy {
     /// the ports of a service named `ssh`.
     pub lockout_ports: Option<Vec<PortSpec>>,
     pub dns: DnsSettings,
+    /// Every DNS name its entries use, once, sorted: found when the policy
+    /// is read, since the daemon asks at every compile.
+    pub(crate) dns_names: Vec<DnsName>,
 }
 
 /// `dns:`: a name is resolved again when its answer's TTL runs out,
@@ -273,8 +276,13 @@ impl Default for DnsSettings {
 }
 
 impl Policy {
-    /// Every DNS name its entries use, once.
-    pub fn dns_names(&self) -> Vec<DnsName> {
+    /// Every DNS name its entries use, once, sorted.
+    pub fn dns_names(&self) -> &[DnsName] {
+        &self.dns_names
+    }
+
+    /// [`Policy::dns_names`] found in the lists.
+    pub(crate) fn find_dns_names(&self) -> Vec<DnsName> {
         let mut v: Vec<DnsName> = self
             .allow
             .iter()

@@ -137,7 +137,7 @@ pub(crate) fn validate(
     if sink.errors.len() > errors_before {
         return None;
     }
-    let policy = Policy {
+    let mut policy = Policy {
         mode,
         action,
         scope,
@@ -152,7 +152,9 @@ pub(crate) fn validate(
         reject_max_per_sec,
         lockout_ports,
         dns,
+        dns_names: Vec::new(),
     };
+    policy.dns_names = policy.find_dns_names();
     warn_covered(sink, &policy);
     warn_allows_nobody(sink, &policy, raw.mode.as_ref().and_then(spos), now);
     Some(policy)

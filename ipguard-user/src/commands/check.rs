@@ -92,7 +92,7 @@ type NameAnswer = (
 fn names_of(args: &CheckArgs, p: &policy::Policy) -> Result<Vec<NameAnswer>> {
     let names = p.dns_names();
     if !args.resolve || names.is_empty() {
-        return Ok(names.into_iter().map(|n| (n, None)).collect());
+        return Ok(names.iter().map(|n| (n.clone(), None)).collect());
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
