@@ -572,6 +572,11 @@ impl Builder {
                         self.claim(&IpNet::from(a), id, idx);
                     }
                 }
+                for f in e.feeds() {
+                    for n in dns.feed(f) {
+                        self.claim(n, id, idx);
+                    }
+                }
             }
         }
     }
@@ -585,8 +590,8 @@ pub fn compile(policy: &Arc<Policy>, at: SystemTime, runtime: &[RuntimeEntry]) -
 }
 
 /// [`compile`] with the addresses the policy's DNS names resolved to
-/// (the daemon's resolver's last answers); a name without one adds
-/// nothing.
+/// (the daemon's resolver's last answers) and the prefixes of its feeds'
+/// last good copies; a name or feed without one adds nothing.
 pub fn compile_with(
     policy: &Arc<Policy>,
     at: SystemTime,

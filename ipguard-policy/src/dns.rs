@@ -99,16 +99,26 @@ pub(crate) fn parse(s: &str) -> Option<Result<DnsName, String>> {
     }))
 }
 
-/// What the daemon's resolver last answered for each name (A and AAAA
-/// together; [`DnsName::wants`] picks per item). A name without an answer
-/// means nothing: an entry naming only it allows no one.
+/// What the daemon found for the policy's dynamic sources: what its
+/// resolver last answered for each name (A and AAAA together;
+/// [`DnsName::wants`] picks per item), and the prefixes of each feed's
+/// last good copy (by the feed's group). A name without an answer, a feed
+/// without a copy, means nothing: an entry naming only it allows no one.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Resolved(pub HashMap<Arc<str>, Vec<IpAddr>>);
+pub struct Resolved {
+    pub names: HashMap<Arc<str>, Vec<IpAddr>>,
+    pub feeds: HashMap<Arc<str>, Arc<[ipnet::IpNet]>>,
+}
 
 impl Resolved {
+    /// The prefixes feed `group` holds now.
+    pub fn feed(&self, group: &str) -> &[ipnet::IpNet] {
+        self.feeds.get(group).map_or(&[], |n| n)
+    }
+
     /// The addresses `n` stands for now.
     pub fn addresses<'a>(&'a self, n: &'a DnsName) -> impl Iterator<Item = IpAddr> + 'a {
-        self.0
+        self.names
             .get(&n.name)
             .into_iter()
             .flatten()
@@ -153,7 +163,7 @@ mod tests {
     #[test]
     fn an_item_takes_the_addresses_of_its_family() {
         let mut r = Resolved::default();
-        r.0.insert(
+        r.names.insert(
             Arc::from("a.test"),
             vec![
                 "198.51.100.7".parse().unwrap(),

@@ -14,6 +14,7 @@ mod diag;
 mod dns;
 mod entries;
 mod explain;
+mod feed;
 mod image;
 mod intervals;
 mod lists;
@@ -36,6 +37,10 @@ pub use diag::{Diagnostic, PolicyErrors, Pos, Severity};
 pub use dns::{DnsFamily, DnsName, Resolved};
 pub use entries::{Entries, EntryInfo};
 pub use explain::{ExplainRef, Explainer, Explanation, parse_port_query};
+pub use feed::{
+    DEFAULT_FEED_MAX_BYTES, DEFAULT_FEED_MAX_ENTRIES, DEFAULT_FEED_MAX_SHRINK_PERCENT,
+    DEFAULT_FEED_REFRESH, DEFAULT_FEED_TIMEOUT, Feed, FeedFormat, ParsedFeed,
+};
 pub use image::{SlotImage, TrieKey};
 pub use lists::{DiskLists, GivenLists, ListFile, ListSource};
 pub use model::{

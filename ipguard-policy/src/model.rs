@@ -86,6 +86,9 @@ pub struct Extras {
     /// `dns:` items, sorted, without duplicates: the entry also covers
     /// what they resolve to.
     pub dns: Vec<DnsName>,
+    /// The groups of the feeds it names (`{ url: … }` groups), sorted,
+    /// without duplicates: the entry also covers what they hold.
+    pub feeds: Vec<Arc<str>>,
 }
 
 /// Window edges [`Entry::active_until`] steps over.
@@ -105,6 +108,11 @@ impl Entry {
     /// The DNS names it covers the addresses of.
     pub fn dns(&self) -> &[DnsName] {
         self.extras.as_ref().map_or(&[], |t| &t.dns)
+    }
+
+    /// The feeds (by group) it covers the prefixes of.
+    pub fn feeds(&self) -> &[Arc<str>] {
+        self.extras.as_ref().map_or(&[], |t| &t.feeds)
     }
 
     pub fn is_active(&self, at: Timestamp) -> bool {
@@ -256,6 +264,9 @@ pub struct Policy {
     /// Every DNS name its entries use, once, sorted: found when the policy
     /// is read, since the daemon asks at every compile.
     pub(crate) dns_names: Vec<DnsName>,
+    /// The feeds (`{ url: … }` groups) its entries use, in the order the
+    /// policy defines them; the daemon fetches them.
+    pub feeds: Vec<Arc<crate::Feed>>,
 }
 
 /// `dns:`: a name is resolved again when its answer's TTL runs out,
@@ -294,6 +305,29 @@ impl Policy {
         v.sort_unstable();
         v.dedup();
         v
+    }
+
+    /// Of [`Policy::feeds`], the one group `group` defines.
+    pub fn feed(&self, group: &str) -> Option<&Arc<crate::Feed>> {
+        self.feeds.iter().find(|f| &*f.group == group)
+    }
+
+    /// The feeds of `feeds` that its lists use.
+    pub(crate) fn used_feeds(&self, feeds: Vec<Arc<crate::Feed>>) -> Vec<Arc<crate::Feed>> {
+        let mut used: Vec<&Arc<str>> = self
+            .allow
+            .iter()
+            .chain(&self.deny)
+            .chain(&self.always_allow)
+            .chain(self.services.iter().flat_map(|s| s.allow.iter().flatten()))
+            .flat_map(|e| e.feeds().iter())
+            .collect();
+        used.sort_unstable();
+        used.dedup();
+        feeds
+            .into_iter()
+            .filter(|f| used.binary_search(&&f.group).is_ok())
+            .collect()
     }
 
     /// The service whose ports hold (proto, port), as an index into

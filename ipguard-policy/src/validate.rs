@@ -90,6 +90,7 @@ pub(crate) fn validate(
         lists,
     );
     let group_names = groups.names.clone();
+    let feeds = std::mem::take(&mut groups.feeds);
 
     let mut entries = ListReader {
         sink,
@@ -153,8 +154,10 @@ pub(crate) fn validate(
         lockout_ports,
         dns,
         dns_names: Vec::new(),
+        feeds: Vec::new(),
     };
     policy.dns_names = policy.find_dns_names();
+    policy.feeds = policy.used_feeds(feeds);
     warn_covered(sink, &policy);
     warn_allows_nobody(sink, &policy, raw.mode.as_ref().and_then(spos), now);
     Some(policy)
@@ -201,6 +204,8 @@ fn interfaces(sink: &mut Sink, v: Option<&Spanned<ItemList>>) -> Vec<String> {
 struct Groups {
     names: Vec<String>,
     defs: HashMap<String, GroupDef>,
+    /// The `{ url: … }` groups, in the order the policy defines them.
+    feeds: Vec<Arc<crate::Feed>>,
 }
 
 struct GroupDef {
@@ -208,6 +213,8 @@ struct GroupDef {
     nets: Vec<IpNet>,
     /// Its `dns:` items.
     dns: Vec<DnsName>,
+    /// Its feed (a `{ url: … }` group is its own feed).
+    feeds: Vec<Arc<str>>,
     /// The groups it names, where.
     refs: Vec<(String, Option<Pos>)>,
     state: GroupState,
@@ -226,6 +233,8 @@ enum GroupState {
 struct Members {
     nets: Vec<IpNet>,
     dns: Vec<DnsName>,
+    /// The groups of the feeds it stands for.
+    feeds: Vec<Arc<str>>,
 }
 
 impl Groups {
@@ -237,6 +246,7 @@ impl Groups {
         let mut names = Vec::new();
         let mut defs: HashMap<String, GroupDef> = HashMap::new();
         let mut first_pos: HashMap<String, Option<Pos>> = HashMap::new();
+        let mut feeds = Vec::new();
         for (key, value) in raw {
             let name = key.value.0.as_str();
             let kpos = spos(key);
@@ -257,16 +267,15 @@ impl Groups {
             let mut refs = Vec::new();
             let items = match &value.value {
                 GroupValue::Items(items) => items,
-                GroupValue::File(f) => {
-                    let written = f.file.value.0.trim();
-                    let nets = if written.is_empty() {
-                        sink.error(
-                            spos(&f.file),
-                            format!("group {name:?}: `file:` needs the path of a list file"),
-                        );
-                        None
-                    } else {
-                        read_list(sink, lists.source, written, spos(&f.file), lists.read)
+                GroupValue::Source(src) => {
+                    let (nets, own_feeds) = match source(sink, name, src, spos(value), lists) {
+                        Some(Source::File(n)) => (Some(n), Vec::new()),
+                        Some(Source::Feed(f)) => {
+                            let group = f.group.clone();
+                            feeds.push(Arc::new(*f));
+                            (Some(Vec::new()), vec![group])
+                        }
+                        None => (None, Vec::new()),
                     };
                     let (nets, state) = match nets {
                         Some(n) => (n, GroupState::Todo),
@@ -279,6 +288,7 @@ impl Groups {
                         GroupDef {
                             nets,
                             dns: Vec::new(),
+                            feeds: own_feeds,
                             refs: Vec::new(),
                             state,
                         },
@@ -308,12 +318,13 @@ impl Groups {
                 GroupDef {
                     nets,
                     dns,
+                    feeds: Vec::new(),
                     refs,
                     state: GroupState::Todo,
                 },
             );
         }
-        Self { names, defs }
+        Self { names, defs, feeds }
     }
 
     /// The prefixes of group `name`, referenced at `pos`; None after an
@@ -407,6 +418,7 @@ impl Groups {
         };
         let mut nets = d.nets.clone();
         let mut dns = d.dns.clone();
+        let mut feeds = d.feeds.clone();
         for (c, _) in &d.refs {
             if let Some(GroupDef {
                 state: GroupState::Done(m),
@@ -415,6 +427,7 @@ impl Groups {
             {
                 nets.extend_from_slice(&m.nets);
                 dns.extend_from_slice(&m.dns);
+                feeds.extend_from_slice(&m.feeds);
             }
         }
         // Deduplicated per group, so that groups naming the same group many
@@ -423,8 +436,298 @@ impl Groups {
         nets.dedup();
         dns.sort_unstable();
         dns.dedup();
-        Members { nets, dns }
+        feeds.sort_unstable();
+        feeds.dedup();
+        Members { nets, dns, feeds }
     }
+}
+
+/// What a `{ file: … }` or `{ url: … }` group reads from.
+enum Source {
+    /// A list file's prefixes.
+    File(Vec<IpNet>),
+    /// A feed (its prefixes come from the daemon's last good copy).
+    Feed(Box<crate::Feed>),
+}
+
+/// The feed keys a `{ file: PATH }` group may not have.
+const FEED_KEYS: &str =
+    "format, json_path, refresh, max_entries, max_bytes, timeout, max_shrink, sha256";
+
+/// A group's `{ file: … }` or `{ url: … }`; None after errors (reported).
+fn source(
+    sink: &mut Sink,
+    name: &str,
+    src: &crate::yaml::RawSource,
+    pos: Option<Pos>,
+    lists: &mut Lists<'_>,
+) -> Option<Source> {
+    match (&src.file, &src.url) {
+        (Some(_), Some(u)) => {
+            sink.error(
+                spos(u),
+                format!("group {name:?} has both `file:` and `url:`: a group reads one source; split it into two groups"),
+            );
+            None
+        }
+        (None, None) => {
+            sink.error(
+                pos,
+                format!("group {name:?}: a mapping group needs `file: PATH` or `url: https://…`"),
+            );
+            None
+        }
+        (Some(f), None) => {
+            let feed_key = [
+                src.format.as_ref().map(spos),
+                src.json_path.as_ref().map(spos),
+                src.refresh.as_ref().map(spos),
+                src.max_entries.as_ref().map(spos),
+                src.max_bytes.as_ref().map(spos),
+                src.timeout.as_ref().map(spos),
+                src.max_shrink.as_ref().map(spos),
+                src.sha256.as_ref().map(spos),
+            ]
+            .into_iter()
+            .flatten()
+            .next();
+            if let Some(p) = feed_key {
+                sink.error(
+                    p,
+                    format!(
+                        "group {name:?}: {FEED_KEYS} belong to a `url:` feed, not to a list file"
+                    ),
+                );
+                return None;
+            }
+            let written = f.value.0.trim();
+            if written.is_empty() {
+                sink.error(
+                    spos(f),
+                    format!("group {name:?}: `file:` needs the path of a list file"),
+                );
+                return None;
+            }
+            read_list(sink, lists.source, written, spos(f), lists.read).map(Source::File)
+        }
+        (None, Some(u)) => feed(sink, name, src, u).map(|f| Source::Feed(Box::new(f))),
+    }
+}
+
+/// The longest URL a feed may have (browsers' and servers' common limit).
+const MAX_URL: usize = 2048;
+/// Bounds of a feed's settings: a refresh of at least a second (tests and
+/// fast-moving internal feeds), a week at most; a fetch may take 10 min.
+const FEED_REFRESH: (Duration, Duration, &str, &str) = (
+    Duration::from_secs(1),
+    Duration::from_secs(7 * 24 * 3600),
+    "1s",
+    "7d",
+);
+const FEED_TIMEOUT: (Duration, Duration, &str, &str) = (
+    Duration::from_secs(1),
+    Duration::from_secs(600),
+    "1s",
+    "10m",
+);
+const FEED_MAX_ENTRIES: u64 = 16 << 20;
+const FEED_MAX_BYTES: u64 = 1 << 30;
+
+fn feed(
+    sink: &mut Sink,
+    name: &str,
+    src: &crate::yaml::RawSource,
+    u: &Spanned<Scalar>,
+) -> Option<crate::Feed> {
+    use crate::feed::*;
+    let errors_before = sink.errors.len();
+    let url = u.value.0.trim();
+    match check_url(url) {
+        Ok(()) => {}
+        Err(why) => sink.error(spos(u), format!("group {name:?}: url {url:?} {why}")),
+    }
+    let format = match src.format.as_ref() {
+        None => FeedFormat::Lines,
+        Some(f) => {
+            match f.value.0.trim() {
+                "lines" => FeedFormat::Lines,
+                "json" => FeedFormat::Json,
+                other => {
+                    sink.error(
+                    spos(f),
+                    format!("group {name:?}: format {other:?} is not a feed format: use lines or json"),
+                );
+                    FeedFormat::Lines
+                }
+            }
+        }
+    };
+    let mut json_paths = Vec::new();
+    if let Some(p) = &src.json_path {
+        for (text, ppos) in p.value.items(spos(p)) {
+            match serde_json_path::JsonPath::parse(text.trim()) {
+                Ok(jp) => json_paths.push((text.trim().to_string(), jp)),
+                Err(e) => sink.error(
+                    ppos,
+                    format!("group {name:?}: json_path {text:?} is not a JSONPath (RFC 9535): {e}; write e.g. $.prefixes[*].ip_prefix"),
+                ),
+            }
+        }
+    }
+    match (format, &src.json_path) {
+        (FeedFormat::Json, None) => sink.error(
+            src.format.as_ref().and_then(spos),
+            format!("group {name:?}: format json needs json_path, the JSONPath of the address strings (e.g. $.prefixes[*].ip_prefix)"),
+        ),
+        (FeedFormat::Lines, Some(p)) => sink.error(
+            spos(p),
+            format!("group {name:?}: json_path is for format: json; a lines feed has one address item per line"),
+        ),
+        _ => {}
+    }
+    let mut duration = |v: &Option<Spanned<Scalar>>,
+                        key: &str,
+                        bounds: (Duration, Duration, &str, &str),
+                        default: Duration| {
+        let Some(v) = v else { return default };
+        match time::parse_duration(&v.value.0) {
+            Ok(d) if (bounds.0..=bounds.1).contains(&d) => d,
+            Ok(_) => {
+                sink.error(
+                    spos(v),
+                    format!(
+                        "group {name:?}: {key} {:?}: write a duration from {} to {}",
+                        v.value.0, bounds.2, bounds.3
+                    ),
+                );
+                default
+            }
+            Err(msg) => {
+                sink.error(spos(v), format!("group {name:?}: {key}: {msg}"));
+                default
+            }
+        }
+    };
+    let refresh = duration(&src.refresh, "refresh", FEED_REFRESH, DEFAULT_FEED_REFRESH);
+    let timeout = duration(&src.timeout, "timeout", FEED_TIMEOUT, DEFAULT_FEED_TIMEOUT);
+    let max_entries = match &src.max_entries {
+        None => DEFAULT_FEED_MAX_ENTRIES,
+        Some(v) => match v.value.0.trim().replace('_', "").parse::<u64>() {
+            Ok(n) if (1..=FEED_MAX_ENTRIES).contains(&n) => n as usize,
+            _ => {
+                sink.error(
+                    spos(v),
+                    format!("group {name:?}: max_entries {:?}: write a number from 1 to {FEED_MAX_ENTRIES}", v.value.0),
+                );
+                DEFAULT_FEED_MAX_ENTRIES
+            }
+        },
+    };
+    let max_bytes = match &src.max_bytes {
+        None => DEFAULT_FEED_MAX_BYTES,
+        Some(v) => match parse_size(&v.value.0) {
+            Some(n) if (1..=FEED_MAX_BYTES).contains(&n) => n,
+            _ => {
+                sink.error(
+                    spos(v),
+                    format!("group {name:?}: max_bytes {:?}: write a size from 1 byte to 1GiB, e.g. 4MiB", v.value.0),
+                );
+                DEFAULT_FEED_MAX_BYTES
+            }
+        },
+    };
+    let max_shrink_percent = match &src.max_shrink {
+        None => DEFAULT_FEED_MAX_SHRINK_PERCENT,
+        Some(v) => {
+            let t = v.value.0.trim();
+            match t.strip_suffix('%').unwrap_or(t).trim().parse::<u8>() {
+                Ok(n) if n <= 100 => n,
+                _ => {
+                    sink.error(
+                        spos(v),
+                        format!("group {name:?}: max_shrink {t:?}: write a share from 0% to 100% (100% turns the guard off)"),
+                    );
+                    DEFAULT_FEED_MAX_SHRINK_PERCENT
+                }
+            }
+        }
+    };
+    let sha256 = src.sha256.as_ref().and_then(|v| {
+        let t = v.value.0.trim().to_ascii_lowercase();
+        if t.len() == 64 && t.bytes().all(|c| c.is_ascii_hexdigit()) {
+            Some(t)
+        } else {
+            sink.error(
+                spos(v),
+                format!(
+                    "group {name:?}: sha256 {:?} is not a SHA-256: write its 64 hex digits",
+                    v.value.0
+                ),
+            );
+            None
+        }
+    });
+    if sink.errors.len() > errors_before {
+        return None;
+    }
+    Some(crate::Feed {
+        group: Arc::from(name),
+        url: Arc::from(url),
+        format,
+        json_paths,
+        refresh,
+        max_entries,
+        max_bytes,
+        timeout,
+        max_shrink_percent,
+        sha256,
+    })
+}
+
+/// Whether `url` is an absolute https URL with a host. Feeds are fetched
+/// over TLS only: an allowlist read over plain HTTP is anyone's on the
+/// path to change.
+fn check_url(url: &str) -> Result<(), String> {
+    if url.len() > MAX_URL {
+        return Err(format!("is longer than {MAX_URL} characters"));
+    }
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| format!("is not a URL ({e}): write https://HOST/PATH"))?;
+    match uri.scheme_str() {
+        Some("https") => {}
+        Some("http") => {
+            return Err(
+                "is plain HTTP: feeds are fetched over https only (an allowlist read over HTTP is anyone's on the path to change)"
+                    .to_string(),
+            );
+        }
+        _ => return Err("is not an https URL: write https://HOST/PATH".to_string()),
+    }
+    match uri.host() {
+        Some(h) if !h.is_empty() => {}
+        _ => return Err("has no host: write https://HOST/PATH".to_string()),
+    }
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err("holds credentials: a policy is no place for a password".to_string());
+    }
+    Ok(())
+}
+
+/// `4096`, `512KiB`, `16MiB`, `1GiB` (also `KB`, `MB`, `GB` as their
+/// binary multiples, and `B`).
+fn parse_size(s: &str) -> Option<u64> {
+    let t = s.trim();
+    let digits = t.bytes().take_while(|c| c.is_ascii_digit()).count();
+    let n: u64 = t[..digits].parse().ok()?;
+    let unit: u64 = match t[digits..].trim() {
+        "" | "B" => 1,
+        "KiB" | "KB" | "K" => 1 << 10,
+        "MiB" | "MB" | "M" => 1 << 20,
+        "GiB" | "GB" | "G" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(unit)
 }
 
 /// The shortest and longest re-resolution intervals an operator may set.
@@ -496,16 +799,17 @@ impl ListReader<'_> {
         let mut nets = std::mem::take(&mut self.nets);
         nets.clear();
         let mut dns = Vec::new();
+        let mut feeds = Vec::new();
         let (text, label, until, when) = match &e.value {
             RawEntry::Item(s) => {
-                self.item(s, epos, &mut nets, &mut dns);
+                self.item(s, epos, &mut nets, &mut dns, &mut feeds);
                 (s.clone(), None, None, None)
             }
             RawEntry::Map(m) => {
                 let mut any = false;
                 m.from.value.for_each(spos(&m.from), |t, pos| {
                     any = true;
-                    self.item(t, pos, &mut nets, &mut dns);
+                    self.item(t, pos, &mut nets, &mut dns, &mut feeds);
                 });
                 if !any {
                     self.sink.error(
@@ -556,6 +860,8 @@ impl ListReader<'_> {
         }
         dns.sort_unstable();
         dns.dedup();
+        feeds.sort_unstable();
+        feeds.dedup();
         let own = SmallVec::from_slice(&nets);
         let text = Written::new(&text, &nets);
         self.nets = nets;
@@ -566,15 +872,29 @@ impl ListReader<'_> {
             text,
             nets: own,
             label: label.map(Arc::from),
-            extras: (until.is_some() || when.is_some() || !dns.is_empty())
-                .then(|| Box::new(crate::model::Extras { until, when, dns })),
+            extras: (until.is_some() || when.is_some() || !dns.is_empty() || !feeds.is_empty())
+                .then(|| {
+                    Box::new(crate::model::Extras {
+                        until,
+                        when,
+                        dns,
+                        feeds,
+                    })
+                }),
             pos: epos,
         })
     }
 
     /// One address item of an entry, its prefixes appended to `nets`, its
-    /// DNS names to `dns`.
-    fn item(&mut self, t: &str, pos: Option<Pos>, nets: &mut Vec<IpNet>, dns: &mut Vec<DnsName>) {
+    /// DNS names to `dns`, the groups of its feeds to `feeds`.
+    fn item(
+        &mut self,
+        t: &str,
+        pos: Option<Pos>,
+        nets: &mut Vec<IpNet>,
+        dns: &mut Vec<DnsName>,
+        feeds: &mut Vec<Arc<str>>,
+    ) {
         match addr::parse_item(t, nets) {
             Ok(Item::Nets { host_bits }) => {
                 if let Some(h) = host_bits {
@@ -585,6 +905,7 @@ impl ListReader<'_> {
                 if let Some(m) = self.groups.expand(self.sink, g, pos) {
                     nets.extend_from_slice(&m.nets);
                     dns.extend_from_slice(&m.dns);
+                    feeds.extend_from_slice(&m.feeds);
                 }
             }
             Ok(Item::Name(n)) => dns.push(n),
@@ -1010,8 +1331,8 @@ fn warn_covered_list(sink: &mut Sink, list: &[Entry], what: &str) {
     let cands = covering(list);
     for (e, c) in cands.iter().enumerate() {
         let Some(c) = c else { continue };
-        // What its names resolve to is not known here.
-        if !list[e].dns().is_empty() {
+        // What its names resolve to and its feeds hold is not known here.
+        if !list[e].dns().is_empty() || !list[e].feeds().is_empty() {
             continue;
         }
         // Two entries with the same prefixes cover each other: only the
@@ -1056,7 +1377,8 @@ fn warn_allows_nobody(sink: &mut Sink, p: &Policy, mode_pos: Option<Pos>, now: T
     // times; only an expired one does not.
     let any_active = |l: &[Entry]| {
         l.iter().any(|e| {
-            e.until().is_none_or(|u| now < u) && !(e.nets.is_empty() && e.dns().is_empty())
+            e.until().is_none_or(|u| now < u)
+                && !(e.nets.is_empty() && e.dns().is_empty() && e.feeds().is_empty())
         })
     };
     let someone = any_active(&p.allow)

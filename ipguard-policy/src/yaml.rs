@@ -262,18 +262,31 @@ impl<'de> Deserialize<'de> for ItemList {
     }
 }
 
-/// A group: its address items, or a source of them (`{ file: PATH }`).
+/// A group: its address items, or a source of them (`{ file: PATH }`,
+/// `{ url: URL, … }`).
 #[derive(Debug)]
 pub(crate) enum GroupValue {
     Items(ItemList),
-    File(RawListFile),
+    Source(Box<RawSource>),
 }
 
-/// `{ file: PATH }`: one address item per line of the file.
+/// `{ file: PATH }` (one address item per line of the file) or `{ url:
+/// URL, format, json_path, refresh, max_entries, max_bytes, timeout,
+/// max_shrink, sha256 }` (a feed the daemon fetches). One mapping for
+/// both, so that a key of the other kind is an error validation words.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RawListFile {
-    pub file: Spanned<Scalar>,
+pub(crate) struct RawSource {
+    pub file: Option<Spanned<Scalar>>,
+    pub url: Option<Spanned<Scalar>>,
+    pub format: Option<Spanned<Scalar>>,
+    pub json_path: Option<Spanned<ItemList>>,
+    pub refresh: Option<Spanned<Scalar>>,
+    pub max_entries: Option<Spanned<Scalar>>,
+    pub max_bytes: Option<Spanned<Scalar>>,
+    pub timeout: Option<Spanned<Scalar>>,
+    pub max_shrink: Option<Spanned<Scalar>>,
+    pub sha256: Option<Spanned<Scalar>>,
 }
 
 struct GroupVisitor;
@@ -281,7 +294,7 @@ struct GroupVisitor;
 impl<'de> Visitor<'de> for GroupVisitor {
     type Value = GroupValue;
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a list of address items, or `{ file: PATH }`")
+        f.write_str("a list of address items, `{ file: PATH }` or `{ url: URL }`")
     }
     fn visit_str<E: de::Error>(self, v: &str) -> Result<GroupValue, E> {
         ItemListVisitor.visit_str(v).map(GroupValue::Items)
@@ -308,7 +321,8 @@ impl<'de> Visitor<'de> for GroupVisitor {
         ItemListVisitor.visit_seq(seq).map(GroupValue::Items)
     }
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<GroupValue, A::Error> {
-        RawListFile::deserialize(de::value::MapAccessDeserializer::new(map)).map(GroupValue::File)
+        RawSource::deserialize(de::value::MapAccessDeserializer::new(map))
+            .map(|s| GroupValue::Source(Box::new(s)))
     }
 }
 

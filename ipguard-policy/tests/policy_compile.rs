@@ -854,15 +854,15 @@ deny:
     assert_eq!(verdict(&c, "203.0.113.3", "-"), ("pass", "allowed"));
     let mut dns = policy::Resolved::default();
     let addrs = |v: &[&str]| v.iter().map(|a| a.parse::<IpAddr>().unwrap()).collect();
-    dns.0.insert(
+    dns.names.insert(
         "office.test".into(),
         addrs(&["198.51.100.7", "2001:db8::7"]),
     );
-    dns.0.insert(
+    dns.names.insert(
         "v6only.test".into(),
         addrs(&["198.51.100.8", "2001:db8::8"]),
     );
-    dns.0
+    dns.names
         .insert("bad.test".into(), addrs(&["198.51.100.7", "2001:db8::9"]));
     let c = policy::compile_with(&p, now(), &[], &dns);
     let ex = Explainer::new(&c);

@@ -55,6 +55,17 @@ struct NameLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FeedLabels {
+    feed: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FetchLabels {
+    feed: String,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct LookupLabels {
     name: String,
     result: &'static str,
@@ -89,6 +100,11 @@ pub struct Metrics {
     dns_addresses: Family<NameLabels, Gauge>,
     dns_resolved: Family<NameLabels, Gauge>,
     dns_lookups: Family<LookupLabels, Counter>,
+    feed_entries: Family<FeedLabels, Gauge>,
+    feed_success: Family<FeedLabels, Gauge>,
+    feed_failure: Family<FeedLabels, Gauge>,
+    feed_next: Family<FeedLabels, Gauge>,
+    feed_fetches: Family<FetchLabels, Counter>,
     last: HashMap<String, u64>,
 }
 
@@ -112,6 +128,36 @@ impl Metrics {
         let dns_addresses = Family::<NameLabels, Gauge>::default();
         let dns_resolved = Family::<NameLabels, Gauge>::default();
         let dns_lookups = Family::<LookupLabels, Counter>::default();
+        let feed_entries = Family::<FeedLabels, Gauge>::default();
+        let feed_success = Family::<FeedLabels, Gauge>::default();
+        let feed_failure = Family::<FeedLabels, Gauge>::default();
+        let feed_next = Family::<FeedLabels, Gauge>::default();
+        let feed_fetches = Family::<FetchLabels, Counter>::default();
+        registry.register(
+            "feed_entries",
+            "Address items of a URL feed's copy in force (by the group it defines)",
+            feed_entries.clone(),
+        );
+        registry.register(
+            "feed_success_timestamp_seconds",
+            "When a URL feed was last fetched without failure (Unix time)",
+            feed_success.clone(),
+        );
+        registry.register(
+            "feed_failure_timestamp_seconds",
+            "When a URL feed's fetch last failed or was held (Unix time; absent: its last fetch succeeded)",
+            feed_failure.clone(),
+        );
+        registry.register(
+            "feed_next_fetch_timestamp_seconds",
+            "When a URL feed is fetched next (Unix time)",
+            feed_next.clone(),
+        );
+        registry.register(
+            "feed_fetches",
+            "Fetches of a URL feed by result: changed, unchanged, not_modified, held (shrink guard), failure",
+            feed_fetches.clone(),
+        );
         registry.register(
             "dns_addresses",
             "Addresses a DNS name of the policy stands for now (its last good answer)",
@@ -180,7 +226,57 @@ impl Metrics {
             dns_addresses,
             dns_resolved,
             dns_lookups,
+            feed_entries,
+            feed_success,
+            feed_failure,
+            feed_next,
+            feed_fetches,
             last: HashMap::new(),
+        }
+    }
+
+    /// One fetch of feed `group` and the state of every feed after it.
+    pub fn feed_fetch(
+        &self,
+        group: &str,
+        result: &'static str,
+        feeds: &[crate::protocol::FeedJson],
+    ) {
+        self.feed_fetches
+            .get_or_create(&FetchLabels {
+                feed: group.to_string(),
+                result,
+            })
+            .inc();
+        let secs = |t: &Option<String>| {
+            t.as_deref()
+                .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+                .map(|t| t.as_second())
+        };
+        for g in [
+            &self.feed_entries,
+            &self.feed_success,
+            &self.feed_failure,
+            &self.feed_next,
+        ] {
+            g.clear();
+        }
+        for f in feeds {
+            let l = FeedLabels {
+                feed: f.group.clone(),
+            };
+            self.feed_entries
+                .get_or_create(&l)
+                .set(i64::try_from(f.items).unwrap_or(i64::MAX));
+            for (gauge, t) in [
+                (&self.feed_success, &f.fetched_at),
+                (&self.feed_failure, &f.last_failure),
+                (&self.feed_next, &f.next_fetch),
+            ] {
+                if let Some(s) = secs(t) {
+                    gauge.get_or_create(&l).set(s);
+                }
+            }
         }
     }
 

@@ -138,6 +138,36 @@ pub struct StatusReport {
     /// The policy's DNS names (filled by the daemon).
     #[serde(default)]
     pub dns: Vec<DnsNameJson>,
+    /// The policy's URL feeds (filled by the daemon).
+    #[serde(default)]
+    pub feeds: Vec<FeedJson>,
+}
+
+/// A URL feed of the policy in force and the copy of it in force.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FeedJson {
+    /// The group it defines.
+    pub group: String,
+    pub url: String,
+    /// Prefixes of the copy in force (0 without one).
+    pub prefixes: usize,
+    /// Address items of that copy.
+    pub items: usize,
+    /// SHA-256 of that copy's body.
+    pub sha256: Option<String>,
+    /// When that copy was fetched (RFC 3339); None: never.
+    pub changed_at: Option<String>,
+    /// The last fetch that succeeded, whether or not it changed the copy
+    /// (a 304, or the same body).
+    pub fetched_at: Option<String>,
+    /// When it is fetched next; None while a fetch runs.
+    pub next_fetch: Option<String>,
+    /// True while a fetched copy is held by the shrink guard.
+    pub held: bool,
+    /// The last fetch's failure (or hold), until one succeeds.
+    pub last_error: Option<String>,
+    /// When a fetch last failed or was held (kept after a success).
+    pub last_failure: Option<String>,
 }
 
 /// A DNS name of the policy in force and what it stands for now.

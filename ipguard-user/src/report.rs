@@ -119,6 +119,7 @@ pub fn collect(maps: &Maps, state_dir: &std::path::Path) -> Result<StatusReport>
     let caps = maps.capacities();
     Ok(StatusReport {
         dns: Vec::new(),
+        feeds: Vec::new(),
         daemon: true,
         kernel: crate::kernel::probe(),
         attached,

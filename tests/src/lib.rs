@@ -29,6 +29,7 @@ use nix::sched::{CloneFlags, setns};
 
 pub mod dns_server;
 pub mod frames;
+pub mod https_server;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -453,6 +454,8 @@ pub struct Daemon {
     /// stdout is a pipe this side never reads (see
     /// [`Daemon::start_with_stdout_unread`]).
     stdout_unread: bool,
+    /// Environment variables the daemon gets (also on restart).
+    env: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -484,6 +487,23 @@ impl Daemon {
         prepare: fn() -> io::Result<()>,
     ) -> Result<Self> {
         Self::launch(pair, policy, &[], None, Some(prepare))
+    }
+
+    /// Like [`Daemon::start_with`], with environment variables of its own
+    /// (kept for restarts).
+    pub fn start_with_env(
+        pair: &Pair,
+        policy: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
+        let mut d = Self::unspawned(PinDir::new()?, policy, None, None)?;
+        d.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        d.spawn(pair, extra)?;
+        Ok(d)
     }
 
     fn launch(
@@ -534,6 +554,7 @@ impl Daemon {
             caps,
             prepare,
             stdout_unread: false,
+            env: Vec::new(),
         })
     }
 
@@ -574,6 +595,7 @@ impl Daemon {
             .arg("--socket")
             .arg(self.socket())
             .args(extra)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(if self.stdout_unread {
                 Stdio::piped()

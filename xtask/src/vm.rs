@@ -62,8 +62,9 @@ pub const KERNELS: &[KernelSpec] = &[
 
 /// The test binaries of the `tests` crate that run in each guest. The
 /// benchmark is left out (its figures mean nothing under emulation), and
-/// so is `dns` (names are resolved by the daemon; the kernel only ever
-/// sees the prefixes, which every guest tests).
+/// so are `dns` and `feeds` (names are resolved and feeds fetched by the
+/// daemon; the kernel only ever sees the prefixes, which every guest
+/// tests).
 const GUEST_TESTS: &[&str] = &[
     "verdicts",
     "verdicts_differential",

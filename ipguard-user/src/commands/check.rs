@@ -59,7 +59,7 @@ pub fn run(args: &CheckArgs) -> Result<ExitCode> {
             let mut answers = policy::Resolved::default();
             for (n, r) in &names {
                 if let Some(Ok(a)) = r {
-                    answers.0.insert(n.name.clone(), a.clone());
+                    answers.names.insert(n.name.clone(), a.clone());
                 }
             }
             let compiled = policy::compile_with(&loaded.policy, now, &[], &answers);

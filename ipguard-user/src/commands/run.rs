@@ -196,6 +196,7 @@ fn bring_up(
         events_tx,
         stdout: daemon::stdout::EventOut::spawn()?,
         dns: daemon::dns::Dns::new(&args.loc.state_dir, &args.resolv_conf),
+        feeds: daemon::feeds::Feeds::new(&args.loc.state_dir),
     };
     // The policy goes in before the program is attached: a fresh install
     // never passes a packet the policy would refuse.

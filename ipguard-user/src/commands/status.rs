@@ -189,6 +189,27 @@ pub fn render(st: &StatusReport) -> String {
             addrs.join(", ")
         );
     }
+    for f in &st.feeds {
+        let copy = match &f.changed_at {
+            Some(t) => format!("{} entries, {} prefixes, copy of {t}", f.items, f.prefixes),
+            None => "no copy yet: stands for no address".to_string(),
+        };
+        let fetched = f
+            .fetched_at
+            .as_ref()
+            .map(|t| format!("; fetched {t}"))
+            .unwrap_or_default();
+        let failed = match (&f.last_error, &f.last_failure) {
+            (Some(e), Some(t)) if f.held => format!("; {e} (at {t})"),
+            (Some(e), Some(t)) => format!("; last fetch failed at {t}: {e}"),
+            _ => String::new(),
+        };
+        let _ = writeln!(
+            o,
+            "feed:       {} {} ({copy}{fetched}{failed})",
+            f.group, f.url
+        );
+    }
     for l in &st.lists {
         let _ = writeln!(
             o,

@@ -179,7 +179,7 @@ impl Dns {
                     .map(|s| s.addresses.clone())
                     .unwrap_or_default(),
             };
-            r.0.insert(n.name.clone(), addrs);
+            r.names.insert(n.name.clone(), addrs);
         }
         r
     }

@@ -6,6 +6,7 @@
 
 pub mod blocked;
 pub mod dns;
+pub mod feeds;
 pub mod server;
 pub mod stdout;
 pub mod watch;
@@ -96,6 +97,8 @@ pub struct Daemon {
     pub stdout: stdout::EventOut,
     /// The policy's DNS names and their answers.
     pub dns: dns::Dns,
+    /// The policy's URL feeds and their copies.
+    pub feeds: feeds::Feeds,
 }
 
 /// How many of a policy file's warnings a reload writes to the log.
@@ -269,12 +272,15 @@ impl Daemon {
         src: Source,
         force: bool,
     ) -> Result<(crate::datapath::ApplyStats, ApplyAnswer), CliError> {
+        let mut found = self.dns.answers_for(&src.policy);
+        found.feeds = self.feeds.copies_for(&src.policy);
         let compiled = policy::compile_with(
             &src.policy,
             SystemTime::now(),
             &self.runtime.policy_entries(),
-            &self.dns.answers_for(&src.policy),
+            &found,
         );
+        drop(found);
         // One explainer of the new policy serves the lockout guard and the
         // flow pruning (at a million prefixes it takes tens of ms).
         let ex = Explainer::new(&compiled);
@@ -316,6 +322,7 @@ impl Daemon {
         drop(ex);
         self.compiled = compiled;
         self.dns.track(&src.policy);
+        self.feeds.track(&src.policy);
         self.current = src;
         release_freed_memory();
         let answer = ApplyAnswer {
@@ -526,6 +533,7 @@ impl Daemon {
             self.next_edge(),
             self.pending.as_ref().map(|p| p.deadline),
             self.dns.next_due(),
+            self.feeds.next_due(),
         ]
         .into_iter()
         .flatten()
@@ -555,6 +563,7 @@ impl Daemon {
                             .collect();
                     }
                     st.dns = self.dns.status();
+                    st.feeds = self.feeds.status();
                     Response::ok(serde_json::to_value(st).unwrap_or_default())
                 }
                 Err(e) => Response::err(Exit::System, format!("{e:#}")),
@@ -836,6 +845,7 @@ impl Daemon {
         mut events: mpsc::Receiver<DropEvent>,
     ) -> Result<()> {
         let mut dns_answers = self.dns.answers();
+        let mut feed_outcomes = self.feeds.outcomes();
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut hup = signal(SignalKind::hangup())?;
@@ -890,9 +900,20 @@ impl Daemon {
                         self.refresh("DNS answer changed").await;
                     }
                 }
+                Some(o) = feed_outcomes.recv() => {
+                    let group = o.group.clone();
+                    let (changed, result) = self.feeds.outcome(o);
+                    if let Some(result) = result {
+                        self.metrics.lock().await.feed_fetch(&group, result, &self.feeds.status());
+                    }
+                    if changed {
+                        self.refresh("feed changed").await;
+                    }
+                }
                 _ = timer => {
                     let now = Instant::now();
                     self.dns.start_due();
+                    self.feeds.start_due();
                     if let Some(p) = self.pending.take_if(|p| p.deadline <= now) {
                         tracing::warn!("no `ipguard confirm` in time: rolling back to {}", p.previous.path.display());
                         if let Err(e) = self.install(p.previous, true, "rollback") {
