@@ -79,7 +79,11 @@ fn a_feed_is_followed_held_and_outlives_its_server() {
     let port = 21_000 + (std::process::id() % 1000) as u16;
     let maddr = format!("127.0.0.1:{port}");
     let args = ["--metrics", maddr.as_str()];
-    let env = [("SSL_CERT_FILE", ca_file.to_str().unwrap())];
+    // A proxy of the host's environment must not see the test's fetches.
+    let env = [
+        ("SSL_CERT_FILE", ca_file.to_str().unwrap()),
+        ("NO_PROXY", "*"),
+    ];
     let mut d = Daemon::start_with_env(&pair, &policy, &args, &env).unwrap();
     let echo = UdpEcho::new(&pair.server, format!("{SERVER_V4}:9999").parse().unwrap()).unwrap();
 
@@ -236,7 +240,11 @@ allow: [198.51.100.2, many, big, unsized, shape, tls]
         server.url("/shape.json"),
         untrusted.url("/tls.txt"),
     );
-    let env = [("SSL_CERT_FILE", ca_file.to_str().unwrap())];
+    // A proxy of the host's environment must not see the test's fetches.
+    let env = [
+        ("SSL_CERT_FILE", ca_file.to_str().unwrap()),
+        ("NO_PROXY", "*"),
+    ];
     let d = Daemon::start_with_env(&pair, &policy, &[], &env).unwrap();
     for g in ["many", "big", "unsized", "shape"] {
         wait_for(within(), || feed_status(&d, g).filter(|f| f["items"] == 1))
