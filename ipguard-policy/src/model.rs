@@ -307,6 +307,28 @@ impl Policy {
         v
     }
 
+    /// The entry of list `list` written at `line` as `text` (what an
+    /// [`crate::EntryInfo`] names): its DNS names and feeds, say.
+    pub fn entry_at(
+        &self,
+        list: crate::ListKind,
+        line: usize,
+        text: &crate::Written,
+    ) -> Option<&Entry> {
+        let entries: &[Entry] = match list {
+            crate::ListKind::Allow => &self.allow,
+            crate::ListKind::Deny => &self.deny,
+            crate::ListKind::AlwaysAllow => &self.always_allow,
+            crate::ListKind::Service(i) => self
+                .services
+                .get(usize::from(i))
+                .and_then(|s| s.allow.as_deref())?,
+        };
+        entries
+            .iter()
+            .find(|e| e.pos.is_some_and(|p| p.line as usize == line) && &e.text == text)
+    }
+
     /// Of [`Policy::feeds`], the one group `group` defines.
     pub fn feed(&self, group: &str) -> Option<&Arc<crate::Feed>> {
         self.feeds.iter().find(|f| &*f.group == group)

@@ -224,14 +224,22 @@ pub struct CheckArgs {
 /// Give the verdict of a policy for a packet, with the rule that decided.
 #[derive(Debug, Args)]
 #[command(
+    override_usage = "ipguard explain FILE SRC [PROTO/PORT] [--at TIME] [--json]\n       \
+ipguard explain FILE --stdin [--at TIME] --json\n       \
+ipguard explain --daemon SRC [PROTO/PORT] [--json]",
     after_help = "Examples:\n  ipguard explain policy.yaml 203.0.113.9 tcp/22\n  \
-printf '203.0.113.9 tcp/22\\n2001:db8::1\\n' | ipguard explain policy.yaml --stdin --json"
+printf '203.0.113.9 tcp/22\\n2001:db8::1\\n' | ipguard explain policy.yaml --stdin --json\n  \
+ipguard explain --daemon 203.0.113.9 tcp/22   # as the running daemon judges it now"
 )]
 pub struct ExplainArgs {
-    /// The policy file.
-    pub file: PathBuf,
+    /// The policy file (with --daemon: the source address).
+    #[arg(required_unless_present = "daemon", value_name = "FILE")]
+    pub file: Option<PathBuf>,
     /// Source address of the packet.
-    #[arg(required_unless_present = "stdin", conflicts_with = "stdin")]
+    #[arg(
+        required_unless_present_any = ["stdin", "daemon"],
+        conflicts_with = "stdin"
+    )]
     pub src: Option<String>,
     /// Protocol and destination port, e.g. tcp/22 (without it: a packet
     /// that matches no service port).
@@ -248,6 +256,13 @@ pub struct ExplainArgs {
     /// service, entry, label).
     #[arg(long)]
     pub json: bool,
+    /// Ask the running daemon instead of reading a file: its policy in
+    /// force with its runtime entries, the DNS answers and the feed copies
+    /// it holds now (and, for the deciding entry, those names and feeds).
+    #[arg(long, conflicts_with_all = ["stdin", "at"])]
+    pub daemon: bool,
+    #[command(flatten)]
+    pub sock: SocketArg,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -57,6 +57,11 @@ pub enum Request {
         label: Option<String>,
     },
     Blocked {},
+    /// `ipguard explain --daemon`: a packet judged by the policy in force.
+    Explain {
+        src: String,
+        port: Option<String>,
+    },
 }
 
 /// One source of `deny`.

@@ -125,6 +125,17 @@ fn names_follow_their_answers_and_outlive_the_server() {
     })
     .expect("the new address allowed");
     assert_eq!(addresses(&d, "office.test"), [CLIENT_V4_ALT]);
+    // `explain --daemon` judges with the answer in force and shows it.
+    let out = d
+        .client(&["explain", "--daemon", CLIENT_V4_ALT])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("pass") && text.contains("dns name office.test -> [203.0.113.9] (resolved "),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let n = name_status(&d, "office.test").unwrap();
     assert!(
         n["resolved_at"].is_string() && n["next_lookup"].is_string(),

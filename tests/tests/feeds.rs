@@ -97,6 +97,26 @@ fn a_feed_is_followed_held_and_outlives_its_server() {
         "{f}"
     );
     assert!(echo.ask(&pair.client, CLIENT_V4_ALT), "allowed by the feed");
+    // `explain --daemon` judges with the copy and names it.
+    let out = d
+        .client(&["explain", "--daemon", CLIENT_V4_ALT, "--json"])
+        .output()
+        .unwrap();
+    let x: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(x["verdict"], "pass", "{x}");
+    assert_eq!(x["label"], "Provider", "{x}");
+    assert_eq!(x["feeds"][0]["group"], "provider", "{x}");
+    assert_eq!(x["feeds"][0]["items"], 20, "{x}");
+    let out = d
+        .client(&["explain", "--daemon", CLIENT_V4_ALT])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("feed provider https://127.0.0.1:8443/ranges.txt (20 entries, copy of"),
+        "{text}"
+    );
 
     // Unchanged, the server answers 304: nothing is written again.
     let generation = d.generation();

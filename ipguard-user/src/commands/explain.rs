@@ -21,6 +21,12 @@ fn parse_src(s: &str) -> Result<IpAddr, String> {
 }
 
 pub fn run(args: &ExplainArgs) -> Result<ExitCode> {
+    if args.daemon {
+        return ask_daemon(args);
+    }
+    let Some(file) = &args.file else {
+        return Err(CliError::usage("give FILE SRC [PROTO/PORT], or --daemon SRC").into());
+    };
     let at = match &args.at {
         None => SystemTime::now(),
         Some(t) => t
@@ -47,7 +53,7 @@ pub fn run(args: &ExplainArgs) -> Result<ExitCode> {
         (None, true) => None,
         _ => return Err(CliError::usage("give SRC [PROTO/PORT], or --stdin --json").into()),
     };
-    let loaded = policy::load_file(&args.file).map_err(|e| Diagnostics(e.to_string()))?;
+    let loaded = policy::load_file(file).map_err(|e| Diagnostics(e.to_string()))?;
     let compiled = policy::compile(&loaded.policy, at, &[]);
     let ex = Explainer::new(&compiled);
     let stdout = std::io::stdout().lock();
@@ -85,6 +91,65 @@ pub fn run(args: &ExplainArgs) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `explain --daemon SRC [PROTO/PORT]`: the first two positionals are
+/// the query (there is no file).
+fn ask_daemon(args: &ExplainArgs) -> Result<ExitCode> {
+    if args.port.is_some() {
+        return Err(CliError::usage("with --daemon give SRC [PROTO/PORT], no file").into());
+    }
+    let src = args
+        .file
+        .as_ref()
+        .map(|f| f.display().to_string())
+        .unwrap_or_default();
+    let port = args.src.clone();
+    parse_src(&src).map_err(CliError::usage)?;
+    if let Some(p) = &port {
+        parse_port_query(p).map_err(CliError::usage)?;
+    }
+    let mut c = crate::control::Client::connect(&args.sock.socket)?;
+    let v = c.call(&crate::protocol::Request::Explain {
+        src: src.clone(),
+        port: port.clone(),
+    })?;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        writeln!(out, "{v}").context("cannot write to stdout")?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut q = src;
+    if let Some(p) = &port {
+        q.push(' ');
+        q.push_str(p);
+    }
+    writeln!(out, "{q} -> {}", v["text"].as_str().unwrap_or_default())
+        .context("cannot write to stdout")?;
+    let names: Vec<crate::protocol::DnsNameJson> =
+        serde_json::from_value(v["dns"].clone()).unwrap_or_default();
+    for n in names {
+        let addrs: Vec<String> = n.addresses.iter().map(|a| a.to_string()).collect();
+        let when = n
+            .resolved_at
+            .map_or("never resolved".to_string(), |t| format!("resolved {t}"));
+        writeln!(
+            out,
+            "  dns name {} -> [{}] ({when})",
+            n.name,
+            addrs.join(", ")
+        )
+        .context("cannot write to stdout")?;
+    }
+    let feeds: Vec<crate::protocol::FeedJson> =
+        serde_json::from_value(v["feeds"].clone()).unwrap_or_default();
+    for f in feeds {
+        let copy = f.changed_at.map_or("no copy yet".to_string(), |t| {
+            format!("{} entries, copy of {t}", f.items)
+        });
+        writeln!(out, "  feed {} {} ({copy})", f.group, f.url).context("cannot write to stdout")?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Answers `SRC [PROTO/PORT]` lines from stdin, one JSON object per query

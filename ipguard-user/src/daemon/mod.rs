@@ -540,6 +540,51 @@ impl Daemon {
         .min()
     }
 
+    /// `explain --daemon`: the packet judged by the policy in force, with
+    /// the DNS names and feeds of the deciding entry as they stand now.
+    fn explain(&self, src: &str, port: Option<&str>) -> Response {
+        let Ok(addr) = src.trim().parse::<std::net::IpAddr>() else {
+            return Response::err(
+                Exit::Usage,
+                format!("{src:?} is not an IPv4 or IPv6 address"),
+            );
+        };
+        let query = match port.map(policy::parse_port_query).transpose() {
+            Ok(q) => q,
+            Err(e) => return Response::err(Exit::Usage, e),
+        };
+        let ex = Explainer::new(&self.compiled);
+        let r = ex.explain_ref(addr, query);
+        let mut buf = Vec::new();
+        if let Err(e) = r.write_json(&mut buf, src, port) {
+            return Response::err(Exit::System, format!("cannot write the answer: {e}"));
+        }
+        let mut v: serde_json::Value = serde_json::from_slice(&buf).unwrap_or_default();
+        v["text"] = json!(r.describe(port));
+        let entry = r.decider.and_then(|(_, info)| {
+            info.line
+                .and_then(|l| self.current.policy.entry_at(info.list, l, info.text))
+        });
+        let (mut names, mut feeds) = (Vec::new(), Vec::new());
+        if let Some(e) = entry {
+            names = self
+                .dns
+                .status()
+                .into_iter()
+                .filter(|n| e.dns().iter().any(|d| *d.name == *n.name))
+                .collect();
+            feeds = self
+                .feeds
+                .status()
+                .into_iter()
+                .filter(|f| e.feeds().iter().any(|g| **g == *f.group))
+                .collect();
+        }
+        v["dns"] = json!(names);
+        v["feeds"] = json!(feeds);
+        Response::ok(v)
+    }
+
     async fn handle(&mut self, req: Request) -> Response {
         match req {
             Request::Status {} => match crate::report::collect(&self.dp.maps, &self.state_dir) {
@@ -642,6 +687,7 @@ impl Daemon {
                 ),
             },
             Request::Events { .. } => Response::ok(json!(self.blocked.lock().await.recent())),
+            Request::Explain { src, port } => self.explain(&src, port.as_deref()),
             Request::Blocked {} => {
                 let mut top = self.blocked.lock().await.top(usize::MAX);
                 self.rejections.status_of(&mut top, &self.runtime.entries);
