@@ -55,6 +55,11 @@ struct NameLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FileLabels {
+    file: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FeedLabels {
     feed: String,
 }
@@ -100,6 +105,9 @@ pub struct Metrics {
     dns_addresses: Family<NameLabels, Gauge>,
     dns_resolved: Family<NameLabels, Gauge>,
     dns_lookups: Family<LookupLabels, Counter>,
+    dns_failure: Family<NameLabels, Gauge>,
+    dns_next: Family<NameLabels, Gauge>,
+    list_prefixes: Family<FileLabels, Gauge>,
     feed_entries: Family<FeedLabels, Gauge>,
     feed_success: Family<FeedLabels, Gauge>,
     feed_failure: Family<FeedLabels, Gauge>,
@@ -128,6 +136,24 @@ impl Metrics {
         let dns_addresses = Family::<NameLabels, Gauge>::default();
         let dns_resolved = Family::<NameLabels, Gauge>::default();
         let dns_lookups = Family::<LookupLabels, Counter>::default();
+        let dns_failure = Family::<NameLabels, Gauge>::default();
+        let dns_next = Family::<NameLabels, Gauge>::default();
+        let list_prefixes = Family::<FileLabels, Gauge>::default();
+        registry.register(
+            "dns_failure_timestamp_seconds",
+            "When the last lookup of a DNS name failed (Unix time; absent: its last lookup succeeded)",
+            dns_failure.clone(),
+        );
+        registry.register(
+            "dns_next_lookup_timestamp_seconds",
+            "When a DNS name is asked next (Unix time)",
+            dns_next.clone(),
+        );
+        registry.register(
+            "list_file_prefixes",
+            "Prefixes a list file of the policy in force holds (by the path read)",
+            list_prefixes.clone(),
+        );
         let feed_entries = Family::<FeedLabels, Gauge>::default();
         let feed_success = Family::<FeedLabels, Gauge>::default();
         let feed_failure = Family::<FeedLabels, Gauge>::default();
@@ -226,6 +252,9 @@ impl Metrics {
             dns_addresses,
             dns_resolved,
             dns_lookups,
+            dns_failure,
+            dns_next,
+            list_prefixes,
             feed_entries,
             feed_success,
             feed_failure,
@@ -291,6 +320,8 @@ impl Metrics {
         // Names the policy no longer uses disappear.
         self.dns_addresses.clear();
         self.dns_resolved.clear();
+        self.dns_failure.clear();
+        self.dns_next.clear();
         for n in names {
             let l = NameLabels {
                 name: n.name.clone(),
@@ -304,6 +335,19 @@ impl Metrics {
                 .and_then(|t| t.parse::<jiff::Timestamp>().ok())
             {
                 self.dns_resolved.get_or_create(&l).set(t.as_second());
+            }
+            let secs = |t: &Option<String>| {
+                t.as_deref()
+                    .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+                    .map(|t| t.as_second())
+            };
+            if n.last_error.is_some()
+                && let Some(t) = secs(&n.last_failure)
+            {
+                self.dns_failure.get_or_create(&l).set(t);
+            }
+            if let Some(t) = secs(&n.next_lookup) {
+                self.dns_next.get_or_create(&l).set(t);
             }
         }
     }
@@ -373,6 +417,17 @@ impl Metrics {
                 result: if ok { "success" } else { "failure" },
             })
             .inc();
+    }
+
+    /// The list files of the policy in force (none for a policy sent with
+    /// `apply`) and their prefixes.
+    pub fn set_lists(&self, lists: &[(String, usize)]) {
+        self.list_prefixes.clear();
+        for (file, n) in lists {
+            self.list_prefixes
+                .get_or_create(&FileLabels { file: file.clone() })
+                .set(i64::try_from(*n).unwrap_or(i64::MAX));
+        }
     }
 
     pub fn set_policy(&self, path: &str, sha256: &str) {

@@ -641,7 +641,10 @@ fn a_changed_list_file_reloads() {
     ) + "deny: []\nalways_allow: [feed]\n";
     std::fs::write(&d.policy, &with_list).unwrap();
     d.proc.signal_and_wait(Signal::SIGTERM).unwrap();
-    d.restart(&pair).unwrap();
+    let maddr = format!("127.0.0.1:{}", 22_000 + (std::process::id() % 1000) as u16);
+    pair.server.ip(&["link", "set", "lo", "up"]).unwrap();
+    d.restart_with(&pair, &["--metrics", maddr.as_str()])
+        .unwrap();
     assert!(!connects(&pair, CLIENT_V4_ALT, SERVER_V4_ALT, 7000));
     let sha = d.status().unwrap()["policy"]["sha256"]
         .as_str()
@@ -669,6 +672,12 @@ fn a_changed_list_file_reloads() {
             .ends_with("lists/feed.txt"),
         "{st}"
     );
+    let m = get_metrics(&pair, maddr.parse().unwrap()).unwrap_or_default();
+    let want = format!(
+        "ipguard_list_file_prefixes{{file=\"{}\"}} 2",
+        st["lists"][0]["file"].as_str().unwrap()
+    );
+    assert!(m.contains(&want), "{want} not in\n{m}");
 
     // A broken line: refused with its place, the running policy stays.
     std::fs::write(lists.join("feed.txt"), "203.0.113.9\n203.0.113.999\n").unwrap();

@@ -208,6 +208,8 @@ fn names_follow_their_answers_and_outlive_the_server() {
         r#"ipguard_dns_lookups_total{name="office.test",result="failure"}"#,
         r#"ipguard_dns_lookups_total{name="office.test",result="success"}"#,
         r#"ipguard_dns_resolved_timestamp_seconds{name="office.test"}"#,
+        r#"ipguard_dns_failure_timestamp_seconds{name="office.test"}"#,
+        r#"ipguard_dns_next_lookup_timestamp_seconds{name="office.test"}"#,
     ] {
         assert!(m.contains(want), "{want} not in\n{m}");
     }

@@ -356,8 +356,26 @@ impl Daemon {
                 &self.current.path.display().to_string(),
                 &self.current.sha256,
             );
+            m.set_lists(&self.lists_in_force());
         }
         Ok(())
+    }
+
+    /// Whether what the policy file holds now is in force (not a policy
+    /// sent with `apply`, nor one the file held before a refused reload).
+    fn file_in_force(&self) -> bool {
+        self.current.path == self.config && self.current.sha256 == self.file_sha256
+    }
+
+    /// The list files of the policy in force, and their prefixes.
+    fn lists_in_force(&self) -> Vec<(String, usize)> {
+        if !self.file_in_force() {
+            return Vec::new();
+        }
+        self.lists
+            .iter()
+            .map(|l| (l.name.clone(), l.prefixes))
+            .collect()
     }
 
     async fn count_reload(&self, ok: bool) {
@@ -596,7 +614,7 @@ impl Daemon {
                     // The file's lists, while what the file holds now is
                     // in force (not a policy sent with `apply`, nor one the
                     // file held before a refused reload).
-                    if self.current.path == self.config && self.current.sha256 == self.file_sha256 {
+                    if self.file_in_force() {
                         st.lists = self
                             .lists
                             .iter()
