@@ -130,7 +130,33 @@ pub(crate) fn read_regular_file(path: &Path, what: &str) -> Result<Vec<u8>, Stri
     Ok(bytes)
 }
 
+/// When the warnings about entries covered by other entries of their list
+/// are found. They are the one check whose cost grows with the sort of a
+/// whole list (0.4 s at a million entries) and they never change what is
+/// enforced, so the daemon finds them after the policy is in force
+/// ([`covered_warnings`]), on another core.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Coverage {
+    /// While the policy is read (`check`, `explain`, tests).
+    Check,
+    /// Later, by [`covered_warnings`].
+    Defer,
+}
+
+/// The warnings [`Coverage::Defer`] left out, for the policy read from
+/// `name`.
+pub fn covered_warnings(name: &str, policy: &Policy) -> Vec<Diagnostic> {
+    let mut sink = diag::Sink::new(name);
+    validate::warn_covered(&mut sink, policy);
+    sink.into_parts().1
+}
+
 pub fn load_file(path: &Path) -> Result<LoadedPolicy, PolicyErrors> {
+    load_file_with(path, Coverage::Check)
+}
+
+/// [`load_file`], with the covered-entry warnings found now or later.
+pub fn load_file_with(path: &Path, coverage: Coverage) -> Result<LoadedPolicy, PolicyErrors> {
     let name = path.display().to_string();
     let fail = |pos: Option<Pos>, message: String| PolicyErrors {
         errors: vec![Diagnostic {
@@ -156,7 +182,13 @@ pub fn load_file(path: &Path) -> Result<LoadedPolicy, PolicyErrors> {
             "the policy is not UTF-8: invalid byte here".to_string(),
         )
     })?;
-    parse_with(&name, text, SystemTime::now(), &DiskLists::beside(path))
+    parse_checked(
+        &name,
+        text,
+        SystemTime::now(),
+        &DiskLists::beside(path),
+        coverage,
+    )
 }
 
 /// Checks a policy given as text; `name` stands for the file in
@@ -178,6 +210,17 @@ pub fn parse_with(
     now: SystemTime,
     lists: &dyn ListSource,
 ) -> Result<LoadedPolicy, PolicyErrors> {
+    parse_checked(name, text, now, lists, Coverage::Check)
+}
+
+/// [`parse_with`], with the covered-entry warnings found now or later.
+pub fn parse_checked(
+    name: &str,
+    text: &str,
+    now: SystemTime,
+    lists: &dyn ListSource,
+    coverage: Coverage,
+) -> Result<LoadedPolicy, PolicyErrors> {
     let file_sha256 = sha256_hex(text.as_bytes());
     let mut read = Vec::new();
     let mut sink = diag::Sink::new(name);
@@ -195,6 +238,7 @@ pub fn parse_with(
                     source: lists,
                     read: &mut read,
                 },
+                coverage,
             ),
             Err(e) => {
                 sink.error(e.pos, e.message);

@@ -41,6 +41,7 @@ pub(crate) fn validate(
     now: Timestamp,
     sink: &mut Sink,
     lists: &mut Lists<'_>,
+    coverage: crate::Coverage,
 ) -> Option<Policy> {
     let errors_before = sink.errors.len();
     match &raw.version {
@@ -158,7 +159,9 @@ pub(crate) fn validate(
     };
     policy.dns_names = policy.find_dns_names();
     policy.feeds = policy.used_feeds(feeds);
-    warn_covered(sink, &policy);
+    if coverage == crate::Coverage::Check {
+        warn_covered(sink, &policy);
+    }
     warn_allows_nobody(sink, &policy, raw.mode.as_ref().and_then(spos), now);
     Some(policy)
 }
@@ -1358,7 +1361,7 @@ fn warn_covered_list(sink: &mut Sink, list: &[Entry], what: &str) {
     }
 }
 
-fn warn_covered(sink: &mut Sink, p: &Policy) {
+pub(crate) fn warn_covered(sink: &mut Sink, p: &Policy) {
     warn_covered_list(sink, &p.allow, "allow");
     warn_covered_list(sink, &p.deny, "deny");
     warn_covered_list(sink, &p.always_allow, "always_allow");

@@ -626,3 +626,34 @@ fn lockout_guard_ports_are_tcp() {
     assert_eq!((line, col), (Some(4), Some(19)), "{msg}");
     assert!(msg.contains("write tcp/PORT"), "{msg}");
 }
+
+#[test]
+fn covered_entry_warnings_can_be_found_later() {
+    let p = "version: 1\nallow:\n  - 203.0.113.0/24\n  - 203.0.113.7\n  - { from: 198.51.100.1, until: 2020-01-01T00:00:00Z }\n";
+    let all = check(p).unwrap();
+    assert_eq!(all.len(), 2, "{all:?}");
+    let deferred = policy::parse_checked(
+        "policy.yaml",
+        p,
+        now(),
+        &policy::GivenLists::default(),
+        policy::Coverage::Defer,
+    )
+    .unwrap();
+    assert_eq!(deferred.warnings.len(), 1, "{:?}", deferred.warnings);
+    assert!(deferred.warnings[0].message.contains("has passed"));
+    let later = policy::covered_warnings("policy.yaml", &deferred.policy);
+    assert_eq!(later.len(), 1, "{later:?}");
+    assert_eq!(later[0].line(), Some(4));
+    assert!(later[0].message.contains("is fully covered by entry"));
+    let mut both: Vec<String> = deferred
+        .warnings
+        .iter()
+        .chain(&later)
+        .map(|d| d.to_string())
+        .collect();
+    let mut want: Vec<String> = all.iter().map(|d| d.to_string()).collect();
+    both.sort();
+    want.sort();
+    assert_eq!(both, want);
+}

@@ -608,7 +608,13 @@ fn a_reload_logs_the_first_warnings_and_counts_the_rest() {
         (d.generation() > before).then_some(())
     })
     .expect("the policy with warnings was applied");
-    let log = d.log();
+    // Covered entries are found once the policy is in force, on a thread
+    // of their own.
+    let log = wait_for(Duration::from_secs(10), || {
+        let log = d.log();
+        log.contains("lists them all").then_some(log)
+    })
+    .unwrap_or_else(|| d.log());
     assert_eq!(
         log.matches("is fully covered by entry").count(),
         20,

@@ -48,9 +48,10 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
 }
 
 /// Reads and validates a policy file; its diagnostics are logged one per
-/// line, and an invalid file is refused (exit 1).
+/// line (those about covered entries once it is in force), and an invalid
+/// file is refused (exit 1).
 fn load_policy(path: &Path) -> Result<policy::LoadedPolicy> {
-    match policy::load_file(path) {
+    match policy::load_file_with(path, policy::Coverage::Defer) {
         Ok(loaded) => {
             crate::daemon::log_warnings(path, &loaded.warnings);
             Ok(loaded)
@@ -108,6 +109,7 @@ async fn start(args: &RunArgs, loaded: policy::LoadedPolicy, ifaces: Vec<String>
     let lists = d.lists.clone();
     d.follow_lists(&lists);
     d.log_applied("start", &stats);
+    crate::daemon::log_covered_later(&d.current);
     d.record()?;
     d.metrics.lock().await.reload(true);
 

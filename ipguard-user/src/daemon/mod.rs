@@ -121,6 +121,26 @@ pub fn log_warnings(path: &std::path::Path, warnings: &[policy::Diagnostic]) {
     }
 }
 
+/// Logs the warnings about entries covered by others of their list
+/// ([`policy::Coverage::Defer`]) for the policy file `src` holds, from a
+/// thread of its own: they never change what is enforced, and at a
+/// million entries finding them takes 0.4 s that the policy need not wait
+/// for.
+pub fn log_covered_later(src: &Source) {
+    let (path, policy) = (src.path.clone(), src.policy.clone());
+    let run = move || {
+        let w = policy::covered_warnings(&path.display().to_string(), &policy);
+        drop(policy);
+        log_warnings(&path, &w);
+        release_freed_memory();
+    };
+    if tokio::runtime::Handle::try_current().is_ok() {
+        drop(tokio::task::spawn_blocking(run));
+    } else {
+        run();
+    }
+}
+
 /// Hands the memory freed by a policy change back to the system. A large
 /// policy is read on a blocking thread (its own malloc arena) and the
 /// previous one is freed here: without this the daemon keeps both peaks
@@ -403,7 +423,9 @@ impl Daemon {
         Loading {
             why,
             force,
-            task: tokio::task::spawn_blocking(move || policy::load_file(&path)),
+            task: tokio::task::spawn_blocking(move || {
+                policy::load_file_with(&path, policy::Coverage::Defer)
+            }),
         }
     }
 
@@ -461,7 +483,10 @@ impl Daemon {
             policy: loaded.policy,
         };
         match self.install(src, false, why) {
-            Ok(_) => self.count_reload(true).await,
+            Ok(_) => {
+                log_covered_later(&self.current);
+                self.count_reload(true).await
+            }
             Err(e) => {
                 tracing::error!("{why}: {e}; the running policy stays in force");
                 self.count_reload(false).await;
