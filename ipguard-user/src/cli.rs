@@ -35,6 +35,7 @@ pub enum LogFormat {
 pub enum Command {
     Check(CheckArgs),
     Explain(ExplainArgs),
+    Diff(DiffArgs),
     Run(RunArgs),
     Apply(ApplyArgs),
     Confirm(ConfirmArgs),
@@ -59,8 +60,11 @@ pub struct SocketArg {
 
 /// Push a policy file to the running daemon, atomically.
 #[derive(Debug, Args)]
-#[command(after_help = "Examples:\n  ipguard apply new-policy.yaml\n  \
-ipguard apply new-policy.yaml --confirm 60   # rolls back by itself unless `ipguard confirm` follows")]
+#[command(
+    after_help = "Examples:\n  ipguard apply new-policy.yaml --dry-run   # what it would change; nothing applied\n  \
+ipguard apply new-policy.yaml\n  \
+ipguard apply new-policy.yaml --confirm 60   # rolls back by itself unless `ipguard confirm` follows"
+)]
 pub struct ApplyArgs {
     /// The policy file.
     pub file: PathBuf,
@@ -71,6 +75,32 @@ pub struct ApplyArgs {
     /// Apply even if it would cut an established SSH session (lockout).
     #[arg(long)]
     pub force: bool,
+    /// Say what it would change against the policy in force (lists,
+    /// services, settings, the verdicts of sources the daemon saw
+    /// recently, the sessions it would cut); apply nothing.
+    #[arg(long, conflicts_with_all = ["confirm", "force"])]
+    pub dry_run: bool,
+    /// With --dry-run: the answer as one JSON object.
+    #[arg(long, requires = "dry_run")]
+    pub json: bool,
+    #[command(flatten)]
+    pub sock: SocketArg,
+}
+
+/// What changes from one policy file to another.
+#[derive(Debug, Args)]
+#[command(after_help = "Example:\n  ipguard diff /etc/ipguard/policy.yaml new-policy.yaml")]
+pub struct DiffArgs {
+    /// The policy as it is.
+    pub old: PathBuf,
+    /// The policy as it would be.
+    pub new: PathBuf,
+    /// One JSON object: lists (added and removed prefixes, DNS names and
+    /// feeds), services, settings, verdicts.
+    #[arg(long)]
+    pub json: bool,
+    /// The daemon whose recently seen sources are judged under both (none
+    /// running: only the files are compared).
     #[command(flatten)]
     pub sock: SocketArg,
 }

@@ -13,6 +13,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Check(a) => commands::check::run(a),
         Command::Explain(a) => commands::explain::run(a),
+        Command::Diff(a) => commands::diff::run(a),
         Command::Run(a) => commands::run::run(a),
         Command::Apply(a) => commands::client::apply(a),
         Command::Confirm(a) => commands::client::confirm(a),

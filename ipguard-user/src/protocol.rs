@@ -27,6 +27,10 @@ pub enum Request {
         lists: Vec<ListText>,
         confirm_secs: Option<u64>,
         force: bool,
+        /// Say what it would change (lists, services, settings, verdicts of
+        /// the sources seen recently, sessions it would cut); apply nothing.
+        #[serde(default)]
+        dry_run: bool,
     },
     Confirm {},
     Events {
@@ -57,6 +61,10 @@ pub enum Request {
         label: Option<String>,
     },
     Blocked {},
+    /// The packets the daemon saw recently, for `ipguard diff`: each refused
+    /// source (at its service's first port) and each established inbound
+    /// session.
+    Seen {},
     /// `ipguard explain --daemon`: a packet judged by the policy in force.
     Explain {
         src: String,
@@ -371,4 +379,54 @@ mod tests {
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"status","x":1}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"reboot"}"#).is_err());
     }
+}
+
+/// A packet a change of policy is judged on (`diff`, `apply --dry-run`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Probe {
+    pub src: std::net::IpAddr,
+    /// `tcp/22`; None: a packet of no service port.
+    pub port: Option<String>,
+    /// Why it is judged: `refused` (the daemon refused it recently) or
+    /// `session` (an established inbound session).
+    pub seen: String,
+}
+
+impl Probe {
+    pub fn query(&self) -> (std::net::IpAddr, Option<(crate::policy::Proto, u16)>) {
+        (
+            self.src,
+            self.port
+                .as_deref()
+                .and_then(|p| crate::policy::parse_port_query(p).ok()),
+        )
+    }
+}
+
+/// A port of a query, as `tcp/22`.
+pub fn port_text(p: Option<(crate::policy::Proto, u16)>) -> Option<String> {
+    p.map(|(proto, n)| match proto {
+        crate::policy::Proto::Tcp => format!("tcp/{n}"),
+        crate::policy::Proto::Udp => format!("udp/{n}"),
+    })
+}
+
+/// One verdict that a change of policy changes, for JSON answers.
+pub fn change_json(c: &crate::policy::VerdictChange, seen: &str) -> serde_json::Value {
+    let side = |e: &crate::policy::Explanation| {
+        serde_json::json!({
+            "verdict": e.verdict_name(),
+            "reason": e.reason_name(),
+            "entry": e.entry,
+            "label": e.label,
+            "written": e.written,
+        })
+    };
+    serde_json::json!({
+        "src": c.src,
+        "port": port_text(c.port),
+        "seen": seen,
+        "old": side(&c.old),
+        "new": side(&c.new),
+    })
 }

@@ -485,3 +485,55 @@ fn aliases_cannot_expand_a_small_file() {
     let o = run_bounded(&["check", file(&flat).to_str().unwrap()], &[]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
 }
+
+#[test]
+fn diff_of_two_files_without_a_daemon() {
+    let old = file(POLICY);
+    let new = file(&POLICY.replace("  - { from: 203.0.113.66, label: Lost laptop }\n", ""));
+    let (o, n) = (old.to_str().unwrap(), new.to_str().unwrap());
+    let out = run(
+        &[
+            "diff",
+            o,
+            n,
+            "--json",
+            "--socket",
+            "/nonexistent/ipguard.sock",
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["lists"][0]["list"], "deny", "{v}");
+    assert_eq!(
+        v["lists"][0]["removed"],
+        serde_json::json!(["203.0.113.66/32"]),
+        "{v}"
+    );
+    assert!(v["verdicts"].is_null(), "no daemon, no recent sources: {v}");
+    let out = run(
+        &["diff", o, n, "--socket", "/nonexistent/ipguard.sock"],
+        None,
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("  deny: -203.0.113.66/32"), "{text}");
+    assert!(
+        text.contains("no daemon answers at /nonexistent/ipguard.sock"),
+        "{text}"
+    );
+    let out = run(
+        &["diff", o, o, "--socket", "/nonexistent/ipguard.sock"],
+        None,
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("no difference"), "{text}");
+    // A file with errors is refused as `check` refuses it.
+    let bad = file("version: 1\nallow: [198.51.100.300]\n");
+    let out = run(&["diff", o, bad.to_str().unwrap()], None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("198.51.100.300"));
+}

@@ -1467,3 +1467,136 @@ fn the_lockout_guard_watches_its_ports_and_every_cut_is_said() {
         d.log()
     );
 }
+
+/// `apply --dry-run` and `diff` say what a new policy would change: the
+/// lists, services and settings, the verdict of a source the daemon
+/// refused recently, and the sessions it would cut; nothing is applied.
+#[test]
+fn a_dry_run_and_a_diff_judge_what_the_daemon_saw() {
+    require_root();
+    let pair = Pair::new().unwrap();
+    let d = Daemon::start(&pair, POLICY).unwrap();
+    // A refused source, seen on the app service's port.
+    let dst = SocketAddr::new(SERVER_V4_ALT.parse().unwrap(), 5000);
+    udp_send(&pair.client, CLIENT_V4_ALT.parse().unwrap(), dst, 1).unwrap();
+    wait_for(Duration::from_secs(5), || {
+        let st = d.status().ok()?;
+        st["top_blocked"]
+            .as_array()?
+            .iter()
+            .any(|b| b["src"] == CLIENT_V4_ALT)
+            .then_some(())
+    })
+    .expect("the refused source seen");
+    // An established session of the allowed client on ssh's port.
+    let _ssh = held_session(
+        &pair,
+        CLIENT_V4,
+        SocketAddr::new(SERVER_V4.parse().unwrap(), 22),
+    );
+    // The new policy lets the refused source into app and drops the
+    // client from the host-wide list (so from ssh).
+    let new = POLICY
+        .replace(
+            "  - from: 198.51.100.2\n    label: client\n",
+            "  - from: 198.51.100.3\n    label: other\n",
+        )
+        .replace(
+            "allow: [198.51.100.2] }",
+            "allow: [198.51.100.2, 203.0.113.9] }",
+        );
+    assert_ne!(new, POLICY);
+    let file = d.dir.join("new.yaml");
+    std::fs::write(&file, &new).unwrap();
+    let generation = d.generation();
+    let out = ok(d
+        .client(&["apply", file.to_str().unwrap(), "--dry-run", "--json"])
+        .output()
+        .unwrap());
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(d.generation(), generation, "a dry run applied: {v}");
+    assert_eq!(v["lists"][0]["list"], "allow", "{v}");
+    assert_eq!(
+        v["lists"][0]["added"],
+        serde_json::json!(["198.51.100.3/32"]),
+        "{v}"
+    );
+    assert_eq!(
+        v["lists"][0]["removed"],
+        serde_json::json!(["198.51.100.2/32"]),
+        "{v}"
+    );
+    assert_eq!(v["lists"][1]["list"], "service app", "{v}");
+    assert_eq!(
+        v["lists"][1]["added"],
+        serde_json::json!(["203.0.113.9/32"]),
+        "{v}"
+    );
+    let verdicts = v["verdicts"].as_array().unwrap();
+    let refused = verdicts
+        .iter()
+        .find(|c| c["src"] == CLIENT_V4_ALT)
+        .unwrap_or_else(|| panic!("the refused source judged: {v}"));
+    assert_eq!(refused["port"], "udp/5000", "{v}");
+    assert_eq!(refused["seen"], "refused", "{v}");
+    assert_eq!(refused["old"]["verdict"], "drop", "{v}");
+    assert_eq!(refused["new"]["verdict"], "pass", "{v}");
+    let session = verdicts
+        .iter()
+        .find(|c| c["src"] == CLIENT_V4)
+        .unwrap_or_else(|| panic!("the session's source judged: {v}"));
+    assert_eq!(session["port"], "tcp/22", "{v}");
+    assert_eq!(session["seen"], "session", "{v}");
+    assert_eq!(session["new"]["verdict"], "drop", "{v}");
+    let cut = &v["cut_sessions"][0];
+    assert_eq!(cut["remote"], CLIENT_V4, "{v}");
+    assert_eq!(cut["local_port"], 22, "{v}");
+    assert_eq!(cut["lockout_guard"], true, "{v}");
+    assert_eq!(v["refused_without_force"], true, "{v}");
+    // The text form says the same.
+    let text = ok(d
+        .client(&["apply", file.to_str().unwrap(), "--dry-run"])
+        .output()
+        .unwrap());
+    for want in [
+        "allow: +198.51.100.3/32",
+        "allow: -198.51.100.2/32",
+        "service app: +203.0.113.9/32",
+        "203.0.113.9 udp/5000 [refused]: drop (not_allowed) -> pass",
+        "198.51.100.2 tcp/22 [session]: pass",
+        "would cut the established session 198.51.100.2:",
+        "(lockout guard: apply refuses it without --force)",
+    ] {
+        assert!(text.contains(want), "{want:?} not in\n{text}");
+    }
+    assert_eq!(d.generation(), generation);
+
+    // `diff` of the two files judges the same packets.
+    let old_file = d.dir.join("old.yaml");
+    std::fs::write(&old_file, POLICY).unwrap();
+    let out = ok(d
+        .client(&[
+            "diff",
+            old_file.to_str().unwrap(),
+            file.to_str().unwrap(),
+            "--json",
+        ])
+        .output()
+        .unwrap());
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let srcs: Vec<&str> = v["verdicts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["src"].as_str())
+        .collect();
+    assert!(
+        srcs.contains(&CLIENT_V4_ALT) && srcs.contains(&CLIENT_V4),
+        "{v}"
+    );
+    assert_eq!(
+        v["lists"][1]["added"],
+        serde_json::json!(["203.0.113.9/32"]),
+        "{v}"
+    );
+}

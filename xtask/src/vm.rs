@@ -99,6 +99,7 @@ const HOST_ONLY: &[&str] = &[
     "daemon::the_lockout_guard_watches_its_ports_and_every_cut_is_said",
     "daemon::bad_input_gets_one_clear_line",
     "daemon::status_notes_how_rejects_fare_on_a_native_veth",
+    "daemon::a_dry_run_and_a_diff_judge_what_the_daemon_saw",
 ];
 /// Kernel modules the tests need that Debian's cloud kernels build as
 /// modules.

@@ -30,12 +30,35 @@ pub fn apply(args: &ApplyArgs) -> Result<ExitCode> {
     let path = std::fs::canonicalize(&args.file).unwrap_or_else(|_| args.file.clone());
     let lists = list_files(args, &text)?;
     let mut c = Client::connect(&args.sock.socket)?;
+    if args.dry_run {
+        let v = c.call(&Request::Apply {
+            path: path.display().to_string(),
+            text,
+            lists,
+            confirm_secs: None,
+            force: false,
+            dry_run: true,
+        })?;
+        let mut out = std::io::stdout().lock();
+        if args.json {
+            use std::io::Write;
+            let _ = writeln!(out, "{v}");
+        } else {
+            super::diff::print(
+                &mut out,
+                &v,
+                &format!("the policy in force -> {}", args.file.display()),
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let answer: ApplyAnswer = c.call_as(&Request::Apply {
         path: path.display().to_string(),
         text,
         lists,
         confirm_secs: args.confirm,
         force: args.force,
+        dry_run: false,
     })?;
     for w in &answer.warnings {
         eprintln!("warning: {w}");

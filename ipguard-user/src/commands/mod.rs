@@ -2,6 +2,7 @@
 //! an error whose chain carries it (see `error`).
 pub mod check;
 pub mod client;
+pub mod diff;
 pub mod explain;
 pub mod run;
 pub mod status;

@@ -583,6 +583,100 @@ impl Daemon {
         .min()
     }
 
+    /// The packets a change is judged on: each source refused recently (at
+    /// its service's first port, as the policy in force has it) and each
+    /// established inbound session, once.
+    async fn seen(&self) -> Vec<crate::protocol::Probe> {
+        let mut out: Vec<crate::protocol::Probe> = Vec::new();
+        let top = self.blocked.lock().await.top(usize::MAX);
+        for b in top {
+            let port = b.service.as_ref().and_then(|name| {
+                self.current
+                    .policy
+                    .services
+                    .iter()
+                    .find(|s| &s.name == name)
+                    .and_then(|s| s.ports.first())
+                    .map(|p| (p.proto, p.first))
+            });
+            out.push(crate::protocol::Probe {
+                src: b.src,
+                port: crate::protocol::port_text(port),
+                seen: "refused".into(),
+            });
+        }
+        match sessions::inbound_sessions() {
+            Ok(list) => {
+                for s in list {
+                    let p = crate::protocol::Probe {
+                        src: s.remote,
+                        port: Some(format!("tcp/{}", s.local_port)),
+                        seen: "session".into(),
+                    };
+                    if !out.iter().any(|o| o.src == p.src && o.port == p.port) {
+                        out.push(p);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!("cannot read the established sessions: {e}"),
+        }
+        out
+    }
+
+    /// `apply --dry-run`: what `loaded` would change against the policy in
+    /// force, judged as it would be installed (runtime entries, DNS
+    /// answers, feed copies); nothing is applied.
+    async fn dry_run(&mut self, loaded: &policy::LoadedPolicy) -> Response {
+        let mut found = self.dns.answers_for(&loaded.policy);
+        found.feeds = self.feeds.copies_for(&loaded.policy);
+        let new = policy::compile_with(
+            &loaded.policy,
+            SystemTime::now(),
+            &self.runtime.policy_entries(),
+            &found,
+        );
+        let diff = policy::diff(&self.current.policy, &loaded.policy);
+        let probes = self.seen().await;
+        let queries: Vec<_> = probes.iter().map(|p| p.query()).collect();
+        let changes = policy::verdict_changes(&self.compiled, &new, &queries);
+        let verdicts: Vec<serde_json::Value> = changes
+            .iter()
+            .map(|c| {
+                let seen = probes
+                    .iter()
+                    .find(|p| p.query() == (c.src, c.port))
+                    .map_or("refused", |p| p.seen.as_str());
+                crate::protocol::change_json(c, seen)
+            })
+            .collect();
+        let ex = Explainer::new(&new);
+        let (guarded, other) = lockout_check(&new, &ex);
+        let cut: Vec<serde_json::Value> = guarded
+            .iter()
+            .map(|s| (s, true))
+            .chain(other.iter().map(|s| (s, false)))
+            .map(|(s, g)| {
+                json!({
+                    "remote": s.remote,
+                    "remote_port": s.remote_port,
+                    "local_port": s.local_port,
+                    "lockout_guard": g,
+                })
+            })
+            .collect();
+        Response::ok(json!({
+            "dry_run": true,
+            "lists": diff.lists,
+            "services": diff.services,
+            "settings": diff.settings,
+            "judged": probes.len(),
+            "verdicts": verdicts,
+            "cut_sessions": cut,
+            "refused_without_force": !guarded.is_empty(),
+            "warnings": loaded.warnings.iter().map(|w| w.to_string()).collect::<Vec<_>>(),
+        }))
+    }
+
     /// `explain --daemon`: the packet judged by the policy in force, with
     /// the DNS names and feeds of the deciding entry as they stand now.
     fn explain(&self, src: &str, port: Option<&str>) -> Response {
@@ -662,6 +756,7 @@ impl Daemon {
                 lists,
                 confirm_secs,
                 force,
+                dry_run,
             } => {
                 let given = policy::GivenLists(
                     lists
@@ -678,6 +773,9 @@ impl Daemon {
                         );
                     }
                 };
+                if dry_run {
+                    return self.dry_run(&loaded).await;
+                }
                 let previous = self.current.clone();
                 let src = Source {
                     path: PathBuf::from(&path),
@@ -731,6 +829,7 @@ impl Daemon {
             },
             Request::Events { .. } => Response::ok(json!(self.blocked.lock().await.recent())),
             Request::Explain { src, port } => self.explain(&src, port.as_deref()),
+            Request::Seen {} => Response::ok(json!(self.seen().await)),
             Request::Blocked {} => {
                 let mut top = self.blocked.lock().await.top(usize::MAX);
                 self.rejections.status_of(&mut top, &self.runtime.entries);
