@@ -47,6 +47,8 @@ pub enum Command {
     Undeny(UndenyArgs),
     Reject(RejectArgs),
     Blocked(BlockedArgs),
+    History(HistoryArgs),
+    Rollback(RollbackArgs),
     Unload(UnloadArgs),
 }
 
@@ -382,6 +384,42 @@ pub struct RunArgs {
     /// timeout, attempts).
     #[arg(long, value_name = "FILE", default_value = "/etc/resolv.conf")]
     pub resolv_conf: PathBuf,
+
+    /// Applied policies `ipguard history` keeps (with a copy of each
+    /// distinct policy, for `ipguard rollback`).
+    #[arg(long, value_name = "N", default_value_t = 50,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub history: u32,
+}
+
+/// The policies the daemon applied, newest last.
+#[derive(Debug, Args)]
+#[command(after_help = "Example:\n  ipguard history --json")]
+pub struct HistoryArgs {
+    /// The records as one JSON array.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub sock: SocketArg,
+}
+
+/// Apply an earlier policy again, from the history's copy (through the
+/// lockout guard).
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Examples:\n  ipguard rollback          # the policy before the one in force\n  \
+ipguard rollback 41       # the policy of generation 41"
+)]
+pub struct RollbackArgs {
+    /// The generation to go back to (`ipguard history` lists them);
+    /// default: the newest one with another policy than the one in force.
+    pub generation: Option<u64>,
+    /// Apply even if it would cut an established session on the lockout
+    /// guard's ports.
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub sock: SocketArg,
 }
 
 /// Show what is enforced and what it has done.

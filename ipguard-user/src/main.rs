@@ -24,6 +24,8 @@ fn main() -> ExitCode {
         Command::Undeny(a) => commands::client::undeny(a),
         Command::Reject(a) => commands::client::reject(a),
         Command::Blocked(a) => commands::client::blocked(a),
+        Command::History(a) => commands::client::history(a),
+        Command::Rollback(a) => commands::client::rollback(a),
         Command::Status(a) => commands::status::run(a),
         Command::Unload(a) => commands::unload::run(a),
     };

@@ -61,6 +61,13 @@ pub enum Request {
         label: Option<String>,
     },
     Blocked {},
+    /// The applied policies kept (`ipguard history`).
+    History {},
+    /// `ipguard rollback`: apply an earlier policy again.
+    Rollback {
+        generation: Option<u64>,
+        force: bool,
+    },
     /// The packets the daemon saw recently, for `ipguard diff`: each refused
     /// source (at its service's first port) and each established inbound
     /// session.

@@ -1600,3 +1600,97 @@ fn a_dry_run_and_a_diff_judge_what_the_daemon_saw() {
         "{v}"
     );
 }
+
+/// Every applied policy is in `history` (where it came from, who asked,
+/// its hash, a copy), across a restart; `rollback` applies one again,
+/// through the lockout guard, and is itself recorded.
+#[test]
+fn history_and_rollback_survive_a_restart() {
+    require_root();
+    let pair = Pair::new().unwrap();
+    let mut d = Daemon::start(&pair, POLICY).unwrap();
+    let records = |d: &Daemon| -> Vec<Value> {
+        serde_json::from_str(&ok(d.client(&["history", "--json"]).output().unwrap())).unwrap()
+    };
+    let sha = |d: &Daemon| {
+        d.status().unwrap()["policy"]["sha256"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let first = sha(&d);
+    let h = records(&d);
+    assert_eq!(h.len(), 1, "{h:?}");
+    assert_eq!(h[0]["origin"], "start");
+    assert_eq!(h[0]["sha256"], first.as_str());
+    assert_eq!(h[0]["copy"], true);
+
+    // A policy pushed with apply: who asked is recorded.
+    let applied = POLICY.replace("198.51.100.2]", "198.51.100.2, 198.51.100.9]");
+    assert_ne!(applied, POLICY);
+    let file = d.dir.join("applied.yaml");
+    std::fs::write(&file, &applied).unwrap();
+    ok(d.client(&["apply", file.to_str().unwrap()])
+        .output()
+        .unwrap());
+    let second = sha(&d);
+    // The file changes: a reload.
+    let before = d.generation();
+    let third_text = format!("{POLICY}deny: [203.0.113.66]\n");
+    std::fs::write(&d.policy, &third_text).unwrap();
+    wait_for(Duration::from_secs(10), || {
+        (d.generation() > before).then_some(())
+    })
+    .expect("the changed file applied");
+    let third = sha(&d);
+    let h = records(&d);
+    let origins: Vec<&str> = h.iter().filter_map(|r| r["origin"].as_str()).collect();
+    assert_eq!(origins, ["start", "apply", "policy file changed"], "{h:?}");
+    assert_eq!(h[1]["uid"], 0, "{h:?}");
+    assert_eq!(h[1]["user"], "root", "{h:?}");
+    assert_eq!(h[1]["sha256"], second.as_str());
+    assert!(
+        h[1]["path"].as_str().unwrap().ends_with("applied.yaml"),
+        "{h:?}"
+    );
+    assert_eq!(h[2]["sha256"], third.as_str());
+    let text = ok(d.client(&["history"]).output().unwrap());
+    assert!(text.contains("apply by root"), "{text}");
+
+    // Across a restart the records stay (and the start adds one).
+    d.proc.signal_and_wait(Signal::SIGTERM).unwrap();
+    d.restart(&pair).unwrap();
+    let h = records(&d);
+    assert_eq!(h.len(), 4, "{h:?}");
+    assert_eq!(h[3]["origin"], "start");
+    let applied_generation = h[1]["generation"].as_u64().unwrap();
+
+    // Back to what apply pushed, by its generation.
+    let out = ok(d
+        .client(&["rollback", &applied_generation.to_string()])
+        .output()
+        .unwrap());
+    assert!(
+        out.contains(&format!(
+            "rolled back to the policy of generation {applied_generation}"
+        )),
+        "{out}"
+    );
+    assert_eq!(sha(&d), second);
+    let h = records(&d);
+    assert_eq!(h.last().unwrap()["origin"], "rollback", "{h:?}");
+    // Without a generation: the policy before the one in force.
+    ok(d.client(&["rollback"]).output().unwrap());
+    assert_eq!(sha(&d), third);
+
+    // One that is not kept: one clear line.
+    let out = d.client(&["rollback", "999999"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("generation 999999 is not in the history"),
+        "{err}"
+    );
+    assert_eq!(sha(&d), third);
+    let _ = first;
+}

@@ -377,6 +377,55 @@ pub fn status_from_daemon(socket: &std::path::Path) -> Option<crate::protocol::S
     c.call_as(&Request::Status {}).ok()
 }
 
+pub fn history(args: &crate::cli::HistoryArgs) -> Result<ExitCode> {
+    let mut c = Client::connect(&args.sock.socket)?;
+    let v = c.call(&Request::History {})?;
+    if args.json {
+        println!("{v}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let records: Vec<crate::daemon::history::Record> =
+        serde_json::from_value(v).unwrap_or_default();
+    if records.is_empty() {
+        println!("no applied policy recorded yet");
+    }
+    for r in records {
+        let who = match (&r.user, r.uid) {
+            (Some(u), _) => format!(" by {u}"),
+            (None, Some(uid)) => format!(" by uid {uid}"),
+            _ => String::new(),
+        };
+        let copy = if r.copy { "" } else { " (no copy kept)" };
+        println!(
+            "{:>8}  {}  {}{who}  {}  sha256 {}{copy}",
+            r.generation,
+            r.applied_at,
+            r.origin,
+            r.path,
+            r.sha256.get(..12).unwrap_or(&r.sha256)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn rollback(args: &crate::cli::RollbackArgs) -> Result<ExitCode> {
+    let mut c = Client::connect(&args.sock.socket)?;
+    let v = c.call(&Request::Rollback {
+        generation: args.generation,
+        force: args.force,
+    })?;
+    let answer: ApplyAnswer = serde_json::from_value(v.clone())
+        .map_err(|e| CliError::system(format!("unexpected answer from the daemon: {e}")))?;
+    for w in &answer.warnings {
+        eprintln!("warning: {w}");
+    }
+    println!(
+        "rolled back to the policy of generation {} (now generation {}, {} IPv4 and {} IPv6 prefixes)",
+        v["rolled_back_to"], answer.generation, answer.prefixes.ipv4, answer.prefixes.ipv6
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -93,6 +93,8 @@ async fn start(args: &RunArgs, loaded: policy::LoadedPolicy, ifaces: Vec<String>
     // verifier refusal) leaves nothing behind: no pinned map, no link. A
     // start that adopts a running datapath never removes it.
     let fresh = !datapath::is_loaded(&args.loc.pin_dir);
+    // The history's copy of the first policy, as the file holds it.
+    daemon::history::store_file_copy(&args.loc.state_dir, &args.config, &loaded);
     let (mut d, stats) = match bring_up(args, loaded, &ifaces, runtime, events_tx.clone()) {
         Ok(up) => up,
         Err(e) => {
@@ -111,6 +113,7 @@ async fn start(args: &RunArgs, loaded: policy::LoadedPolicy, ifaces: Vec<String>
     d.log_applied("start", &stats);
     crate::daemon::log_covered_later(&d.current);
     d.record()?;
+    d.remember("start", stats.generation);
     d.metrics.lock().await.reload(true);
 
     let (calls_tx, calls_rx) = mpsc::channel(64);
@@ -199,6 +202,8 @@ fn bring_up(
         stdout: daemon::stdout::EventOut::spawn()?,
         dns: daemon::dns::Dns::new(&args.loc.state_dir, &args.resolv_conf),
         feeds: daemon::feeds::Feeds::new(&args.loc.state_dir),
+        history: daemon::history::History::load(&args.loc.state_dir, args.history as usize),
+        peer: None,
     };
     // The policy goes in before the program is attached: a fresh install
     // never passes a packet the policy would refuse.

@@ -7,6 +7,7 @@
 pub mod blocked;
 pub mod dns;
 pub mod feeds;
+pub mod history;
 pub mod server;
 pub mod stdout;
 pub mod watch;
@@ -44,6 +45,8 @@ use blocked::Blocked;
 pub struct Call {
     pub req: Request,
     pub reply: oneshot::Sender<Response>,
+    /// The client's uid (SO_PEERCRED).
+    pub peer_uid: Option<u32>,
 }
 
 /// Where the current policy came from.
@@ -99,6 +102,10 @@ pub struct Daemon {
     pub dns: dns::Dns,
     /// The policy's URL feeds and their copies.
     pub feeds: feeds::Feeds,
+    /// The applied policies (`ipguard history`, `rollback`).
+    pub history: history::History,
+    /// The uid of the client whose request is being handled.
+    pub peer: Option<u32>,
 }
 
 /// How many of a policy file's warnings a reload writes to the log.
@@ -267,7 +274,25 @@ impl Daemon {
         if let Err(e) = self.record() {
             tracing::warn!("{e:#}");
         }
+        self.remember(why, stats.generation);
         Ok(answer)
+    }
+
+    /// Adds the policy in force, made live as `why`, to the history.
+    pub fn remember(&mut self, why: &str, generation: u64) {
+        let Some(origin) = history::origin_of(why) else {
+            return;
+        };
+        let r = history::History::record(
+            generation,
+            &self.current.sha256,
+            origin,
+            &self.current.path,
+            self.peer,
+        );
+        if let Err(e) = self.history.push(r) {
+            tracing::warn!("{e:#}");
+        }
     }
 
     /// Logs a policy [`Daemon::write_policy`] made live.
@@ -419,12 +444,15 @@ impl Daemon {
     /// event loop answers `status` and relays events meanwhile; the result
     /// comes back to [`Daemon::reload_finish`].
     fn reload_start(&self, why: &'static str, force: bool) -> Loading {
-        let path = self.config.clone();
+        let (path, state_dir) = (self.config.clone(), self.state_dir.clone());
         Loading {
             why,
             force,
             task: tokio::task::spawn_blocking(move || {
-                policy::load_file_with(&path, policy::Coverage::Defer)
+                let loaded = policy::load_file_with(&path, policy::Coverage::Defer)?;
+                // The history's copy, read here, off the event loop.
+                history::store_file_copy(&state_dir, &path, &loaded);
+                Ok(loaded)
             }),
         }
     }
@@ -623,6 +651,53 @@ impl Daemon {
         out
     }
 
+    /// `ipguard rollback`: the policy of `generation` (default: the one
+    /// before the policy in force) from the history's copy, through the
+    /// lockout guard unless `force`.
+    async fn rollback(&mut self, generation: Option<u64>, force: bool) -> Response {
+        let (record, copy) = match self.history.target(generation, &self.current.sha256) {
+            Ok(t) => t,
+            Err(e) => return Response::err(Exit::Refused, e),
+        };
+        let given = policy::GivenLists(
+            copy.lists
+                .into_iter()
+                .map(|l| (l.path, l.text.into_bytes()))
+                .collect(),
+        );
+        let loaded = match policy::parse_with(&copy.path, &copy.text, SystemTime::now(), &given) {
+            Ok(l) => l,
+            Err(errs) => {
+                return Response::err(
+                    Exit::Refused,
+                    format!(
+                        "the copy of generation {} is no longer valid: {}",
+                        record.generation,
+                        errs.to_string().trim_end().replace('\n', "; ")
+                    ),
+                );
+            }
+        };
+        let src = Source {
+            path: PathBuf::from(&copy.path),
+            sha256: loaded.sha256,
+            policy: loaded.policy,
+        };
+        match self.install(src, force, "rollback") {
+            Ok(answer) => {
+                self.pending = None;
+                self.count_reload(true).await;
+                let mut v = json!(answer);
+                v["rolled_back_to"] = json!(record.generation);
+                Response::ok(v)
+            }
+            Err(e) => {
+                self.count_reload(false).await;
+                Response::err(e.exit, e.message)
+            }
+        }
+    }
+
     /// `apply --dry-run`: what `loaded` would change against the policy in
     /// force, judged as it would be installed (runtime entries, DNS
     /// answers, feed copies); nothing is applied.
@@ -758,6 +833,7 @@ impl Daemon {
                 force,
                 dry_run,
             } => {
+                let copied_lists = lists.clone();
                 let given = policy::GivenLists(
                     lists
                         .into_iter()
@@ -776,6 +852,15 @@ impl Daemon {
                 if dry_run {
                     return self.dry_run(&loaded).await;
                 }
+                let copy = history::Copy {
+                    path: path.clone(),
+                    text,
+                    lists: copied_lists,
+                };
+                if let Err(e) = history::store_copy(&self.state_dir, &loaded.sha256, &copy) {
+                    tracing::warn!("{e:#}; the history keeps no copy of this policy");
+                }
+                drop(copy);
                 let previous = self.current.clone();
                 let src = Source {
                     path: PathBuf::from(&path),
@@ -830,6 +915,8 @@ impl Daemon {
             Request::Events { .. } => Response::ok(json!(self.blocked.lock().await.recent())),
             Request::Explain { src, port } => self.explain(&src, port.as_deref()),
             Request::Seen {} => Response::ok(json!(self.seen().await)),
+            Request::History {} => Response::ok(json!(self.history.records())),
+            Request::Rollback { generation, force } => self.rollback(generation, force).await,
             Request::Blocked {} => {
                 let mut top = self.blocked.lock().await.top(usize::MAX);
                 self.rejections.status_of(&mut top, &self.runtime.entries);
@@ -1076,7 +1163,9 @@ impl Daemon {
                     }
                 }
                 Some(call) = calls.recv() => {
+                    self.peer = call.peer_uid;
                     let resp = self.handle(call.req).await;
+                    self.peer = None;
                     let _ = call.reply.send(resp);
                 }
                 Some(ev) = events.recv() => self.relay(ev).await,
@@ -1104,7 +1193,7 @@ impl Daemon {
                     self.feeds.start_due();
                     if let Some(p) = self.pending.take_if(|p| p.deadline <= now) {
                         tracing::warn!("no `ipguard confirm` in time: rolling back to {}", p.previous.path.display());
-                        if let Err(e) = self.install(p.previous, true, "rollback") {
+                        if let Err(e) = self.install(p.previous, true, "rollback: no confirm in time") {
                             tracing::error!("rollback failed: {e}");
                         }
                     } else if self.next_edge().is_some_and(|t| t <= Instant::now()) {

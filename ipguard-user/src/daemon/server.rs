@@ -99,6 +99,8 @@ async fn connection(
         .await?;
         return Ok(());
     }
+    // Who asks, for the history's records.
+    let peer_uid = stream.peer_cred().ok().map(|c| c.uid());
     let (r, mut w) = stream.into_split();
     let mut lines = BufReader::new(r);
     let mut buf = String::new();
@@ -124,7 +126,11 @@ async fn connection(
         let follow = matches!(req, Request::Events { follow: true });
         let (tx, rx) = oneshot::channel();
         calls
-            .send(Call { req, reply: tx })
+            .send(Call {
+                req,
+                reply: tx,
+                peer_uid,
+            })
             .await
             .map_err(|_| anyhow::anyhow!("daemon is shutting down"))?;
         let resp = rx

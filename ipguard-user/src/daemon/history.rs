@@ -1,0 +1,258 @@
+//! The history of applied policies (`ipguard history`, `ipguard
+//! rollback`): every policy the daemon made live from its file, from
+//! `apply`, from a rollback or through a runtime change, with when, its
+//! generation and hash, where it came from (the file, or the client's uid
+//! and user name from SO_PEERCRED) and a copy of its text and list files,
+//! kept in the state directory to a configurable count.
+//!
+//! Copies are stored once per policy hash (`texts/SHA256.json`): a runtime
+//! change, which keeps the policy, costs a record and no copy. Recompiles
+//! of the same policy at a time edge or for a new DNS answer or feed copy
+//! are not recorded (they would push the operator's changes out).
+
+use std::{
+    path::{Path, PathBuf},
+    time::SystemTime,
+};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::policy;
+
+const DIR: &str = "history";
+const INDEX: &str = "index.json";
+/// How many records `run --history` keeps by default.
+pub const DEFAULT_KEEP: usize = 50;
+
+/// What caused an install, for the record (None: not recorded).
+pub fn origin_of(why: &str) -> Option<&str> {
+    match why {
+        "time edge" | "DNS answer changed" | "feed changed" | "undo of a failed save" => None,
+        w => Some(w),
+    }
+}
+
+/// One applied policy.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Record {
+    pub generation: u64,
+    /// RFC 3339.
+    pub applied_at: String,
+    pub sha256: String,
+    /// What made it live: `start`, `policy file changed`, `SIGHUP`,
+    /// `apply`, `rollback`, `runtime allow`, ...
+    pub origin: String,
+    /// The policy file, or the path the client read for `apply`.
+    pub path: String,
+    /// The client that asked (apply, rollback, runtime changes).
+    pub uid: Option<u32>,
+    pub user: Option<String>,
+    /// Whether a copy of its text is kept (a rollback needs one).
+    pub copy: bool,
+}
+
+/// A policy's text and the list files it read, as `apply` sends them.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Copy {
+    pub path: String,
+    pub text: String,
+    pub lists: Vec<crate::protocol::ListText>,
+}
+
+pub struct History {
+    dir: PathBuf,
+    keep: usize,
+    records: Vec<Record>,
+}
+
+fn texts(dir: &Path) -> PathBuf {
+    dir.join("texts")
+}
+
+fn copy_path(dir: &Path, sha256: &str) -> PathBuf {
+    texts(dir).join(format!("{sha256}.json"))
+}
+
+/// The history directory under `state_dir`.
+pub fn dir_of(state_dir: &Path) -> PathBuf {
+    state_dir.join(DIR)
+}
+
+/// Keeps `copy` of the policy whose hash is `sha256` (once per hash).
+pub fn store_copy(state_dir: &Path, sha256: &str, copy: &Copy) -> Result<()> {
+    let dir = dir_of(state_dir);
+    let path = copy_path(&dir, sha256);
+    if path.exists() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(texts(&dir))
+        .with_context(|| format!("cannot create {}", texts(&dir).display()))?;
+    crate::state::write_atomic(&path, &serde_json::to_vec(copy)?)
+}
+
+/// Keeps a copy of the policy file at `path` and its list files if they
+/// still hold what was loaded as `loaded` (a file changed since is not
+/// copied: its record then says it has no copy). Run off the event loop.
+pub fn store_file_copy(state_dir: &Path, path: &Path, loaded: &policy::LoadedPolicy) -> bool {
+    let read = || -> Option<Copy> {
+        let text = String::from_utf8(policy::read_policy_bytes(path).ok()?).ok()?;
+        let disk = policy::DiskLists::beside(path);
+        let mut lists = Vec::new();
+        let mut now = Vec::new();
+        for l in &loaded.lists {
+            let bytes = policy::read_list_bytes(&disk.path_of(&l.written)).ok()?;
+            now.push(policy::ListFile {
+                sha256: policy::sha256_hex(&bytes),
+                ..l.clone()
+            });
+            lists.push(crate::protocol::ListText {
+                path: l.written.clone(),
+                text: String::from_utf8(bytes).ok()?,
+            });
+        }
+        let sha = policy::policy_sha256(&policy::sha256_hex(text.as_bytes()), &now);
+        (sha == loaded.sha256).then(|| Copy {
+            path: path.display().to_string(),
+            text,
+            lists,
+        })
+    };
+    match read() {
+        Some(c) => match store_copy(state_dir, &loaded.sha256, &c) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!("{e:#}; the history keeps no copy of this policy");
+                false
+            }
+        },
+        None => false,
+    }
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    jiff::Timestamp::try_from(t)
+        .map(|t| t.round(jiff::Unit::Second).unwrap_or(t).to_string())
+        .unwrap_or_default()
+}
+
+/// The user name of `uid` (None when it has none).
+pub fn user_name(uid: u32) -> Option<String> {
+    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+}
+
+impl History {
+    /// The records kept in `state_dir` (none if it has none, or a corrupt
+    /// index, which is said).
+    pub fn load(state_dir: &Path, keep: usize) -> Self {
+        let dir = dir_of(state_dir);
+        let records = match std::fs::read(dir.join(INDEX)) {
+            Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
+                tracing::warn!(
+                    "{} is corrupt ({e}); the history starts anew",
+                    dir.join(INDEX).display()
+                );
+                Vec::new()
+            }),
+            Err(_) => Vec::new(),
+        };
+        Self {
+            dir,
+            keep: keep.max(1),
+            records,
+        }
+    }
+
+    pub fn records(&self) -> &[Record] {
+        &self.records
+    }
+
+    /// Appends `r`, drops the oldest records past the count and the copies
+    /// no record names.
+    pub fn push(&mut self, mut r: Record) -> Result<()> {
+        r.copy = copy_path(&self.dir, &r.sha256).exists();
+        self.records.push(r);
+        if self.records.len() > self.keep {
+            let extra = self.records.len() - self.keep;
+            self.records.drain(..extra);
+        }
+        std::fs::create_dir_all(&self.dir)
+            .with_context(|| format!("cannot create {}", self.dir.display()))?;
+        crate::state::write_atomic(
+            &self.dir.join(INDEX),
+            &serde_json::to_vec_pretty(&self.records)?,
+        )
+        .context("cannot write the policy history")?;
+        if let Ok(rd) = std::fs::read_dir(texts(&self.dir)) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                let Some(sha) = name.strip_suffix(".json") else {
+                    continue;
+                };
+                if !self.records.iter().any(|r| r.sha256 == sha) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A record of an install now.
+    pub fn record(
+        generation: u64,
+        sha256: &str,
+        origin: &str,
+        path: &Path,
+        uid: Option<u32>,
+    ) -> Record {
+        Record {
+            generation,
+            applied_at: rfc3339(SystemTime::now()),
+            sha256: sha256.to_string(),
+            origin: origin.to_string(),
+            path: path.display().to_string(),
+            uid,
+            user: uid.and_then(user_name),
+            copy: false,
+        }
+    }
+
+    /// The copy to roll back to: of `generation`, or (None) of the newest
+    /// record with a policy other than `current` (the one before it).
+    pub fn target(
+        &self,
+        generation: Option<u64>,
+        current: &str,
+    ) -> std::result::Result<(Record, Copy), String> {
+        let r = match generation {
+            Some(g) => self
+                .records
+                .iter()
+                .rev()
+                .find(|r| r.generation == g)
+                .ok_or_else(|| {
+                    format!("generation {g} is not in the history: `ipguard history` lists the ones kept")
+                })?,
+            None => self
+                .records
+                .iter()
+                .rev()
+                .find(|r| r.sha256 != current)
+                .ok_or("the history holds no earlier policy to roll back to")?,
+        };
+        let path = copy_path(&self.dir, &r.sha256);
+        let bytes = std::fs::read(&path).map_err(|e| {
+            format!(
+                "generation {} has no copy of its policy ({}: {e}); roll back by applying the file",
+                r.generation,
+                path.display()
+            )
+        })?;
+        let copy: Copy = serde_json::from_slice(&bytes)
+            .map_err(|e| format!("the copy {} is corrupt: {e}", path.display()))?;
+        Ok((r.clone(), copy))
+    }
+}
