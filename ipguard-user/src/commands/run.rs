@@ -94,7 +94,7 @@ async fn start(args: &RunArgs, loaded: policy::LoadedPolicy, ifaces: Vec<String>
     // start that adopts a running datapath never removes it.
     let fresh = !datapath::is_loaded(&args.loc.pin_dir);
     // The history's copy of the first policy, as the file holds it.
-    daemon::history::store_file_copy(&args.loc.state_dir, &args.config, &loaded);
+    daemon::history::store_file_copy_later(&args.loc.state_dir, &args.config, &loaded);
     let (mut d, stats) = match bring_up(args, loaded, &ifaces, runtime, events_tx.clone()) {
         Ok(up) => up,
         Err(e) => {

@@ -48,7 +48,9 @@ pub struct Record {
     /// The client that asked (apply, rollback, runtime changes).
     pub uid: Option<u32>,
     pub user: Option<String>,
-    /// Whether a copy of its text is kept (a rollback needs one).
+    /// Whether a copy of its text is kept (a rollback needs one); filled
+    /// when the records are listed.
+    #[serde(default)]
     pub copy: bool,
 }
 
@@ -91,16 +93,35 @@ pub fn store_copy(state_dir: &Path, sha256: &str, copy: &Copy) -> Result<()> {
     crate::state::write_atomic(&path, &serde_json::to_vec(copy)?)
 }
 
-/// Keeps a copy of the policy file at `path` and its list files if they
+/// Keeps a copy of the policy file at `path` and its list files, if they
 /// still hold what was loaded as `loaded` (a file changed since is not
-/// copied: its record then says it has no copy). Run off the event loop.
-pub fn store_file_copy(state_dir: &Path, path: &Path, loaded: &policy::LoadedPolicy) -> bool {
+/// copied: its record then says it has no copy), on a thread of its own:
+/// at a million entries it reads and writes tens of MB that the policy
+/// need not wait for.
+pub fn store_file_copy_later(state_dir: &Path, path: &Path, loaded: &policy::LoadedPolicy) {
+    let (state_dir, path) = (state_dir.to_path_buf(), path.to_path_buf());
+    let (sha256, lists) = (loaded.sha256.clone(), loaded.lists.clone());
+    let spawned = std::thread::Builder::new()
+        .name("history-copy".into())
+        .spawn(move || store_file_copy(&state_dir, &path, &sha256, &lists));
+    if let Err(e) = spawned {
+        tracing::warn!("cannot start the history's copy: {e}");
+    }
+}
+
+/// [`store_file_copy_later`], now.
+pub fn store_file_copy(
+    state_dir: &Path,
+    path: &Path,
+    sha256: &str,
+    read_lists: &[policy::ListFile],
+) -> bool {
     let read = || -> Option<Copy> {
         let text = String::from_utf8(policy::read_policy_bytes(path).ok()?).ok()?;
         let disk = policy::DiskLists::beside(path);
         let mut lists = Vec::new();
         let mut now = Vec::new();
-        for l in &loaded.lists {
+        for l in read_lists {
             let bytes = policy::read_list_bytes(&disk.path_of(&l.written)).ok()?;
             now.push(policy::ListFile {
                 sha256: policy::sha256_hex(&bytes),
@@ -112,14 +133,14 @@ pub fn store_file_copy(state_dir: &Path, path: &Path, loaded: &policy::LoadedPol
             });
         }
         let sha = policy::policy_sha256(&policy::sha256_hex(text.as_bytes()), &now);
-        (sha == loaded.sha256).then(|| Copy {
+        (sha == sha256).then(|| Copy {
             path: path.display().to_string(),
             text,
             lists,
         })
     };
     match read() {
-        Some(c) => match store_copy(state_dir, &loaded.sha256, &c) {
+        Some(c) => match store_copy(state_dir, sha256, &c) {
             Ok(()) => true,
             Err(e) => {
                 tracing::warn!("{e:#}; the history keeps no copy of this policy");
@@ -166,14 +187,22 @@ impl History {
         }
     }
 
-    pub fn records(&self) -> &[Record] {
-        &self.records
+    /// The records, each saying whether its copy is there now (a file's
+    /// copy is written beside the install, and may come after its
+    /// record).
+    pub fn records(&self) -> Vec<Record> {
+        self.records
+            .iter()
+            .map(|r| Record {
+                copy: copy_path(&self.dir, &r.sha256).exists(),
+                ..r.clone()
+            })
+            .collect()
     }
 
     /// Appends `r`, drops the oldest records past the count and the copies
     /// no record names.
-    pub fn push(&mut self, mut r: Record) -> Result<()> {
-        r.copy = copy_path(&self.dir, &r.sha256).exists();
+    pub fn push(&mut self, r: Record) -> Result<()> {
         self.records.push(r);
         if self.records.len() > self.keep {
             let extra = self.records.len() - self.keep;
@@ -192,7 +221,15 @@ impl History {
                 let Some(sha) = name.strip_suffix(".json") else {
                     continue;
                 };
-                if !self.records.iter().any(|r| r.sha256 == sha) {
+                // A copy written in the last minute may be of an install
+                // whose record is still to come.
+                let recent = e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_none_or(|age| age < std::time::Duration::from_secs(60));
+                if !recent && !self.records.iter().any(|r| r.sha256 == sha) {
                     let _ = std::fs::remove_file(e.path());
                 }
             }

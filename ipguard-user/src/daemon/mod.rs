@@ -450,8 +450,7 @@ impl Daemon {
             force,
             task: tokio::task::spawn_blocking(move || {
                 let loaded = policy::load_file_with(&path, policy::Coverage::Defer)?;
-                // The history's copy, read here, off the event loop.
-                history::store_file_copy(&state_dir, &path, &loaded);
+                history::store_file_copy_later(&state_dir, &path, &loaded);
                 Ok(loaded)
             }),
         }
