@@ -55,7 +55,7 @@ pub struct Record {
 }
 
 /// A policy's text and the list files it read, as `apply` sends them.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default)]
 pub struct Copy {
     pub path: String,
     pub text: String,
@@ -72,8 +72,20 @@ fn texts(dir: &Path) -> PathBuf {
     dir.join("texts")
 }
 
+/// A copy is the policy's text as it was (`SHA256.yaml`), its list files
+/// (`SHA256.list.N`) and, last, a record of the paths (`SHA256.json`):
+/// raw bytes, written as read, so that a copy of a million entries costs
+/// a write and no encoding.
 fn copy_path(dir: &Path, sha256: &str) -> PathBuf {
     texts(dir).join(format!("{sha256}.json"))
+}
+
+/// What `SHA256.json` records.
+#[derive(Serialize, Deserialize)]
+struct CopyIndex {
+    path: String,
+    /// The list files' paths as the policy writes them, in order.
+    lists: Vec<String>,
 }
 
 /// The history directory under `state_dir`.
@@ -88,9 +100,66 @@ pub fn store_copy(state_dir: &Path, sha256: &str, copy: &Copy) -> Result<()> {
     if path.exists() {
         return Ok(());
     }
-    std::fs::create_dir_all(texts(&dir))
-        .with_context(|| format!("cannot create {}", texts(&dir).display()))?;
-    crate::state::write_atomic(&path, &serde_json::to_vec(copy)?)
+    let t = texts(&dir);
+    std::fs::create_dir_all(&t).with_context(|| format!("cannot create {}", t.display()))?;
+    write_unsynced(&t.join(format!("{sha256}.yaml")), copy.text.as_bytes())?;
+    for (i, l) in copy.lists.iter().enumerate() {
+        write_unsynced(&t.join(format!("{sha256}.list.{i}")), l.text.as_bytes())?;
+    }
+    let index = CopyIndex {
+        path: copy.path.clone(),
+        lists: copy.lists.iter().map(|l| l.path.clone()).collect(),
+    };
+    // Last: a copy whose record is there is whole (but for a crash before
+    // the writes reached the disk: a rollback then says so).
+    write_unsynced(&path, &serde_json::to_vec(&index)?)
+}
+
+/// Written to a new temporary file and renamed over, without fsync: a
+/// copy of tens of MB synced would hold up the fsync of the daemon's own
+/// small state files behind it (one journal), and a lost copy costs only
+/// a rollback that says it has none.
+fn write_unsynced(path: &Path, data: &[u8]) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.write_all(data)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+    }
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+}
+
+/// The copy of `sha256` kept in `dir`.
+fn read_copy(dir: &Path, sha256: &str) -> std::result::Result<Copy, String> {
+    let t = texts(dir);
+    let read = |p: PathBuf| std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()));
+    let index: CopyIndex = serde_json::from_slice(&read(copy_path(dir, sha256))?)
+        .map_err(|e| format!("the copy of {sha256} is corrupt: {e}"))?;
+    let text = |p: PathBuf| {
+        read(p.clone())
+            .and_then(|b| String::from_utf8(b).map_err(|_| format!("{} is not UTF-8", p.display())))
+    };
+    let mut lists = Vec::new();
+    for (i, path) in index.lists.into_iter().enumerate() {
+        lists.push(crate::protocol::ListText {
+            path,
+            text: text(t.join(format!("{sha256}.list.{i}")))?,
+        });
+    }
+    Ok(Copy {
+        path: index.path,
+        text: text(t.join(format!("{sha256}.yaml")))?,
+        lists,
+    })
 }
 
 /// Keeps a copy of the policy file at `path` and its list files, if they
@@ -103,7 +172,16 @@ pub fn store_file_copy_later(state_dir: &Path, path: &Path, loaded: &policy::Loa
     let (sha256, lists) = (loaded.sha256.clone(), loaded.lists.clone());
     let spawned = std::thread::Builder::new()
         .name("history-copy".into())
-        .spawn(move || store_file_copy(&state_dir, &path, &sha256, &lists));
+        .spawn(move || {
+            // Below the reload and the event loop, which share the cores.
+            // SAFETY: setpriority only changes this thread's nice value.
+            unsafe {
+                libc::setpriority(libc::PRIO_PROCESS, 0, 19);
+            }
+            store_file_copy(&state_dir, &path, &sha256, &lists);
+            // What it read and wrote is freed in this thread's arena.
+            super::release_freed_memory();
+        });
     if let Err(e) = spawned {
         tracing::warn!("cannot start the history's copy: {e}");
     }
@@ -218,7 +296,7 @@ impl History {
         if let Ok(rd) = std::fs::read_dir(texts(&self.dir)) {
             for e in rd.flatten() {
                 let name = e.file_name().to_string_lossy().to_string();
-                let Some(sha) = name.strip_suffix(".json") else {
+                let Some((sha, _)) = name.split_once('.') else {
                     continue;
                 };
                 // A copy written in the last minute may be of an install
@@ -280,16 +358,12 @@ impl History {
                 .find(|r| r.sha256 != current)
                 .ok_or("the history holds no earlier policy to roll back to")?,
         };
-        let path = copy_path(&self.dir, &r.sha256);
-        let bytes = std::fs::read(&path).map_err(|e| {
+        let copy = read_copy(&self.dir, &r.sha256).map_err(|e| {
             format!(
-                "generation {} has no copy of its policy ({}: {e}); roll back by applying the file",
-                r.generation,
-                path.display()
+                "generation {} has no whole copy of its policy ({e}); roll back by applying the file",
+                r.generation
             )
         })?;
-        let copy: Copy = serde_json::from_slice(&bytes)
-            .map_err(|e| format!("the copy {} is corrupt: {e}", path.display()))?;
         Ok((r.clone(), copy))
     }
 }

@@ -130,21 +130,27 @@ pub fn log_warnings(path: &std::path::Path, warnings: &[policy::Diagnostic]) {
 
 /// Logs the warnings about entries covered by others of their list
 /// ([`policy::Coverage::Defer`]) for the policy file `src` holds, from a
-/// thread of its own: they never change what is enforced, and at a
+/// thread of its own at the lowest priority: they never change what is enforced, and at a
 /// million entries finding them takes 0.4 s that the policy need not wait
 /// for.
 pub fn log_covered_later(src: &Source) {
     let (path, policy) = (src.path.clone(), src.policy.clone());
     let run = move || {
+        // Below the reload and the event loop, which share the cores.
+        // SAFETY: setpriority only changes this thread's nice value.
+        unsafe {
+            libc::setpriority(libc::PRIO_PROCESS, 0, 19);
+        }
         let w = policy::covered_warnings(&path.display().to_string(), &policy);
         drop(policy);
         log_warnings(&path, &w);
         release_freed_memory();
     };
-    if tokio::runtime::Handle::try_current().is_ok() {
-        drop(tokio::task::spawn_blocking(run));
-    } else {
-        run();
+    if let Err(e) = std::thread::Builder::new()
+        .name("covered-entries".into())
+        .spawn(run)
+    {
+        tracing::warn!("cannot look for covered entries: {e}");
     }
 }
 
