@@ -367,3 +367,58 @@ impl History {
         Ok((r.clone(), copy))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A directory of the test's own under the target directory, removed
+    /// when dropped.
+    struct Dir(PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn copies_come_back_with_their_list_files_and_old_records_go() {
+        let dir = Dir(Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../target/tmp")
+            .join(format!("history-unit-{}", std::process::id())));
+        let _ = std::fs::remove_dir_all(&dir.0);
+        let copy = Copy {
+            path: "/etc/ipguard/policy.yaml".into(),
+            text: "version: 1\ngroups:\n  p: { file: lists/p.txt }\nallow: [p]\n".into(),
+            lists: vec![crate::protocol::ListText {
+                path: "lists/p.txt".into(),
+                text: "198.51.100.7\n".into(),
+            }],
+        };
+        store_copy(&dir.0, "aaaa", &copy).unwrap();
+        let mut h = History::load(&dir.0, 3);
+        for (g, sha) in [(1, "aaaa"), (2, "bbbb"), (3, "aaaa"), (4, "cccc")] {
+            h.push(History::record(g, sha, "apply", Path::new("/x"), Some(0)))
+                .unwrap();
+        }
+        // Three kept: generation 1 is gone, its policy is not (3 has it).
+        let h = History::load(&dir.0, 3);
+        let gens: Vec<u64> = h.records().iter().map(|r| r.generation).collect();
+        assert_eq!(gens, [2, 3, 4]);
+        assert!(h.records()[1].copy && !h.records()[0].copy);
+        let (r, back) = h.target(Some(3), "cccc").unwrap();
+        assert_eq!(r.generation, 3);
+        assert_eq!(back.text, copy.text);
+        assert_eq!(back.lists[0].path, "lists/p.txt");
+        assert_eq!(back.lists[0].text, "198.51.100.7\n");
+        // The one before the policy in force: generation 3's.
+        assert_eq!(h.target(None, "cccc").unwrap().0.generation, 3);
+        let e = h.target(Some(2), "cccc").unwrap_err();
+        assert!(e.contains("no whole copy"), "{e}");
+        assert!(
+            h.target(Some(9), "cccc")
+                .unwrap_err()
+                .contains("not in the history")
+        );
+    }
+}
