@@ -41,6 +41,7 @@ struct ResultLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PolicyLabels {
     sha256: String,
+    generation: String,
     path: String,
 }
 
@@ -108,6 +109,7 @@ pub struct Metrics {
     dns_failure: Family<NameLabels, Gauge>,
     dns_next: Family<NameLabels, Gauge>,
     list_prefixes: Family<FileLabels, Gauge>,
+    ready: Ready,
     feed_entries: Family<FeedLabels, Gauge>,
     feed_success: Family<FeedLabels, Gauge>,
     feed_failure: Family<FeedLabels, Gauge>,
@@ -139,6 +141,12 @@ impl Metrics {
         let dns_failure = Family::<NameLabels, Gauge>::default();
         let dns_next = Family::<NameLabels, Gauge>::default();
         let list_prefixes = Family::<FileLabels, Gauge>::default();
+        let ready_gauge = Gauge::default();
+        registry.register(
+            "ready",
+            "1 while the policy file's policy is the one in force (GET /ready answers 200), 0 while it is not (invalid, refused, or another policy pushed with apply or rollback)",
+            ready_gauge.clone(),
+        );
         registry.register(
             "dns_failure_timestamp_seconds",
             "When the last lookup of a DNS name failed (Unix time; absent: its last lookup succeeded)",
@@ -255,6 +263,10 @@ impl Metrics {
             dns_failure,
             dns_next,
             list_prefixes,
+            ready: Ready {
+                gauge: ready_gauge,
+                why: Arc::new(std::sync::Mutex::new(Some("starting".into()))),
+            },
             feed_entries,
             feed_success,
             feed_failure,
@@ -430,14 +442,21 @@ impl Metrics {
         }
     }
 
-    pub fn set_policy(&self, path: &str, sha256: &str) {
+    pub fn set_policy(&self, path: &str, sha256: &str, generation: u64) {
         self.policy.clear();
         self.policy
             .get_or_create(&PolicyLabels {
                 sha256: sha256.to_string(),
+                generation: generation.to_string(),
                 path: path.to_string(),
             })
             .set(1);
+    }
+
+    /// What `/ready` answers, shared with the daemon (which sets it
+    /// without waiting for a scrape to end).
+    pub fn ready(&self) -> Ready {
+        self.ready.clone()
     }
 
     pub fn render(&self) -> String {
@@ -445,6 +464,28 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// Whether the policy file's policy is the one in force: `GET /ready` and
+/// `ipguard_ready`.
+#[derive(Clone, Debug)]
+pub struct Ready {
+    gauge: Gauge,
+    /// None: ready; else why not.
+    why: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl Ready {
+    pub fn set(&self, problem: Option<String>) {
+        self.gauge.set(i64::from(problem.is_none()));
+        if let Ok(mut w) = self.why.lock() {
+            *w = problem;
+        }
+    }
+
+    pub fn why_not(&self) -> Option<String> {
+        self.why.lock().ok().and_then(|w| w.clone())
     }
 }
 
@@ -518,10 +559,20 @@ where
                     m.update(&s);
                 }
                 ("200 OK", m.render())
+            } else if req.starts_with("GET /ready ") {
+                // Kubernetes' readiness probe: a node whose file did not
+                // take shows as not ready, with the reason.
+                let ready = metrics.lock().await.ready();
+                match ready.why_not() {
+                    None => ("200 OK", "ready\n".to_string()),
+                    Some(why) => ("503 Service Unavailable", format!("not ready: {why}\n")),
+                }
+            } else if req.starts_with("GET /live ") {
+                ("200 OK", "alive\n".to_string())
             } else {
                 (
                     "404 Not Found",
-                    "only /metrics is served here\n".to_string(),
+                    "served here: /metrics, /ready, /live\n".to_string(),
                 )
             };
             let resp = format!(
@@ -558,7 +609,7 @@ mod tests {
         m.update(&snap);
         snap.counters[counter_index(VERDICT_DROP, REASON_NOT_ALLOWED) as usize] = 8;
         m.update(&snap);
-        m.set_policy("/etc/ipguard/policy.yaml", "abc123");
+        m.set_policy("/etc/ipguard/policy.yaml", "abc123", 7);
         m.reload(true);
         m.reload(false);
         let text = m.render();
@@ -576,7 +627,7 @@ mod tests {
         );
         assert!(
             text.contains(
-                r#"ipguard_policy_info{sha256="abc123",path="/etc/ipguard/policy.yaml"} 1"#
+                r#"ipguard_policy_info{sha256="abc123",generation="7",path="/etc/ipguard/policy.yaml"} 1"#
             ),
             "{text}"
         );

@@ -762,12 +762,18 @@ fn confined(ns: &Netns, keep: &[u32]) -> Result<Command> {
 /// `GET /metrics` from the server's namespace (the daemon listens there):
 /// the whole answer, or None if there was none.
 pub fn get_metrics(pair: &Pair, sa: SocketAddr) -> Option<String> {
+    http_get(pair, sa, "/metrics")
+}
+
+/// `GET path` from the server's namespace: the whole answer (status line,
+/// head and body), or None if there was none.
+pub fn http_get(pair: &Pair, sa: SocketAddr, path: &str) -> Option<String> {
     use std::io::Write as _;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
     pair.server
         .run_in(move || -> Option<String> {
             let mut s = TcpStream::connect_timeout(&sa, Duration::from_secs(2)).ok()?;
-            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-                .ok()?;
+            s.write_all(req.as_bytes()).ok()?;
             let mut body = String::new();
             std::io::Read::read_to_string(&mut s, &mut body).ok()?;
             Some(body)

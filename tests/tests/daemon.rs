@@ -1694,3 +1694,80 @@ fn history_and_rollback_survive_a_restart() {
     assert_eq!(sha(&d), third);
     let _ = first;
 }
+
+/// `/ready` answers 200 only while the policy file's policy is the one in
+/// force: an invalid file, or a policy pushed with apply, make it 503 with
+/// the reason (what a Kubernetes readiness probe shows per node), and
+/// `ipguard_policy_info` names the hash and generation in force.
+#[test]
+fn readiness_follows_the_policy_file() {
+    require_root();
+    let pair = Pair::new().unwrap();
+    pair.server.ip(&["link", "set", "lo", "up"]).unwrap();
+    let maddr = format!("127.0.0.1:{}", 23_000 + (std::process::id() % 1000) as u16);
+    let d = Daemon::start_with(&pair, POLICY, &["--metrics", maddr.as_str()]).unwrap();
+    let sa: SocketAddr = maddr.parse().unwrap();
+    let ready = || http_get(&pair, sa, "/ready").unwrap_or_default();
+    assert!(ready().starts_with("HTTP/1.1 200"), "{}", ready());
+    assert!(
+        http_get(&pair, sa, "/live")
+            .unwrap_or_default()
+            .starts_with("HTTP/1.1 200")
+    );
+    let st = d.status().unwrap();
+    let m = get_metrics(&pair, sa).unwrap_or_default();
+    let info = format!(
+        "ipguard_policy_info{{sha256=\"{}\",generation=\"{}\",",
+        st["policy"]["sha256"].as_str().unwrap(),
+        d.generation()
+    );
+    assert!(m.contains(&info), "{info} not in\n{m}");
+    assert!(m.contains("ipguard_ready 1"), "{m}");
+
+    // An invalid file: not ready, and why; the policy stays.
+    std::fs::write(&d.policy, "version: 1\nallow: [198.51.100.300]\n").unwrap();
+    let r = wait_for(Duration::from_secs(10), || {
+        let r = ready();
+        r.starts_with("HTTP/1.1 503").then_some(r)
+    })
+    .expect("not ready after an invalid file");
+    assert!(
+        r.contains("the policy file is invalid") && r.contains("198.51.100.300"),
+        "{r}"
+    );
+    assert!(
+        get_metrics(&pair, sa)
+            .unwrap_or_default()
+            .contains("ipguard_ready 0")
+    );
+    // Fixed: ready again.
+    std::fs::write(&d.policy, POLICY).unwrap();
+    wait_for(Duration::from_secs(10), || {
+        ready().starts_with("HTTP/1.1 200").then_some(())
+    })
+    .expect("ready once the file is the policy in force again");
+
+    // A policy pushed with apply is not the file's.
+    let other = d.dir.join("other.yaml");
+    std::fs::write(&other, format!("{POLICY}deny: [203.0.113.66]\n")).unwrap();
+    ok(d.client(&["apply", other.to_str().unwrap()])
+        .output()
+        .unwrap());
+    let r = ready();
+    assert!(
+        r.starts_with("HTTP/1.1 503") && r.contains("other.yaml"),
+        "{r}"
+    );
+    // SIGHUP reads the file again: ready.
+    let before = d.generation();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(d.proc.pid() as i32),
+        Signal::SIGHUP,
+    )
+    .unwrap();
+    wait_for(Duration::from_secs(10), || {
+        (d.generation() > before).then_some(())
+    })
+    .expect("SIGHUP applied the file");
+    assert!(ready().starts_with("HTTP/1.1 200"), "{}", ready());
+}

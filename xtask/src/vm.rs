@@ -101,6 +101,7 @@ const HOST_ONLY: &[&str] = &[
     "daemon::status_notes_how_rejects_fare_on_a_native_veth",
     "daemon::a_dry_run_and_a_diff_judge_what_the_daemon_saw",
     "daemon::history_and_rollback_survive_a_restart",
+    "daemon::readiness_follows_the_policy_file",
 ];
 /// Kernel modules the tests need that Debian's cloud kernels build as
 /// modules.

@@ -180,6 +180,7 @@ fn bring_up(
         sha256: loaded.sha256.clone(),
         policy: loaded.policy,
     };
+    let metrics = Metrics::new();
     let mut d = Daemon {
         config: args.config.clone(),
         state_dir: args.loc.state_dir.clone(),
@@ -196,7 +197,8 @@ fn bring_up(
         rejections: crate::requests::Rejections::load(&args.loc.state_dir)?,
         runtime,
         pending: None,
-        metrics: Arc::new(Mutex::new(Metrics::new())),
+        ready: metrics.ready(),
+        metrics: Arc::new(Mutex::new(metrics)),
         blocked: Arc::new(Mutex::new(Blocked::default())),
         events_tx,
         stdout: daemon::stdout::EventOut::spawn()?,

@@ -106,6 +106,8 @@ pub struct Daemon {
     pub history: history::History,
     /// The uid of the client whose request is being handled.
     pub peer: Option<u32>,
+    /// What `/ready` answers (shared with the metrics server).
+    pub ready: crate::metrics::Ready,
 }
 
 /// How many of a policy file's warnings a reload writes to the log.
@@ -406,10 +408,39 @@ impl Daemon {
             m.set_policy(
                 &self.current.path.display().to_string(),
                 &self.current.sha256,
+                generation,
             );
             m.set_lists(&self.lists_in_force());
         }
+        self.ready.set(self.readiness());
         Ok(())
+    }
+
+    /// Why the policy file's policy is not the one in force (None: it is):
+    /// what `/ready` answers.
+    fn readiness(&self) -> Option<String> {
+        if self.file_in_force() {
+            return None;
+        }
+        if self.current.path != self.config {
+            return Some(format!(
+                "the policy in force (sha256 {}) came from {}, not from the policy file {}",
+                self.current.sha256,
+                self.current.path.display(),
+                self.config.display()
+            ));
+        }
+        Some(format!(
+            "the policy file {} (sha256 {}) is not the policy in force (sha256 {}): see the log for why it was not applied",
+            self.config.display(),
+            self.file_sha256,
+            self.current.sha256
+        ))
+    }
+
+    /// Sets `/ready` to `problem`, or to what [`Daemon::readiness`] says.
+    fn set_ready(&self, problem: Option<String>) {
+        self.ready.set(problem.or_else(|| self.readiness()));
     }
 
     /// Whether what the policy file holds now is in force (not a policy
@@ -488,6 +519,15 @@ impl Daemon {
                     "{why}: {} is invalid; the running policy stays in force",
                     self.config.display()
                 );
+                let first = errs
+                    .errors
+                    .first()
+                    .map(|e| e.to_string())
+                    .unwrap_or_default();
+                self.set_ready(Some(format!(
+                    "the policy file is invalid ({} errors; the first: {first}); the previous policy stays in force",
+                    errs.errors.len()
+                )));
                 self.count_reload(false).await;
                 return;
             }
@@ -498,6 +538,8 @@ impl Daemon {
         }
         self.file_sha256 = loaded.sha256.clone();
         if loaded.sha256 == self.current.sha256 && self.current.path == self.config {
+            // Back to the policy in force (after an invalid edit, say).
+            self.set_ready(None);
             if force {
                 tracing::info!(
                     "{why}: {} is the policy in force (sha256 {}); nothing to do",
@@ -522,6 +564,9 @@ impl Daemon {
             }
             Err(e) => {
                 tracing::error!("{why}: {e}; the running policy stays in force");
+                self.set_ready(Some(format!(
+                    "the policy file was not applied ({e}); the previous policy stays in force"
+                )));
                 self.count_reload(false).await;
             }
         }
