@@ -97,6 +97,39 @@ fn bench() {
         );
     };
 
+    // One `ipguard deny --stdin` of `batch`, until applied.
+    let deny = |d: &Daemon, batch: &str| {
+        until_applied(d, || {
+            let mut c = d.client(&["deny", "--stdin"]);
+            c.stdin(Stdio::piped()).stdout(Stdio::null());
+            let mut child = c.spawn().unwrap();
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(batch.as_bytes())
+                .unwrap();
+            assert!(child.wait().unwrap().success(), "deny --stdin");
+        })
+    };
+    // The denies first with the small policy in force (what a fail2ban or
+    // CrowdSec host runs), for 3 s: they are gone before the next row.
+    let mut small_batch = String::new();
+    for i in 0..denies {
+        let a = std::net::Ipv4Addr::from(0x0b00_0000 | (i as u32 & 0x00ff_ffff));
+        let _ = writeln!(small_batch, "{a} 3s bench");
+    }
+    let t = deny(&d, &small_batch);
+    row(
+        format!("{denies} denies from one `deny --stdin` (a small policy in force)"),
+        t,
+        &d,
+    );
+    wait_for(Duration::from_secs(30), || {
+        (d.status().ok()?["runtime_entries"] == 0).then_some(())
+    })
+    .expect("the denies expired");
+
     // A list file of `lines` lines, named by the policy.
     let mut list = String::with_capacity(lines * 18);
     for _ in 0..lines {
@@ -144,18 +177,7 @@ fn bench() {
         let a = std::net::Ipv4Addr::from(0x0a00_0000 | (r.next() & 0x00ff_ffff));
         let _ = writeln!(batch, "{a} 1h bench");
     }
-    let t = until_applied(&d, || {
-        let mut c = d.client(&["deny", "--stdin"]);
-        c.stdin(Stdio::piped()).stdout(Stdio::null());
-        let mut child = c.spawn().unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(batch.as_bytes())
-            .unwrap();
-        assert!(child.wait().unwrap().success(), "deny --stdin");
-    });
+    let t = deny(&d, &batch);
     row(
         format!("{denies} denies from one `deny --stdin` (with the YAML policy in force)"),
         t,
