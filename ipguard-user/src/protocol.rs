@@ -418,8 +418,26 @@ pub fn port_text(p: Option<(crate::policy::Proto, u16)>) -> Option<String> {
     })
 }
 
+/// The verdicts a change of policy changes, for JSON answers, each with
+/// why its packet was judged (from `probes`).
+pub fn changes_json(
+    changes: &[crate::policy::VerdictChange],
+    probes: &[Probe],
+) -> Vec<serde_json::Value> {
+    changes
+        .iter()
+        .map(|c| {
+            let seen = probes
+                .iter()
+                .find(|p| p.query() == (c.src, c.port))
+                .map_or("refused", |p| p.seen.as_str());
+            change_json(c, seen)
+        })
+        .collect()
+}
+
 /// One verdict that a change of policy changes, for JSON answers.
-pub fn change_json(c: &crate::policy::VerdictChange, seen: &str) -> serde_json::Value {
+fn change_json(c: &crate::policy::VerdictChange, seen: &str) -> serde_json::Value {
     let side = |e: &crate::policy::Explanation| {
         serde_json::json!({
             "verdict": e.verdict_name(),

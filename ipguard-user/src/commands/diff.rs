@@ -13,7 +13,7 @@ use crate::{
     control::Client,
     error::Diagnostics,
     policy,
-    protocol::{Probe, Request, change_json},
+    protocol::{Probe, Request, changes_json},
 };
 
 pub fn run(args: &DiffArgs) -> Result<ExitCode> {
@@ -39,16 +39,7 @@ pub fn run(args: &DiffArgs) -> Result<ExitCode> {
             let b = policy::compile(&new.policy, now, &[]);
             let queries: Vec<_> = probes.iter().map(Probe::query).collect();
             let changes = policy::verdict_changes(&a, &b, &queries);
-            let verdicts: Vec<Value> = changes
-                .iter()
-                .map(|c| {
-                    let seen = probes
-                        .iter()
-                        .find(|p| p.query() == (c.src, c.port))
-                        .map_or("refused", |p| p.seen.as_str());
-                    change_json(c, seen)
-                })
-                .collect();
+            let verdicts = changes_json(&changes, &probes);
             v["judged"] = json!(probes.len());
             v["verdicts"] = json!(verdicts);
         }

@@ -22,6 +22,7 @@ use hickory_resolver::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use super::rfc3339;
 use crate::{
     policy::{DnsSettings, Policy, Resolved},
     protocol::DnsNameJson,
@@ -304,12 +305,6 @@ impl Dns {
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
     }
-}
-
-fn rfc3339(t: SystemTime) -> String {
-    jiff::Timestamp::try_from(t)
-        .map(|t| t.round(jiff::Unit::Second).unwrap_or(t).to_string())
-        .unwrap_or_default()
 }
 
 /// Each of `policy`'s names looked up once, at the same time: what

@@ -25,6 +25,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use super::rfc3339;
 use crate::{
     policy::{self, Feed, Policy},
     protocol::FeedJson,
@@ -420,12 +421,6 @@ impl Feeds {
         v.sort_by(|a, b| a.group.cmp(&b.group));
         v
     }
-}
-
-fn rfc3339(t: SystemTime) -> String {
-    jiff::Timestamp::try_from(t)
-        .map(|t| t.round(jiff::Unit::Second).unwrap_or(t).to_string())
-        .unwrap_or_default()
 }
 
 /// The system's CA certificates (an empty set, said once, when there are

@@ -18,6 +18,7 @@ use std::{
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
+use super::rfc3339;
 use crate::policy;
 
 const DIR: &str = "history";
@@ -227,12 +228,6 @@ pub fn store_file_copy(
         },
         None => false,
     }
-}
-
-fn rfc3339(t: SystemTime) -> String {
-    jiff::Timestamp::try_from(t)
-        .map(|t| t.round(jiff::Unit::Second).unwrap_or(t).to_string())
-        .unwrap_or_default()
 }
 
 /// The user name of `uid` (None when it has none).

@@ -110,6 +110,14 @@ pub struct Daemon {
     pub ready: crate::metrics::Ready,
 }
 
+/// A moment as status, records and metrics show it: RFC 3339, to the
+/// second.
+pub fn rfc3339(t: SystemTime) -> String {
+    jiff::Timestamp::try_from(t)
+        .map(|t| t.round(jiff::Unit::Second).unwrap_or(t).to_string())
+        .unwrap_or_default()
+}
+
 /// How many of a policy file's warnings a reload writes to the log.
 const LOGGED_WARNINGS: usize = 20;
 
@@ -764,16 +772,7 @@ impl Daemon {
         let probes = self.seen().await;
         let queries: Vec<_> = probes.iter().map(|p| p.query()).collect();
         let changes = policy::verdict_changes(&self.compiled, &new, &queries);
-        let verdicts: Vec<serde_json::Value> = changes
-            .iter()
-            .map(|c| {
-                let seen = probes
-                    .iter()
-                    .find(|p| p.query() == (c.src, c.port))
-                    .map_or("refused", |p| p.seen.as_str());
-                crate::protocol::change_json(c, seen)
-            })
-            .collect();
+        let verdicts = crate::protocol::changes_json(&changes, &probes);
         let ex = Explainer::new(&new);
         let (guarded, other) = lockout_check(&new, &ex);
         let cut: Vec<serde_json::Value> = guarded
