@@ -50,6 +50,29 @@ pub enum Command {
     History(HistoryArgs),
     Rollback(RollbackArgs),
     Unload(UnloadArgs),
+    Completions(CompletionsArgs),
+    Manpage(ManpageArgs),
+}
+
+/// Print the shell completions (generated from these definitions).
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Examples:\n  ipguard completions bash > /usr/share/bash-completion/completions/ipguard\n  \
+ipguard completions zsh > /usr/share/zsh/vendor-completions/_ipguard\n  \
+ipguard completions fish > /usr/share/fish/vendor_completions.d/ipguard.fish"
+)]
+pub struct CompletionsArgs {
+    pub shell: clap_complete::Shell,
+}
+
+/// Write the manual pages (roff, generated from these definitions).
+#[derive(Debug, Args)]
+#[command(after_help = "Example:\n  ipguard manpage --dir /usr/share/man/man1 && man ipguard")]
+pub struct ManpageArgs {
+    /// Write ipguard.1 and one page per subcommand (ipguard-run.1, ...)
+    /// into this directory; without it, print ipguard.1.
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
 }
 
 /// The daemon's control socket.

@@ -28,6 +28,8 @@ fn main() -> ExitCode {
         Command::Rollback(a) => commands::client::rollback(a),
         Command::Status(a) => commands::status::run(a),
         Command::Unload(a) => commands::unload::run(a),
+        Command::Completions(a) => commands::docs::completions(a),
+        Command::Manpage(a) => commands::docs::manpage(a),
     };
     match result {
         Ok(code) => code,

@@ -537,3 +537,73 @@ fn diff_of_two_files_without_a_daemon() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("198.51.100.300"));
 }
+
+#[test]
+fn completions_and_manual_pages_come_from_the_definitions() {
+    for (shell, marker) in [
+        ("bash", "complete -F"),
+        ("zsh", "#compdef ipguard"),
+        ("fish", "complete -c ipguard"),
+    ] {
+        let out = run(&["completions", shell], None);
+        assert!(out.status.success(), "{shell}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(marker), "{shell}: {text}");
+        for sub in ["check", "diff", "rollback", "history", "explain"] {
+            assert!(text.contains(sub), "{shell} completes {sub}");
+        }
+    }
+    // The bash script is valid bash.
+    let out = run(&["completions", "bash"], None);
+    let script = file(&String::from_utf8_lossy(&out.stdout));
+    let st = Command::new("bash")
+        .arg("-n")
+        .arg(&script)
+        .status()
+        .unwrap();
+    assert!(st.success(), "bash -n {}", script.display());
+
+    let dir =
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("man-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = run(&["manpage", "--dir", dir.to_str().unwrap()], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for page in [
+        "ipguard.1",
+        "ipguard-run.1",
+        "ipguard-diff.1",
+        "ipguard-rollback.1",
+    ] {
+        let path = dir.join(page);
+        // `man ./ipguard.1` renders it (man-db, as Debian installs it).
+        let out = Command::new("man")
+            .arg("-l")
+            .arg(&path)
+            .env("MANWIDTH", "80")
+            .output()
+            .expect("man (man-db) is installed");
+        // Bold and underline come as overstrikes (`X\x08X`): read the text.
+        let mut text = String::new();
+        for c in String::from_utf8_lossy(&out.stdout).chars() {
+            if c == '\u{8}' {
+                text.pop();
+            } else {
+                text.push(c);
+            }
+        }
+        assert!(
+            out.status.success() && text.contains("SYNOPSIS"),
+            "{page}: {text}"
+        );
+    }
+    let run_page = std::fs::read_to_string(dir.join("ipguard-run.1")).unwrap();
+    assert!(
+        run_page.contains("resolv\\-conf"),
+        "run's options are in its page"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

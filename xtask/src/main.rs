@@ -1,6 +1,7 @@
 //! `cargo xtask ...`: everything a newcomer needs, on a fresh machine.
 mod bench;
 mod demo;
+mod dist;
 mod fuzz;
 mod setup;
 mod vm;
@@ -72,6 +73,14 @@ enum Cmd {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// The release binary with its completions, manual pages, unit and
+    /// example policy as a Debian package: target/dist/ipguard_*.deb.
+    Dist {
+        /// Also install it into a scratch root and check what it installed
+        /// (as `cargo xtask test` does with the debug binary).
+        #[arg(long)]
+        check: bool,
+    },
     /// Fuzz the policy parser with cargo-fuzz (installs it when missing).
     Fuzz {
         /// How long to fuzz.
@@ -107,6 +116,7 @@ fn main() -> ExitCode {
         Cmd::Demo => demo::run(),
         Cmd::Bench { args } => bench::run(&args),
         Cmd::Fuzz { seconds } => fuzz::run(seconds),
+        Cmd::Dist { check } => dist::run_dist(check),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -205,7 +215,10 @@ fn test_unprivileged(tools: &setup::Tools, extra: &[String]) -> Result<()> {
         "ipguard-policy",
     ]);
     c.args(extra);
-    run(&mut c)
+    run(&mut c)?;
+    // The Debian package, built from the debug binary the tests just
+    // built, installed into a scratch root and checked.
+    dist::check(&setup::workspace_root()?.join("target/debug/ipguard"))
 }
 
 /// The policy crate's tests with stable Rust and without bpf-linker on

@@ -3,6 +3,7 @@
 pub mod check;
 pub mod client;
 pub mod diff;
+pub mod docs;
 pub mod explain;
 pub mod run;
 pub mod status;
