@@ -171,21 +171,9 @@ fn read_copy(dir: &Path, sha256: &str) -> std::result::Result<Copy, String> {
 pub fn store_file_copy_later(state_dir: &Path, path: &Path, loaded: &policy::LoadedPolicy) {
     let (state_dir, path) = (state_dir.to_path_buf(), path.to_path_buf());
     let (sha256, lists) = (loaded.sha256.clone(), loaded.lists.clone());
-    let spawned = std::thread::Builder::new()
-        .name("history-copy".into())
-        .spawn(move || {
-            // Below the reload and the event loop, which share the cores.
-            // SAFETY: setpriority only changes this thread's nice value.
-            unsafe {
-                libc::setpriority(libc::PRIO_PROCESS, 0, 19);
-            }
-            store_file_copy(&state_dir, &path, &sha256, &lists);
-            // What it read and wrote is freed in this thread's arena.
-            super::release_freed_memory();
-        });
-    if let Err(e) = spawned {
-        tracing::warn!("cannot start the history's copy: {e}");
-    }
+    super::in_background("history-copy", move || {
+        store_file_copy(&state_dir, &path, &sha256, &lists);
+    });
 }
 
 /// [`store_file_copy_later`], now.

@@ -145,22 +145,31 @@ pub fn log_warnings(path: &std::path::Path, warnings: &[policy::Diagnostic]) {
 /// for.
 pub fn log_covered_later(src: &Source) {
     let (path, policy) = (src.path.clone(), src.policy.clone());
-    let run = move || {
-        // Below the reload and the event loop, which share the cores.
-        // SAFETY: setpriority only changes this thread's nice value.
-        unsafe {
-            libc::setpriority(libc::PRIO_PROCESS, 0, 19);
-        }
+    in_background("covered-entries", move || {
         let w = policy::covered_warnings(&path.display().to_string(), &policy);
         drop(policy);
         log_warnings(&path, &w);
-        release_freed_memory();
-    };
-    if let Err(e) = std::thread::Builder::new()
-        .name("covered-entries".into())
-        .spawn(run)
-    {
-        tracing::warn!("cannot look for covered entries: {e}");
+    });
+}
+
+/// Runs `work` on a thread of its own at the lowest priority (below the
+/// reload and the event loop, which share the cores), then hands what it
+/// freed in its malloc arena back to the system. For work that never
+/// changes what is enforced: the covered-entry warnings, the history's
+/// copies.
+pub fn in_background(name: &str, work: impl FnOnce() + Send + 'static) {
+    let spawned = std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(move || {
+            // SAFETY: setpriority only changes this thread's nice value.
+            unsafe {
+                libc::setpriority(libc::PRIO_PROCESS, 0, 19);
+            }
+            work();
+            release_freed_memory();
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("cannot start the {name} thread: {e}");
     }
 }
 
