@@ -64,7 +64,7 @@ impl Datapath {
         let coarse = u32::from(kernel.coarse_clock);
         let mut ebpf = loader(pin_dir, caps, &ncpu, &coarse)
             .load(crate::EBPF_OBJECT)
-            .map_err(|e| DatapathError::Load(format!("{e:#}")))?;
+            .map_err(|e| DatapathError::Load(load_error(&e)))?;
         let xdp: &mut Xdp = ebpf
             .program_mut(PROG_XDP)
             .ok_or_else(|| DatapathError::Load(format!("no program {PROG_XDP} in the object")))?
@@ -114,7 +114,7 @@ impl Datapath {
                 let coarse = u32::from(self.kernel.coarse_clock);
                 let bench = loader(&self.pin_dir, self.caps, &ncpu, &coarse)
                     .load(crate::EBPF_BENCH_OBJECT)
-                    .map_err(|e| DatapathError::Load(format!("{e:#}")))?;
+                    .map_err(|e| DatapathError::Load(load_error(&e)))?;
                 self.bench = Some(bench);
             }
             self.bench.as_mut()
@@ -166,6 +166,60 @@ fn verified(
 }
 
 /// The verifier's log is long; its last lines say what went wrong.
+/// An object load's error with its causes: aya names the step ("failed
+/// to create map `IPG_FLOWS`") and keeps the kernel's errno as the source,
+/// which its message leaves out. A refusal although the capabilities are
+/// there (`ensure_root` checked them) has two usual causes, named when
+/// they apply: a seccomp filter (a container runtime's default profile
+/// allows bpf(2) only with CAP_SYS_ADMIN) and, before 5.11, maps charged
+/// to RLIMIT_MEMLOCK.
+fn load_error(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut eperm = false;
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let part = c.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            eperm |= io.raw_os_error() == Some(libc::EPERM);
+        }
+        cause = c.source();
+    }
+    if eperm
+        && let Some(hint) = eperm_hint(
+            &std::fs::read_to_string("/proc/self/status").unwrap_or_default(),
+            crate::kernel::Release::current().series,
+        )
+    {
+        text.push_str("; ");
+        text.push_str(hint);
+    }
+    text
+}
+
+/// Why bpf(2) says EPERM to a process that holds CAP_BPF, from
+/// /proc/self/status and the kernel's series.
+fn eperm_hint(status: &str, series: (u32, u32)) -> Option<&'static str> {
+    let seccomp = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Seccomp:"))
+        .map(str::trim);
+    if seccomp == Some("2") {
+        Some(
+            "a seccomp filter refused bpf(2): a container runtime's default profile allows it only with CAP_SYS_ADMIN; run the container with seccomp unconfined (docs/kubernetes.md)",
+        )
+    } else if series < (5, 11) {
+        Some(
+            "this kernel charges BPF maps to RLIMIT_MEMLOCK: raise it (LimitMEMLOCK=infinity in the unit, `ulimit -l unlimited`, or the container runtime's memlock limit)",
+        )
+    } else {
+        None
+    }
+}
+
 pub(super) fn verifier_excerpt(e: &aya::programs::ProgramError) -> String {
     let text = format!("{e:#}");
     // The whole log is what a developer needs to fix the program; the
@@ -270,3 +324,35 @@ const POLICY_MAPS: [&str; 13] = [
     MAP_ACTIVE,
     MAP_DHCP_SERVERS,
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_eperm_is_explained_by_seccomp_or_by_memlock() {
+        let filtered = "Name:\tipguard\nSeccomp:\t2\nSeccomp_filters:\t1\n";
+        let free = "Name:\tipguard\nSeccomp:\t0\n";
+        assert!(eperm_hint(filtered, (6, 1)).unwrap().contains("seccomp"));
+        // A filter is named first: it refuses whatever the limit is.
+        assert!(eperm_hint(filtered, (5, 10)).unwrap().contains("seccomp"));
+        assert!(
+            eperm_hint(free, (5, 10))
+                .unwrap()
+                .contains("RLIMIT_MEMLOCK")
+        );
+        assert_eq!(eperm_hint(free, (5, 11)), None);
+        assert_eq!(eperm_hint("", (6, 12)), None);
+    }
+
+    #[test]
+    fn a_load_error_keeps_the_kernels_errno() {
+        let e = aya::EbpfError::MapError(aya::maps::MapError::CreateError {
+            name: "IPG_FLOWS".into(),
+            io_error: std::io::Error::from_raw_os_error(libc::EPERM),
+        });
+        let text = load_error(&e);
+        assert!(text.contains("IPG_FLOWS"), "{text}");
+        assert!(text.contains("os error 1"), "{text}");
+    }
+}
