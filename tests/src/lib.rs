@@ -27,6 +27,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use nix::sched::{CloneFlags, setns};
 
+pub mod container;
 pub mod dns_server;
 pub mod frames;
 pub mod https_server;
@@ -426,7 +427,7 @@ pub fn ipguard_bin() -> PathBuf {
 /// connect is not enough: the daemon binds its socket early (to refuse a
 /// second daemon at once) and only answers once its event loop runs, with
 /// the datapath attached and the policy file watched.
-fn answers_status(socket: &Path) -> bool {
+pub fn answers_status(socket: &Path) -> bool {
     use std::io::{BufRead, Write};
     let Ok(mut s) = std::os::unix::net::UnixStream::connect(socket) else {
         return false;

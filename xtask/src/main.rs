@@ -3,6 +3,8 @@ mod bench;
 mod demo;
 mod dist;
 mod fuzz;
+mod image;
+mod kubernetes;
 mod setup;
 mod vm;
 
@@ -30,10 +32,11 @@ enum Cmd {
     Build,
     /// Run every test, in two parts. As any user: formatting, clippy, the
     /// eBPF build, unit and property tests, the policy crate on stable
-    /// without the BPF toolchain, the command-line tests. As root: the
-    /// integration tests (BPF_PROG_TEST_RUN, network namespaces, the
-    /// daemon), then the same on each supported kernel under qemu
-    /// (`vm-test`).
+    /// without the BPF toolchain, the command-line tests, the Debian
+    /// package, the Kubernetes manifests against the API schemas. As root:
+    /// the integration tests (BPF_PROG_TEST_RUN, network namespaces, the
+    /// daemon, the container image in podman), then the datapath's on each
+    /// supported kernel under qemu (`vm-test`).
     Test {
         /// Run the part that needs no privileges only.
         #[arg(long)]
@@ -81,6 +84,14 @@ enum Cmd {
         #[arg(long)]
         check: bool,
     },
+    /// The container image (packaging/container/Containerfile) from the
+    /// static (musl) release binary: ipguard:VERSION.
+    Image {
+        /// The container tool that builds it: podman or docker (default:
+        /// the first of them installed).
+        #[arg(long)]
+        tool: Option<String>,
+    },
     /// Fuzz the policy parser with cargo-fuzz (installs it when missing).
     Fuzz {
         /// How long to fuzz.
@@ -117,6 +128,7 @@ fn main() -> ExitCode {
         Cmd::Bench { args } => bench::run(&args),
         Cmd::Fuzz { seconds } => fuzz::run(seconds),
         Cmd::Dist { check } => dist::run_dist(check),
+        Cmd::Image { tool } => image::run(tool.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -218,7 +230,8 @@ fn test_unprivileged(tools: &setup::Tools, extra: &[String]) -> Result<()> {
     run(&mut c)?;
     // The Debian package, built from the debug binary the tests just
     // built, installed into a scratch root and checked.
-    dist::check(&setup::workspace_root()?.join("target/debug/ipguard"))
+    dist::check(&setup::workspace_root()?.join("target/debug/ipguard"))?;
+    kubernetes::check()
 }
 
 /// The policy crate's tests with stable Rust and without bpf-linker on
@@ -272,6 +285,9 @@ fn test_root(tools: &setup::Tools, runner: Option<&str>, extra: &[String]) -> Re
     if runner.is_empty() {
         ipguard_tests::ensure_bpffs()?;
     }
+    // The container test runs the image of the static binary in podman.
+    setup::ensure_packages(image::RUNTIME_PACKAGES)?;
+    image::build_static(tools, false)?;
     let mut c = cargo(tools);
     c.args([
         "nextest",

@@ -156,3 +156,38 @@ pub fn ensure_nextest() -> Result<()> {
     }
     Ok(())
 }
+
+/// Installs the Debian packages of `packages` (name, a file it installs)
+/// whose file is missing, with apt; packages only, no service is started
+/// by what this installs.
+pub fn ensure_packages(packages: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .filter(|(_, file)| !Path::new(file).exists())
+        .map(|(pkg, _)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: geteuid has no failure mode.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "Debian packages missing: install them with `sudo apt-get install {}`",
+            missing.join(" ")
+        );
+    }
+    eprintln!("xtask: installing {} from Debian", missing.join(" "));
+    let install = |update: bool| -> Result<()> {
+        if update {
+            crate::run(Command::new("apt-get").args(["-q", "update"]))?;
+        }
+        crate::run(
+            Command::new("apt-get")
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(&missing),
+        )
+    };
+    // Stale package lists name files the mirror no longer has.
+    install(false).or_else(|_| install(true))
+}

@@ -38,7 +38,8 @@ impl AttachMode {
 /// well-kept crate offers the ioctl alone: the netlink ethtool crates bring
 /// a whole async stack for one string.)
 pub fn driver(iface: &str) -> Option<String> {
-    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    // The request type is c_ulong on glibc and c_int on musl.
+    const SIOCETHTOOL: libc::Ioctl = 0x8946;
     const ETHTOOL_GDRVINFO: u32 = 0x3;
     /// `struct ethtool_drvinfo`.
     #[repr(C)]
