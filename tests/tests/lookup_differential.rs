@@ -44,6 +44,13 @@ fn the_kernel_finds_the_compilers_value_for_every_address() {
     });
     let mut r = Rng(0x00c0_ffee_4a11);
     let mut asked = 0usize;
+    // `cargo xtask vm-test` asks fewer addresses under emulation (one
+    // BPF_PROG_TEST_RUN each); every set is still loaded and asked.
+    let divisor: usize = std::env::var("IPGUARD_LOOKUP_DIVISOR")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&d| d >= 1)
+        .unwrap_or(1);
     let sizes = [
         (1usize, 2, 250),
         (10, 2, 500),
@@ -59,7 +66,7 @@ fn the_kernel_finds_the_compilers_value_for_every_address() {
                 v4: set.clone(),
                 ..Default::default()
             };
-            let ask: Vec<IpAddr> = (0..queries)
+            let ask: Vec<IpAddr> = (0..queries / divisor)
                 .map(|q| IpAddr::V4(Ipv4Addr::from(query(&mut r, &set, q))))
                 .collect();
             asked += agree(&mut l, &compiled, &ask, n);
@@ -76,7 +83,7 @@ fn the_kernel_finds_the_compilers_value_for_every_address() {
                 v6: set.clone(),
                 ..Default::default()
             };
-            let ask: Vec<IpAddr> = (0..queries / 2)
+            let ask: Vec<IpAddr> = (0..queries / 2 / divisor)
                 .map(|q| IpAddr::V6(Ipv6Addr::from(query6(&mut r, &set, q))))
                 .collect();
             asked += agree(&mut l, &compiled, &ask, n);
