@@ -39,6 +39,9 @@ pub const MAP_FRAGMENTS: &str = "IPG_FRAGS";
 /// The DHCP servers the policies of both slots name (`dhcp: [...]`), at
 /// most [`MAX_DHCP_SERVERS`] per slot; keyed by [`dhcp_key`].
 pub const MAP_DHCP_SERVERS: &str = "IPG_DHCP";
+/// A sample of passed packets (one [`PassSample`] ring per CPU), for the
+/// verdicts `diff` and `apply --dry-run` say would change.
+pub const MAP_PASS_SAMPLE: &str = "IPG_PASS_SAMPLE";
 pub const MAX_DHCP_SERVERS: u32 = 8;
 
 /// Every map of the object as the kernel sees it: (name, key size, value
@@ -93,6 +96,11 @@ pub const MAP_LAYOUTS: &[(&str, u32, u32)] = &[
     (MAP_FRAGMENTS, core::mem::size_of::<FragKey>() as u32, 8),
     (MAP_DHCP_SERVERS, 4 + 18, 1),
     (MAP_FLOWS, core::mem::size_of::<FlowKey>() as u32, 8),
+    (
+        MAP_PASS_SAMPLE,
+        4,
+        core::mem::size_of::<PassSample>() as u32,
+    ),
 ];
 /// Maps of the programs' own that user space never opens nor pins (their
 /// layout is the program's): the per-CPU scratch values the verifier
@@ -429,6 +437,59 @@ pub const COUNTER_FLOWS_NOT_RECORDED: u32 = COUNTER_EVENTS_SENT + 6;
 pub const COUNTER_REJECTS_OVER_BUDGET: u32 = COUNTER_EVENTS_SENT + 7;
 pub const COUNTER_LEN: u32 = COUNTER_EVENTS_SENT + 16;
 
+/// Slots of each CPU's ring in [`MAP_PASS_SAMPLE`].
+pub const PASS_SAMPLE_LEN: u32 = 64;
+/// One passed packet in this many is sampled, per CPU and reason, the
+/// first one included: a source that sent a single packet to a quiet host
+/// is in the sample; on a busy one the ring holds the last
+/// `PASS_SAMPLE_LEN * PASS_SAMPLE_EVERY` passes of each CPU, and the
+/// daemon keeps what it read each second for longer.
+pub const PASS_SAMPLE_EVERY: u64 = 16;
+
+/// Whether a decision's packet may go into the pass sample: a pass the
+/// policy's lists or mode decided, which another policy may decide
+/// otherwise (infrastructure, return traffic and non-IP frames pass
+/// whatever the lists say).
+#[inline(always)]
+pub const fn sampled_pass(verdict: u8, reason: u8) -> bool {
+    verdict == VERDICT_PASS
+        && matches!(
+            reason,
+            REASON_ALLOWED | REASON_ALWAYS_ALLOW | REASON_OUT_OF_SCOPE | REASON_OFF
+        )
+}
+
+/// The [`MAP_PASS_SAMPLE`] slot a sampled pass goes to, from its verdict
+/// and reason counter on this CPU after counting it (1 for the first):
+/// None for the packets between two samples.
+#[inline(always)]
+pub const fn pass_sample_slot(count: u64) -> Option<u32> {
+    let n = count.wrapping_sub(1);
+    if n.is_multiple_of(PASS_SAMPLE_EVERY) {
+        Some(((n / PASS_SAMPLE_EVERY) % PASS_SAMPLE_LEN as u64) as u32)
+    } else {
+        None
+    }
+}
+
+/// A passed packet in [`MAP_PASS_SAMPLE`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PassSample {
+    /// The counter value it was taken at (0: the slot was never written):
+    /// a reader tells a new sample from one it has read by this.
+    pub seq: u64,
+    /// IPv4 in the first 4 bytes, the rest zero.
+    pub src: [u8; 16],
+    /// Destination port in host order, 0 when the packet carries none.
+    pub dport: u16,
+    pub family: u8,
+    pub protocol: u8,
+    pub service: u8,
+    pub reason: u8,
+    pub _pad0: [u8; 2],
+}
+
 /// [`MAP_SERVICE_COUNTERS`]: `service * 2 + (0 passed | 1 refused)`.
 pub const SERVICE_COUNTER_LEN: u32 = (MAX_SERVICES as u32 + 1) * 2;
 
@@ -551,6 +612,7 @@ const _: () = assert!(core::mem::size_of::<PolicyConfig>() == 128);
 const _: () = assert!(core::mem::size_of::<DropEvent>() == 48);
 const _: () = assert!(core::mem::size_of::<SourceRate>() == 16);
 const _: () = assert!(core::mem::size_of::<EventBudget>() == 16);
+const _: () = assert!(core::mem::size_of::<PassSample>() == 32);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 const _: () = assert!(core::mem::size_of::<FragKey>() == 40);
 
@@ -566,4 +628,28 @@ mod pod {
     unsafe impl aya::Pod for EventBudget {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for PassSample {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_pass_and_every_sixteenth_are_sampled_round_the_ring() {
+        assert_eq!(pass_sample_slot(0), None, "never counted");
+        assert_eq!(pass_sample_slot(1), Some(0));
+        assert!((2..=16).all(|n| pass_sample_slot(n).is_none()));
+        assert_eq!(pass_sample_slot(17), Some(1));
+        let lap = PASS_SAMPLE_EVERY * u64::from(PASS_SAMPLE_LEN);
+        assert_eq!(pass_sample_slot(lap + 1), Some(0));
+        assert_eq!(
+            pass_sample_slot(lap - PASS_SAMPLE_EVERY + 1),
+            Some(PASS_SAMPLE_LEN - 1)
+        );
+        assert!(sampled_pass(VERDICT_PASS, REASON_ALLOWED));
+        assert!(!sampled_pass(VERDICT_PASS, REASON_RETURN_TRAFFIC));
+        assert!(!sampled_pass(VERDICT_PASS, REASON_INFRASTRUCTURE));
+        assert!(!sampled_pass(VERDICT_DROP, REASON_NOT_ALLOWED));
+    }
 }

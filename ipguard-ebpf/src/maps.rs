@@ -70,6 +70,9 @@ pub(crate) static IPG_DHCP: LpmTrie<[u8; 18], u8> = LpmTrie::pinned(SLOTS * MAX_
 #[map]
 pub(crate) static IPG_FLOWS: LruHashMap<FlowKey, u64> =
     LruHashMap::pinned(DEFAULT_FLOW_CAPACITY, 0);
+#[map]
+pub(crate) static IPG_PASS_SAMPLE: PerCpuArray<PassSample> =
+    PerCpuArray::pinned(PASS_SAMPLE_LEN, 0);
 
 /// What a program passes through map memory to read it back (see
 /// `util::forget`): the parser's offsets, the parse result, and the

@@ -136,6 +136,22 @@ pub(crate) fn count(index: u32) {
     add(&IPG_COUNTERS, index);
 }
 
+/// Counts like [`count`] and returns the counter's new value on this CPU
+/// (0 when the map gave no slot).
+#[inline(always)]
+pub(crate) fn count_returning(index: u32) -> u64 {
+    match IPG_COUNTERS.get_ptr_mut(index) {
+        Some(p) => {
+            // SAFETY: as in `add`.
+            unsafe {
+                *p += 1;
+                *p
+            }
+        }
+        None => 0,
+    }
+}
+
 #[inline(always)]
 pub(crate) fn add(map: &PerCpuArray<u64>, index: u32) {
     if let Some(p) = map.get_ptr_mut(index) {

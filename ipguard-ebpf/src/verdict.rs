@@ -97,10 +97,42 @@ pub(crate) fn try_ipguard(ctx: &XdpContext) -> Result<u32, ()> {
         // still holds, silently.
         d.verdict = VERDICT_DROP;
     }
-    count(counter_index(d.verdict, d.reason));
+    let n = count_returning(counter_index(d.verdict, d.reason));
+    if sampled_pass(d.verdict, d.reason)
+        && let Some(i) = pass_sample_slot(n)
+    {
+        // The packet as the parser left it in the scratch map: keeping
+        // `ip` alive until here would take stack the program lacks.
+        // SAFETY: a field of the map value `scratch` points to.
+        sample_pass(unsafe { &raw const (*scratch).ip }, &d, i, n);
+    }
     let refused = d.verdict != VERDICT_PASS;
     add(&IPG_SVC_COUNTERS, d.service as u32 * 2 + refused as u32);
     Ok(action(d.verdict))
+}
+
+/// Writes a passed packet into this CPU's slot `i` of the pass sample.
+#[inline(always)]
+fn sample_pass(ip: *const IpPacket, d: &Decision, i: u32, seq: u64) {
+    if let Some(p) = IPG_PASS_SAMPLE.get_ptr_mut(i) {
+        // SAFETY: `ip` points into a map value alive for the program run.
+        let ip = unsafe { &*ip };
+        let dport = match ip.l4 {
+            L4::Port { dport, .. } => dport,
+            _ => 0,
+        };
+        // Field by field, for the same reason.
+        // SAFETY: this CPU's slot of a per-CPU map: no other writer.
+        unsafe {
+            (*p).seq = seq;
+            (*p).src = ip.src;
+            (*p).dport = dport;
+            (*p).family = ip.family;
+            (*p).protocol = ip.proto;
+            (*p).service = d.service;
+            (*p).reason = d.reason;
+        }
+    }
 }
 
 /// Refuses (and counts) a frame that claims to be IP but cannot be parsed.

@@ -394,8 +394,9 @@ pub struct Probe {
     pub src: std::net::IpAddr,
     /// `tcp/22`; None: a packet of no service port.
     pub port: Option<String>,
-    /// Why it is judged: `refused` (the daemon refused it recently) or
-    /// `session` (an established inbound session).
+    /// Why it is judged: `refused` (the daemon refused it recently),
+    /// `session` (an established inbound session) or `passed` (in the
+    /// datapath's sample of passed packets).
     pub seen: String,
 }
 

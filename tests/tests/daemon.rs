@@ -1494,6 +1494,17 @@ fn a_dry_run_and_a_diff_judge_what_the_daemon_saw() {
         CLIENT_V4,
         SocketAddr::new(SERVER_V4.parse().unwrap(), 22),
     );
+    // Passed datagrams of the allowed client to a port of no service, in
+    // the datapath's sample (one in PASS_SAMPLE_EVERY per CPU and reason,
+    // so enough of them for each CPU to take one).
+    let cpus = std::thread::available_parallelism().map_or(4, |n| n.get());
+    udp_send(
+        &pair.client,
+        CLIENT_V4.parse().unwrap(),
+        SocketAddr::new(SERVER_V4.parse().unwrap(), 6000),
+        16 * (cpus + 1),
+    )
+    .unwrap();
     // The new policy lets the refused source into app and drops the
     // client from the host-wide list (so from ssh).
     let new = POLICY
@@ -1509,11 +1520,30 @@ fn a_dry_run_and_a_diff_judge_what_the_daemon_saw() {
     let file = d.dir.join("new.yaml");
     std::fs::write(&file, &new).unwrap();
     let generation = d.generation();
-    let out = ok(d
-        .client(&["apply", file.to_str().unwrap(), "--dry-run", "--json"])
-        .output()
-        .unwrap());
-    let v: Value = serde_json::from_str(&out).unwrap();
+    let dry_run = || -> Value {
+        let out = ok(d
+            .client(&["apply", file.to_str().unwrap(), "--dry-run", "--json"])
+            .output()
+            .unwrap());
+        serde_json::from_str(&out).unwrap()
+    };
+    // The daemon reads the sample once a second.
+    let passed = |v: &Value| {
+        v["verdicts"].as_array().and_then(|a| {
+            a.iter()
+                .find(|c| c["src"] == CLIENT_V4 && c["port"] == "udp/6000")
+                .cloned()
+        })
+    };
+    let v = wait_for(Duration::from_secs(5), || {
+        let v = dry_run();
+        passed(&v).is_some().then_some(v)
+    })
+    .unwrap_or_else(|| panic!("the passed datagrams judged: {}", dry_run()));
+    let p = passed(&v).unwrap();
+    assert_eq!(p["seen"], "passed", "{v}");
+    assert_eq!(p["old"]["verdict"], "pass", "{v}");
+    assert_eq!(p["new"]["verdict"], "drop", "{v}");
     assert_eq!(d.generation(), generation, "a dry run applied: {v}");
     assert_eq!(v["lists"][0]["list"], "allow", "{v}");
     assert_eq!(

@@ -661,6 +661,41 @@ fn service_and_entry_counters() {
 }
 
 #[test]
+fn passed_packets_are_sampled_with_their_port_and_refused_ones_never() {
+    use ipguard::{daemon::passed, policy::Proto};
+    // BPF_PROG_TEST_RUN runs on the calling CPU: one CPU, one counter.
+    let mut one = nix::sched::CpuSet::new();
+    one.set(0).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one).unwrap();
+    let mut l = Loaded::new();
+    l.apply(&base(config(MODE_ENFORCE, ACTION_DROP, SCOPE_HOST)));
+    for _ in 0..20 {
+        assert_eq!(l.judge(&udp(U, 40000, 7000).build()).verdict, VERDICT_DROP);
+    }
+    // The first pass of its reason is sampled, then one in
+    // PASS_SAMPLE_EVERY.
+    l.judge(&udp(A, 40000, 5353).build());
+    for _ in 1..PASS_SAMPLE_EVERY {
+        l.judge(&tcp(A, 7000).build());
+    }
+    l.judge(&tcp(A, 7001).build());
+    let map = passed::open(&l.pins.path).expect("the pinned sample");
+    let mut got: Vec<(u64, passed::Seen)> = passed::read(&map)
+        .into_iter()
+        .filter(|(_, _, s)| s.seq != 0)
+        .map(|(_, _, s)| (s.seq, passed::seen_of(&s)))
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            (1, (ip(A), Some((Proto::Udp, 5353)))),
+            (PASS_SAMPLE_EVERY + 1, (ip(A), Some((Proto::Tcp, 7001)))),
+        ]
+    );
+}
+
+#[test]
 fn vlans_options_and_extension_chains() {
     let mut l = Loaded::new();
     l.apply(&base(config(MODE_ENFORCE, ACTION_DROP, SCOPE_HOST)));

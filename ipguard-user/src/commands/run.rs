@@ -120,6 +120,7 @@ async fn start(args: &RunArgs, loaded: policy::LoadedPolicy, ifaces: Vec<String>
     let (ev_tx, ev_rx) = mpsc::channel(4096);
     tokio::spawn(server::serve(listener, calls_tx, events_tx));
     crate::events::spawn_reader(&args.loc.pin_dir, ev_tx)?;
+    daemon::passed::spawn_reader(&args.loc.pin_dir, d.passed.clone());
     if let Some(addr) = args.metrics {
         let maps = crate::datapath::Maps::open(&args.loc.pin_dir)
             .map_err(|e| CliError::system(e.to_string()))?;
@@ -200,6 +201,7 @@ fn bring_up(
         ready: metrics.ready(),
         metrics: Arc::new(Mutex::new(metrics)),
         blocked: Arc::new(Mutex::new(Blocked::default())),
+        passed: Default::default(),
         events_tx,
         stdout: daemon::stdout::EventOut::spawn()?,
         dns: daemon::dns::Dns::new(&args.loc.state_dir, &args.resolv_conf),

@@ -8,6 +8,7 @@ pub mod blocked;
 pub mod dns;
 pub mod feeds;
 pub mod history;
+pub mod passed;
 pub mod server;
 pub mod stdout;
 pub mod watch;
@@ -95,6 +96,8 @@ pub struct Daemon {
     pub(crate) pending: Option<Pending>,
     pub metrics: Arc<Mutex<Metrics>>,
     pub blocked: Arc<Mutex<Blocked>>,
+    /// Sources the datapath passed recently (its sample).
+    pub passed: Arc<Mutex<passed::Passed>>,
     pub events_tx: broadcast::Sender<EventLine>,
     /// The event stream on stdout (a thread of its own).
     pub stdout: stdout::EventOut,
@@ -679,8 +682,9 @@ impl Daemon {
     }
 
     /// The packets a change is judged on: each source refused recently (at
-    /// its service's first port, as the policy in force has it) and each
-    /// established inbound session, once.
+    /// its service's first port, as the policy in force has it), each
+    /// established inbound session and each passed packet of the
+    /// datapath's recent sample, once.
     async fn seen(&self) -> Vec<crate::protocol::Probe> {
         let mut out: Vec<crate::protocol::Probe> = Vec::new();
         let top = self.blocked.lock().await.top(usize::MAX);
@@ -714,6 +718,16 @@ impl Daemon {
                 }
             }
             Err(e) => tracing::warn!("cannot read the established sessions: {e}"),
+        }
+        for (src, port) in self.passed.lock().await.recent() {
+            let p = crate::protocol::Probe {
+                src,
+                port: crate::protocol::port_text(port),
+                seen: "passed".into(),
+            };
+            if !out.iter().any(|o| o.src == p.src && o.port == p.port) {
+                out.push(p);
+            }
         }
         out
     }
