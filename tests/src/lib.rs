@@ -332,6 +332,19 @@ pub fn tcp_listener(ns: &Netns, addr: SocketAddr) -> Result<SocketAddr> {
     Ok(local)
 }
 
+/// Whether the pair's client, from `src`, completes a TCP handshake with
+/// `dst:port` within 600 ms (a refused source's SYN is dropped: no answer).
+pub fn connects(pair: &Pair, src: &str, dst: &str, port: u16) -> bool {
+    tcp_connect(
+        &pair.client,
+        src.parse().expect("an address"),
+        SocketAddr::new(dst.parse().expect("an address"), port),
+        Duration::from_millis(600),
+    )
+    .expect("a socket in the client's namespace")
+    .is_ok()
+}
+
 /// Connects from `src` (an address of `ns`) to `dst`; Ok(true) when the
 /// handshake completes within `timeout`, Ok(false) when it times out or is
 /// refused.

@@ -19,9 +19,9 @@ use std::{
 };
 
 use ipguard_tests::{
-    CLIENT_V4, CLIENT_V4_ALT, CLIENT_V6_ALT, Pair, SERVER_V4, SERVER_V6, answers_status,
+    CLIENT_V4, CLIENT_V4_ALT, CLIENT_V6_ALT, Pair, SERVER_V4, SERVER_V6, answers_status, connects,
     container::{DaemonSetContainer, Mount, Podman, Source, stage_context, static_bin},
-    http_get, remove_pins, require_root, scratch_dir, tcp_connect, tcp_listener, wait_for,
+    http_get, remove_pins, require_root, scratch_dir, tcp_listener, wait_for,
 };
 
 const IMAGE: &str = "localhost/ipguard:test";
@@ -90,17 +90,6 @@ fn write_configmap(dir: &Path, n: u32, policy: &str) {
     if !dir.join("policy.yaml").exists() {
         symlink("..data/policy.yaml", dir.join("policy.yaml")).unwrap();
     }
-}
-
-fn connects(pair: &Pair, src: &str, dst: &str) -> bool {
-    tcp_connect(
-        &pair.client,
-        src.parse().unwrap(),
-        SocketAddr::new(dst.parse().unwrap(), PORT),
-        Duration::from_millis(600),
-    )
-    .unwrap()
-    .is_ok()
 }
 
 /// The capability sets of a process, from /proc/PID/status.
@@ -200,11 +189,11 @@ fn the_image_enforces_reloads_and_a_new_container_adopts_the_datapath() {
         logs("ipguard-1")
     );
     assert!(
-        connects(&pair, CLIENT_V4, SERVER_V4),
+        connects(&pair, CLIENT_V4, SERVER_V4, PORT),
         "the allowed source passes"
     );
     assert!(
-        !connects(&pair, CLIENT_V4_ALT, SERVER_V4),
+        !connects(&pair, CLIENT_V4_ALT, SERVER_V4, PORT),
         "another is dropped"
     );
 
@@ -221,7 +210,8 @@ fn the_image_enforces_reloads_and_a_new_container_adopts_the_datapath() {
         wait_for(Duration::from_secs(10), || connects(
             &pair,
             CLIENT_V4_ALT,
-            SERVER_V4
+            SERVER_V4,
+            PORT
         )
         .then_some(()))
         .is_some(),
@@ -238,11 +228,11 @@ fn the_image_enforces_reloads_and_a_new_container_adopts_the_datapath() {
     node.podman().run(&["rm", "ipguard-1"]).unwrap();
     assert!(!answers_status(&socket), "no daemon answers");
     assert!(
-        connects(&pair, CLIENT_V4_ALT, SERVER_V4),
+        connects(&pair, CLIENT_V4_ALT, SERVER_V4, PORT),
         "allowed while none runs"
     );
     assert!(
-        !connects(&pair, CLIENT_V6_ALT, SERVER_V6),
+        !connects(&pair, CLIENT_V6_ALT, SERVER_V6, PORT),
         "refused while none runs"
     );
     assert!(node.bpffs.join("ipguard").is_dir(), "the pins stay");
@@ -257,8 +247,8 @@ fn the_image_enforces_reloads_and_a_new_container_adopts_the_datapath() {
     })
     .unwrap_or_else(|| panic!("the new container adopts:\n{}", logs("ipguard-2")));
     assert!(!log.contains("\"message\":\"attached\""), "{log}");
-    assert!(connects(&pair, CLIENT_V4_ALT, SERVER_V4));
-    assert!(!connects(&pair, CLIENT_V6_ALT, SERVER_V6));
+    assert!(connects(&pair, CLIENT_V4_ALT, SERVER_V4, PORT));
+    assert!(!connects(&pair, CLIENT_V6_ALT, SERVER_V6, PORT));
     assert!(
         wait_for(Duration::from_secs(10), || ready().then_some(())).is_some(),
         "the new container is ready"

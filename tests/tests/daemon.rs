@@ -39,17 +39,6 @@ fn ok(out: Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn connects(pair: &Pair, src: &str, dst: &str, port: u16) -> bool {
-    tcp_connect(
-        &pair.client,
-        src.parse().unwrap(),
-        SocketAddr::new(dst.parse().unwrap(), port),
-        Duration::from_millis(600),
-    )
-    .unwrap()
-    .is_ok()
-}
-
 /// Whether the alternative client gets through to the alternative server
 /// within `limit` (a reload taking effect).
 fn alt_connects_within(pair: &Pair, limit: Duration) -> bool {
