@@ -119,11 +119,16 @@ pub fn stage_context(binary: &Path, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// podman with storage, run and temp directories of its own under `dir`
-/// (the machine's are never read or written); on drop, every container
-/// it made is removed and the directory with them.
+/// podman with storage and temp directories of its own under `dir` and a
+/// run root of its own under /run (the machine's are never read or
+/// written); on drop, every container it made is removed and the
+/// directories with them.
 pub struct Podman {
     dir: PathBuf,
+    /// The run root: podman refuses one longer than 50 bytes (its sockets
+    /// live there), so it is a short directory of ours under /run, where
+    /// podman keeps its own, rather than under `dir`.
+    runroot: PathBuf,
     /// What of podman's blob-info cache did not exist before (see
     /// [`BLOB_INFO_CACHE`]), innermost first.
     created: Vec<PathBuf>,
@@ -136,12 +141,13 @@ const BLOB_INFO_CACHE: &str = "/var/lib/containers/cache/blob-info-cache-v1.bolt
 
 impl Podman {
     pub fn new(dir: PathBuf) -> Result<Self> {
-        for d in ["root", "run", "tmp"] {
+        let runroot = Path::new("/run").join(crate::unique("ipgpm"));
+        for d in [dir.join("root"), dir.join("tmp"), runroot.clone()] {
             fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
-                .create(dir.join(d))
-                .with_context(|| format!("cannot create {}", dir.display()))?;
+                .create(&d)
+                .with_context(|| format!("cannot create {}", d.display()))?;
         }
         let created = Path::new(BLOB_INFO_CACHE)
             .ancestors()
@@ -149,7 +155,11 @@ impl Podman {
             .filter(|p| !p.exists())
             .map(Path::to_path_buf)
             .collect();
-        Ok(Self { dir, created })
+        Ok(Self {
+            dir,
+            runroot,
+            created,
+        })
     }
 
     /// `podman` with this instance's storage. The vfs driver works on any
@@ -161,7 +171,7 @@ impl Podman {
         c.arg("--root")
             .arg(self.dir.join("root"))
             .arg("--runroot")
-            .arg(self.dir.join("run"))
+            .arg(&self.runroot)
             .arg("--tmpdir")
             .arg(self.dir.join("tmp"))
             .args([
@@ -240,10 +250,12 @@ impl Drop for Podman {
         // podman unmounts what it mounted for a container when it removes
         // it; whatever a failure left mounted goes now, or the directory
         // cannot be removed.
-        for m in mounts_under(&self.dir).into_iter().rev() {
-            let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+        for d in [&self.dir, &self.runroot] {
+            for m in mounts_under(d).into_iter().rev() {
+                let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+            }
+            let _ = fs::remove_dir_all(d);
         }
-        let _ = fs::remove_dir_all(&self.dir);
         for p in &self.created {
             let _ = fs::remove_file(p).or_else(|_| fs::remove_dir(p));
         }
