@@ -78,6 +78,11 @@ pub fn package(binary: &Path, out: &Path) -> Result<PathBuf> {
     let bin = stage.join("usr/bin/ipguard");
     write(&bin, &fs::read(binary).context("the binary")?)?;
     run(Command::new("chmod").arg("0755").arg(&bin))?;
+    // Debian ships binaries without their debug information (dh_strip);
+    // the XDP object the binary embeds is data, and keeps its BTF. It
+    // also keeps the test's package of the debug binary from spending a
+    // minute in xz.
+    run(Command::new("strip").arg("--strip-debug").arg(&bin)).context("strip (binutils)")?;
     let gen_ = |args: &[&str]| output(Command::new(&bin).args(args));
     write(
         &stage.join("usr/share/bash-completion/completions/ipguard"),
