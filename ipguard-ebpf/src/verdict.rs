@@ -121,7 +121,8 @@ fn sample_pass(ip: *const IpPacket, d: &Decision, i: u32, seq: u64) {
             L4::Port { dport, .. } => dport,
             _ => 0,
         };
-        // Field by field, for the same reason.
+        // Field by field: a whole `PassSample` built on the stack first
+        // would also take stack the program lacks.
         // SAFETY: this CPU's slot of a per-CPU map: no other writer.
         unsafe {
             (*p).seq = seq;
