@@ -50,34 +50,15 @@ pub fn static_bin(profile: &str) -> PathBuf {
 
 /// Whether an ELF file asks for a program interpreter (is dynamically
 /// linked): a dynamic binary in an image without a loader fails with a
-/// bare "no such file or directory".
+/// bare "no such file or directory". Read with the `object` crate aya
+/// already brings.
 pub fn has_interpreter(elf: &[u8]) -> Result<bool> {
-    const PT_INTERP: u32 = 3;
-    let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
-    let u32_at = |o: usize| {
-        elf.get(o..o + 4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-    };
-    let u64_at = |o: usize| {
-        elf.get(o..o + 8)
-            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
-    };
-    // ELF64, little-endian: what the musl target builds.
-    if elf.get(..6) != Some(&[0x7f, b'E', b'L', b'F', 2, 1][..]) {
-        bail!("not a 64-bit little-endian ELF file");
-    }
-    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
-    else {
-        bail!("truncated ELF header");
-    };
-    let phoff = usize::try_from(phoff)?;
-    for i in 0..usize::from(phnum) {
-        let p_type = u32_at(phoff + i * usize::from(phentsize)).context("truncated ELF")?;
-        if p_type == PT_INTERP {
-            return Ok(true);
-        }
-    }
-    Ok(false)
+    use object::read::elf::{ElfFile64, ProgramHeader};
+    let file = ElfFile64::<object::Endianness>::parse(elf).context("not a 64-bit ELF file")?;
+    Ok(file
+        .elf_program_headers()
+        .iter()
+        .any(|ph| ph.p_type(file.endian()) == object::elf::PT_INTERP))
 }
 
 /// Stages the image's build context in `dir`: the Containerfile, the

@@ -4,7 +4,7 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv6Addr},
     time::{Duration, SystemTime},
 };
 
@@ -47,11 +47,9 @@ impl EventLine {
     pub fn from_event(ev: &DropEvent, compiled: &CompiledPolicy) -> Self {
         let age = monotonic_now_ns().saturating_sub(ev.timestamp_ns);
         let when = SystemTime::now() - Duration::from_nanos(age);
-        let src = if ev.family == FAMILY_V4 {
-            IpAddr::V4(Ipv4Addr::new(ev.src[0], ev.src[1], ev.src[2], ev.src[3]))
-        } else {
-            IpAddr::V6(Ipv6Addr::from(ev.src))
-        };
+        // The program writes IPv4 or IPv6 events only.
+        let src = crate::datapath::map_addr(ev.family, &ev.src)
+            .unwrap_or(IpAddr::V6(Ipv6Addr::from(ev.src)));
         let protocol = match ev.protocol {
             IPPROTO_TCP => "tcp".to_string(),
             IPPROTO_UDP => "udp".to_string(),

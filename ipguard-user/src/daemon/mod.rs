@@ -269,16 +269,7 @@ pub fn delete_refused_flows(
 }
 
 fn flow_remote(k: &FlowKey) -> Option<IpAddr> {
-    match k.family {
-        FAMILY_V4 => Some(IpAddr::from([
-            k.remote[0],
-            k.remote[1],
-            k.remote[2],
-            k.remote[3],
-        ])),
-        FAMILY_V6 => Some(IpAddr::from(k.remote)),
-        _ => None,
-    }
+    crate::datapath::map_addr(k.family, &k.remote)
 }
 
 fn describe(list: &[sessions::Session]) -> String {

@@ -7,16 +7,14 @@
 
 use std::{
     collections::HashMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv6Addr},
     path::Path,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use aya::maps::{MapData, PerCpuArray};
-use ipguard_common::{
-    FAMILY_V4, IPPROTO_TCP, IPPROTO_UDP, MAP_PASS_SAMPLE, PASS_SAMPLE_LEN, PassSample,
-};
+use ipguard_common::{IPPROTO_TCP, IPPROTO_UDP, MAP_PASS_SAMPLE, PASS_SAMPLE_LEN, PassSample};
 use tokio::sync::Mutex;
 
 use crate::policy::Proto;
@@ -41,11 +39,9 @@ pub struct Passed {
 
 /// What a sample says was passed.
 pub fn seen_of(s: &PassSample) -> Seen {
-    let src = if s.family == FAMILY_V4 {
-        IpAddr::V4(Ipv4Addr::new(s.src[0], s.src[1], s.src[2], s.src[3]))
-    } else {
-        IpAddr::V6(Ipv6Addr::from(s.src))
-    };
+    // The program samples IPv4 and IPv6 packets only.
+    let src =
+        crate::datapath::map_addr(s.family, &s.src).unwrap_or(IpAddr::V6(Ipv6Addr::from(s.src)));
     let port = match s.protocol {
         IPPROTO_TCP => Some((Proto::Tcp, s.dport)),
         IPPROTO_UDP => Some((Proto::Udp, s.dport)),
@@ -127,6 +123,7 @@ pub fn spawn_reader(pin_dir: &Path, passed: Arc<Mutex<Passed>>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ipguard_common::FAMILY_V4;
 
     fn sample(seq: u64, last: u8, port: u16) -> PassSample {
         let mut src = [0; 16];

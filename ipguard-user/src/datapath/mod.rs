@@ -183,6 +183,17 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
     }
 }
 
+/// An address as the maps hold one (`DropEvent`, `PassSample`,
+/// `FlowKey`): IPv4 in the first 4 bytes of 16, or IPv6; None for a
+/// family the datapath never writes.
+pub fn map_addr(family: u8, addr: &[u8; 16]) -> Option<std::net::IpAddr> {
+    match family {
+        FAMILY_V4 => Some(std::net::IpAddr::from([addr[0], addr[1], addr[2], addr[3]])),
+        FAMILY_V6 => Some(std::net::IpAddr::from(*addr)),
+        _ => None,
+    }
+}
+
 pub fn if_index(iface: &str) -> Result<u32> {
     let c = CString::new(iface).map_err(|_| DatapathError::UnknownInterface(iface.into()))?;
     // SAFETY: c is a valid NUL-terminated string.
