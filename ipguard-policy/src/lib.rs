@@ -8,6 +8,7 @@
 //! - [`Explainer`]: the verdict for a packet, from the compiled tables
 //!   through [`ipguard_common::decide`], as the XDP program finds it.
 mod addr;
+mod address_runs;
 mod compile;
 mod compiled;
 mod diag;

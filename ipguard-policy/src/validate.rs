@@ -17,7 +17,7 @@ use super::{
     lists::{ListFile, ListSource, read_list},
     model::*,
     time::{self, Window},
-    yaml::{EntryList, GroupValue, ItemList, RawEntry, RawPolicy, RawWhen, Scalar, spos},
+    yaml::{At, EntryList, GroupValue, ItemList, RawEntry, RawPolicy, RawWhen, Scalar, spos},
 };
 use ipguard_common::MAX_SERVICES;
 
@@ -796,8 +796,8 @@ impl ListReader<'_> {
         out
     }
 
-    fn entry(&mut self, e: &Spanned<RawEntry>) -> Option<Entry> {
-        let epos = spos(e);
+    fn entry(&mut self, e: &At<RawEntry>) -> Option<Entry> {
+        let epos = e.pos;
         let errors_before = self.sink.errors.len();
         let mut nets = std::mem::take(&mut self.nets);
         nets.clear();

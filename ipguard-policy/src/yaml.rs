@@ -22,7 +22,7 @@ use serde::{
 };
 use serde_saphyr::{Location, Spanned};
 
-use super::diag::Pos;
+use super::{address_runs, diag::Pos};
 
 /// The position of a spanned value (None when the parser could not tell).
 pub(crate) fn pos_of(loc: &Location) -> Option<Pos> {
@@ -38,6 +38,24 @@ pub(crate) fn pos_of(loc: &Location) -> Option<Pos> {
 
 pub(crate) fn spos<T>(s: &Spanned<T>) -> Option<Pos> {
     pos_of(&s.referenced)
+}
+
+/// An item of a list and its position: what a `Spanned` item keeps that
+/// ipguard uses, and what a run of address lines (`address_runs`) gives
+/// without the parser.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct At<T> {
+    pub value: T,
+    pub pos: Option<Pos>,
+}
+
+impl<T> From<Spanned<T>> for At<T> {
+    fn from(s: Spanned<T>) -> At<T> {
+        At {
+            pos: spos(&s),
+            value: s.value,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -183,7 +201,7 @@ impl<'de> Deserialize<'de> for Scalar {
 pub(crate) enum ItemList {
     /// A single scalar; its position is the one of the enclosing `Spanned`.
     One(String),
-    Many(Vec<Spanned<Scalar>>),
+    Many(Vec<At<Scalar>>),
 }
 
 impl ItemList {
@@ -191,7 +209,7 @@ impl ItemList {
     pub fn items(&self, outer: Option<Pos>) -> Vec<(&str, Option<Pos>)> {
         match self {
             ItemList::One(s) => vec![(s.as_str(), outer)],
-            ItemList::Many(v) => v.iter().map(|s| (s.value.0.as_str(), spos(s))).collect(),
+            ItemList::Many(v) => v.iter().map(|s| (s.value.0.as_str(), s.pos)).collect(),
         }
     }
 
@@ -201,7 +219,7 @@ impl ItemList {
             ItemList::One(s) => f(s.as_str(), outer),
             ItemList::Many(v) => {
                 for s in v {
-                    f(s.value.0.as_str(), spos(s));
+                    f(s.value.0.as_str(), s.pos);
                 }
             }
         }
@@ -250,7 +268,15 @@ impl<'de> Visitor<'de> for ItemListVisitor {
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<ItemList, A::Error> {
         let mut v = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 16));
         while let Some(item) = seq.next_element::<Spanned<Scalar>>()? {
+            let item = At::from(item);
+            let rest = address_runs::claim(item.pos, &item.value.0);
             v.push(item);
+            if let Some(rest) = rest {
+                v.extend(rest.into_iter().map(|(s, pos)| At {
+                    value: Scalar(s),
+                    pos,
+                }));
+            }
         }
         Ok(ItemList::Many(v))
     }
@@ -378,7 +404,7 @@ impl<'de> Deserialize<'de> for RawEntry {
 
 /// A list of entries; `allow:` with nothing after it is an empty list.
 #[derive(Debug, Default)]
-pub(crate) struct EntryList(pub Vec<Spanned<RawEntry>>);
+pub(crate) struct EntryList(pub Vec<At<RawEntry>>);
 
 struct EntryListVisitor;
 
@@ -393,7 +419,18 @@ impl<'de> Visitor<'de> for EntryListVisitor {
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<EntryList, A::Error> {
         let mut v = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 16));
         while let Some(item) = seq.next_element::<Spanned<RawEntry>>()? {
+            let item = At::from(item);
+            let rest = match &item.value {
+                RawEntry::Item(s) => address_runs::claim(item.pos, s),
+                RawEntry::Map(_) => None,
+            };
             v.push(item);
+            if let Some(rest) = rest {
+                v.extend(rest.into_iter().map(|(s, pos)| At {
+                    value: RawEntry::Item(s),
+                    pos,
+                }));
+            }
         }
         Ok(EntryList(v))
     }
@@ -500,7 +537,45 @@ fn yaml_error(e: &serde_saphyr::Error, text: &str) -> YamlError {
     }
 }
 
+/// The file's raw structure; long runs of address lines are read by
+/// `address_runs` (the same result, several times faster) when the parse
+/// of the reduced copy stands for the file.
 pub(crate) fn parse(text: &str) -> Result<RawPolicy, YamlError> {
+    #[cfg(test)]
+    let runs = !AS_WRITTEN.get();
+    #[cfg(not(test))]
+    let runs = true;
+    parse_counting(text, runs).map(|(raw, _)| raw)
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests: parse every file as written (the reference of
+    /// `address_runs`' differential).
+    pub(crate) static AS_WRITTEN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// [`parse`], and how many items the runs gave; `runs: false` parses the
+/// file as written (the reference the tests compare against).
+pub(crate) fn parse_counting(text: &str, runs: bool) -> Result<(RawPolicy, usize), YamlError> {
+    if runs && let Some((reduced, found)) = address_runs::find(text) {
+        let active = address_runs::Active::start(found);
+        let passthrough = serde_saphyr::DuplicateKeyPolicy::PassThrough;
+        let parsed =
+            serde_saphyr::from_str_with_options::<RawPolicy>(&reduced, options(text, passthrough));
+        let found = active.finish();
+        if let Ok(raw) = parsed
+            && found.all_claimed()
+        {
+            return Ok((raw, found.items()));
+        }
+        // An error, or a run the parser did not hand to a list: the file
+        // as written decides, with its own messages.
+    }
+    parse_as_written(text).map(|raw| (raw, 0))
+}
+
+fn parse_as_written(text: &str) -> Result<RawPolicy, YamlError> {
     // Duplicate keys reach the visitors, so that a group or service defined
     // twice is reported with both positions and the other errors.
     let passthrough = serde_saphyr::DuplicateKeyPolicy::PassThrough;
