@@ -70,50 +70,47 @@ pub(crate) fn find(text: &str) -> Option<(String, Runs)> {
     if text.contains(['&', '*']) {
         return None;
     }
-    let mut lines = Vec::new();
-    let mut offset = 0usize;
-    for raw in text.split('\n') {
-        lines.push((offset, raw));
-        offset += raw.len() + 1;
-    }
+    // A line's offset in `text`, of which it is a slice.
+    let base = text.as_ptr() as usize;
+    let offset = |line: &str| line.as_ptr() as usize - base;
+    let mut lines = text.split('\n').peekable();
     let mut runs: Vec<Run> = Vec::new();
     let mut dashes = Vec::new();
     let mut n = 0usize;
-    while n < lines.len() {
-        let Some((indent, first)) = address_line(lines[n].1) else {
-            n += 1;
+    while let Some(raw) = lines.next() {
+        n += 1;
+        let Some((indent, first)) = address_line(raw) else {
             continue;
         };
+        let line = n;
         let mut items = vec![first.to_string()];
-        let mut end = n + 1;
-        while let Some(&(_, raw)) = lines.get(end)
-            && let Some((i, item)) = address_line(raw)
+        let mut at_dash = vec![offset(raw) + indent];
+        while let Some(&next) = lines.peek()
+            && let Some((i, item)) = address_line(next)
             && i == indent
         {
             items.push(item.to_string());
-            end += 1;
+            at_dash.push(offset(next) + indent);
+            lines.next();
+            n += 1;
         }
         // A deeper line after the run (blank lines aside) would continue
         // its last item's plain scalar: that item is the parser's.
-        if !followed_safely(&lines[end..], indent) {
+        if !followed_safely(lines.clone(), indent) {
             items.pop();
+            at_dash.pop();
         }
         if items.len() >= MIN_RUN {
             // The first line stays an item the parser sees.
-            dashes.extend(
-                lines[n + 1..n + items.len()]
-                    .iter()
-                    .map(|&(at, _)| at + indent),
-            );
+            dashes.extend_from_slice(&at_dash[1..]);
             runs.push(Run {
-                line: u32::try_from(n + 1).ok()?,
+                line: u32::try_from(line).ok()?,
                 column: u32::try_from(indent + 3).ok()?,
                 len: items.len(),
                 items,
                 claimed: 0,
             });
         }
-        n = end;
     }
     if runs.is_empty() {
         return None;
@@ -137,8 +134,8 @@ pub(crate) fn find(text: &str) -> Option<(String, Runs)> {
 /// Whether the lines after a run at `indent` cannot continue its last
 /// item: past blank lines, the next is at most as indented and starts with
 /// no white space other than spaces (or there is none).
-fn followed_safely(after: &[(usize, &str)], indent: usize) -> bool {
-    let Some(&(_, next)) = after.iter().find(|(_, l)| !l.bytes().all(|c| c == b' ')) else {
+fn followed_safely<'a>(mut after: impl Iterator<Item = &'a str>, indent: usize) -> bool {
+    let Some(next) = after.find(|l| !l.bytes().all(|c| c == b' ')) else {
         return true;
     };
     let i = next.bytes().take_while(|&c| c == b' ').count();

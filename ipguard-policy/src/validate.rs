@@ -806,7 +806,8 @@ impl ListReader<'_> {
         let (text, label, until, when) = match &e.value {
             RawEntry::Item(s) => {
                 self.item(s, epos, &mut nets, &mut dns, &mut feeds);
-                (s.clone(), None, None, None)
+                // Borrowed: most items end as a prefix, not a text.
+                (std::borrow::Cow::Borrowed(s.as_str()), None, None, None)
             }
             RawEntry::Map(m) => {
                 let mut any = false;
@@ -854,7 +855,12 @@ impl ListReader<'_> {
                         }
                     });
                 let when = m.when.as_ref().and_then(|w| self.window(&w.value, spos(w)));
-                (m.from.value.text(), label, until, when)
+                (
+                    std::borrow::Cow::Owned(m.from.value.text()),
+                    label,
+                    until,
+                    when,
+                )
             }
         };
         if nets.len() > 1 {
