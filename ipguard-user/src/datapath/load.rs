@@ -60,6 +60,8 @@ impl Datapath {
             })?;
         let ncpu = u32::try_from(cpus()?).unwrap_or(u32::MAX);
         let new_flow_map = replace_incompatible_maps(pin_dir, caps);
+        // Created by this load (no pin to reuse): both slots hold nothing.
+        let new_port_table = !pin_dir.join(MAP_PORTS).exists();
         let kernel = crate::kernel::probe();
         let coarse = u32::from(kernel.coarse_clock);
         let mut ebpf = loader(pin_dir, caps, &ncpu, &coarse)
@@ -84,6 +86,9 @@ impl Datapath {
             .map_err(|e| DatapathError::Load(verifier_excerpt(&e)))?;
         verified_insns.push(verified(PROG_EGRESS, tc.info().ok(), started));
         let mut maps = Maps::open(pin_dir)?;
+        if new_port_table {
+            maps.slots_created_empty()?;
+        }
         if new_flow_map {
             // The counters behind the eviction figure describe the map
             // that was replaced.
