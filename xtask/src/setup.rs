@@ -42,6 +42,12 @@ pub fn workspace_root() -> Result<PathBuf> {
         .context("xtask has no parent directory")
 }
 
+/// Where xtask keeps what it installs and learns about the machine:
+/// CARGO_HOME/ipguard-tools.
+pub fn tools_dir() -> Result<PathBuf> {
+    Ok(cargo_home()?.join("ipguard-tools"))
+}
+
 fn cargo_home() -> Result<PathBuf> {
     if let Some(h) = env::var_os("CARGO_HOME") {
         return Ok(PathBuf::from(h));
@@ -85,7 +91,7 @@ pub fn setup() -> Result<Tools> {
         .context("libLLVM path has no file name")?
         .to_string_lossy()
         .into_owned();
-    let root = cargo_home()?.join("ipguard-tools");
+    let root = tools_dir()?;
     let bin = root.join("bin");
     let stamp = root.join("bpf-linker.stamp");
     let want = format!("bpf-linker {BPF_LINKER_VERSION} {BPF_LINKER_FEATURE} {soname}\n");
