@@ -285,9 +285,33 @@ fn test_root(tools: &setup::Tools, runner: Option<&str>, extra: &[String]) -> Re
     if runner.is_empty() {
         ipguard_tests::ensure_bpffs()?;
     }
+    // The same root tests on every supported kernel, unless a filter
+    // asked for a part of the suite. Run as root, the guests boot while
+    // the static binary is built (cargo keeps about a third of the CPUs
+    // idle there) and the host's tests run, which leave about two thirds
+    // idle (they wait on sockets, timers and the daemon): the guests,
+    // bound by CPU under emulation, take that. At nice 5 they yield to the
+    // host's work without starving (at 19 they got 1.5% of a busy CPU, and
+    // a guest's timeouts run on the host's clock). `vm::prepare` builds
+    // the test binaries nextest then finds built; the guests themselves run
+    // no cargo. A guest that cannot be prepared (a kernel not fetched), or
+    // a static binary that does not build, fails the run after the host's
+    // tests, so that no guest is left running.
+    let guests = (runner.is_empty() && extra.is_empty()).then(|| {
+        vm::prepare(&vm::Options {
+            kernels: vm::KERNELS.to_vec(),
+            filter: None,
+            jobs: 2,
+            accel: vm::Accel::Auto,
+        })
+        .map(|mut p| {
+            p.nice = 5;
+            std::thread::spawn(move || p.boot_all())
+        })
+    });
     // The container test runs the image of the static binary in podman.
-    setup::ensure_packages(image::RUNTIME_PACKAGES)?;
-    image::build_static(tools, false)?;
+    let static_built = setup::ensure_packages(image::RUNTIME_PACKAGES)
+        .and_then(|()| image::build_static(tools, false));
     let mut c = cargo(tools);
     c.args([
         "nextest",
@@ -304,30 +328,7 @@ fn test_root(tools: &setup::Tools, runner: Option<&str>, extra: &[String]) -> Re
         );
     }
     c.args(extra);
-    // The same root tests on every supported kernel, unless a filter
-    // asked for a part of the suite. Run as root, the guests boot while
-    // the host's tests run, which leave about two thirds of the CPUs idle
-    // (they wait on sockets, timers and the daemon): the guests, bound by
-    // CPU under emulation, take that. At nice 5 they yield to the host's
-    // tests without starving (at 19 they got 1.5% of a busy CPU, and a
-    // guest's timeouts run on the host's clock).
-    // `vm::prepare` builds the test binaries nextest then finds built: no
-    // cargo runs while the guests do.
-    // A guest that cannot be prepared (a kernel not fetched) fails the run
-    // after the host's tests.
-    let guests = (runner.is_empty() && extra.is_empty()).then(|| {
-        vm::prepare(&vm::Options {
-            kernels: vm::KERNELS.to_vec(),
-            filter: None,
-            jobs: 2,
-            accel: vm::Accel::Auto,
-        })
-        .map(|mut p| {
-            p.nice = 5;
-            std::thread::spawn(move || p.boot_all())
-        })
-    });
-    let host = run(&mut c);
+    let host = static_built.map(|_| ()).and(run(&mut c));
     if !extra.is_empty() {
         return host;
     }
