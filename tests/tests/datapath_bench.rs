@@ -466,6 +466,25 @@ fn bench() {
         &[1000]
     };
     let v6_sizes: &[usize] = if full { &[100_000] } else { &[1000] };
+    // Rows to run, for comparing one change on a noisy host without the
+    // whole table: a comma list of prefix counts, empty for none.
+    let only = |var: &str, d: &[usize]| -> Vec<usize> {
+        match std::env::var(var) {
+            Ok(v) => v
+                .split(',')
+                .map(str::trim)
+                .filter(|x| !x.is_empty())
+                .map(|x| {
+                    x.parse().unwrap_or_else(|_| {
+                        panic!("{var}={v}: {x:?} is not a prefix count; give e.g. {var}=10,1000")
+                    })
+                })
+                .collect(),
+            Err(_) => d.to_vec(),
+        }
+    };
+    let v4_sizes = &only("IPGUARD_BENCH_V4", v4_sizes)[..];
+    let v6_sizes = &only("IPGUARD_BENCH_V6", v6_sizes)[..];
     let mut l = Loaded::with_caps(bench_caps());
     let xf = full.then(XdpFilter::load);
     let mut rows = Vec::new();
