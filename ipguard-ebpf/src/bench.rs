@@ -37,7 +37,7 @@ pub fn ipguard_bench_parse(ctx: XdpContext) -> u32 {
             // The source must count as used, as in `ipguard`, or the
             // compiler would skip copying it.
             let mut sink = 0u8;
-            for b in ip.src {
+            for b in ip.src() {
                 sink ^= b;
             }
             // SAFETY: a local.
@@ -64,7 +64,7 @@ pub fn ipguard_bench_lookup(ctx: XdpContext) -> u32 {
     };
     // SAFETY: a field of the map value `scratch` points to.
     match parse::<true>(&xdp_packet(&ctx), unsafe { &raw mut (*scratch).word }) {
-        Parsed::Ip(ip) => match lookup(slot, cfg, ip.family, &ip.src) {
+        Parsed::Ip(ip) => match lookup(slot, cfg, ip.family, &ip.src()) {
             Some(v) if v.allow_mask != 0 => xdp_action::XDP_PASS,
             _ => xdp_action::XDP_DROP,
         },
@@ -89,7 +89,7 @@ pub fn ipguard_bench_value(ctx: XdpContext) -> u32 {
     let Parsed::Ip(ip) = parse::<true>(&pkt, unsafe { &raw mut (*scratch).word }) else {
         return xdp_action::XDP_DROP;
     };
-    let v = lookup(slot, cfg, ip.family, &ip.src)
+    let v = lookup(slot, cfg, ip.family, &ip.src())
         .copied()
         .unwrap_or_default();
     let Some(out) = pkt.bytes_mut::<16>(0) else {

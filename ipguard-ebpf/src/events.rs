@@ -58,7 +58,7 @@ pub(crate) fn report(
     };
     let t = now();
     let per_source = cfg.event_source_interval_ns != 0;
-    let key = rate_key(ip.family, &ip.src);
+    let key = rate_key(ip.family, &ip.src());
     let rate = if per_source {
         IPG_EVENT_RATE.get_ptr_mut(key)
     } else {
@@ -93,7 +93,7 @@ pub(crate) fn report(
             e.write(DropEvent {
                 timestamp_ns: t,
                 suppressed: carried,
-                src: ip.src,
+                src: ip.src(),
                 ifindex: ctx.ingress_ifindex() as u32,
                 entry,
                 dport,

@@ -23,7 +23,7 @@ pub(crate) fn is_reply(pkt: &Packet, ip: &IpPacket, cfg: &PolicyConfig) -> bool 
         return false;
     };
     let key = FlowKey {
-        remote: ip.src,
+        remote: ip.src(),
         local,
         remote_port: sport,
         local_port: dport,
@@ -50,7 +50,7 @@ pub(crate) fn is_reply(pkt: &Packet, ip: &IpPacket, cfg: &PolicyConfig) -> bool 
 #[inline(always)]
 pub(crate) fn frag_key(pkt: &Packet, ip: &IpPacket) -> Option<FragKey> {
     Some(FragKey {
-        remote: ip.src,
+        remote: ip.src(),
         local: dst_addr(pkt, ip)?,
         id: ip.frag_id,
         protocol: ip.proto,
@@ -128,7 +128,7 @@ pub(crate) fn record_flow(ctx: &TcContext) -> Option<()> {
     let L4::Port { sport, dport } = ip.l4 else {
         return None;
     };
-    let local = ip.src;
+    let local = ip.src();
     let remote = dst_addr(&pkt, &ip)?;
     let key = FlowKey {
         remote,

@@ -34,7 +34,7 @@ pub(crate) fn try_ipguard(ctx: &XdpContext) -> Result<u32, ()> {
         return Ok(malformed(cfg));
     }
     let pkt = xdp_packet_again(ctx);
-    let value = lookup(slot, cfg, ip.family, &ip.src);
+    let value = lookup(slot, cfg, ip.family, &ip.src());
     let ports = match ip.l4 {
         L4::Port { dport, .. } => {
             let service = service_of(slot, ip.proto, dport);
@@ -68,7 +68,7 @@ pub(crate) fn try_ipguard(ctx: &XdpContext) -> Result<u32, ()> {
     // Only a decision made by a listed entry credits it: a refusal for
     // "not allowed" was made by no entry, whatever prefix the source hit.
     let entry = match value {
-        Some(v) => credited_entry(cfg, v, &d, |list| decider(slot, list, ip.family, &ip.src)),
+        Some(v) => credited_entry(cfg, v, &d, |list| decider(slot, list, ip.family, &ip.src())),
         None => ENTRY_NONE,
     };
     if entry < ENTRY_CAPACITY {
@@ -126,7 +126,7 @@ fn sample_pass(ip: *const IpPacket, d: &Decision, i: u32, seq: u64) {
         // SAFETY: this CPU's slot of a per-CPU map: no other writer.
         unsafe {
             (*p).seq = seq;
-            (*p).src = ip.src;
+            (*p).src = ip.src();
             (*p).dport = dport;
             (*p).family = ip.family;
             (*p).protocol = ip.proto;
@@ -147,7 +147,7 @@ fn malformed(cfg: &PolicyConfig) -> u32 {
 /// Whether a DHCP reply comes from a server the policy names.
 #[inline(always)]
 pub(crate) fn from_dhcp_server(slot: u32, ip: &IpPacket) -> bool {
-    let key = Key::new(DHCP_KEY_BITS + 128, dhcp_key(slot, ip.family, &ip.src));
+    let key = Key::new(DHCP_KEY_BITS + 128, dhcp_key(slot, ip.family, &ip.src()));
     IPG_DHCP.get(&key).is_some()
 }
 
