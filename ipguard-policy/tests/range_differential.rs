@@ -13,7 +13,7 @@ mod rng;
 use rng::Rng;
 #[path = "support/prefixes.rs"]
 mod prefixes;
-use prefixes::{prefix_set, prefix_set6, query, query6};
+use prefixes::{dense_set, prefix_set, prefix_set6, query, query6};
 
 #[test]
 fn the_range_table_agrees_with_the_compilers_lookup() {
@@ -45,6 +45,22 @@ fn the_range_table_agrees_with_the_compilers_lookup() {
                 );
             }
             assert_eq!(table.direct.len(), 1 << 16);
+        }
+    }
+    // /16s of hundreds of ranges, every address of them.
+    let mut set = dense_set(&mut r);
+    set.sort_by_key(|(p, _)| (p.network(), p.prefix_len()));
+    let table = RangeTable4::build(&set);
+    let compiled = CompiledPolicy {
+        v4: set.clone(),
+        ..Default::default()
+    };
+    let ex = Explainer::new(&compiled);
+    for hi in [0x0a01u32, 0x0a02, 0xc633] {
+        for lo in 0..=0xffff {
+            let a = hi << 16 | lo;
+            let want = ex.value(std::net::IpAddr::V4(a.into()));
+            assert_eq!(table.lookup(a), want, "{}", std::net::Ipv4Addr::from(a));
         }
     }
 }

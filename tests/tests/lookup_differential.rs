@@ -24,7 +24,7 @@ mod rng;
 use rng::Rng;
 #[path = "../../ipguard-policy/tests/support/prefixes.rs"]
 mod prefixes;
-use prefixes::{prefix_set, prefix_set6, query, query6};
+use prefixes::{dense_set, prefix_set, prefix_set6, query, query6};
 
 fn value_of(out: &[u8]) -> PrefixValue {
     let u32_at = |i: usize| u32::from_ne_bytes(out[i..i + 4].try_into().unwrap());
@@ -71,6 +71,20 @@ fn the_kernel_finds_the_compilers_value_for_every_address() {
                 .collect();
             asked += agree(&mut l, &compiled, &ask, n);
         }
+    }
+    // /16s of hundreds of ranges (`dense_set`).
+    {
+        let mut set = dense_set(&mut r);
+        set.sort_by_key(|(p, _)| (p.network(), p.prefix_len()));
+        let compiled = CompiledPolicy {
+            config: config(MODE_ENFORCE, ACTION_DROP, SCOPE_HOST),
+            v4: set.clone(),
+            ..Default::default()
+        };
+        let ask: Vec<IpAddr> = (0..4_000 / divisor)
+            .map(|q| IpAddr::V4(Ipv4Addr::from(query(&mut r, &set, q))))
+            .collect();
+        asked += agree(&mut l, &compiled, &ask, set.len());
     }
     // IPv6: half the queries (the tree's search is the same at every
     // size class; the sets' shapes are what vary).

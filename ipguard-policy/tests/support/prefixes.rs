@@ -45,6 +45,30 @@ pub fn prefix_set(r: &mut Rng, n: usize) -> Vec<(Ipv4Net, PrefixValue)> {
     out
 }
 
+/// What random sets rarely make: three /16s of 300, 500 and 700
+/// prefixes (/20 to /32, nested), hundreds of ranges each, whose binary
+/// search takes most of its halvings.
+pub fn dense_set(r: &mut Rng) -> Vec<(Ipv4Net, PrefixValue)> {
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for (hi, n) in [(0x0a01u32, 300), (0x0a02, 500), (0xc633, 700)] {
+        for _ in 0..n {
+            let len = [20u8, 24, 28, 30, 32][r.below(5) as usize];
+            let addr = hi << 16 | (r.next() as u32 & 0xffff);
+            let net = Ipv4Net::new(addr.into(), len).unwrap().trunc();
+            if seen.insert(net) {
+                let value = PrefixValue {
+                    allow_mask: 1 << r.below(3),
+                    flags: 0,
+                    entry: out.len() as u32,
+                };
+                out.push((net, value));
+            }
+        }
+    }
+    out
+}
+
 pub fn mask(len: u8) -> u32 {
     if len == 0 {
         0
