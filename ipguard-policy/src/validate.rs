@@ -880,16 +880,20 @@ impl ListReader<'_> {
         Some(Entry {
             text,
             nets: own,
-            label: label.map(Arc::from),
-            extras: (until.is_some() || when.is_some() || !dns.is_empty() || !feeds.is_empty())
-                .then(|| {
-                    Box::new(crate::model::Extras {
-                        until,
-                        when,
-                        dns,
-                        feeds,
-                    })
-                }),
+            extras: (label.is_some()
+                || until.is_some()
+                || when.is_some()
+                || !dns.is_empty()
+                || !feeds.is_empty())
+            .then(|| {
+                Box::new(crate::model::Extras {
+                    label: label.map(Arc::from),
+                    until,
+                    when,
+                    dns,
+                    feeds,
+                })
+            }),
             pos: epos,
         })
     }
