@@ -5,7 +5,9 @@
 //! (`repeat` = 1) of one packet, summed over 65,536 packets with distinct
 //! source addresses spread over the prefix set, in random order: the lookup
 //! paths are as cold as the kernel keeps them between packets, not the warm
-//! path of one packet repeated. Three passes; the median pass is reported.
+//! path of one packet repeated. Five passes, the programs taking turns in
+//! each; each program's median pass is reported, and ipguard's cost over
+//! the empty program as the median of their difference within a pass.
 //!
 //! Programs: `ipguard_bench_empty` (XDP_PASS only), `ipguard_bench_parse`
 //! (the parser), `ipguard_bench_lookup` (parser, active slot, the source
@@ -210,11 +212,15 @@ fn v6_set(n: usize, sources: usize, seed: u64) -> Set {
     }
 }
 
-/// ns per packet: each packet once per pass, the kernel's durations summed;
-/// the median of `passes` passes. Also checks every packet's action.
-fn measure(fd: RawFd, packets: &[Vec<u8>], passes: usize, want: Option<u32>) -> f64 {
-    let mut means: Vec<f64> = (0..passes)
-        .map(|_| {
+/// ns per packet of each program of `progs` (fd, the action every packet
+/// must get): each packet once per pass, the kernel's durations summed.
+/// The programs take turns within a pass, so a slow spell of the host
+/// falls on all of them alike. Returns, per program, its mean of each
+/// pass.
+fn measure(progs: &[(RawFd, Option<u32>)], packets: &[Vec<u8>], passes: usize) -> Vec<Vec<f64>> {
+    let mut means = vec![Vec::with_capacity(passes); progs.len()];
+    for _ in 0..passes {
+        for (k, &(fd, want)) in progs.iter().enumerate() {
             let mut total = 0u64;
             for p in packets {
                 let (action, ns) = prog_test_run(fd, p, 1).expect("BPF_PROG_TEST_RUN");
@@ -223,11 +229,16 @@ fn measure(fd: RawFd, packets: &[Vec<u8>], passes: usize, want: Option<u32>) -> 
                 }
                 total += ns as u64;
             }
-            total as f64 / packets.len() as f64
-        })
-        .collect();
-    means.sort_by(f64::total_cmp);
-    means[passes / 2]
+            means[k].push(total as f64 / packets.len() as f64);
+        }
+    }
+    means
+}
+
+fn median(v: impl IntoIterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = v.into_iter().collect();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 /// ns per run of one packet repeated in the kernel's own loop: the warm
@@ -267,6 +278,8 @@ struct Row {
     parse: f64,
     lookup: f64,
     full: f64,
+    /// The median over passes of (ipguard - empty) in the same pass.
+    over_empty: f64,
     xdp_filter: Option<f64>,
 }
 
@@ -459,7 +472,7 @@ fn load_times(set: &Set) -> (Duration, Duration) {
 fn bench() {
     let full = std::env::var_os("IPGUARD_BENCH").is_some();
     pin_to_cpu0();
-    let (sources, passes) = if full { (65_536, 3) } else { (4096, 1) };
+    let (sources, passes) = if full { (65_536, 5) } else { (4096, 1) };
     let v4_sizes: &[usize] = if full {
         &[10, 1000, 100_000, 1_000_000]
     } else {
@@ -527,23 +540,24 @@ fn bench() {
             ("refused", &set.refused, XDP_DROP),
         ] {
             let e = fd_of(&mut l, PROG_BENCH_EMPTY);
-            empty.push(measure(e, packets, passes, Some(XDP_PASS)));
-            let parse = measure(
-                fd_of(&mut l, PROG_BENCH_PARSE),
-                packets,
-                passes,
-                Some(XDP_PASS),
+            let mut progs = vec![
+                (e, Some(XDP_PASS)),
+                (fd_of(&mut l, PROG_BENCH_PARSE), Some(XDP_PASS)),
+                (fd_of(&mut l, PROG_BENCH_LOOKUP), Some(action)),
+                (fd_of(&mut l, PROG_XDP), Some(action)),
+            ];
+            if let Some(x) = &xf {
+                progs.push((x.fd.as_raw_fd(), None));
+            }
+            let m = measure(&progs, packets, passes);
+            empty.push(median(m[0].iter().copied()));
+            let (parse, lookup, full_prog) = (
+                median(m[1].iter().copied()),
+                median(m[2].iter().copied()),
+                median(m[3].iter().copied()),
             );
-            let lookup = measure(
-                fd_of(&mut l, PROG_BENCH_LOOKUP),
-                packets,
-                passes,
-                Some(action),
-            );
-            let full_prog = measure(fd_of(&mut l, PROG_XDP), packets, passes, Some(action));
-            let xdp_filter = xf
-                .as_ref()
-                .map(|x| measure(x.fd.as_raw_fd(), packets, passes, None));
+            let over_empty = median(m[3].iter().zip(&m[0]).map(|(f, e)| f - e));
+            let xdp_filter = m.get(4).map(|x| median(x.iter().copied()));
             let p0 = &packets[0];
             warm.push(format!(
                 "| {label} | {which} | {:.1} | {:.1} | {:.1} | {:.1} |",
@@ -558,6 +572,7 @@ fn bench() {
                 parse,
                 lookup,
                 full: full_prog,
+                over_empty,
                 xdp_filter,
             });
         }
@@ -567,8 +582,9 @@ fn bench() {
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "Kernel {}, {} distinct sources per row, ns per packet (median of {passes} passes). \
-         Empty XDP program: **{e:.1} ns**.\n",
+        "Kernel {}, {} distinct sources per row, ns per packet (median of {passes} passes, \
+         the programs taking turns in each; ipguard − empty: the median of the two's difference \
+         in each pass). Empty XDP program: **{e:.1} ns**.\n",
         kernel(),
         sources
     );
@@ -585,7 +601,7 @@ fn bench() {
             r.parse,
             r.lookup,
             r.full,
-            r.full - e,
+            r.over_empty,
             r.xdp_filter
                 .map(|x| format!("{x:.1}"))
                 .unwrap_or_else(|| "–".into())
