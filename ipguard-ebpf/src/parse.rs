@@ -198,7 +198,11 @@ impl IpPacket {
     }
 }
 
-/// An address's 16 bytes as [`IpPacket::src_words`] holds them.
+/// An address's 16 bytes as [`IpPacket::src_words`] holds them. The
+/// parsers fill the byte array as they always did and convert it here:
+/// built straight from the header's bytes (`u64::from_ne_bytes`), the
+/// words let LLVM read the packet through a pointer the verifier had not
+/// seen checked ("invalid access to packet").
 #[inline(always)]
 fn words(a: [u8; 16]) -> [u64; 2] {
     // SAFETY: 16 plain bytes are two u64s, in memory order.
