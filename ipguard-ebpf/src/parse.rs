@@ -456,8 +456,7 @@ fn l4_info(pkt: &Packet, proto: u8, ip: &mut IpPacket) -> Option<()> {
             } else if i[0] == 2 {
                 ip.infra = INFRA_PMTU;
             } else if matches!(i[0], 130 | 131 | 132 | 143)
-                && ip.src()[0] == 0xfe
-                && ip.src()[1] & 0xc0 == 0x80
+                && matches!(ip.src(), [0xfe, b, ..] if b & 0xc0 == 0x80)
                 && pkt.bytes::<8>(ip.l3)?[7] == 1
             {
                 // MLD is link-local by RFC 2710/3810 (fe80::/10, hop

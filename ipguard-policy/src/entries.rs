@@ -117,7 +117,7 @@ impl Entries {
             .get(i - f as usize)
             .map(|e| EntryInfo {
                 list: kind,
-                label: e.label().map(|l| &**l),
+                label: e.label(),
                 text: &e.text,
                 line: e.pos.map(|p| p.line as usize),
             })
