@@ -12,7 +12,7 @@ use crate::prelude::*;
 // user space writes them through a memory mapping.
 #[map]
 pub(crate) static IPG_R4_DIRECT: Array<R4Direct> =
-    Array::pinned(SLOTS * R4_DIRECT_VALUES, BPF_F_MMAPABLE);
+    Array::pinned(SLOTS * R4_DIRECT_SLOT_VALUES, BPF_F_MMAPABLE);
 #[map]
 pub(crate) static IPG_R4_RANGES: Array<R4Range> = Array::pinned(
     SLOTS * r4_ranges_capacity(DEFAULT_V4_CAPACITY),

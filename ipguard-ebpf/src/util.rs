@@ -90,9 +90,16 @@ pub(crate) fn lookup_v4(slot: u32, cfg: &PolicyConfig, addr: u32) -> Option<&'st
     let direct = IPG_R4_DIRECT.get(r4_direct_key(slot, addr))?;
     let word = direct.words[r4_direct_word(addr)];
     let base = cfg.r4_range_base;
-    let leaf = r4_search(word, addr, |i| {
-        IPG_R4_RANGES.get(base.wrapping_add(i)).copied()
-    })?;
+    let leaf = r4_search(
+        word,
+        addr,
+        || {
+            IPG_R4_DIRECT
+                .get(r4_empty_key(slot, addr))
+                .map(|m| m.words[r4_direct_word(addr)])
+        },
+        |i| IPG_R4_RANGES.get(base.wrapping_add(i)).copied(),
+    )?;
     if leaf == R4_LEAF_NONE {
         return None;
     }

@@ -9,10 +9,12 @@
 //! The layout is the kernel's (`ipguard_common::range4`) and `lookup`
 //! runs the kernel's search (`r4_search`) over it, so this is both what
 //! the loader writes and the reference the kernel must agree with. Sizes:
-//! the direct table is 2^16 words (256 KiB), a range 8 bytes, a leaf 16.
+//! the direct table is 2^16 words and as many uncovered masks (512 KiB),
+//! a range 8 bytes, a leaf 16.
 
 use ipguard_common::{
-    PrefixValue, R4_CHUNK_FLAG, R4_DIRECT_BITS, R4_LEAF_NONE, R4Range, expire, r4_search,
+    PrefixValue, R4_BLOCK_BITS, R4_CHUNK_FLAG, R4_DIRECT_BITS, R4_LEAF_NONE, R4Range, expire,
+    r4_search,
 };
 
 use crate::{
@@ -27,6 +29,9 @@ pub struct RangeTable4 {
     pub leaves: Vec<PrefixValue>,
     /// 2^16 words: a leaf, or `R4_CHUNK_FLAG |` the chunk's first range.
     pub direct: Vec<u32>,
+    /// 2^16 masks: for a chunk, its blocks no prefix covers (`r4_block`);
+    /// 0 for the other /16s.
+    pub empty: Vec<u32>,
     /// The chunks' ranges, chunk after chunk.
     pub ranges: Vec<R4Range>,
 }
@@ -62,6 +67,7 @@ impl RangeTable4 {
         );
         let intervals = elementary_intervals(&sorted);
         t.direct = vec![R4_LEAF_NONE; 1 << R4_DIRECT_BITS];
+        t.empty = vec![0; 1 << R4_DIRECT_BITS];
         let mut i = 0usize;
         for chunk in 0..(1u32 << R4_DIRECT_BITS) {
             let lo = u64::from(chunk) << 16;
@@ -94,6 +100,7 @@ impl RangeTable4 {
                 });
             }
             t.direct[chunk as usize] = R4_CHUNK_FLAG | first;
+            t.empty[chunk as usize] = uncovered_blocks(lo, &intervals[i..=j]);
         }
         t
     }
@@ -117,8 +124,14 @@ impl RangeTable4 {
     /// The leaf `addr` resolves to ([`R4_LEAF_NONE`] for none, or for a
     /// table that is not well formed).
     pub fn leaf_of(&self, addr: u32) -> u32 {
-        let word = self.direct[(addr >> (32 - R4_DIRECT_BITS)) as usize];
-        r4_search(word, addr, |i| self.ranges.get(i as usize).copied()).unwrap_or(R4_LEAF_NONE)
+        let i = (addr >> (32 - R4_DIRECT_BITS)) as usize;
+        r4_search(
+            self.direct[i],
+            addr,
+            || self.empty.get(i).copied(),
+            |i| self.ranges.get(i as usize).copied(),
+        )
+        .unwrap_or(R4_LEAF_NONE)
     }
 
     /// Chunks: /16s whose addresses have more than one leaf.
@@ -132,10 +145,30 @@ impl RangeTable4 {
     /// Bytes the table takes as the kernel holds it (a range 8 bytes, a
     /// leaf 16).
     pub fn bytes(&self) -> usize {
-        self.direct.len() * 4
+        (self.direct.len() + self.empty.len()) * 4
             + self.ranges.len() * std::mem::size_of::<R4Range>()
             + self.leaves.len() * std::mem::size_of::<PrefixValue>()
     }
+}
+
+/// The blocks (`r4_block`) of the /16 from `lo` that no prefix covers, as
+/// a mask: `intervals` are the /16's, the first holding `lo`.
+fn uncovered_blocks(lo: u64, intervals: &[(u32, u32)]) -> u32 {
+    let mut covered = 0u32;
+    for (k, &(start, leaf)) in intervals.iter().enumerate() {
+        if leaf == R4_LEAF_NONE {
+            continue;
+        }
+        let from = u64::from(start).max(lo) - lo;
+        // The next interval starts in this /16, or at its end.
+        let to = intervals
+            .get(k + 1)
+            .map_or(1 << 16, |n| u64::from(n.0) - lo);
+        for b in from >> R4_BLOCK_BITS..=(to - 1) >> R4_BLOCK_BITS {
+            covered |= 1 << b;
+        }
+    }
+    !covered
 }
 
 #[cfg(test)]
@@ -195,5 +228,42 @@ mod tests {
         assert!(t.lookup(u32::MAX).is_none());
         // One chunk (the /16 holds a /24), one leaf.
         assert_eq!((t.chunks(), t.leaves.len()), (1, 1));
+    }
+
+    #[test]
+    fn a_chunk_marks_the_blocks_no_prefix_covers() {
+        // In 198.51.0.0/16: a /24 in block 12 (198.51.96.0/21), a /32 in
+        // block 31, and a /20 over blocks 2 and 3.
+        let t = RangeTable4::build(&[
+            (net("198.51.100.0/24"), v(1)),
+            (net("198.51.255.255/32"), v(2)),
+            (net("198.51.16.0/20"), v(3)),
+        ]);
+        let i = usize::from(198u16 << 8 | 51);
+        assert_ne!(t.direct[i] & R4_CHUNK_FLAG, 0);
+        let covered = 1u32 << 12 | 1 << 31 | 1 << 2 | 1 << 3;
+        assert_eq!(t.empty[i], !covered);
+        // Answered by the mask, the ranges unread.
+        let search = |a: &str| {
+            r4_search(
+                t.direct[i],
+                ip(a),
+                || Some(t.empty[i]),
+                |_| panic!("a range was read for {a}"),
+            )
+        };
+        assert_eq!(search("198.51.0.1"), Some(R4_LEAF_NONE));
+        assert_eq!(search("198.51.247.255"), Some(R4_LEAF_NONE));
+        // A covered block is searched, also for its uncovered addresses.
+        let e = |a: &str| t.lookup(ip(a)).map(|x| x.entry);
+        assert_eq!(e("198.51.100.9"), Some(1));
+        assert_eq!(e("198.51.101.9"), None);
+        assert_eq!(e("198.51.255.255"), Some(2));
+        assert_eq!(e("198.51.255.254"), None);
+        assert_eq!(e("198.51.31.255"), Some(3));
+        assert_eq!(e("198.51.32.0"), None);
+        // A /16 one leaf holds whole has no mask.
+        let whole = RangeTable4::build(&[(net("203.0.0.0/16"), v(4))]);
+        assert_eq!(whole.empty[usize::from(203u16 << 8)], 0);
     }
 }

@@ -249,6 +249,9 @@ pub(super) fn replace_incompatible_maps(pin_dir: &Path, caps: Capacities) -> boo
     let sized = |name: &str| -> Option<u32> {
         match name {
             n if n == MAP_FLOWS => Some(caps.flows.max(1)),
+            // Fixed by the program, but older versions had a direct table
+            // of other values (no uncovered masks).
+            n if n == MAP_R4_DIRECT => Some(SLOTS * R4_DIRECT_SLOT_VALUES),
             n if n == MAP_R4_RANGES => Some(SLOTS * r4_ranges_capacity(caps.v4)),
             n if n == MAP_R4_LEAVES => Some(SLOTS * r4_leaves_capacity(caps.v4)),
             n if n == MAP_R6_NODES => Some(SLOTS * r6_nodes_capacity(caps.v6)),

@@ -66,9 +66,14 @@ impl Lookup4 {
     pub(super) fn write(&self, slot: u32, t: &RangeTable4) -> Result<(u32, u32)> {
         let range_base = slot * self.range_capacity;
         let leaf_base = slot * self.leaf_capacity;
-        // The table's direct words index ranges from the slot's base.
+        // The table's direct words index ranges from the slot's base; the
+        // uncovered masks follow them.
         let words: Vec<R4Direct> = t
             .direct
+            .iter()
+            .chain(&t.empty)
+            .copied()
+            .collect::<Vec<u32>>()
             .chunks_exact(R4_WORDS_PER_VALUE as usize)
             .map(|c| {
                 let mut words = [0u32; R4_WORDS_PER_VALUE as usize];
@@ -78,7 +83,7 @@ impl Lookup4 {
             .collect();
         self.direct
             .map()?
-            .write((slot * R4_DIRECT_VALUES) as usize, &words);
+            .write((slot * R4_DIRECT_SLOT_VALUES) as usize, &words);
         self.ranges.map()?.write(range_base as usize, &t.ranges);
         self.leaves.map()?.write(leaf_base as usize, &t.leaves);
         Ok((range_base, leaf_base))
@@ -87,10 +92,17 @@ impl Lookup4 {
     /// What `slot` holds, as a table (for a test or a daemon that wants to
     /// compare); `ranges` and `leaves` are the counts its config gives.
     pub(super) fn read(&self, slot: u32, ranges: u32, leaves: u32) -> Result<RangeTable4> {
-        let direct: Vec<R4Direct> = self.direct.map()?.read(
-            (slot * R4_DIRECT_VALUES) as usize,
-            R4_DIRECT_VALUES as usize,
-        );
+        let direct: Vec<u32> = self
+            .direct
+            .map()?
+            .read::<R4Direct>(
+                (slot * R4_DIRECT_SLOT_VALUES) as usize,
+                R4_DIRECT_SLOT_VALUES as usize,
+            )
+            .iter()
+            .flat_map(|d| d.words)
+            .collect();
+        let (direct, empty) = direct.split_at(1 << R4_DIRECT_BITS);
         let ranges = self.ranges.map()?.read::<R4Range>(
             (slot * self.range_capacity) as usize,
             ranges.min(self.range_capacity) as usize,
@@ -101,7 +113,8 @@ impl Lookup4 {
         );
         Ok(RangeTable4 {
             leaves,
-            direct: direct.iter().flat_map(|d| d.words).collect(),
+            direct: direct.to_vec(),
+            empty: empty.to_vec(),
             ranges,
         })
     }
