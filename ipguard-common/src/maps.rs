@@ -67,6 +67,11 @@ pub const MAP_LAYOUTS: &[(&str, u32, u32)] = &[
         core::mem::size_of::<crate::R6Node>() as u32,
     ),
     (crate::MAP_R6_LEAVES, 4, PREFIX_VALUE_SIZE),
+    (
+        crate::MAP_R6_EMPTY,
+        4,
+        core::mem::size_of::<crate::R6Empty>() as u32,
+    ),
     (MAP_DECIDERS_V4[0], 4 + 5, 4),
     (MAP_DECIDERS_V4[1], 4 + 5, 4),
     (MAP_DECIDERS_V6[0], 4 + 17, 4),
@@ -315,6 +320,8 @@ pub struct PolicyConfig {
     /// IPv6 prefixes of the policy (for `status`).
     pub v6_prefixes: u32,
     pub _pad0: u32,
+    /// The window before this slot's IPv6 tree ([`crate::R6Window`]).
+    pub r6_window: crate::R6Window,
 }
 
 /// Key data of [`MAP_DECIDERS_V4`]: the list, then the address. A prefix
@@ -608,7 +615,7 @@ pub const fn rate_key(family: u8, src: &[u8; 16]) -> [u8; 16] {
 }
 
 const _: () = assert!(core::mem::size_of::<PrefixValue>() == 16);
-const _: () = assert!(core::mem::size_of::<PolicyConfig>() == 128);
+const _: () = assert!(core::mem::size_of::<PolicyConfig>() == 152);
 const _: () = assert!(core::mem::size_of::<DropEvent>() == 48);
 const _: () = assert!(core::mem::size_of::<SourceRate>() == 16);
 const _: () = assert!(core::mem::size_of::<EventBudget>() == 16);

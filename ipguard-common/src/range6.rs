@@ -13,6 +13,17 @@
 //! A lookup reads one node per level, at most [`R6_MAX_LEVELS`], and one
 //! leaf; the top levels, a few kilobytes, stay in cache.
 //!
+//! Before the tree, a window of [`R6_WINDOW_BITS`] address bits answers
+//! most sources no prefix covers. The compiler takes the leading bits all
+//! the policy's prefixes share (the window's base, up to
+//! [`R6_MAX_WINDOW_AT`] bits): an address outside them is covered by
+//! none; inside, the next 16 bits pick a bucket and the 5 after them a
+//! block of it, and a bucket's mask ([`MAP_R6_EMPTY`], 16 to a 64-byte
+//! value) marks the blocks no prefix covers. Customer prefixes in one
+//! /32, say, get a bucket per /48 and a block per /53. Only a source in a
+//! covered block walks the tree, whose lower levels are megabytes: each of
+//! their reads is a cache and TLB miss.
+//!
 //! A leaf indexes the slot's distinct IPv6 prefix values
 //! ([`crate::PrefixValue`], in [`MAP_R6_LEAVES`]); [`crate::R4_LEAF_NONE`]
 //! is "no prefix holds it". Both slots live in the same two arrays; a
@@ -21,6 +32,34 @@
 
 pub const MAP_R6_NODES: &str = "IPG_R6_NODES";
 pub const MAP_R6_LEAVES: &str = "IPG_R6_LEAVES";
+pub const MAP_R6_EMPTY: &str = "IPG_R6_EMPTY";
+
+/// Address bits after the window's base that pick a bucket.
+pub const R6_WINDOW_BITS: u32 = 16;
+/// Address bits after the bucket that pick a block: 32 blocks, one bit
+/// each in the bucket's mask.
+pub const R6_BLOCK_BITS: u32 = 5;
+/// The most leading bits a window's base may have (the bucket and block
+/// bits must fit after it).
+pub const R6_MAX_WINDOW_AT: u32 = 128 - R6_WINDOW_BITS - R6_BLOCK_BITS;
+/// `PolicyConfig::r6_window_at` of a slot without a window (no IPv6
+/// prefixes): every source walks the tree.
+pub const R6_NO_WINDOW: u32 = u32::MAX;
+/// Bucket masks per array value.
+pub const R6_MASKS_PER_VALUE: u32 = 16;
+/// Mask values per slot.
+pub const R6_EMPTY_VALUES: u32 = (1 << R6_WINDOW_BITS) / R6_MASKS_PER_VALUE;
+
+/// 16 bucket masks: bit `b` of a mask set when no prefix covers any
+/// address of the bucket's block `b`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct R6Empty {
+    pub masks: [u32; R6_MASKS_PER_VALUE as usize],
+}
+
+const _: () = assert!(core::mem::size_of::<R6Empty>() == 64);
+const _: () = assert!(1 << R6_BLOCK_BITS == u32::BITS);
 
 /// Keys per node.
 pub const R6_KEYS: usize = 3;
@@ -81,9 +120,105 @@ pub const fn r6_prefix_capacity(nodes: u32, leaves: u32) -> u32 {
 }
 
 /// Bytes a slot's tree takes in the kernel with `nodes` nodes and `leaves`
-/// leaves.
+/// leaves (the window's masks are the same for every policy).
 pub const fn r6_table_bytes(nodes: u32, leaves: u32) -> u64 {
-    nodes as u64 * 64 + leaves as u64 * 16
+    R6_EMPTY_VALUES as u64 * 64 + nodes as u64 * 64 + leaves as u64 * 16
+}
+
+/// A slot's window: the leading bits all its IPv6 prefixes share.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct R6Window {
+    /// How many leading bits (at most [`R6_MAX_WINDOW_AT`]), or
+    /// [`R6_NO_WINDOW`].
+    pub at: u32,
+    pub _pad0: u32,
+    /// The base's high and low 64 bits, those past `at` zero.
+    pub base_hi: u64,
+    pub base_lo: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<R6Window>() == 24);
+
+impl Default for R6Window {
+    fn default() -> Self {
+        Self {
+            at: R6_NO_WINDOW,
+            _pad0: 0,
+            base_hi: 0,
+            base_lo: 0,
+        }
+    }
+}
+
+impl R6Window {
+    /// Where address (`hi`, `lo`) falls: None outside the base (or for
+    /// no window, which the caller rules out first), else its bucket and
+    /// block.
+    #[inline(always)]
+    pub fn place(&self, hi: u64, lo: u64) -> Option<(u32, u32)> {
+        let at = self.at;
+        // Every shift below is by 1 to 63: `at` and `end` are bounded here.
+        if at > R6_MAX_WINDOW_AT {
+            return None;
+        }
+        let mask_hi = match at {
+            0 => 0,
+            1..64 => u64::MAX << (64 - at),
+            _ => u64::MAX,
+        };
+        let mask_lo = if at <= 64 { 0 } else { u64::MAX << (128 - at) };
+        if (hi ^ self.base_hi) & mask_hi != 0 || (lo ^ self.base_lo) & mask_lo != 0 {
+            return None;
+        }
+        let end = at + R6_WINDOW_BITS + R6_BLOCK_BITS;
+        let bits = if end <= 64 {
+            hi >> (64 - end)
+        } else if at >= 64 {
+            lo >> (128 - end)
+        } else {
+            hi << (end - 64) | lo >> (128 - end)
+        };
+        let bits = (bits as u32) & ((1 << (R6_WINDOW_BITS + R6_BLOCK_BITS)) - 1);
+        Some((bits >> R6_BLOCK_BITS, bits & ((1 << R6_BLOCK_BITS) - 1)))
+    }
+}
+
+/// Key in [`MAP_R6_EMPTY`] of the value holding `bucket`'s mask, and the
+/// mask's index in it.
+#[inline(always)]
+pub const fn r6_empty_key(slot: u32, bucket: u32) -> (u32, usize) {
+    (
+        slot * R6_EMPTY_VALUES + bucket / R6_MASKS_PER_VALUE,
+        (bucket % R6_MASKS_PER_VALUE) as usize,
+    )
+}
+
+/// The leaf of address (`hi`, `lo`): the slot's window first, when it
+/// has one, with a reader of a bucket's mask (`mask(bucket)`), then the
+/// tree of `nodes` nodes ([`r6_search`]). The kernel and user space run
+/// this same lookup.
+#[inline(always)]
+pub fn r6_lookup<'a>(
+    window: &R6Window,
+    mask: impl FnOnce(u32) -> Option<u32>,
+    nodes: u32,
+    hi: u64,
+    lo: u64,
+    node: impl Fn(u32) -> Option<&'a R6Node>,
+) -> Option<u32> {
+    if window.at <= R6_MAX_WINDOW_AT {
+        match window.place(hi, lo) {
+            None => return Some(crate::R4_LEAF_NONE),
+            // A mask that cannot be read only costs the walk it would save.
+            Some((bucket, block)) => {
+                if mask(bucket).is_some_and(|m| m >> block & 1 != 0) {
+                    return Some(crate::R4_LEAF_NONE);
+                }
+            }
+        }
+    }
+    r6_search(nodes, hi, lo, node)
 }
 
 /// The high and low 64 bits of an address in network byte order.

@@ -72,7 +72,7 @@ pub(crate) fn lookup(
         let addr = u32::from_be_bytes([src[0], src[1], src[2], src[3]]);
         lookup_v4(slot, cfg, addr)
     } else {
-        lookup_v6(cfg, src)
+        lookup_v6(slot, cfg, src)
     }?;
     // Time-limited entries end here, daemon or not; only a value with a
     // deadline reads the clock.
@@ -107,12 +107,24 @@ pub(crate) fn lookup_v4(slot: u32, cfg: &PolicyConfig, addr: u32) -> Option<&'st
 }
 
 #[inline(always)]
-pub(crate) fn lookup_v6(cfg: &PolicyConfig, src: &[u8; 16]) -> Option<&'static PrefixValue> {
+pub(crate) fn lookup_v6(
+    slot: u32,
+    cfg: &PolicyConfig,
+    src: &[u8; 16],
+) -> Option<&'static PrefixValue> {
     let (hi, lo) = r6_key(src);
     let base = cfg.r6_node_base;
-    let leaf = r6_search(cfg.r6_nodes, hi, lo, |k| {
-        IPG_R6_NODES.get(base.wrapping_add(k))
-    })?;
+    let leaf = r6_lookup(
+        &cfg.r6_window,
+        |bucket| {
+            let (key, i) = r6_empty_key(slot, bucket);
+            IPG_R6_EMPTY.get(key).map(|m| m.masks[i])
+        },
+        cfg.r6_nodes,
+        hi,
+        lo,
+        |k| IPG_R6_NODES.get(base.wrapping_add(k)),
+    )?;
     if leaf == R4_LEAF_NONE {
         return None;
     }

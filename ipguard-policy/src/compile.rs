@@ -825,5 +825,6 @@ fn config(p: &Policy) -> PolicyConfig {
         r6_leaves: 0,
         v6_prefixes: 0,
         _pad0: 0,
+        r6_window: ipguard_common::R6Window::default(),
     }
 }

@@ -8,11 +8,15 @@
 //!
 //! `lookup` runs the kernel's search (`r6_search`) over the kernel's
 //! layout, so this is both what the loader writes and the reference the
-//! kernel must agree with. Sizes: a node 64 bytes (three keys), a leaf 16.
+//! kernel must agree with. Sizes: a node 64 bytes (three keys), a leaf 16,
+//! the window's masks 256 KiB.
 
 use std::net::Ipv6Addr;
 
-use ipguard_common::{PrefixValue, R4_LEAF_NONE, R6_KEYS, R6Node, r6_child, r6_search};
+use ipguard_common::{
+    PrefixValue, R4_LEAF_NONE, R6_BLOCK_BITS, R6_EMPTY_VALUES, R6_KEYS, R6_MASKS_PER_VALUE,
+    R6_MAX_WINDOW_AT, R6_WINDOW_BITS, R6Node, R6Window, r6_child, r6_lookup,
+};
 use ipnet::Ipv6Net;
 
 use crate::intervals::{elementary_intervals, sorted_leaves};
@@ -23,6 +27,11 @@ pub struct RangeTable6 {
     pub leaves: Vec<PrefixValue>,
     /// The tree, breadth first; empty for a policy without IPv6 prefixes.
     pub nodes: Vec<R6Node>,
+    /// The leading bits all the prefixes share; none without prefixes.
+    pub window: R6Window,
+    /// Per bucket of the window, its blocks no prefix covers; empty
+    /// without a window.
+    pub empty: Vec<u32>,
 }
 
 impl RangeTable6 {
@@ -51,6 +60,8 @@ impl RangeTable6 {
             .map_or((u128::MAX, R4_LEAF_NONE), |&(_, l)| (u128::MAX, l));
         let mut next = keys.iter().copied().chain(std::iter::repeat(pad));
         fill(&mut t.nodes, 0, &mut next);
+        t.window = window_of(&sorted);
+        t.empty = uncovered_blocks(&t.window, &keys);
         t
     }
 
@@ -67,9 +78,14 @@ impl RangeTable6 {
     /// tree that is not well formed).
     pub fn leaf_of(&self, addr: Ipv6Addr) -> u32 {
         let a = u128::from(addr);
-        r6_search(self.nodes.len() as u32, (a >> 64) as u64, a as u64, |k| {
-            self.nodes.get(k as usize)
-        })
+        r6_lookup(
+            &self.window,
+            |bucket| self.empty.get(bucket as usize).copied(),
+            self.nodes.len() as u32,
+            (a >> 64) as u64,
+            a as u64,
+            |k| self.nodes.get(k as usize),
+        )
         .unwrap_or(R4_LEAF_NONE)
     }
 
@@ -84,11 +100,68 @@ impl RangeTable6 {
         levels
     }
 
-    /// Bytes the tree takes as the kernel holds it.
+    /// Bytes the tree takes as the kernel holds it (the window's masks
+    /// are there for every policy).
     pub fn bytes(&self) -> usize {
-        self.nodes.len() * std::mem::size_of::<R6Node>()
+        R6_EMPTY_VALUES as usize * 64
+            + self.nodes.len() * std::mem::size_of::<R6Node>()
             + self.leaves.len() * std::mem::size_of::<PrefixValue>()
     }
+}
+
+/// The window of prefixes `sorted` (network, length, leaf; at least one):
+/// the leading bits they all share, at most `R6_MAX_WINDOW_AT`.
+fn window_of(sorted: &[(u128, u8, u32)]) -> R6Window {
+    let Some(&(first, _, _)) = sorted.first() else {
+        return R6Window::default();
+    };
+    let at = sorted
+        .iter()
+        .map(|&(net, len, _)| u32::from(len).min((net ^ first).leading_zeros()))
+        .min()
+        .unwrap_or(0)
+        .min(R6_MAX_WINDOW_AT);
+    let base = first & prefix_mask(at);
+    R6Window {
+        at,
+        _pad0: 0,
+        base_hi: (base >> 64) as u64,
+        base_lo: base as u64,
+    }
+}
+
+/// The leading `bits` (at most 128) set.
+fn prefix_mask(bits: u32) -> u128 {
+    u128::MAX.checked_shl(128 - bits).unwrap_or(0)
+}
+
+/// Per bucket of `window`, the mask of its blocks that no range of
+/// `ranges` (first address, leaf; sorted, the first at 0) with a leaf
+/// covers.
+fn uncovered_blocks(window: &R6Window, ranges: &[(u128, u32)]) -> Vec<u32> {
+    if window.at > R6_MAX_WINDOW_AT {
+        return Vec::new();
+    }
+    let base = u128::from(window.base_hi) << 64 | u128::from(window.base_lo);
+    let last = base | !prefix_mask(window.at);
+    // Address bits below a block's.
+    let shift = 128 - window.at - R6_WINDOW_BITS - R6_BLOCK_BITS;
+    let mut empty = vec![u32::MAX; (R6_EMPTY_VALUES * R6_MASKS_PER_VALUE) as usize];
+    for (k, &(start, leaf)) in ranges.iter().enumerate() {
+        if leaf == R4_LEAF_NONE {
+            continue;
+        }
+        let end = ranges.get(k + 1).map_or(u128::MAX, |n| n.0 - 1);
+        let (from, to) = (start.max(base), end.min(last));
+        if from > to {
+            continue;
+        }
+        // Blocks are numbered across buckets: bucket, then block.
+        for b in (from - base) >> shift..=(to - base) >> shift {
+            empty[(b >> R6_BLOCK_BITS) as usize] &= !(1 << (b as u32 & 31));
+        }
+    }
+    empty
 }
 
 /// Places the keys of node `k`'s subtree in order: child 0, key 0, child
@@ -192,5 +265,75 @@ mod tests {
             assert_eq!(at(a + (1 << 64)), None);
             assert_eq!(at(a - 1), None);
         }
+    }
+
+    #[test]
+    fn the_window_answers_sources_no_prefix_near_them_covers() {
+        let t = RangeTable6::build(&[
+            (net("2001:db8:1::/48"), v(1)),
+            (net("2001:db8:1:2::/64"), v(2)),
+            (net("2001:db8:ff00::/40"), v(3)),
+            (net("2001:db8:3::/64"), v(4)),
+        ]);
+        // All in 2001:db8::/32, the first bit after it differs: a bucket
+        // per /48, a block per /53.
+        assert_eq!(t.window.at, 32);
+        assert_eq!((t.window.base_hi, t.window.base_lo), (0x2001_0db8 << 32, 0));
+        assert_eq!(t.empty.len(), 1 << 16);
+        assert_eq!(t.empty[1], 0);
+        assert_eq!(t.empty[0xff00], 0);
+        assert_eq!(t.empty[0xffff], 0);
+        assert_eq!(t.empty[3], !1);
+        assert_eq!(t.empty[2], u32::MAX);
+        // Answered by the window, no node read.
+        let window_only = |a: &str| {
+            let a = u128::from(ip(a));
+            r6_lookup(
+                &t.window,
+                |b| t.empty.get(b as usize).copied(),
+                t.nodes.len() as u32,
+                (a >> 64) as u64,
+                a as u64,
+                |_| panic!("a node was read"),
+            )
+        };
+        for a in [
+            "2001:db8:2::1",
+            "2001:db8:3:800::1",
+            "2001:db9::",
+            "::",
+            "ffff::",
+        ] {
+            assert_eq!(window_only(a), Some(R4_LEAF_NONE), "{a}");
+        }
+        let e = |a: &str| t.lookup(ip(a)).map(|x| x.entry);
+        assert_eq!(e("2001:db8:1:2::9"), Some(2));
+        assert_eq!(e("2001:db8:1:3::9"), Some(1));
+        assert_eq!(e("2001:db8:ff80::1"), Some(3));
+        assert_eq!(e("2001:db8:3::5"), Some(4));
+        // In a covered block, outside the prefix: the tree says none.
+        assert_eq!(e("2001:db8:3:1::1"), None);
+        assert_eq!(e("2001:db8:2::1"), None);
+    }
+
+    #[test]
+    fn the_window_stops_where_the_bucket_and_block_bits_still_fit() {
+        // Two /128s one bit apart: they share 127 bits, the window 107.
+        let t = RangeTable6::build(&[
+            (net("2001:db8::2/128"), v(1)),
+            (net("2001:db8::3/128"), v(2)),
+        ]);
+        assert_eq!(t.window.at, R6_MAX_WINDOW_AT);
+        assert_eq!(t.lookup(ip("2001:db8::3")).map(|x| x.entry), Some(2));
+        assert_eq!(t.lookup(ip("2001:db8::4")), None);
+        // A /0 leaves no bit shared: the window is the whole space, and
+        // every block is covered.
+        let all = RangeTable6::build(&[(net("::/0"), v(1)), (net("2001:db8::/32"), v(2))]);
+        assert_eq!(all.window.at, 0);
+        assert!(all.empty.iter().all(|m| *m == 0));
+        assert_eq!(all.lookup(ip("ffff::1")).map(|x| x.entry), Some(1));
+        // No prefix, no window.
+        let none = RangeTable6::build(&[]);
+        assert!(none.window.at > R6_MAX_WINDOW_AT && none.empty.is_empty());
     }
 }

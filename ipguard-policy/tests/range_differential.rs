@@ -13,7 +13,7 @@ mod rng;
 use rng::Rng;
 #[path = "support/prefixes.rs"]
 mod prefixes;
-use prefixes::{dense_set, prefix_set, prefix_set6, query, query6};
+use prefixes::{dense_set, narrow_set6, prefix_set, prefix_set6, query, query_narrow6, query6};
 
 /// The table of `set` against the compiler's lookup at each address of
 /// `ask`.
@@ -66,6 +66,36 @@ fn the_range_table_agrees_with_the_compilers_lookup() {
         .flat_map(|&hi| (0..=0xffffu32).map(move |lo| hi << 16 | lo))
         .collect();
     table_agrees(&set, ask);
+}
+
+/// Sets whose prefixes share their leading bits, so that the tree's
+/// window masks answer most addresses: windows in the high half, across
+/// the halves and in the low half of the address.
+#[test]
+fn the_range_trees_window_agrees_with_the_compilers_lookup() {
+    let mut r = Rng(0x0006_0000_5e75);
+    for at in [32u8, 60, 96] {
+        let (base, mut set) = narrow_set6(&mut r, 2_000, at);
+        set.sort_by_key(|(p, _)| (p.network(), p.prefix_len()));
+        let table = RangeTable6::build(&set);
+        assert!(table.window.at >= u32::from(at), "{at}: {:?}", table.window);
+        // Most blocks are empty: what the masks are for.
+        let empty: u32 = table.empty.iter().map(|m| m.count_ones()).sum();
+        assert!(empty > 1 << 20, "{at}: {empty} empty blocks");
+        let compiled = CompiledPolicy {
+            v6: set.clone(),
+            ..Default::default()
+        };
+        let ex = Explainer::new(&compiled);
+        for q in 0..40_000 {
+            let a = Ipv6Addr::from(query_narrow6(&mut r, base, at, &set, q));
+            assert_eq!(
+                table.lookup(a),
+                ex.value(IpAddr::V6(a)),
+                "window /{at}, address {a}"
+            );
+        }
+    }
 }
 
 #[test]

@@ -24,7 +24,7 @@ mod rng;
 use rng::Rng;
 #[path = "../../ipguard-policy/tests/support/prefixes.rs"]
 mod prefixes;
-use prefixes::{dense_set, prefix_set, prefix_set6, query, query6};
+use prefixes::{dense_set, narrow_set6, prefix_set, prefix_set6, query, query_narrow6, query6};
 
 fn value_of(out: &[u8]) -> PrefixValue {
     let u32_at = |i: usize| u32::from_ne_bytes(out[i..i + 4].try_into().unwrap());
@@ -102,6 +102,21 @@ fn the_kernel_finds_the_compilers_value_for_every_address() {
                 .collect();
             asked += agree(&mut l, &compiled, &ask, n);
         }
+    }
+    // IPv6 sets sharing their leading bits, where the window's masks
+    // answer (`narrow_set6`): a window in each half and across them.
+    for at in [32u8, 60, 96] {
+        let (base, mut set) = narrow_set6(&mut r, 1_000, at);
+        set.sort_by_key(|(p, _)| (p.network(), p.prefix_len()));
+        let compiled = CompiledPolicy {
+            config: config(MODE_ENFORCE, ACTION_DROP, SCOPE_HOST),
+            v6: set.clone(),
+            ..Default::default()
+        };
+        let ask: Vec<IpAddr> = (0..2_000 / divisor)
+            .map(|q| IpAddr::V6(Ipv6Addr::from(query_narrow6(&mut r, base, at, &set, q))))
+            .collect();
+        asked += agree(&mut l, &compiled, &ask, set.len());
     }
     // Summed per kernel by `cargo xtask vm-test`.
     println!("vm-report: lookup differential: {asked} addresses, kernel and compiler agree");

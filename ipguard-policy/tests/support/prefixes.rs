@@ -168,3 +168,57 @@ pub fn query6(r: &mut Rng, set: &[(Ipv6Net, PrefixValue)], q: usize) -> u128 {
         random
     }
 }
+
+/// `n` distinct IPv6 prefixes that all share their first `at` bits (at
+/// most 100), as a provider's customers share its /32: the lookup's
+/// window then starts at `at` or later. Lengths from /`at`+8 to /128,
+/// some nested. Returns the shared base with the set.
+pub fn narrow_set6(r: &mut Rng, n: usize, at: u8) -> (u128, Vec<(Ipv6Net, PrefixValue)>) {
+    let random = |r: &mut Rng| (u128::from(r.next()) << 64) | u128::from(r.next());
+    let base = random(r) & mask6(at);
+    let mut seen = HashSet::new();
+    let mut out: Vec<(Ipv6Net, PrefixValue)> = Vec::with_capacity(n);
+    while out.len() < n {
+        let len = match r.below(6) {
+            0 => at + 16,
+            1 => at + 24,
+            2 => at + 8 + r.below(u64::from(120 - at)) as u8,
+            _ => 128.min(at + 32),
+        };
+        let addr = if !out.is_empty() && r.below(4) == 0 {
+            // Inside an earlier prefix.
+            let (p, _) = out[r.below(out.len() as u64) as usize];
+            u128::from(p.network()) | (random(r) & !mask6(p.prefix_len()))
+        } else {
+            base | (random(r) & !mask6(at))
+        };
+        let net = Ipv6Net::new(addr.into(), len).unwrap().trunc();
+        if seen.insert(net) {
+            let value = PrefixValue {
+                allow_mask: 1 << r.below(3),
+                flags: 0,
+                entry: out.len() as u32,
+            };
+            out.push((net, value));
+        }
+    }
+    (base, out)
+}
+
+/// The `q`th address to ask about a set of [`narrow_set6`]: every other
+/// one as [`query6`] asks, the rest inside the shared base (where the
+/// window's masks answer) or anywhere.
+pub fn query_narrow6(
+    r: &mut Rng,
+    base: u128,
+    at: u8,
+    set: &[(Ipv6Net, PrefixValue)],
+    q: usize,
+) -> u128 {
+    let random = (u128::from(r.next()) << 64) | u128::from(r.next());
+    match q % 4 {
+        1 => base | (random & !mask6(at)),
+        3 if q % 8 == 3 => random,
+        _ => query6(r, set, q),
+    }
+}

@@ -47,7 +47,8 @@ impl Maps {
     /// The IPv6 lookup tree a slot holds, as its config sizes it.
     pub fn range_table_v6(&self, slot: u32) -> Result<crate::policy::range6::RangeTable6> {
         let c = self.config(slot)?;
-        self.lookup6.read(slot, c.r6_nodes, c.r6_leaves)
+        self.lookup6
+            .read(slot, c.r6_nodes, c.r6_leaves, c.r6_window)
     }
 
     /// Kernel memory of the source lookup, with `slot`'s policy.

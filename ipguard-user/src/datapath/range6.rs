@@ -5,10 +5,11 @@
 use super::{mapped::*, *};
 use crate::policy::range6::RangeTable6;
 
-/// The two arrays, mapped while a slot is written or read.
+/// The three arrays, mapped while a slot is written or read.
 pub(super) struct Lookup6 {
     nodes: MappableArray,
     leaves: MappableArray,
+    empty: MappableArray,
     /// Per slot.
     pub(super) node_capacity: u32,
     pub(super) leaf_capacity: u32,
@@ -18,17 +19,19 @@ impl Lookup6 {
     pub(super) fn open(pin_dir: &Path) -> Result<Self> {
         let (nodes, n) = MappableArray::open(pin_dir, MAP_R6_NODES)?;
         let (leaves, l) = MappableArray::open(pin_dir, MAP_R6_LEAVES)?;
+        let (empty, _) = MappableArray::open(pin_dir, MAP_R6_EMPTY)?;
         Ok(Self {
             nodes,
             leaves,
+            empty,
             node_capacity: n / SLOTS,
             leaf_capacity: l / SLOTS,
         })
     }
 
-    /// Bytes of the two arrays, both slots.
+    /// Bytes of the three arrays, both slots.
     pub(super) fn allocated(&self) -> u64 {
-        (self.nodes.len + self.leaves.len) as u64
+        (self.nodes.len + self.leaves.len + self.empty.len) as u64
     }
 
     /// The prefixes a slot holds whatever they are.
@@ -59,13 +62,44 @@ impl Lookup6 {
         let leaf_base = slot * self.leaf_capacity;
         self.nodes.map()?.write(node_base as usize, &t.nodes);
         self.leaves.map()?.write(leaf_base as usize, &t.leaves);
+        // Without a window (no IPv6 prefixes) the masks are never read.
+        let masks: Vec<R6Empty> = t
+            .empty
+            .chunks_exact(R6_MASKS_PER_VALUE as usize)
+            .map(|c| {
+                let mut masks = [0u32; R6_MASKS_PER_VALUE as usize];
+                masks.copy_from_slice(c);
+                R6Empty { masks }
+            })
+            .collect();
+        self.empty
+            .map()?
+            .write((slot * R6_EMPTY_VALUES) as usize, &masks);
         Ok((node_base, leaf_base))
     }
 
-    /// What `slot` holds, as a table; `nodes` and `leaves` are the counts
-    /// its config gives.
-    pub(super) fn read(&self, slot: u32, nodes: u32, leaves: u32) -> Result<RangeTable6> {
+    /// What `slot` holds, as a table; `nodes`, `leaves` and `window` are
+    /// what its config gives.
+    pub(super) fn read(
+        &self,
+        slot: u32,
+        nodes: u32,
+        leaves: u32,
+        window: R6Window,
+    ) -> Result<RangeTable6> {
+        let empty = if window.at <= R6_MAX_WINDOW_AT {
+            self.empty
+                .map()?
+                .read::<R6Empty>((slot * R6_EMPTY_VALUES) as usize, R6_EMPTY_VALUES as usize)
+                .iter()
+                .flat_map(|v| v.masks)
+                .collect()
+        } else {
+            Vec::new()
+        };
         Ok(RangeTable6 {
+            window,
+            empty,
             nodes: self.nodes.map()?.read::<R6Node>(
                 (slot * self.node_capacity) as usize,
                 nodes.min(self.node_capacity) as usize,
