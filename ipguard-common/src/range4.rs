@@ -21,9 +21,11 @@
 //! cost, where the two halves of the direct table, 256 KiB each, are read
 //! by every lookup and stay in cache. The masks are a separate half,
 //! rather than a second half of wider words, so that a policy without
-//! chunks (or a source outside them) reads only the words' 256 KiB. Both slots live in the
-//! same three arrays; a slot's ranges and leaves start at the bases its
-//! config holds ([`crate::PolicyConfig::r4_range_base`]).
+//! chunks (or a source outside them) reads only the words' 256 KiB.
+//!
+//! Both slots live in the same three arrays; a slot's ranges and leaves
+//! start at the bases its config holds
+//! ([`crate::PolicyConfig::r4_range_base`]).
 
 pub const MAP_R4_DIRECT: &str = "IPG_R4_DIRECT";
 pub const MAP_R4_RANGES: &str = "IPG_R4_RANGES";

@@ -26,9 +26,10 @@
 //!
 //! A leaf indexes the slot's distinct IPv6 prefix values
 //! ([`crate::PrefixValue`], in [`MAP_R6_LEAVES`]); [`crate::R4_LEAF_NONE`]
-//! is "no prefix holds it". Both slots live in the same two arrays; a
+//! is "no prefix holds it". Both slots live in the same three arrays; a
 //! slot's nodes and leaves start at the bases its config holds
-//! ([`crate::PolicyConfig::r6_node_base`]).
+//! ([`crate::PolicyConfig::r6_node_base`]), its masks at `slot *`
+//! [`R6_EMPTY_VALUES`], its window in its config.
 
 pub const MAP_R6_NODES: &str = "IPG_R6_NODES";
 pub const MAP_R6_LEAVES: &str = "IPG_R6_LEAVES";
@@ -42,8 +43,8 @@ pub const R6_BLOCK_BITS: u32 = 5;
 /// The most leading bits a window's base may have (the bucket and block
 /// bits must fit after it).
 pub const R6_MAX_WINDOW_AT: u32 = 128 - R6_WINDOW_BITS - R6_BLOCK_BITS;
-/// `PolicyConfig::r6_window_at` of a slot without a window (no IPv6
-/// prefixes): every source walks the tree.
+/// [`R6Window::at`] of a slot without a window (no IPv6 prefixes): every
+/// source walks the tree.
 pub const R6_NO_WINDOW: u32 = u32::MAX;
 /// Bucket masks per array value.
 pub const R6_MASKS_PER_VALUE: u32 = 16;

@@ -6,7 +6,7 @@
 //! the distinct prefix values, so the verdict and the attribution stay
 //! those of the compiled values.
 //!
-//! `lookup` runs the kernel's search (`r6_search`) over the kernel's
+//! `lookup` runs the kernel's lookup (`r6_lookup`) over the kernel's
 //! layout, so this is both what the loader writes and the reference the
 //! kernel must agree with. Sizes: a node 64 bytes (three keys), a leaf 16,
 //! the window's masks 256 KiB.
