@@ -57,16 +57,21 @@ pub fn dense_set(r: &mut Rng) -> Vec<(Ipv4Net, PrefixValue)> {
             let addr = hi << 16 | (r.next() as u32 & 0xffff);
             let net = Ipv4Net::new(addr.into(), len).unwrap().trunc();
             if seen.insert(net) {
-                let value = PrefixValue {
-                    allow_mask: 1 << r.below(3),
-                    flags: 0,
-                    entry: out.len() as u32,
-                };
-                out.push((net, value));
+                out.push((net, own_value(r, out.len())));
             }
         }
     }
     out
+}
+
+/// A value of the prefix's own entry (`entry`), allowed by one of three
+/// lists: every prefix its own attribution.
+fn own_value(r: &mut Rng, entry: usize) -> PrefixValue {
+    PrefixValue {
+        allow_mask: 1 << r.below(3),
+        flags: 0,
+        entry: entry as u32,
+    }
 }
 
 pub fn mask(len: u8) -> u32 {
@@ -194,12 +199,7 @@ pub fn narrow_set6(r: &mut Rng, n: usize, at: u8) -> (u128, Vec<(Ipv6Net, Prefix
         };
         let net = Ipv6Net::new(addr.into(), len).unwrap().trunc();
         if seen.insert(net) {
-            let value = PrefixValue {
-                allow_mask: 1 << r.below(3),
-                flags: 0,
-                entry: out.len() as u32,
-            };
-            out.push((net, value));
+            out.push((net, own_value(r, out.len())));
         }
     }
     (base, out)
