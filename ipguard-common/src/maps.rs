@@ -72,6 +72,11 @@ pub const MAP_LAYOUTS: &[(&str, u32, u32)] = &[
         4,
         core::mem::size_of::<crate::R6Empty>() as u32,
     ),
+    (
+        crate::MAP_R6_START,
+        4,
+        core::mem::size_of::<crate::R6Start>() as u32,
+    ),
     (MAP_DECIDERS_V4[0], 4 + 5, 4),
     (MAP_DECIDERS_V4[1], 4 + 5, 4),
     (MAP_DECIDERS_V6[0], 4 + 17, 4),

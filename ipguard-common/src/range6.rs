@@ -22,7 +22,10 @@
 //! value) marks the blocks no prefix covers. Customer prefixes in one
 //! /32, say, get a bucket per /48 and a block per /53. Only a source in a
 //! covered block walks the tree, whose lower levels are megabytes: each of
-//! their reads is a cache and TLB miss.
+//! their reads is a cache and TLB miss. It starts at its bucket's start
+//! node ([`MAP_R6_START`]): the deepest node every address of the bucket
+//! passes through, with the leaf met above it, so the levels above (all
+//! alike for the bucket) cost no instructions.
 //!
 //! A leaf indexes the slot's distinct IPv6 prefix values
 //! ([`crate::PrefixValue`], in [`MAP_R6_LEAVES`]); [`crate::R4_LEAF_NONE`]
@@ -34,6 +37,7 @@
 pub const MAP_R6_NODES: &str = "IPG_R6_NODES";
 pub const MAP_R6_LEAVES: &str = "IPG_R6_LEAVES";
 pub const MAP_R6_EMPTY: &str = "IPG_R6_EMPTY";
+pub const MAP_R6_START: &str = "IPG_R6_START";
 
 /// Address bits after the window's base that pick a bucket.
 pub const R6_WINDOW_BITS: u32 = 16;
@@ -50,6 +54,22 @@ pub const R6_NO_WINDOW: u32 = u32::MAX;
 pub const R6_MASKS_PER_VALUE: u32 = 16;
 /// Mask values per slot.
 pub const R6_EMPTY_VALUES: u32 = (1 << R6_WINDOW_BITS) / R6_MASKS_PER_VALUE;
+/// Bucket start nodes per array value.
+pub const R6_STARTS_PER_VALUE: u32 = 8;
+/// Start values per slot.
+pub const R6_START_VALUES: u32 = (1 << R6_WINDOW_BITS) / R6_STARTS_PER_VALUE;
+
+/// 8 buckets' start nodes and the leaves met above them: bucket `i`'s
+/// search starts at node `nodes[i]` with leaf `leaves[i]` (one line for
+/// both).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct R6Start {
+    pub nodes: [u32; R6_STARTS_PER_VALUE as usize],
+    pub leaves: [u32; R6_STARTS_PER_VALUE as usize],
+}
+
+const _: () = assert!(core::mem::size_of::<R6Start>() == 64);
 
 /// 16 bucket masks: bit `b` of a mask set when no prefix covers any
 /// address of the bucket's block `b`.
@@ -123,7 +143,7 @@ pub const fn r6_prefix_capacity(nodes: u32, leaves: u32) -> u32 {
 /// Bytes a slot's tree takes in the kernel with `nodes` nodes and `leaves`
 /// leaves (the window's masks are the same for every policy).
 pub const fn r6_table_bytes(nodes: u32, leaves: u32) -> u64 {
-    R6_EMPTY_VALUES as u64 * 64 + nodes as u64 * 64 + leaves as u64 * 16
+    (R6_EMPTY_VALUES + R6_START_VALUES) as u64 * 64 + nodes as u64 * 64 + leaves as u64 * 16
 }
 
 /// A slot's window: the leading bits all its IPv6 prefixes share.
@@ -195,31 +215,48 @@ pub const fn r6_empty_key(slot: u32, bucket: u32) -> (u32, usize) {
     )
 }
 
+/// Key in [`MAP_R6_START`] of the value holding `bucket`'s start, and
+/// the start's index in it.
+#[inline(always)]
+pub const fn r6_start_key(slot: u32, bucket: u32) -> (u32, usize) {
+    (
+        slot * R6_START_VALUES + bucket / R6_STARTS_PER_VALUE,
+        (bucket % R6_STARTS_PER_VALUE) as usize,
+    )
+}
+
 /// The leaf of address (`hi`, `lo`): the slot's window first, when it
-/// has one, with a reader of a bucket's mask (`mask(bucket)`), then the
-/// tree of `nodes` nodes ([`r6_search`]). The kernel and user space run
-/// this same lookup.
+/// has one, with readers of a bucket's mask (`mask(bucket)`) and start
+/// (`start(bucket)`: node and leaf), then the tree of `nodes` nodes
+/// ([`r6_search`]) from the bucket's start or the root. The kernel and
+/// user space run this same lookup.
 #[inline(always)]
 pub fn r6_lookup<'a>(
     window: &R6Window,
     mask: impl FnOnce(u32) -> Option<u32>,
+    start: impl FnOnce(u32) -> Option<(u32, u32)>,
     nodes: u32,
     hi: u64,
     lo: u64,
     node: impl Fn(u32) -> Option<&'a R6Node>,
 ) -> Option<u32> {
+    let mut from = (0, crate::R4_LEAF_NONE);
     if window.at <= R6_MAX_WINDOW_AT {
         match window.place(hi, lo) {
             None => return Some(crate::R4_LEAF_NONE),
-            // A mask that cannot be read only costs the walk it would save.
+            // A mask or a start that cannot be read only costs the walk
+            // it would save.
             Some((bucket, block)) => {
                 if mask(bucket).is_some_and(|m| m >> block & 1 != 0) {
                     return Some(crate::R4_LEAF_NONE);
                 }
+                if let Some(s) = start(bucket) {
+                    from = s;
+                }
             }
         }
     }
-    r6_search(nodes, hi, lo, node)
+    r6_search(nodes, from, hi, lo, node)
 }
 
 /// The high and low 64 bits of an address in network byte order.
@@ -232,22 +269,23 @@ pub fn r6_key(addr: &[u8; 16]) -> (u64, u64) {
     (u64::from_be_bytes(hi), u64::from_be_bytes(lo))
 }
 
-/// The leaf of address (`hi`, `lo`) in a tree of `nodes` nodes, given a
-/// reader of the slot's nodes (`node(k)`: node `k` from the slot's base,
-/// None past the array). The kernel and user space run this same search.
-/// Each node visited narrows the range to one of its four gaps; the leaf
-/// is that of the last key at or below the address met on the way down
-/// (the deepest one is the nearest). An empty tree answers
-/// [`crate::R4_LEAF_NONE`].
+/// The leaf of address (`hi`, `lo`) in a tree of `nodes` nodes, from
+/// node `from.0` with `from.1` the leaf met above it (the root and
+/// [`crate::R4_LEAF_NONE`] for a whole walk), given a reader of the
+/// slot's nodes (`node(k)`: node `k` from the slot's base, None past the
+/// array). The kernel and user space run this same search. Each node
+/// visited narrows the range to one of its four gaps; the leaf is that of
+/// the last key at or below the address met on the way down (the deepest
+/// one is the nearest). An empty tree answers [`crate::R4_LEAF_NONE`].
 #[inline(always)]
 pub fn r6_search<'a>(
     nodes: u32,
+    from: (u32, u32),
     hi: u64,
     lo: u64,
     node: impl Fn(u32) -> Option<&'a R6Node>,
 ) -> Option<u32> {
-    let mut leaf = crate::R4_LEAF_NONE;
-    let mut k = 0u32;
+    let (mut k, mut leaf) = from;
     let mut level = 0;
     while level < R6_MAX_LEVELS {
         if k >= nodes {

@@ -38,6 +38,9 @@ pub(crate) static IPG_R6_LEAVES: Array<PrefixValue> = Array::pinned(
 pub(crate) static IPG_R6_EMPTY: Array<R6Empty> =
     Array::pinned(SLOTS * R6_EMPTY_VALUES, BPF_F_MMAPABLE);
 #[map]
+pub(crate) static IPG_R6_START: Array<R6Start> =
+    Array::pinned(SLOTS * R6_START_VALUES, BPF_F_MMAPABLE);
+#[map]
 pub(crate) static IPG_DEC_V4_0: LpmTrie<[u8; 5], u32> = LpmTrie::pinned(DECIDERS_V4_CAPACITY, 0);
 #[map]
 pub(crate) static IPG_DEC_V4_1: LpmTrie<[u8; 5], u32> = LpmTrie::pinned(DECIDERS_V4_CAPACITY, 0);

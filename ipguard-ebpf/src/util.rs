@@ -120,6 +120,10 @@ pub(crate) fn lookup_v6(
             let (key, i) = r6_empty_key(slot, bucket);
             IPG_R6_EMPTY.get(key).map(|m| m.masks[i])
         },
+        |bucket| {
+            let (key, i) = r6_start_key(slot, bucket);
+            IPG_R6_START.get(key).map(|s| (s.nodes[i], s.leaves[i]))
+        },
         cfg.r6_nodes,
         hi,
         lo,

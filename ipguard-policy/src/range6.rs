@@ -15,7 +15,7 @@ use std::net::Ipv6Addr;
 
 use ipguard_common::{
     PrefixValue, R4_LEAF_NONE, R6_BLOCK_BITS, R6_EMPTY_VALUES, R6_KEYS, R6_MASKS_PER_VALUE,
-    R6_MAX_WINDOW_AT, R6_WINDOW_BITS, R6Node, R6Window, r6_child, r6_lookup,
+    R6_MAX_WINDOW_AT, R6_START_VALUES, R6_WINDOW_BITS, R6Node, R6Window, r6_child, r6_lookup,
 };
 use ipnet::Ipv6Net;
 
@@ -32,6 +32,9 @@ pub struct RangeTable6 {
     /// Per bucket of the window, its blocks no prefix covers; empty
     /// without a window.
     pub empty: Vec<u32>,
+    /// Per bucket of the window, the node its search starts at and the
+    /// leaf met above it; empty without a window.
+    pub starts: Vec<(u32, u32)>,
 }
 
 impl RangeTable6 {
@@ -62,6 +65,7 @@ impl RangeTable6 {
         fill(&mut t.nodes, 0, &mut next);
         t.window = window_of(&sorted);
         t.empty = uncovered_blocks(&t.window, &keys);
+        t.starts = bucket_starts(&t.window, &t.nodes);
         t
     }
 
@@ -81,6 +85,7 @@ impl RangeTable6 {
         r6_lookup(
             &self.window,
             |bucket| self.empty.get(bucket as usize).copied(),
+            |bucket| self.starts.get(bucket as usize).copied(),
             self.nodes.len() as u32,
             (a >> 64) as u64,
             a as u64,
@@ -103,7 +108,7 @@ impl RangeTable6 {
     /// Bytes the tree takes as the kernel holds it (the window's masks
     /// are there for every policy).
     pub fn bytes(&self) -> usize {
-        R6_EMPTY_VALUES as usize * 64
+        (R6_EMPTY_VALUES + R6_START_VALUES) as usize * 64
             + self.nodes.len() * std::mem::size_of::<R6Node>()
             + self.leaves.len() * std::mem::size_of::<PrefixValue>()
     }
@@ -162,6 +167,44 @@ fn uncovered_blocks(window: &R6Window, ranges: &[(u128, u32)]) -> Vec<u32> {
         }
     }
     empty
+}
+
+/// Per bucket of `window`, the deepest node of the tree `nodes` that the
+/// search of every address of the bucket passes through, and the leaf it
+/// has met above that node: both walks, from the bucket's first and last
+/// address, go down together until a node sends them to different
+/// children (or past the last level).
+fn bucket_starts(window: &R6Window, nodes: &[R6Node]) -> Vec<(u32, u32)> {
+    if window.at > R6_MAX_WINDOW_AT {
+        return Vec::new();
+    }
+    let base = u128::from(window.base_hi) << 64 | u128::from(window.base_lo);
+    let shift = 128 - window.at - R6_WINDOW_BITS;
+    // Keys of node `n` at or below `a`, and the leaf of the last of them.
+    let below = |n: &R6Node, a: u128, leaf: u32| {
+        (0..R6_KEYS).fold((0u32, leaf), |(c, l), i| {
+            if u128::from(n.hi[i]) << 64 | u128::from(n.lo[i]) <= a {
+                (c + 1, n.leaf[i])
+            } else {
+                (c, l)
+            }
+        })
+    };
+    (0..1u128 << R6_WINDOW_BITS)
+        .map(|bucket| {
+            let first = base | bucket << shift;
+            let last = first | ((1u128 << shift) - 1);
+            let (mut k, mut leaf) = (0u32, R4_LEAF_NONE);
+            while let Some(n) = nodes.get(k as usize) {
+                let (c, l) = below(n, first, leaf);
+                if below(n, last, leaf).0 != c {
+                    break;
+                }
+                (k, leaf) = (r6_child(k, c), l);
+            }
+            (k, leaf)
+        })
+        .collect()
 }
 
 /// Places the keys of node `k`'s subtree in order: child 0, key 0, child
@@ -257,6 +300,22 @@ mod tests {
             .collect();
         let t = RangeTable6::build(&prefixes);
         assert_eq!((t.nodes.len(), t.levels()), (667, 6));
+        // The /64s share 53 bits: a bucket is a /69, inside one range, so
+        // every bucket's walk ends at its start, below the last level,
+        // with the range's leaf.
+        assert_eq!(t.window.at, 53);
+        assert!(t.starts.iter().all(|&(k, _)| k as usize >= t.nodes.len()));
+        let a = base + (6 << 64) + 5;
+        let found = r6_lookup(
+            &t.window,
+            |b| t.empty.get(b as usize).copied(),
+            |b| t.starts.get(b as usize).copied(),
+            t.nodes.len() as u32,
+            (a >> 64) as u64,
+            a as u64,
+            |_| panic!("a node was read"),
+        );
+        assert_eq!(found.map(|l| t.leaves[l as usize].entry), Some(3));
         for i in 0..999u128 {
             let a = base + ((2 * i) << 64);
             let at = |x: u128| t.lookup(Ipv6Addr::from(x)).map(|v| v.entry);
@@ -291,6 +350,7 @@ mod tests {
             r6_lookup(
                 &t.window,
                 |b| t.empty.get(b as usize).copied(),
+                |b| t.starts.get(b as usize).copied(),
                 t.nodes.len() as u32,
                 (a >> 64) as u64,
                 a as u64,

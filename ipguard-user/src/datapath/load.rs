@@ -317,13 +317,14 @@ pub(super) fn replace_incompatible_maps(pin_dir: &Path, caps: Capacities) -> boo
 }
 
 /// Every map a policy slot lives in, and the index that chooses the slot.
-const POLICY_MAPS: [&str; 14] = [
+const POLICY_MAPS: [&str; 15] = [
     MAP_R4_DIRECT,
     MAP_R4_RANGES,
     MAP_R4_LEAVES,
     MAP_R6_NODES,
     MAP_R6_LEAVES,
     MAP_R6_EMPTY,
+    MAP_R6_START,
     MAP_DECIDERS_V4[0],
     MAP_DECIDERS_V4[1],
     MAP_DECIDERS_V6[0],

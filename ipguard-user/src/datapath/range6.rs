@@ -5,11 +5,12 @@
 use super::{mapped::*, *};
 use crate::policy::range6::RangeTable6;
 
-/// The three arrays, mapped while a slot is written or read.
+/// The four arrays, mapped while a slot is written or read.
 pub(super) struct Lookup6 {
     nodes: MappableArray,
     leaves: MappableArray,
     empty: MappableArray,
+    starts: MappableArray,
     /// Per slot.
     pub(super) node_capacity: u32,
     pub(super) leaf_capacity: u32,
@@ -20,18 +21,20 @@ impl Lookup6 {
         let (nodes, n) = MappableArray::open(pin_dir, MAP_R6_NODES)?;
         let (leaves, l) = MappableArray::open(pin_dir, MAP_R6_LEAVES)?;
         let (empty, _) = MappableArray::open(pin_dir, MAP_R6_EMPTY)?;
+        let (starts, _) = MappableArray::open(pin_dir, MAP_R6_START)?;
         Ok(Self {
             nodes,
             leaves,
             empty,
+            starts,
             node_capacity: n / SLOTS,
             leaf_capacity: l / SLOTS,
         })
     }
 
-    /// Bytes of the three arrays, both slots.
+    /// Bytes of the four arrays, both slots.
     pub(super) fn allocated(&self) -> u64 {
-        (self.nodes.len + self.leaves.len + self.empty.len) as u64
+        (self.nodes.len + self.leaves.len + self.empty.len + self.starts.len) as u64
     }
 
     /// The prefixes a slot holds whatever they are.
@@ -75,6 +78,20 @@ impl Lookup6 {
         self.empty
             .map()?
             .write((slot * R6_EMPTY_VALUES) as usize, &masks);
+        let starts: Vec<R6Start> = t
+            .starts
+            .chunks_exact(R6_STARTS_PER_VALUE as usize)
+            .map(|c| {
+                let mut v = R6Start::default();
+                for (i, &(node, leaf)) in c.iter().enumerate() {
+                    (v.nodes[i], v.leaves[i]) = (node, leaf);
+                }
+                v
+            })
+            .collect();
+        self.starts
+            .map()?
+            .write((slot * R6_START_VALUES) as usize, &starts);
         Ok((node_base, leaf_base))
     }
 
@@ -87,19 +104,29 @@ impl Lookup6 {
         leaves: u32,
         window: R6Window,
     ) -> Result<RangeTable6> {
-        let empty = if window.at <= R6_MAX_WINDOW_AT {
-            self.empty
+        let (empty, starts) = if window.at <= R6_MAX_WINDOW_AT {
+            let empty = self
+                .empty
                 .map()?
                 .read::<R6Empty>((slot * R6_EMPTY_VALUES) as usize, R6_EMPTY_VALUES as usize)
                 .iter()
                 .flat_map(|v| v.masks)
-                .collect()
+                .collect();
+            let starts = self
+                .starts
+                .map()?
+                .read::<R6Start>((slot * R6_START_VALUES) as usize, R6_START_VALUES as usize)
+                .iter()
+                .flat_map(|v| v.nodes.into_iter().zip(v.leaves))
+                .collect();
+            (empty, starts)
         } else {
-            Vec::new()
+            (Vec::new(), Vec::new())
         };
         Ok(RangeTable6 {
             window,
             empty,
+            starts,
             nodes: self.nodes.map()?.read::<R6Node>(
                 (slot * self.node_capacity) as usize,
                 nodes.min(self.node_capacity) as usize,
