@@ -29,10 +29,11 @@
 //!
 //! A leaf indexes the slot's distinct IPv6 prefix values
 //! ([`crate::PrefixValue`], in [`MAP_R6_LEAVES`]); [`crate::R4_LEAF_NONE`]
-//! is "no prefix holds it". Both slots live in the same three arrays; a
+//! is "no prefix holds it". Both slots live in the same four arrays; a
 //! slot's nodes and leaves start at the bases its config holds
-//! ([`crate::PolicyConfig::r6_node_base`]), its masks at `slot *`
-//! [`R6_EMPTY_VALUES`], its window in its config.
+//! ([`crate::PolicyConfig::r6_node_base`]), its masks and starts at
+//! `slot *` [`R6_EMPTY_VALUES`] and `slot *` [`R6_START_VALUES`], its
+//! window in its config.
 
 pub const MAP_R6_NODES: &str = "IPG_R6_NODES";
 pub const MAP_R6_LEAVES: &str = "IPG_R6_LEAVES";

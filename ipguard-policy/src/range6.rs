@@ -9,7 +9,7 @@
 //! `lookup` runs the kernel's lookup (`r6_lookup`) over the kernel's
 //! layout, so this is both what the loader writes and the reference the
 //! kernel must agree with. Sizes: a node 64 bytes (three keys), a leaf 16,
-//! the window's masks 256 KiB.
+//! the window's masks 256 KiB and its bucket starts 512 KiB.
 
 use std::net::Ipv6Addr;
 
