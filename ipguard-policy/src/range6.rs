@@ -65,7 +65,7 @@ impl RangeTable6 {
         fill(&mut t.nodes, 0, &mut next);
         t.window = window_of(&sorted);
         t.empty = uncovered_blocks(&t.window, &keys);
-        t.starts = bucket_starts(&t.window, &t.nodes);
+        t.starts = bucket_starts(&t.window, &t.nodes, &t.empty);
         t
     }
 
@@ -173,8 +173,10 @@ fn uncovered_blocks(window: &R6Window, ranges: &[(u128, u32)]) -> Vec<u32> {
 /// search of every address of the bucket passes through, and the leaf it
 /// has met above that node: both walks, from the bucket's first and last
 /// address, go down together until a node sends them to different
-/// children (or past the last level).
-fn bucket_starts(window: &R6Window, nodes: &[R6Node]) -> Vec<(u32, u32)> {
+/// children (or past the last level). A bucket whose blocks are all
+/// uncovered (`empty`) is answered by its mask: it keeps the root, and
+/// costs no walk here (most buckets of most policies).
+fn bucket_starts(window: &R6Window, nodes: &[R6Node], empty: &[u32]) -> Vec<(u32, u32)> {
     if window.at > R6_MAX_WINDOW_AT {
         return Vec::new();
     }
@@ -192,6 +194,9 @@ fn bucket_starts(window: &R6Window, nodes: &[R6Node]) -> Vec<(u32, u32)> {
     };
     (0..1u128 << R6_WINDOW_BITS)
         .map(|bucket| {
+            if empty.get(bucket as usize) == Some(&u32::MAX) {
+                return (0, R4_LEAF_NONE);
+            }
             let first = base | bucket << shift;
             let last = first | ((1u128 << shift) - 1);
             let (mut k, mut leaf) = (0u32, R4_LEAF_NONE);
@@ -301,10 +306,16 @@ mod tests {
         let t = RangeTable6::build(&prefixes);
         assert_eq!((t.nodes.len(), t.levels()), (667, 6));
         // The /64s share 53 bits: a bucket is a /69, inside one range, so
-        // every bucket's walk ends at its start, below the last level,
-        // with the range's leaf.
+        // the walk of every bucket a /64 covers ends at its start, below
+        // the last level, with the range's leaf; the others are answered
+        // by their masks.
         assert_eq!(t.window.at, 53);
-        assert!(t.starts.iter().all(|&(k, _)| k as usize >= t.nodes.len()));
+        let covered: Vec<u32> = (0..t.starts.len())
+            .filter(|&b| t.empty[b] != u32::MAX)
+            .map(|b| t.starts[b].0)
+            .collect();
+        assert_eq!(covered.len(), 999 * 32);
+        assert!(covered.iter().all(|&k| k as usize >= t.nodes.len()));
         let a = base + (6 << 64) + 5;
         let found = r6_lookup(
             &t.window,
