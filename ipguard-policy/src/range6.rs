@@ -81,6 +81,17 @@ impl RangeTable6 {
     /// The leaf `addr` resolves to ([`R4_LEAF_NONE`] for none, or for a
     /// tree that is not well formed).
     pub fn leaf_of(&self, addr: Ipv6Addr) -> u32 {
+        self.search(addr, |k| self.nodes.get(k as usize))
+            .unwrap_or(R4_LEAF_NONE)
+    }
+
+    /// The kernel's lookup of `addr` over this table, its nodes read
+    /// through `node` (a test's reader may refuse to be called).
+    fn search<'a>(
+        &'a self,
+        addr: Ipv6Addr,
+        node: impl Fn(u32) -> Option<&'a R6Node>,
+    ) -> Option<u32> {
         let a = u128::from(addr);
         r6_lookup(
             &self.window,
@@ -89,9 +100,8 @@ impl RangeTable6 {
             self.nodes.len() as u32,
             (a >> 64) as u64,
             a as u64,
-            |k| self.nodes.get(k as usize),
+            node,
         )
-        .unwrap_or(R4_LEAF_NONE)
     }
 
     /// Levels of the tree: the node reads of a lookup at most.
@@ -316,16 +326,8 @@ mod tests {
             .collect();
         assert_eq!(covered.len(), 999 * 32);
         assert!(covered.iter().all(|&k| k as usize >= t.nodes.len()));
-        let a = base + (6 << 64) + 5;
-        let found = r6_lookup(
-            &t.window,
-            |b| t.empty.get(b as usize).copied(),
-            |b| t.starts.get(b as usize).copied(),
-            t.nodes.len() as u32,
-            (a >> 64) as u64,
-            a as u64,
-            |_| panic!("a node was read"),
-        );
+        let a = Ipv6Addr::from(base + (6 << 64) + 5);
+        let found = t.search(a, |_| panic!("a node was read"));
         assert_eq!(found.map(|l| t.leaves[l as usize].entry), Some(3));
         for i in 0..999u128 {
             let a = base + ((2 * i) << 64);
@@ -356,18 +358,7 @@ mod tests {
         assert_eq!(t.empty[3], !1);
         assert_eq!(t.empty[2], u32::MAX);
         // Answered by the window, no node read.
-        let window_only = |a: &str| {
-            let a = u128::from(ip(a));
-            r6_lookup(
-                &t.window,
-                |b| t.empty.get(b as usize).copied(),
-                |b| t.starts.get(b as usize).copied(),
-                t.nodes.len() as u32,
-                (a >> 64) as u64,
-                a as u64,
-                |_| panic!("a node was read"),
-            )
-        };
+        let window_only = |a: &str| t.search(ip(a), |_| panic!("a node was read"));
         for a in [
             "2001:db8:2::1",
             "2001:db8:3:800::1",
