@@ -39,7 +39,7 @@ pub fn ipguard_bench_parse(ctx: XdpContext) -> u32 {
         Parsed::Ip(ip) => {
             // SAFETY: as above.
             let ip = forget(unsafe { &raw mut (*scratch).ip }, ip);
-            match ip.l4 {
+            match ip.l4() {
                 L4::Port { .. } => xdp_action::XDP_PASS,
                 _ => xdp_action::XDP_DROP,
             }

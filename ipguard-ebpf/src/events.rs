@@ -149,7 +149,7 @@ pub(crate) fn report(
 
 #[inline(always)]
 pub(crate) fn ports_of(ip: &IpPacket) -> (u16, u16) {
-    match ip.l4 {
+    match ip.l4() {
         L4::Port { sport, dport } => (dport, sport),
         _ => (0, 0),
     }

@@ -8,7 +8,7 @@ use crate::{maps::*, prelude::*, util::*};
 /// enough (see `FlowKey`).
 #[inline(always)]
 pub(crate) fn is_reply(pkt: &Packet, ip: &IpPacket, cfg: &PolicyConfig) -> bool {
-    let L4::Port { sport, dport } = ip.l4 else {
+    let L4::Port { sport, dport } = ip.l4() else {
         return false;
     };
     // A SYN without ACK opens a connection, it never answers one: a SYN
@@ -71,7 +71,7 @@ pub(crate) fn expect_fragments(pkt: &Packet, ip: &IpPacket) {
 /// passed as return traffic, recently enough.
 #[inline(always)]
 pub(crate) fn is_later_fragment_of_reply(pkt: &Packet, ip: &IpPacket) -> bool {
-    if !matches!(ip.l4, L4::Fragment) {
+    if !matches!(ip.l4(), L4::Fragment) {
         return false;
     }
     let Some(key) = frag_key(pkt, ip) else {
@@ -125,7 +125,7 @@ pub(crate) fn record_flow(ctx: &TcContext) -> Option<()> {
     let Parsed::Ip(ip) = parse::<false>(&pkt, unsafe { &raw mut (*scratch).word }) else {
         return None;
     };
-    let L4::Port { sport, dport } = ip.l4 else {
+    let L4::Port { sport, dport } = ip.l4() else {
         return None;
     };
     let local = ip.src();

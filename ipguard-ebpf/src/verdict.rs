@@ -35,7 +35,7 @@ pub(crate) fn try_ipguard(ctx: &XdpContext) -> Result<u32, ()> {
     }
     let pkt = xdp_packet_again(ctx);
     let value = lookup(slot, cfg, ip.family, &ip.src());
-    let ports = match ip.l4 {
+    let ports = match ip.l4() {
         L4::Port { dport, .. } => {
             let service = service_of(slot, ip.proto, dport);
             Ports::Port {
@@ -53,13 +53,13 @@ pub(crate) fn try_ipguard(ctx: &XdpContext) -> Result<u32, ()> {
     }
     let mut d = decide_packet(cfg, value, ports, infra);
     if may_be_return_traffic(cfg, &d, ports) {
-        let reply = match ip.l4 {
+        let reply = match ip.l4() {
             L4::Port { .. } => is_reply(&pkt, &ip, cfg),
             _ => is_later_fragment_of_reply(&pkt, &ip),
         };
         if reply {
             d = return_traffic(d.service);
-            if ip.fragmented && matches!(ip.l4, L4::Port { .. }) {
+            if ip.fragmented && matches!(ip.l4(), L4::Port { .. }) {
                 expect_fragments(&pkt, &ip);
             }
         }
@@ -117,7 +117,7 @@ fn sample_pass(ip: *const IpPacket, d: &Decision, i: u32, seq: u64) {
     if let Some(p) = IPG_PASS_SAMPLE.get_ptr_mut(i) {
         // SAFETY: `ip` points into a map value alive for the program run.
         let ip = unsafe { &*ip };
-        let dport = match ip.l4 {
+        let dport = match ip.l4() {
             L4::Port { dport, .. } => dport,
             _ => 0,
         };

@@ -919,6 +919,8 @@ fn malformed_frames_are_dropped_and_counted() {
         ),
         ("v4 udp", udp(A, 1, 2).build()),
         ("v4 icmp", icmp(A, 8, 0).build()),
+        ("v6 tcp", tcp(A6, 7000).build()),
+        ("v6 udp", udp(A6, 1, 2).build()),
         ("v6 tcp + extensions", six(tcp(A6, 7000)).build()),
         ("v6 udp + vlan", udp(A6, 1, 2).vlan(ETH_P_8021Q, 9).build()),
         ("v6 icmp", icmp(A6, 128, 0).build()),
@@ -952,6 +954,10 @@ fn malformed_frames_are_dropped_and_counted() {
         patch(v4.clone(), 16, &30u16.to_be_bytes()),
     ));
     cases.push(mal(
+        "IPv4 total length cuts the UDP header".into(),
+        patch(udp(A, 1, 2).build(), 16, &27u16.to_be_bytes()),
+    ));
+    cases.push(mal(
         "IPv4 options past the total length".into(),
         patch(patch(v4.clone(), 14, &[0x4f]), 16, &40u16.to_be_bytes()),
     ));
@@ -976,6 +982,10 @@ fn malformed_frames_are_dropped_and_counted() {
         "IPv6 payload length cuts TCP".into(),
         patch(v6.clone(), 18, &10u16.to_be_bytes()),
     ));
+    cases.push(mal(
+        "IPv6 payload length cuts UDP".into(),
+        patch(udp(A6, 1, 2).build(), 18, &7u16.to_be_bytes()),
+    ));
     let ext = tcp(A6, 7000).ext(Ext::HopByHop { units: 0 }).build();
     cases.push(mal(
         "extension header length past the datagram".into(),
@@ -992,18 +1002,27 @@ fn malformed_frames_are_dropped_and_counted() {
     ));
     check(&mut l, &cases);
 
-    // Ethernet padding past the IP datagram is not malformed.
-    let mut padded = tcp(A, 7000).build();
-    padded.extend_from_slice(&[0u8; 6]);
+    // Ethernet padding past the IP datagram is not malformed, nor is a
+    // datagram exactly as long as its headers; don't-fragment is no
+    // fragment. (These take the parser's short path for plain frames, the
+    // cases above its edges into the full parser.)
+    let padded = |mut f: Vec<u8>| {
+        f.extend_from_slice(&[0u8; 6]);
+        f
+    };
+    let ok = |name: &str, f: Vec<u8>| case(name, f, XDP_PASS, VERDICT_PASS, REASON_ALLOWED);
     check(
         &mut l,
-        &[case(
-            "padded frame",
-            padded,
-            XDP_PASS,
-            VERDICT_PASS,
-            REASON_ALLOWED,
-        )],
+        &[
+            ok("padded v4 tcp", padded(tcp(A, 7000).build())),
+            ok("padded v4 udp", padded(udp(A, 1, 2).build())),
+            ok("padded v6 tcp", padded(tcp(A6, 7000).build())),
+            ok("padded v6 udp", padded(udp(A6, 1, 2).build())),
+            ok(
+                "v4 tcp with don't-fragment",
+                patch(v4.clone(), 20, &0x4000u16.to_be_bytes()),
+            ),
+        ],
     );
 }
 
