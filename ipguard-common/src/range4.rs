@@ -9,8 +9,8 @@
 //! chunk's length. A leaf indexes the slot's distinct prefix values
 //! ([`crate::PrefixValue`]); [`R4_LEAF_NONE`] is "no prefix holds it".
 //! After the words, in the same array and packed alike, each /16 has an
-//! uncovered mask: for a chunk, bit `b` set when no prefix covers any
-//! address of its block `b` ([`r4_block`], a /21).
+//! uncovered mask of two words: for a chunk, bit `b` set when no prefix
+//! covers any address of its block `b` ([`r4_block`], a /22).
 //!
 //! A lookup reads one direct value, for a chunk its mask, then at most
 //! [`R4_SEARCH_STEPS`] + 1 ranges and one leaf: a bounded number of reads
@@ -18,10 +18,13 @@
 //! source in an uncovered block, what most refused sources are, is
 //! answered by the mask: with many prefixes the ranges are megabytes, and
 //! the first read into them (a cache and TLB miss) is most of a lookup's
-//! cost, where the two halves of the direct table, 256 KiB each, are read
-//! by every lookup and stay in cache. The masks are a separate half,
-//! rather than a second half of wider words, so that a policy without
-//! chunks (or a source outside them) reads only the words' 256 KiB.
+//! cost, where the words (256 KiB) are read by every lookup and the masks
+//! (512 KiB) by those in chunks, and stay in cache. The masks are a
+//! separate part, rather than a second half of wider words, so that a
+//! policy without chunks (or a source outside them) reads only the words'
+//! 256 KiB. Blocks are /22s: with /21s (one word per /16), about four in
+//! ten refused sources of the bench's 1,000,000-prefix set still searched
+//! their chunk (docs/bench.md).
 //!
 //! Both slots live in the same three arrays; a slot's ranges and leaves
 //! start at the bases its config holds
@@ -37,10 +40,15 @@ pub const R4_DIRECT_BITS: u32 = 16;
 /// rounds a value up to 8 bytes, so single words would take twice the
 /// memory).
 pub const R4_WORDS_PER_VALUE: u32 = 16;
-/// Direct values of each half (words, masks) of a slot's direct table.
+/// Direct values of a slot's words, and of each word of its masks.
 pub const R4_DIRECT_VALUES: u32 = (1 << R4_DIRECT_BITS) / R4_WORDS_PER_VALUE;
+/// Address bits of a block, the unit of an uncovered mask: a /16 is 64
+/// blocks (/22s), one bit each.
+pub const R4_BLOCK_BITS: u32 = 10;
+/// Words of a /16's uncovered mask.
+pub const R4_MASK_WORDS: u32 = (1 << (16 - R4_BLOCK_BITS)) / u32::BITS;
 /// Direct values per slot: the words, then the uncovered masks.
-pub const R4_DIRECT_SLOT_VALUES: u32 = 2 * R4_DIRECT_VALUES;
+pub const R4_DIRECT_SLOT_VALUES: u32 = (1 + R4_MASK_WORDS) * R4_DIRECT_VALUES;
 /// In a direct word: the rest is the index of a chunk's first range (from
 /// the slot's range base), not a leaf.
 pub const R4_CHUNK_FLAG: u32 = 1 << 31;
@@ -48,12 +56,9 @@ pub const R4_CHUNK_FLAG: u32 = 1 << 31;
 pub const R4_LEAF_NONE: u32 = R4_CHUNK_FLAG - 1;
 /// Halvings of the binary search: a chunk holds at most 2^16 ranges.
 pub const R4_SEARCH_STEPS: u32 = 16;
-/// Address bits of a block, the unit of an uncovered mask: a /16 is 32
-/// blocks (/21s), one bit each.
-pub const R4_BLOCK_BITS: u32 = 11;
-const _: () = assert!(1 << (16 - R4_BLOCK_BITS) == u32::BITS);
+const _: () = assert!(R4_MASK_WORDS * u32::BITS == 1 << (16 - R4_BLOCK_BITS));
 
-/// 16 direct words, or 16 uncovered masks.
+/// 16 direct words, or 16 words of uncovered masks.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct R4Direct {
@@ -87,20 +92,33 @@ pub const fn r4_direct_key(slot: u32, addr: u32) -> u32 {
     slot * R4_DIRECT_SLOT_VALUES + (addr >> (32 - R4_DIRECT_BITS)) / R4_WORDS_PER_VALUE
 }
 
-/// Key in [`MAP_R4_DIRECT`] of the value holding the uncovered mask of
-/// `addr`'s /16.
+/// The mask word that holds `addr`'s block, among a slot's 2^16 x
+/// [`R4_MASK_WORDS`].
 #[inline(always)]
-pub const fn r4_empty_key(slot: u32, addr: u32) -> u32 {
-    r4_direct_key(slot, addr) + R4_DIRECT_VALUES
+pub const fn r4_mask_word(addr: u32) -> u32 {
+    (addr >> (32 - R4_DIRECT_BITS)) * R4_MASK_WORDS + r4_block(addr) / u32::BITS
 }
 
-/// Index of `addr`'s word (and mask) in its direct value.
+/// Key in [`MAP_R4_DIRECT`] of the value holding the mask word of
+/// `addr`'s block.
+#[inline(always)]
+pub const fn r4_empty_key(slot: u32, addr: u32) -> u32 {
+    slot * R4_DIRECT_SLOT_VALUES + R4_DIRECT_VALUES + r4_mask_word(addr) / R4_WORDS_PER_VALUE
+}
+
+/// Index of `addr`'s mask word in its value.
+#[inline(always)]
+pub const fn r4_empty_word(addr: u32) -> usize {
+    (r4_mask_word(addr) % R4_WORDS_PER_VALUE) as usize
+}
+
+/// Index of `addr`'s word in its direct value.
 #[inline(always)]
 pub const fn r4_direct_word(addr: u32) -> usize {
     ((addr >> (32 - R4_DIRECT_BITS)) % R4_WORDS_PER_VALUE) as usize
 }
 
-/// The block of its /16 `addr` lies in (0..32): its bit in the /16's
+/// The block of its /16 `addr` lies in (0..64): its bit in the /16's
 /// uncovered mask.
 #[inline(always)]
 pub const fn r4_block(addr: u32) -> u32 {
@@ -140,8 +158,9 @@ pub const fn r4_table_bytes(ranges: u32, leaves: u32) -> u64 {
     (R4_DIRECT_SLOT_VALUES as u64) * 64 + ranges as u64 * 8 + leaves as u64 * 16
 }
 
-/// The leaf of `addr` given its direct word, a reader of its /16's
-/// uncovered mask (read only for a chunk) and a reader of the slot's
+/// The leaf of `addr` given its direct word, a reader of the word of its
+/// /16's uncovered mask that holds its block (read only for a chunk,
+/// [`r4_mask_word`]) and a reader of the slot's
 /// ranges (`range(i)`: the range at index `i` from the slot's base, None
 /// past the array). The kernel and user space run this same search.
 #[inline(always)]
@@ -155,7 +174,7 @@ pub fn r4_search(
         return Some(word);
     }
     // A mask that cannot be read only costs the search it would save.
-    if empty().is_some_and(|m| m >> r4_block(addr) & 1 != 0) {
+    if empty().is_some_and(|m| m >> (r4_block(addr) % u32::BITS) & 1 != 0) {
         return Some(R4_LEAF_NONE);
     }
     let first = word & !R4_CHUNK_FLAG;

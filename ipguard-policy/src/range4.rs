@@ -9,12 +9,13 @@
 //! The layout is the kernel's (`ipguard_common::range4`) and `lookup`
 //! runs the kernel's search (`r4_search`) over it, so this is both what
 //! the loader writes and the reference the kernel must agree with. Sizes:
-//! the direct table is 2^16 words and as many uncovered masks (512 KiB),
+//! the direct table is 2^16 words and 2^16 uncovered masks of two words
+//! (768 KiB),
 //! a range 8 bytes, a leaf 16.
 
 use ipguard_common::{
-    PrefixValue, R4_BLOCK_BITS, R4_CHUNK_FLAG, R4_DIRECT_BITS, R4_LEAF_NONE, R4Range, expire,
-    r4_search,
+    PrefixValue, R4_BLOCK_BITS, R4_CHUNK_FLAG, R4_DIRECT_BITS, R4_LEAF_NONE, R4_MASK_WORDS,
+    R4Range, expire, r4_mask_word, r4_search,
 };
 
 use crate::{
@@ -29,8 +30,8 @@ pub struct RangeTable4 {
     pub leaves: Vec<PrefixValue>,
     /// 2^16 words: a leaf, or `R4_CHUNK_FLAG |` the chunk's first range.
     pub direct: Vec<u32>,
-    /// 2^16 masks: for a chunk, its blocks no prefix covers (`r4_block`);
-    /// 0 for the other /16s.
+    /// 2^16 masks of `R4_MASK_WORDS` words (`r4_mask_word`): for a chunk,
+    /// its blocks no prefix covers (`r4_block`); 0 for the other /16s.
     pub empty: Vec<u32>,
     /// The chunks' ranges, chunk after chunk.
     pub ranges: Vec<R4Range>,
@@ -67,7 +68,7 @@ impl RangeTable4 {
         );
         let intervals = elementary_intervals(&sorted);
         t.direct = vec![R4_LEAF_NONE; 1 << R4_DIRECT_BITS];
-        t.empty = vec![0; 1 << R4_DIRECT_BITS];
+        t.empty = vec![0; (R4_MASK_WORDS as usize) << R4_DIRECT_BITS];
         let mut i = 0usize;
         for chunk in 0..(1u32 << R4_DIRECT_BITS) {
             let lo = u64::from(chunk) << 16;
@@ -100,7 +101,10 @@ impl RangeTable4 {
                 });
             }
             t.direct[chunk as usize] = R4_CHUNK_FLAG | first;
-            t.empty[chunk as usize] = uncovered_blocks(lo, &intervals[i..=j]);
+            let mask = uncovered_blocks(lo, &intervals[i..=j]);
+            for (k, w) in (0..R4_MASK_WORDS).enumerate() {
+                t.empty[(chunk * R4_MASK_WORDS + w) as usize] = (mask >> (32 * k)) as u32;
+            }
         }
         t
     }
@@ -128,7 +132,7 @@ impl RangeTable4 {
         r4_search(
             self.direct[i],
             addr,
-            || self.empty.get(i).copied(),
+            || self.empty.get(r4_mask_word(addr) as usize).copied(),
             |i| self.ranges.get(i as usize).copied(),
         )
         .unwrap_or(R4_LEAF_NONE)
@@ -153,8 +157,9 @@ impl RangeTable4 {
 
 /// The blocks (`r4_block`) of the /16 from `lo` that no prefix covers, as
 /// a mask: `intervals` are the /16's, the first holding `lo`.
-fn uncovered_blocks(lo: u64, intervals: &[(u32, u32)]) -> u32 {
-    let mut covered = 0u32;
+fn uncovered_blocks(lo: u64, intervals: &[(u32, u32)]) -> u64 {
+    const _: () = assert!(R4_MASK_WORDS * 32 <= u64::BITS);
+    let mut covered = 0u64;
     for (k, &(start, leaf)) in intervals.iter().enumerate() {
         if leaf == R4_LEAF_NONE {
             continue;
@@ -232,8 +237,8 @@ mod tests {
 
     #[test]
     fn a_chunk_marks_the_blocks_no_prefix_covers() {
-        // In 198.51.0.0/16: a /24 in block 12 (198.51.96.0/21), a /32 in
-        // block 31, and a /20 over blocks 2 and 3.
+        // In 198.51.0.0/16: a /24 in block 25 (198.51.100.0/22), a /32 in
+        // block 63, and a /20 over blocks 4 to 7.
         let t = RangeTable4::build(&[
             (net("198.51.100.0/24"), v(1)),
             (net("198.51.255.255/32"), v(2)),
@@ -241,14 +246,17 @@ mod tests {
         ]);
         let i = usize::from(198u16 << 8 | 51);
         assert_ne!(t.direct[i] & R4_CHUNK_FLAG, 0);
-        let covered = 1u32 << 12 | 1 << 31 | 1 << 2 | 1 << 3;
-        assert_eq!(t.empty[i], !covered);
+        let covered = 1u64 << 25 | 1 << 63 | 0xf << 4;
+        let words = R4_MASK_WORDS as usize;
+        assert_eq!(words, 2);
+        assert_eq!(t.empty[i * 2], !covered as u32);
+        assert_eq!(t.empty[i * 2 + 1], (!covered >> 32) as u32);
         // Answered by the mask, the ranges unread.
         let search = |a: &str| {
             r4_search(
                 t.direct[i],
                 ip(a),
-                || Some(t.empty[i]),
+                || Some(t.empty[r4_mask_word(ip(a)) as usize]),
                 |_| panic!("a range was read for {a}"),
             )
         };
@@ -264,6 +272,7 @@ mod tests {
         assert_eq!(e("198.51.32.0"), None);
         // A /16 one leaf holds whole has no mask.
         let whole = RangeTable4::build(&[(net("203.0.0.0/16"), v(4))]);
-        assert_eq!(whole.empty[usize::from(203u16 << 8)], 0);
+        let i = usize::from(203u16 << 8) * words;
+        assert_eq!(whole.empty[i..i + words], [0, 0]);
     }
 }
