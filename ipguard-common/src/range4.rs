@@ -10,7 +10,10 @@
 //! ([`crate::PrefixValue`]); [`R4_LEAF_NONE`] is "no prefix holds it".
 //! After the words, in the same array and packed alike, each /16 has an
 //! uncovered mask of two words: for a chunk, bit `b` set when no prefix
-//! covers any address of its block `b` ([`r4_block`], a /22).
+//! covers any address of its block `b` ([`r4_block`], a /22). A /16 with
+//! one covered interval and no prefix elsewhere in it has no ranges: its
+//! word is [`R4_CHUNK_FLAG`] | [`R4_SINGLE_FLAG`] and its mask words hold
+//! the interval and its leaf ([`r4_single`]).
 //!
 //! A lookup reads one direct value, for a chunk its mask, then at most
 //! [`R4_SEARCH_STEPS`] + 1 ranges and one leaf: a bounded number of reads
@@ -52,6 +55,17 @@ pub const R4_DIRECT_SLOT_VALUES: u32 = (1 + R4_MASK_WORDS) * R4_DIRECT_VALUES;
 /// In a direct word: the rest is the index of a chunk's first range (from
 /// the slot's range base), not a leaf.
 pub const R4_CHUNK_FLAG: u32 = 1 << 31;
+/// In a chunk's direct word: the /16 has one covered interval, with no
+/// prefix anywhere else in it, and its mask words hold that interval
+/// instead of a mask ([`r4_single`]): no ranges are stored for it. A
+/// sparse allowlist (a /24 here, a /32 there) is mostly such /16s, and a
+/// source in one, allowed or not, is answered from the direct table
+/// without the read into the ranges that a lookup's cost is.
+pub const R4_SINGLE_FLAG: u32 = 1 << 30;
+/// The most prefixes a slot may be sized for (`--ipv4-capacity`).
+pub const R4_MAX_PREFIXES: u32 = 1 << 24;
+// A chunk's first range index never reaches the single flag.
+const _: () = assert!(r4_ranges_capacity(R4_MAX_PREFIXES) < R4_SINGLE_FLAG);
 /// The leaf of addresses no prefix covers.
 pub const R4_LEAF_NONE: u32 = R4_CHUNK_FLAG - 1;
 /// Halvings of the binary search: a chunk holds at most 2^16 ranges.
@@ -106,10 +120,20 @@ pub const fn r4_empty_key(slot: u32, addr: u32) -> u32 {
     slot * R4_DIRECT_SLOT_VALUES + R4_DIRECT_VALUES + r4_mask_word(addr) / R4_WORDS_PER_VALUE
 }
 
-/// Index of `addr`'s mask word in its value.
+/// The mask words of `addr`'s /16, from the direct value that holds them
+/// (the one at [`r4_empty_key`]: a /16's words never straddle two).
 #[inline(always)]
-pub const fn r4_empty_word(addr: u32) -> usize {
-    (r4_mask_word(addr) % R4_WORDS_PER_VALUE) as usize
+pub fn r4_mask_of(value: &R4Direct, addr: u32) -> [u32; R4_MASK_WORDS as usize] {
+    let first = ((addr >> (32 - R4_DIRECT_BITS)) * R4_MASK_WORDS % R4_WORDS_PER_VALUE) as usize;
+    core::array::from_fn(|k| value.words[first + k])
+}
+const _: () = assert!(R4_WORDS_PER_VALUE.is_multiple_of(R4_MASK_WORDS));
+
+/// The mask words of a single-interval /16 ([`R4_SINGLE_FLAG`]): the
+/// first and last low 16 bits of its covered interval, and its leaf.
+#[inline(always)]
+pub const fn r4_single(from: u16, to: u16, leaf: u32) -> [u32; R4_MASK_WORDS as usize] {
+    [from as u32 | (to as u32) << 16, leaf]
 }
 
 /// Index of `addr`'s word in its direct value.
@@ -158,28 +182,41 @@ pub const fn r4_table_bytes(ranges: u32, leaves: u32) -> u64 {
     (R4_DIRECT_SLOT_VALUES as u64) * 64 + ranges as u64 * 8 + leaves as u64 * 16
 }
 
-/// The leaf of `addr` given its direct word, a reader of the word of its
-/// /16's uncovered mask that holds its block (read only for a chunk,
-/// [`r4_mask_word`]) and a reader of the slot's
-/// ranges (`range(i)`: the range at index `i` from the slot's base, None
-/// past the array). The kernel and user space run this same search.
+/// The leaf of `addr` given its direct word, a reader of its /16's mask
+/// words (read only for a chunk, [`r4_mask_of`]) and a reader of the
+/// slot's ranges (`range(i)`: the range at index `i` from the slot's base,
+/// None past the array). The kernel and user space run this same search.
 #[inline(always)]
 pub fn r4_search(
     word: u32,
     addr: u32,
-    empty: impl FnOnce() -> Option<u32>,
+    mask: impl FnOnce() -> Option<[u32; R4_MASK_WORDS as usize]>,
     range: impl Fn(u32) -> Option<R4Range>,
 ) -> Option<u32> {
     if word & R4_CHUNK_FLAG == 0 {
         return Some(word);
     }
-    // A mask that cannot be read only costs the search it would save.
-    if empty().is_some_and(|m| m >> (r4_block(addr) % u32::BITS) & 1 != 0) {
+    let low = addr as u16;
+    if word & R4_SINGLE_FLAG != 0 {
+        let [bounds, leaf] = mask()?;
+        let (from, to) = (bounds as u16, (bounds >> 16) as u16);
+        return Some(if from <= low && low <= to {
+            leaf
+        } else {
+            R4_LEAF_NONE
+        });
+    }
+    // A mask that cannot be read only costs the search it would save. As
+    // one number, not a word picked by index: LLVM picked the word of a
+    // copy on the stack by OR-ing its offset into the stack pointer, which
+    // the verifier refuses ("bitwise operator |= on pointer").
+    if mask()
+        .is_some_and(|[lo, hi]| (u64::from(hi) << 32 | u64::from(lo)) >> r4_block(addr) & 1 != 0)
+    {
         return Some(R4_LEAF_NONE);
     }
     let first = word & !R4_CHUNK_FLAG;
     let head = range(first)?;
-    let low = addr as u16;
     // The last range starting at or before `low`: `at` is one that does
     // (the head starts at 0), `n` the ranges from `at` on that may.
     let mut at = first;

@@ -96,7 +96,7 @@ pub(crate) fn lookup_v4(slot: u32, cfg: &PolicyConfig, addr: u32) -> Option<&'st
         || {
             IPG_R4_DIRECT
                 .get(r4_empty_key(slot, addr))
-                .map(|m| m.words[r4_empty_word(addr)])
+                .map(|m| r4_mask_of(m, addr))
         },
         |i| IPG_R4_RANGES.get(base.wrapping_add(i)).copied(),
     )?;

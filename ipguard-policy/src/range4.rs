@@ -1,7 +1,8 @@
 //! An IPv4 longest-prefix lookup built in user space with a bounded
 //! number of reads: a direct table indexed by the top 16 address bits,
 //! and for the /16s that hold longer prefixes a sorted block of address
-//! ranges, searched by binary search (DXR, Zec 2012, with K = 16). It
+//! ranges, searched by binary search (DXR, Zec 2012, with K = 16); a /16
+//! with one covered interval keeps it in its mask words instead. It
 //! answers what an LPM trie over the same prefixes answers, through an
 //! index into a table of the distinct prefix values, so the verdict and
 //! the attribution stay those of the compiled values.
@@ -15,7 +16,7 @@
 
 use ipguard_common::{
     PrefixValue, R4_BLOCK_BITS, R4_CHUNK_FLAG, R4_DIRECT_BITS, R4_LEAF_NONE, R4_MASK_WORDS,
-    R4Range, expire, r4_mask_word, r4_search,
+    R4_SINGLE_FLAG, R4Range, expire, r4_search, r4_single,
 };
 
 use crate::{
@@ -30,8 +31,9 @@ pub struct RangeTable4 {
     pub leaves: Vec<PrefixValue>,
     /// 2^16 words: a leaf, or `R4_CHUNK_FLAG |` the chunk's first range.
     pub direct: Vec<u32>,
-    /// 2^16 masks of `R4_MASK_WORDS` words (`r4_mask_word`): for a chunk,
-    /// its blocks no prefix covers (`r4_block`); 0 for the other /16s.
+    /// 2^16 masks of `R4_MASK_WORDS` words (`r4_mask_of`): for a chunk,
+    /// its blocks no prefix covers (`r4_block`), or for a single-interval
+    /// /16 its interval (`r4_single`); 0 for the other /16s.
     pub empty: Vec<u32>,
     /// The chunks' ranges, chunk after chunk.
     pub ranges: Vec<R4Range>,
@@ -86,6 +88,12 @@ impl RangeTable4 {
                 t.direct[chunk as usize] = intervals[i].1;
                 continue;
             }
+            let words = chunk as usize * R4_MASK_WORDS as usize;
+            if let Some(single) = single_interval(lo, &intervals[i..=j]) {
+                t.direct[chunk as usize] = R4_CHUNK_FLAG | R4_SINGLE_FLAG;
+                t.empty[words..words + single.len()].copy_from_slice(&single);
+                continue;
+            }
             let first = t.ranges.len() as u32;
             t.ranges.push(R4Range {
                 start: 0,
@@ -102,8 +110,11 @@ impl RangeTable4 {
             }
             t.direct[chunk as usize] = R4_CHUNK_FLAG | first;
             let mask = uncovered_blocks(lo, &intervals[i..=j]);
-            for (k, w) in (0..R4_MASK_WORDS).enumerate() {
-                t.empty[(chunk * R4_MASK_WORDS + w) as usize] = (mask >> (32 * k)) as u32;
+            for (k, w) in t.empty[words..words + R4_MASK_WORDS as usize]
+                .iter_mut()
+                .enumerate()
+            {
+                *w = (mask >> (32 * k)) as u32;
             }
         }
         t
@@ -129,10 +140,16 @@ impl RangeTable4 {
     /// table that is not well formed).
     pub fn leaf_of(&self, addr: u32) -> u32 {
         let i = (addr >> (32 - R4_DIRECT_BITS)) as usize;
+        let words = i * R4_MASK_WORDS as usize;
         r4_search(
             self.direct[i],
             addr,
-            || self.empty.get(r4_mask_word(addr) as usize).copied(),
+            || {
+                self.empty
+                    .get(words..words + R4_MASK_WORDS as usize)?
+                    .try_into()
+                    .ok()
+            },
             |i| self.ranges.get(i as usize).copied(),
         )
         .unwrap_or(R4_LEAF_NONE)
@@ -153,6 +170,26 @@ impl RangeTable4 {
             + self.ranges.len() * std::mem::size_of::<R4Range>()
             + self.leaves.len() * std::mem::size_of::<PrefixValue>()
     }
+}
+
+/// The mask words of the /16 from `lo` when one interval of it is covered
+/// and the rest by no prefix (`R4_SINGLE_FLAG`): `intervals` are the /16's,
+/// the first holding `lo`.
+fn single_interval(lo: u64, intervals: &[(u32, u32)]) -> Option<[u32; R4_MASK_WORDS as usize]> {
+    let mut covered = intervals
+        .iter()
+        .enumerate()
+        .filter(|(_, i)| i.1 != R4_LEAF_NONE);
+    let (k, &(start, leaf)) = covered.next()?;
+    if covered.next().is_some() {
+        return None;
+    }
+    let from = u64::from(start).max(lo) - lo;
+    // The next interval starts in this /16, or at its end.
+    let end = intervals
+        .get(k + 1)
+        .map_or(1 << 16, |n| u64::from(n.0) - lo);
+    Some(r4_single(from as u16, (end - 1) as u16, leaf))
 }
 
 /// The blocks (`r4_block`) of the /16 from `lo` that no prefix covers, as
@@ -256,7 +293,7 @@ mod tests {
             r4_search(
                 t.direct[i],
                 ip(a),
-                || Some(t.empty[r4_mask_word(ip(a)) as usize]),
+                || Some([t.empty[i * 2], t.empty[i * 2 + 1]]),
                 |_| panic!("a range was read for {a}"),
             )
         };
@@ -274,5 +311,52 @@ mod tests {
         let whole = RangeTable4::build(&[(net("203.0.0.0/16"), v(4))]);
         let i = usize::from(203u16 << 8) * words;
         assert_eq!(whole.empty[i..i + words], [0, 0]);
+    }
+
+    #[test]
+    fn a_16_with_one_covered_interval_is_answered_without_ranges() {
+        let cases = [
+            ("198.51.100.0/24", "198.51.100.0", "198.51.100.255"),
+            ("198.51.0.0/20", "198.51.0.0", "198.51.15.255"),
+            ("198.51.255.255/32", "198.51.255.255", "198.51.255.255"),
+            ("198.51.128.0/17", "198.51.128.0", "198.51.255.255"),
+        ];
+        for (prefix, first, last) in cases {
+            let t = RangeTable4::build(&[(net(prefix), v(7))]);
+            let i = usize::from(198u16 << 8 | 51);
+            assert_eq!(t.direct[i], R4_CHUNK_FLAG | R4_SINGLE_FLAG, "{prefix}");
+            assert!(t.ranges.is_empty(), "{prefix}");
+            let search = |a: u32| {
+                r4_search(
+                    t.direct[i],
+                    a,
+                    || Some([t.empty[2 * i], t.empty[2 * i + 1]]),
+                    |_| panic!("a range was read for {prefix}"),
+                )
+            };
+            let (first, last) = (ip(first), ip(last));
+            assert_eq!(search(first), Some(0), "{prefix}");
+            assert_eq!(search(last), Some(0), "{prefix}");
+            assert_eq!(search(first + (last - first) / 2), Some(0), "{prefix}");
+            if first & 0xffff != 0 {
+                assert_eq!(search(first - 1), Some(R4_LEAF_NONE), "{prefix}");
+            }
+            if last & 0xffff != 0xffff {
+                assert_eq!(search(last + 1), Some(R4_LEAF_NONE), "{prefix}");
+            }
+            assert_eq!(t.lookup(first).map(|x| x.entry), Some(7));
+        }
+        // Not single: two covered intervals, or one inside a prefix that
+        // covers the rest of the /16 (its own leaf around it).
+        for set in [
+            &[("198.51.100.0/24", 1), ("198.51.200.0/24", 2)][..],
+            &[("198.51.0.0/16", 1), ("198.51.100.0/24", 2)][..],
+        ] {
+            let set: Vec<_> = set.iter().map(|&(p, e)| (net(p), v(e))).collect();
+            let t = RangeTable4::build(&set);
+            let w = t.direct[usize::from(198u16 << 8 | 51)];
+            assert_eq!(w & (R4_CHUNK_FLAG | R4_SINGLE_FLAG), R4_CHUNK_FLAG);
+            assert!(!t.ranges.is_empty());
+        }
     }
 }

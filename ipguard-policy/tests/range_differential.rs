@@ -16,8 +16,9 @@ mod prefixes;
 use prefixes::{dense_set, narrow_set6, prefix_set, prefix_set6, query, query_narrow6, query6};
 
 /// The table of `set` against the compiler's lookup at each address of
-/// `ask`.
-fn table_agrees(set: &[(ipnet::Ipv4Net, ipguard_common::PrefixValue)], ask: Vec<u32>) {
+/// `ask`; returns how many /16s the table keeps as one interval
+/// (`R4_SINGLE_FLAG`).
+fn table_agrees(set: &[(ipnet::Ipv4Net, ipguard_common::PrefixValue)], ask: Vec<u32>) -> usize {
     let table = RangeTable4::build(set);
     let compiled = CompiledPolicy {
         v4: set.to_vec(),
@@ -41,11 +42,14 @@ fn table_agrees(set: &[(ipnet::Ipv4Net, ipguard_common::PrefixValue)], ask: Vec<
     for (w, m) in table.direct.iter().zip(table.empty.chunks_exact(words)) {
         assert!(w & ipguard_common::R4_CHUNK_FLAG != 0 || m.iter().all(|m| *m == 0));
     }
+    let single = ipguard_common::R4_CHUNK_FLAG | ipguard_common::R4_SINGLE_FLAG;
+    table.direct.iter().filter(|w| **w == single).count()
 }
 
 #[test]
 fn the_range_table_agrees_with_the_compilers_lookup() {
     let mut r = Rng(0x0005_eed0_fd12);
+    let mut single = 0;
     for (n, seeds, queries) in [
         (1usize, 20, 2_000),
         (10, 20, 2_000),
@@ -56,9 +60,12 @@ fn the_range_table_agrees_with_the_compilers_lookup() {
             let mut set = prefix_set(&mut r, n);
             set.sort_by_key(|(p, _)| (p.network(), p.prefix_len()));
             let ask = (0..queries).map(|q| query(&mut r, &set, q)).collect();
-            table_agrees(&set, ask);
+            single += table_agrees(&set, ask);
         }
     }
+    // The /16s kept as one interval are among those proved (139 with this
+    // seed: most /16s of these sets lie under a shorter prefix).
+    assert!(single >= 100, "{single} single-interval /16s");
     // /16s of hundreds of ranges, every address of them.
     let mut set = dense_set(&mut r);
     set.sort_by_key(|(p, _)| (p.network(), p.prefix_len()));

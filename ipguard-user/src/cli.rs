@@ -387,7 +387,7 @@ pub struct RunArgs {
     /// the two policy slots (131,072: 10.5 MiB in all); a policy with more
     /// is refused. A new size replaces the arrays at start.
     #[arg(long = "ipv4-capacity", value_name = "N", default_value_t = ipguard_common::DEFAULT_V4_CAPACITY,
-          value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(ipguard_common::R4_MAX_PREFIXES)))]
     pub ipv4_capacity: u32,
     /// IPv6 prefixes a policy may have. As for IPv4, the arrays are
     /// allocated whole, about 59 bytes per prefix for each slot (65,536:
