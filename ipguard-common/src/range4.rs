@@ -181,6 +181,11 @@ pub const fn r4_leaves_capacity(prefixes: u32) -> u32 {
 pub const fn r4_table_bytes(ranges: u32, leaves: u32) -> u64 {
     (R4_DIRECT_SLOT_VALUES as u64) * 64 + ranges as u64 * 8 + leaves as u64 * 16
 }
+// Any policy of 1,000,000 IPv4 prefixes fits 32 MiB per slot (the
+// lookup's budget): 33,310,728 bytes at most.
+const _: () = assert!(
+    r4_table_bytes(r4_ranges_capacity(1_000_000), r4_leaves_capacity(1_000_000)) <= 32 << 20
+);
 
 /// The leaf of `addr` given its direct word, a reader of its /16's mask
 /// words (read only for a chunk, [`r4_mask_of`]) and a reader of the
