@@ -172,45 +172,46 @@ impl RangeTable4 {
     }
 }
 
-/// The mask words of the /16 from `lo` when one interval of it is covered
-/// and the rest by no prefix (`R4_SINGLE_FLAG`): `intervals` are the /16's,
-/// the first holding `lo`.
-fn single_interval(lo: u64, intervals: &[(u32, u32)]) -> Option<[u32; R4_MASK_WORDS as usize]> {
-    let mut covered = intervals
+/// The covered intervals of the /16 from `lo`, as its low 16 bits: (first,
+/// one past the last, leaf). `intervals` are the /16's, the first holding
+/// `lo`.
+fn covered(lo: u64, intervals: &[(u32, u32)]) -> impl Iterator<Item = (u64, u64, u32)> + '_ {
+    intervals
         .iter()
         .enumerate()
-        .filter(|(_, i)| i.1 != R4_LEAF_NONE);
-    let (k, &(start, leaf)) = covered.next()?;
-    if covered.next().is_some() {
+        .filter(|(_, i)| i.1 != R4_LEAF_NONE)
+        .map(move |(k, &(start, leaf))| {
+            let from = u64::from(start).max(lo) - lo;
+            // The next interval starts in this /16, or at its end.
+            let to = intervals
+                .get(k + 1)
+                .map_or(1 << 16, |n| u64::from(n.0) - lo);
+            (from, to, leaf)
+        })
+}
+
+/// The mask words of the /16 from `lo` when one interval of it is covered
+/// and the rest by no prefix (`R4_SINGLE_FLAG`).
+fn single_interval(lo: u64, intervals: &[(u32, u32)]) -> Option<[u32; R4_MASK_WORDS as usize]> {
+    let mut spans = covered(lo, intervals);
+    let (from, to, leaf) = spans.next()?;
+    if spans.next().is_some() {
         return None;
     }
-    let from = u64::from(start).max(lo) - lo;
-    // The next interval starts in this /16, or at its end.
-    let end = intervals
-        .get(k + 1)
-        .map_or(1 << 16, |n| u64::from(n.0) - lo);
-    Some(r4_single(from as u16, (end - 1) as u16, leaf))
+    Some(r4_single(from as u16, (to - 1) as u16, leaf))
 }
 
 /// The blocks (`r4_block`) of the /16 from `lo` that no prefix covers, as
-/// a mask: `intervals` are the /16's, the first holding `lo`.
+/// a mask.
 fn uncovered_blocks(lo: u64, intervals: &[(u32, u32)]) -> u64 {
     const _: () = assert!(R4_MASK_WORDS * 32 <= u64::BITS);
-    let mut covered = 0u64;
-    for (k, &(start, leaf)) in intervals.iter().enumerate() {
-        if leaf == R4_LEAF_NONE {
-            continue;
-        }
-        let from = u64::from(start).max(lo) - lo;
-        // The next interval starts in this /16, or at its end.
-        let to = intervals
-            .get(k + 1)
-            .map_or(1 << 16, |n| u64::from(n.0) - lo);
+    let mut mask = 0u64;
+    for (from, to, _) in covered(lo, intervals) {
         for b in from >> R4_BLOCK_BITS..=(to - 1) >> R4_BLOCK_BITS {
-            covered |= 1 << b;
+            mask |= 1 << b;
         }
     }
-    !covered
+    !mask
 }
 
 #[cfg(test)]
