@@ -1057,3 +1057,64 @@ pub fn prog_test_run(
     }
     Ok((a.retval, a.duration))
 }
+
+/// The instructions of a loaded program as the verifier left them
+/// (`xlated`: after its rewrites, such as inlined map lookups and resolved
+/// helper calls), by BPF_OBJ_GET_INFO_BY_FD.
+pub fn prog_xlated(prog_fd: std::os::fd::RawFd) -> io::Result<Vec<[u8; 8]>> {
+    /// The head of `struct bpf_prog_info`, up to `xlated_prog_insns`: the
+    /// kernel accepts a shorter struct than its own and fills what fits.
+    #[repr(C)]
+    #[derive(Default)]
+    struct ProgInfo {
+        prog_type: u32,
+        id: u32,
+        tag: [u8; 8],
+        jited_prog_len: u32,
+        xlated_prog_len: u32,
+        jited_prog_insns: u64,
+        xlated_prog_insns: u64,
+    }
+    /// `union bpf_attr`'s `info` member.
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    let get = |info: &mut ProgInfo| {
+        let mut a = InfoAttr {
+            bpf_fd: prog_fd as u32,
+            info_len: std::mem::size_of::<ProgInfo>() as u32,
+            info: info as *mut ProgInfo as u64,
+        };
+        // SAFETY: `a` is a valid bpf_attr member of the size passed; the
+        // kernel writes into `info` (and into the buffer it names, of the
+        // length it gives), both alive for the call.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_OBJ_GET_INFO_BY_FD,
+                &mut a as *mut InfoAttr,
+                std::mem::size_of::<InfoAttr>() as libc::c_long,
+            )
+        };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    };
+    let mut info = ProgInfo::default();
+    get(&mut info)?;
+    let mut insns = vec![[0u8; 8]; info.xlated_prog_len as usize / 8];
+    let mut info = ProgInfo {
+        xlated_prog_len: (insns.len() * 8) as u32,
+        xlated_prog_insns: insns.as_mut_ptr() as u64,
+        ..Default::default()
+    };
+    get(&mut info)?;
+    insns.truncate(info.xlated_prog_len as usize / 8);
+    Ok(insns)
+}
