@@ -24,7 +24,11 @@ pub(crate) fn room(
     }
     // SAFETY: a read-only global the loader sets.
     let cpus = unsafe { core::ptr::read_volatile(&IPG_NR_CPUS) }.max(1);
-    if b.used >= max_per_sec.div_ceil(cpus) as u64 {
+    // `used >= ceil(max / cpus)`, multiplied out: the same for integers,
+    // without a division on every refused packet of a flood. `used` never
+    // passes a u32 (it stops at the share), and bounded so, the product
+    // cannot overflow.
+    if b.used.min(u32::MAX as u64) * u64::from(cpus) >= u64::from(max_per_sec) {
         return None;
     }
     Some(p)
