@@ -261,6 +261,16 @@ pub const INFRA_RETURN_TRAFFIC: u32 = 8;
 /// switch need answered.
 pub const INFRA_MLD: u32 = 16;
 
+/// The layout of a slot's lookup tables as this version writes and reads
+/// them, recorded in [`PolicyConfig::format`]. A change of what the
+/// tables' words mean that keeps the maps' sizes raises it: a pinned
+/// policy set written in another format is replaced at start, as one of
+/// other sizes is, so that no program reads tables laid out for another
+/// (the daemon writes its policy before it attaches its program, and the
+/// old program reads the slot meanwhile). Never reused.
+/// 1: IPv4 uncovered masks per /22 and single-interval /16s.
+pub const TABLE_FORMAT: u32 = 1;
+
 /// One per slot, in [`MAP_CONFIG`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -324,7 +334,9 @@ pub struct PolicyConfig {
     pub r6_leaves: u32,
     /// IPv6 prefixes of the policy (for `status`).
     pub v6_prefixes: u32,
-    pub _pad0: u32,
+    /// The layout of the slot's lookup tables, [`TABLE_FORMAT`] of the
+    /// version that wrote it (0: a version that recorded none).
+    pub format: u32,
     /// The window before this slot's IPv6 tree ([`crate::R6Window`]).
     pub r6_window: crate::R6Window,
 }

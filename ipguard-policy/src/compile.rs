@@ -824,7 +824,8 @@ fn config(p: &Policy) -> PolicyConfig {
         r6_leaf_base: 0,
         r6_leaves: 0,
         v6_prefixes: 0,
-        _pad0: 0,
+        // Of the tables the loader writes: the loader's.
+        format: 0,
         r6_window: ipguard_common::R6Window::default(),
     }
 }

@@ -369,3 +369,62 @@ fn a_pinned_map_of_an_older_layout_is_replaced_at_start() {
     );
     drop(daemon);
 }
+
+/// Tables can change what their words mean and keep their sizes: a policy
+/// set an older version wrote (here a config slot whose tables are of
+/// format 0, the sizes this version's) is replaced with the slot index,
+/// as one of another size is, never adopted: this version's program
+/// would misread the old slot in the moment between the daemon's write
+/// and its attach, and the old program this one's.
+#[test]
+fn a_pinned_policy_set_of_another_table_format_is_replaced_at_start() {
+    use nix::sys::signal::Signal;
+    require_root();
+    let pair = Pair::new().unwrap();
+    for a in [SERVER_V4, SERVER_V4_ALT] {
+        tcp_listener(&pair.server, SocketAddr::new(a.parse().unwrap(), 7000)).unwrap();
+    }
+    let pins = PinDir::new().unwrap();
+    let config = pins.path.join(ipguard_common::MAP_CONFIG);
+    let size = std::mem::size_of::<ipguard_common::PolicyConfig>() as u32;
+    pin_array_map(&config, 4, size, ipguard_common::SLOTS).unwrap();
+    let active = pins.path.join(ipguard_common::MAP_ACTIVE);
+    pin_array_map(&active, 4, 4, 1).unwrap();
+    let id = |p: &std::path::Path| {
+        aya::maps::MapData::from_pin(p)
+            .unwrap()
+            .info()
+            .unwrap()
+            .id()
+    };
+    let (old_config, old_active) = (id(&config), id(&active));
+    {
+        let map = aya::maps::Map::from_map_data(aya::maps::MapData::from_pin(&config).unwrap());
+        let mut c: aya::maps::Array<_, ipguard_common::PolicyConfig> =
+            aya::maps::Array::try_from(map.unwrap()).unwrap();
+        let older = ipguard_common::PolicyConfig {
+            generation: 7,
+            format: 0,
+            ..Default::default()
+        };
+        c.set(1, older, 0).unwrap();
+    }
+    let mut daemon = Daemon::start_on(pins, &pair, POLICY).unwrap();
+    assert_ne!(id(&config), old_config, "the config was replaced");
+    assert_ne!(id(&active), old_active, "the slot index went with it");
+    assert!(connect(&pair, CLIENT_V4, SERVER_V4, 7000), "allowed");
+    assert!(
+        !connect(&pair, CLIENT_V4_ALT, SERVER_V4_ALT, 7000),
+        "refused"
+    );
+    // A restart of the same version adopts its own pins.
+    let (config_id, active_id) = (id(&config), id(&active));
+    daemon.proc.signal_and_wait(Signal::SIGTERM).unwrap();
+    daemon.restart(&pair).unwrap();
+    assert_eq!(
+        (id(&config), id(&active)),
+        (config_id, active_id),
+        "the same version adopts"
+    );
+    drop(daemon);
+}

@@ -295,6 +295,16 @@ pub(super) fn replace_incompatible_maps(pin_dir: &Path, caps: Capacities) -> boo
             doomed.push(name);
         }
     }
+    if !doomed.contains(&MAP_CONFIG)
+        && let Some(format) = foreign_table_format(&pin_dir.join(MAP_CONFIG))
+    {
+        tracing::info!(
+            format,
+            ours = TABLE_FORMAT,
+            "the pinned policy tables are laid out in another format: new maps replace them"
+        );
+        doomed.push(MAP_CONFIG);
+    }
     // The maps a policy lives in go together: the old program keeps
     // reading its own set until the new one replaces it. Were only some
     // replaced, the daemon's flip of a shared IPG_ACTIVE would have the
@@ -314,6 +324,19 @@ pub(super) fn replace_incompatible_maps(pin_dir: &Path, caps: Capacities) -> boo
         }
     }
     new_flows
+}
+
+/// The table format of a slot of the pinned config map at `path` that a
+/// daemon wrote in another format than this version's ([`TABLE_FORMAT`]),
+/// if any. A slot never written (generation 0) has none; a map that
+/// cannot be read is left to the size checks.
+fn foreign_table_format(path: &Path) -> Option<u32> {
+    let map = aya::maps::Map::from_map_data(MapData::from_pin(path).ok()?).ok()?;
+    let config: Array<MapData, PolicyConfig> = Array::try_from(map).ok()?;
+    (0..SLOTS).find_map(|slot| {
+        let c = config.get(&slot, 0).ok()?;
+        (c.generation != 0 && c.format != TABLE_FORMAT).then_some(c.format)
+    })
 }
 
 /// Every map a policy slot lives in, and the index that chooses the slot.

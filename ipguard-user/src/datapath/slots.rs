@@ -187,6 +187,7 @@ impl Maps {
         cfg.generation = generation;
         (cfg.ephemeral_first, cfg.ephemeral_last) = ephemeral_ports();
         cfg.dhcp_servers = dhcp_servers;
+        cfg.format = TABLE_FORMAT;
         cfg.r4_range_base = r4_range_base;
         cfg.r4_leaf_base = r4_leaf_base;
         // Within the capacities checked above, which are u32.
