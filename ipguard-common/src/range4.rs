@@ -10,10 +10,10 @@
 //! ([`crate::PrefixValue`]); [`R4_LEAF_NONE`] is "no prefix holds it".
 //! After the words, in the same array and packed alike, each /16 has an
 //! uncovered mask of two words: for a chunk, bit `b` set when no prefix
-//! covers any address of its block `b` ([`r4_block`], a /22). A /16 with
-//! one covered interval and no prefix elsewhere in it has no ranges: its
-//! word is [`R4_CHUNK_FLAG`] | [`R4_SINGLE_FLAG`] and its mask words hold
-//! the interval and its leaf ([`r4_single`]).
+//! covers any address of its block `b` ([`r4_block`], a /22). A /16
+//! whose covered addresses are one or two intervals of one leaf has no
+//! ranges: its word is [`R4_CHUNK_FLAG`] | [`R4_PAIR_FLAG`] | the leaf,
+//! and its mask words hold the intervals ([`r4_pair`]).
 //!
 //! A lookup reads one direct value, for a chunk its mask, then at most
 //! [`R4_SEARCH_STEPS`] + 1 ranges and one leaf: a bounded number of reads
@@ -55,17 +55,21 @@ pub const R4_DIRECT_SLOT_VALUES: u32 = (1 + R4_MASK_WORDS) * R4_DIRECT_VALUES;
 /// In a direct word: the rest is the index of a chunk's first range (from
 /// the slot's range base), not a leaf.
 pub const R4_CHUNK_FLAG: u32 = 1 << 31;
-/// In a chunk's direct word: the /16 has one covered interval, with no
-/// prefix anywhere else in it, and its mask words hold that interval
-/// instead of a mask ([`r4_single`]): no ranges are stored for it. A
-/// sparse allowlist (a /24 here, a /32 there) is mostly such /16s, and a
-/// source in one, allowed or not, is answered from the direct table
-/// without the read into the ranges that a lookup's cost is.
-pub const R4_SINGLE_FLAG: u32 = 1 << 30;
+/// In a chunk's direct word: the /16's covered addresses are one or two
+/// intervals of one leaf, the rest of the /16 no prefix's; the word's
+/// other bits are that leaf and its mask words hold the intervals instead
+/// of a mask ([`r4_pair`]): no ranges are stored for it. A sparse
+/// allowlist (a /24 here, a /32 there, most of a list file's prefixes
+/// sharing one value) is mostly such /16s, and a source in one, allowed
+/// or not, is answered from the direct table without the read into the
+/// ranges that a lookup's cost is.
+pub const R4_PAIR_FLAG: u32 = 1 << 30;
 /// The most prefixes a slot may be sized for (`--ipv4-capacity`).
 pub const R4_MAX_PREFIXES: u32 = 1 << 24;
-// A chunk's first range index never reaches the single flag.
-const _: () = assert!(r4_ranges_capacity(R4_MAX_PREFIXES) < R4_SINGLE_FLAG);
+// A chunk's first range index, and a pair's leaf, never reach the pair
+// flag.
+const _: () = assert!(r4_ranges_capacity(R4_MAX_PREFIXES) < R4_PAIR_FLAG);
+const _: () = assert!(r4_leaves_capacity(R4_MAX_PREFIXES) < R4_PAIR_FLAG);
 /// The leaf of addresses no prefix covers.
 pub const R4_LEAF_NONE: u32 = R4_CHUNK_FLAG - 1;
 /// Halvings of the binary search: a chunk holds at most 2^16 ranges.
@@ -129,11 +133,14 @@ pub fn r4_mask_of(value: &R4Direct, addr: u32) -> [u32; R4_MASK_WORDS as usize] 
 }
 const _: () = assert!(R4_WORDS_PER_VALUE.is_multiple_of(R4_MASK_WORDS));
 
-/// The mask words of a single-interval /16 ([`R4_SINGLE_FLAG`]): the
-/// first and last low 16 bits of its covered interval, and its leaf.
+/// The mask words of a pair /16 ([`R4_PAIR_FLAG`]): the first and last
+/// low 16 bits of each of its covered intervals (one interval: twice).
 #[inline(always)]
-pub const fn r4_single(from: u16, to: u16, leaf: u32) -> [u32; R4_MASK_WORDS as usize] {
-    [from as u32 | (to as u32) << 16, leaf]
+pub const fn r4_pair(first: (u16, u16), second: (u16, u16)) -> [u32; R4_MASK_WORDS as usize] {
+    [
+        first.0 as u32 | (first.1 as u32) << 16,
+        second.0 as u32 | (second.1 as u32) << 16,
+    ]
 }
 
 /// Index of `addr`'s word in its direct value.
@@ -202,11 +209,11 @@ pub fn r4_search(
         return Some(word);
     }
     let low = addr as u16;
-    if word & R4_SINGLE_FLAG != 0 {
-        let [bounds, leaf] = mask()?;
-        let (from, to) = (bounds as u16, (bounds >> 16) as u16);
-        return Some(if from <= low && low <= to {
-            leaf
+    if word & R4_PAIR_FLAG != 0 {
+        let [a, b] = mask()?;
+        let inside = |bounds: u32| bounds as u16 <= low && low <= (bounds >> 16) as u16;
+        return Some(if inside(a) || inside(b) {
+            word & !(R4_CHUNK_FLAG | R4_PAIR_FLAG)
         } else {
             R4_LEAF_NONE
         });

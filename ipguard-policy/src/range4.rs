@@ -16,7 +16,7 @@
 
 use ipguard_common::{
     PrefixValue, R4_BLOCK_BITS, R4_CHUNK_FLAG, R4_DIRECT_BITS, R4_LEAF_NONE, R4_MASK_WORDS,
-    R4_SINGLE_FLAG, R4Range, expire, r4_search, r4_single,
+    R4_PAIR_FLAG, R4Range, expire, r4_pair, r4_search,
 };
 
 use crate::{
@@ -32,8 +32,8 @@ pub struct RangeTable4 {
     /// 2^16 words: a leaf, or `R4_CHUNK_FLAG |` the chunk's first range.
     pub direct: Vec<u32>,
     /// 2^16 masks of `R4_MASK_WORDS` words (`r4_mask_of`): for a chunk,
-    /// its blocks no prefix covers (`r4_block`), or for a single-interval
-    /// /16 its interval (`r4_single`); 0 for the other /16s.
+    /// its blocks no prefix covers (`r4_block`), or for a pair /16 its
+    /// intervals (`r4_pair`); 0 for the other /16s.
     pub empty: Vec<u32>,
     /// The chunks' ranges, chunk after chunk.
     pub ranges: Vec<R4Range>,
@@ -89,9 +89,9 @@ impl RangeTable4 {
                 continue;
             }
             let words = chunk as usize * R4_MASK_WORDS as usize;
-            if let Some(single) = single_interval(lo, &intervals[i..=j]) {
-                t.direct[chunk as usize] = R4_CHUNK_FLAG | R4_SINGLE_FLAG;
-                t.empty[words..words + single.len()].copy_from_slice(&single);
+            if let Some((leaf, pair)) = pair(lo, &intervals[i..=j]) {
+                t.direct[chunk as usize] = R4_CHUNK_FLAG | R4_PAIR_FLAG | leaf;
+                t.empty[words..words + pair.len()].copy_from_slice(&pair);
                 continue;
             }
             let first = t.ranges.len() as u32;
@@ -190,15 +190,21 @@ fn covered(lo: u64, intervals: &[(u32, u32)]) -> impl Iterator<Item = (u64, u64,
         })
 }
 
-/// The mask words of the /16 from `lo` when one interval of it is covered
-/// and the rest by no prefix (`R4_SINGLE_FLAG`).
-fn single_interval(lo: u64, intervals: &[(u32, u32)]) -> Option<[u32; R4_MASK_WORDS as usize]> {
-    let mut spans = covered(lo, intervals);
-    let (from, to, leaf) = spans.next()?;
-    if spans.next().is_some() {
+/// The leaf and mask words of the /16 from `lo` when its covered
+/// addresses are one or two intervals of one leaf (`R4_PAIR_FLAG`).
+fn pair(lo: u64, intervals: &[(u32, u32)]) -> Option<(u32, [u32; R4_MASK_WORDS as usize])> {
+    let mut spans =
+        covered(lo, intervals).map(|(from, to, leaf)| ((from as u16, (to - 1) as u16), leaf));
+    let (first, leaf) = spans.next()?;
+    let second = match spans.next() {
+        None => first,
+        Some((second, l)) if l == leaf => second,
+        Some(_) => return None,
+    };
+    if spans.next().is_some() || leaf & (R4_CHUNK_FLAG | R4_PAIR_FLAG) != 0 {
         return None;
     }
-    Some(r4_single(from as u16, (to - 1) as u16, leaf))
+    Some((leaf, r4_pair(first, second)))
 }
 
 /// The blocks (`r4_block`) of the /16 from `lo` that no prefix covers, as
@@ -315,48 +321,97 @@ mod tests {
     }
 
     #[test]
-    fn a_16_with_one_covered_interval_is_answered_without_ranges() {
-        let cases = [
-            ("198.51.100.0/24", "198.51.100.0", "198.51.100.255"),
-            ("198.51.0.0/20", "198.51.0.0", "198.51.15.255"),
-            ("198.51.255.255/32", "198.51.255.255", "198.51.255.255"),
-            ("198.51.128.0/17", "198.51.128.0", "198.51.255.255"),
+    fn a_16_of_one_or_two_intervals_of_one_leaf_is_answered_without_ranges() {
+        // (prefixes, all of one value; the covered intervals, first and
+        // last address each).
+        type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)]);
+        let cases: [Case; 7] = [
+            (&["198.51.100.0/24"], &[("198.51.100.0", "198.51.100.255")]),
+            (&["198.51.0.0/20"], &[("198.51.0.0", "198.51.15.255")]),
+            (
+                &["198.51.255.255/32"],
+                &[("198.51.255.255", "198.51.255.255")],
+            ),
+            (&["198.51.128.0/17"], &[("198.51.128.0", "198.51.255.255")]),
+            (
+                &["198.51.0.0/32", "198.51.255.255/32"],
+                &[
+                    ("198.51.0.0", "198.51.0.0"),
+                    ("198.51.255.255", "198.51.255.255"),
+                ],
+            ),
+            (
+                &["198.51.16.0/20", "198.51.100.7/32"],
+                &[
+                    ("198.51.16.0", "198.51.31.255"),
+                    ("198.51.100.7", "198.51.100.7"),
+                ],
+            ),
+            // Adjacent prefixes of one value are one interval; a prefix
+            // inside another of its value adds none.
+            (
+                &[
+                    "198.51.100.0/24",
+                    "198.51.101.0/24",
+                    "198.51.200.0/22",
+                    "198.51.201.9/32",
+                ],
+                &[
+                    ("198.51.100.0", "198.51.101.255"),
+                    ("198.51.200.0", "198.51.203.255"),
+                ],
+            ),
         ];
-        for (prefix, first, last) in cases {
-            let t = RangeTable4::build(&[(net(prefix), v(7))]);
+        for (prefixes, spans) in cases {
+            let set: Vec<_> = prefixes.iter().map(|p| (net(p), v(7))).collect();
+            let t = RangeTable4::with_leaves(&set, &[v(1), v(2)]);
             let i = usize::from(198u16 << 8 | 51);
-            assert_eq!(t.direct[i], R4_CHUNK_FLAG | R4_SINGLE_FLAG, "{prefix}");
-            assert!(t.ranges.is_empty(), "{prefix}");
+            // The two leaves before it keep theirs: the value is leaf 2.
+            assert_eq!(
+                t.direct[i],
+                R4_CHUNK_FLAG | R4_PAIR_FLAG | 2,
+                "{prefixes:?}"
+            );
+            assert!(t.ranges.is_empty(), "{prefixes:?}");
             let search = |a: u32| {
                 r4_search(
                     t.direct[i],
                     a,
                     || Some([t.empty[2 * i], t.empty[2 * i + 1]]),
-                    |_| panic!("a range was read for {prefix}"),
+                    |_| panic!("a range was read for {prefixes:?}"),
                 )
             };
-            let (first, last) = (ip(first), ip(last));
-            assert_eq!(search(first), Some(0), "{prefix}");
-            assert_eq!(search(last), Some(0), "{prefix}");
-            assert_eq!(search(first + (last - first) / 2), Some(0), "{prefix}");
-            if first & 0xffff != 0 {
-                assert_eq!(search(first - 1), Some(R4_LEAF_NONE), "{prefix}");
+            for &(first, last) in spans {
+                let (first, last) = (ip(first), ip(last));
+                assert_eq!(search(first), Some(2), "{prefixes:?}");
+                assert_eq!(search(last), Some(2), "{prefixes:?}");
+                assert_eq!(search(first + (last - first) / 2), Some(2), "{prefixes:?}");
+                let covered = |a: u32| spans.iter().any(|&(f, l)| ip(f) <= a && a <= ip(l));
+                if first & 0xffff != 0 && !covered(first - 1) {
+                    assert_eq!(search(first - 1), Some(R4_LEAF_NONE), "{prefixes:?}");
+                }
+                if last & 0xffff != 0xffff && !covered(last + 1) {
+                    assert_eq!(search(last + 1), Some(R4_LEAF_NONE), "{prefixes:?}");
+                }
+                assert_eq!(t.lookup(first).map(|x| x.entry), Some(7));
             }
-            if last & 0xffff != 0xffff {
-                assert_eq!(search(last + 1), Some(R4_LEAF_NONE), "{prefix}");
-            }
-            assert_eq!(t.lookup(first).map(|x| x.entry), Some(7));
         }
-        // Not single: two covered intervals, or one inside a prefix that
-        // covers the rest of the /16 (its own leaf around it).
+        // Not a pair: two intervals of two leaves, one inside a prefix
+        // that covers the rest of the /16 (its own leaf around it), or
+        // three intervals of one leaf.
         for set in [
             &[("198.51.100.0/24", 1), ("198.51.200.0/24", 2)][..],
             &[("198.51.0.0/16", 1), ("198.51.100.0/24", 2)][..],
+            &[
+                ("198.51.1.0/24", 3),
+                ("198.51.3.0/24", 3),
+                ("198.51.5.0/24", 3),
+            ][..],
         ] {
             let set: Vec<_> = set.iter().map(|&(p, e)| (net(p), v(e))).collect();
             let t = RangeTable4::build(&set);
             let w = t.direct[usize::from(198u16 << 8 | 51)];
-            assert_eq!(w & (R4_CHUNK_FLAG | R4_SINGLE_FLAG), R4_CHUNK_FLAG);
+            assert_eq!(w & (R4_CHUNK_FLAG | R4_PAIR_FLAG), R4_CHUNK_FLAG);
             assert!(!t.ranges.is_empty());
         }
     }

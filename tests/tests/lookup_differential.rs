@@ -24,7 +24,9 @@ mod rng;
 use rng::Rng;
 #[path = "../../ipguard-policy/tests/support/prefixes.rs"]
 mod prefixes;
-use prefixes::{dense_set, narrow_set6, prefix_set, prefix_set6, query, query_narrow6, query6};
+use prefixes::{
+    dense_set, list_set, narrow_set6, prefix_set, prefix_set6, query, query_narrow6, query6,
+};
 
 fn value_of(out: &[u8]) -> PrefixValue {
     let u32_at = |i: usize| u32::from_ne_bytes(out[i..i + 4].try_into().unwrap());
@@ -82,6 +84,20 @@ fn the_kernel_finds_the_compilers_value_for_every_address() {
             ..Default::default()
         };
         let ask: Vec<IpAddr> = (0..4_000 / divisor)
+            .map(|q| IpAddr::V4(Ipv4Addr::from(query(&mut r, &set, q))))
+            .collect();
+        asked += agree(&mut l, &compiled, &ask, set.len());
+    }
+    // A list file's: /16s of one or two intervals of one leaf, answered
+    // from the direct table (`R4_PAIR_FLAG`).
+    {
+        let set = list_set(&mut r, 100_000);
+        let compiled = CompiledPolicy {
+            config: config(MODE_ENFORCE, ACTION_DROP, SCOPE_HOST),
+            v4: set.clone(),
+            ..Default::default()
+        };
+        let ask: Vec<IpAddr> = (0..8_000 / divisor)
             .map(|q| IpAddr::V4(Ipv4Addr::from(query(&mut r, &set, q))))
             .collect();
         asked += agree(&mut l, &compiled, &ask, set.len());

@@ -74,6 +74,33 @@ fn own_value(r: &mut Rng, entry: usize) -> PrefixValue {
     }
 }
 
+/// `n` prefixes (fewer after duplicates) of one value, as a list file's:
+/// /24s mostly, some /22, /20, /16 and /32, none shorter; sorted. Their
+/// /16s are mostly pairs (`R4_PAIR_FLAG`), of two intervals often.
+pub fn list_set(r: &mut Rng, n: usize) -> Vec<(Ipv4Net, PrefixValue)> {
+    let one = PrefixValue {
+        allow_mask: 1,
+        flags: 0,
+        entry: 0,
+    };
+    let mut set: Vec<_> = (0..n)
+        .map(|_| {
+            let len = match r.below(20) {
+                0..14 => 24,
+                14..16 => 22,
+                16..18 => 20,
+                18 => 16,
+                _ => 32,
+            };
+            let net = Ipv4Net::new((r.next() as u32).into(), len).unwrap();
+            (net.trunc(), one)
+        })
+        .collect();
+    set.sort_by_key(|(p, _)| (p.network(), p.prefix_len()));
+    set.dedup_by_key(|(p, _)| *p);
+    set
+}
+
 pub fn mask(len: u8) -> u32 {
     if len == 0 {
         0
