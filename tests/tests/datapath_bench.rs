@@ -26,7 +26,7 @@ use std::{
     collections::HashSet,
     fmt::Write as _,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
     process::Command,
     time::{Duration, Instant},
 };
@@ -253,15 +253,6 @@ fn measure_warm(fd: RawFd, packet: &[u8]) -> f64 {
         .collect();
     v.sort();
     v[2] as f64
-}
-
-fn fd_of(l: &mut Loaded, prog: &str) -> RawFd {
-    l.dp.xdp_program(prog)
-        .unwrap()
-        .fd()
-        .unwrap()
-        .as_fd()
-        .as_raw_fd()
 }
 
 /// Pins the thread to one CPU: stable timings, and one per-CPU event
@@ -539,12 +530,12 @@ fn bench() {
             ("allowed", &set.allowed, XDP_PASS),
             ("refused", &set.refused, XDP_DROP),
         ] {
-            let e = fd_of(&mut l, PROG_BENCH_EMPTY);
+            let e = l.xdp_fd(PROG_BENCH_EMPTY);
             let mut progs = vec![
                 (e, Some(XDP_PASS)),
-                (fd_of(&mut l, PROG_BENCH_PARSE), Some(XDP_PASS)),
-                (fd_of(&mut l, PROG_BENCH_LOOKUP), Some(action)),
-                (fd_of(&mut l, PROG_XDP), Some(action)),
+                (l.xdp_fd(PROG_BENCH_PARSE), Some(XDP_PASS)),
+                (l.xdp_fd(PROG_BENCH_LOOKUP), Some(action)),
+                (l.xdp_fd(PROG_XDP), Some(action)),
             ];
             if let Some(x) = &xf {
                 progs.push((x.fd.as_raw_fd(), None));
@@ -562,9 +553,9 @@ fn bench() {
             warm.push(format!(
                 "| {label} | {which} | {:.1} | {:.1} | {:.1} | {:.1} |",
                 measure_warm(e, p0),
-                measure_warm(fd_of(&mut l, PROG_BENCH_PARSE), p0),
-                measure_warm(fd_of(&mut l, PROG_BENCH_LOOKUP), p0),
-                measure_warm(fd_of(&mut l, PROG_XDP), p0)
+                measure_warm(l.xdp_fd(PROG_BENCH_PARSE), p0),
+                measure_warm(l.xdp_fd(PROG_BENCH_LOOKUP), p0),
+                measure_warm(l.xdp_fd(PROG_XDP), p0)
             ));
             rows.push(Row {
                 label: label.clone(),

@@ -20,7 +20,6 @@
 mod datapath_util;
 
 use std::{
-    os::fd::{AsFd, AsRawFd},
     sync::atomic::{AtomicBool, Ordering},
     thread,
     time::{Duration, Instant},
@@ -176,13 +175,7 @@ fn a_thousand_swaps_under_traffic_never_mix_two_policies() {
     let mut l = Loaded::new();
     let (pa, pb) = (policy_ab(true), policy_ab(false));
     l.apply(&pa);
-    let fd =
-        l.dp.xdp_program(PROG_XDP)
-            .unwrap()
-            .fd()
-            .unwrap()
-            .as_fd()
-            .as_raw_fd();
+    let fd = l.xdp_fd(PROG_XDP);
     let (fx, fy) = (syn(X), syn(Y));
     let stop = AtomicBool::new(false);
     let started = Instant::now();

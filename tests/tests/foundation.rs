@@ -21,6 +21,26 @@ allow:
     label: client v6
 "#;
 
+/// A pair whose server listens on port 7000 at both of its IPv4
+/// addresses.
+fn listening_pair() -> Pair {
+    require_root();
+    let pair = Pair::new().unwrap();
+    for a in [SERVER_V4, SERVER_V4_ALT] {
+        tcp_listener(&pair.server, SocketAddr::new(a.parse().unwrap(), 7000)).unwrap();
+    }
+    pair
+}
+
+/// The kernel's id of the map pinned at `p`.
+fn map_id(p: &std::path::Path) -> u32 {
+    aya::maps::MapData::from_pin(p)
+        .unwrap()
+        .info()
+        .unwrap()
+        .id()
+}
+
 fn connect(pair: &Pair, src: &str, dst: &str, port: u16) -> bool {
     let dst: IpAddr = dst.parse().unwrap();
     tcp_connect(
@@ -264,11 +284,7 @@ fn without_kernel_btf() -> io::Result<()> {
 /// enforces exactly as one with it; the daemon says the BTF is absent.
 #[test]
 fn a_kernel_without_btf_still_enforces_and_says_so() {
-    require_root();
-    let pair = Pair::new().unwrap();
-    for a in [SERVER_V4, SERVER_V4_ALT] {
-        tcp_listener(&pair.server, SocketAddr::new(a.parse().unwrap(), 7000)).unwrap();
-    }
+    let pair = listening_pair();
     let d = Daemon::start_prepared(&pair, POLICY, without_kernel_btf).unwrap();
     assert!(connect(&pair, CLIENT_V4, SERVER_V4, 7000));
     assert!(!connect(&pair, CLIENT_V4_ALT, SERVER_V4_ALT, 7000));
@@ -327,11 +343,7 @@ fn status_names_the_kernel_and_what_it_lacks() {
 /// written into the new maps before attaching.
 #[test]
 fn a_pinned_map_of_an_older_layout_is_replaced_at_start() {
-    require_root();
-    let pair = Pair::new().unwrap();
-    for a in [SERVER_V4, SERVER_V4_ALT] {
-        tcp_listener(&pair.server, SocketAddr::new(a.parse().unwrap(), 7000)).unwrap();
-    }
+    let pair = listening_pair();
     let pins = PinDir::new().unwrap();
     let config = pins.path.join("IPG_CONFIG");
     pin_array_map(&config, 4, 56, 2).unwrap();
@@ -339,17 +351,10 @@ fn a_pinned_map_of_an_older_layout_is_replaced_at_start() {
     // the config, so an old program would keep reading its own.
     let active = pins.path.join("IPG_ACTIVE");
     pin_array_map(&active, 4, 4, 1).unwrap();
-    let id = |p: &std::path::Path| {
-        aya::maps::MapData::from_pin(p)
-            .unwrap()
-            .info()
-            .unwrap()
-            .id()
-    };
-    let old_active = id(&active);
+    let old_active = map_id(&active);
     let daemon = Daemon::start_on(pins, &pair, POLICY).unwrap();
     assert_ne!(
-        id(&active),
+        map_id(&active),
         old_active,
         "the slot index went with the config"
     );
@@ -379,25 +384,14 @@ fn a_pinned_map_of_an_older_layout_is_replaced_at_start() {
 #[test]
 fn a_pinned_policy_set_of_another_table_format_is_replaced_at_start() {
     use nix::sys::signal::Signal;
-    require_root();
-    let pair = Pair::new().unwrap();
-    for a in [SERVER_V4, SERVER_V4_ALT] {
-        tcp_listener(&pair.server, SocketAddr::new(a.parse().unwrap(), 7000)).unwrap();
-    }
+    let pair = listening_pair();
     let pins = PinDir::new().unwrap();
     let config = pins.path.join(ipguard_common::MAP_CONFIG);
     let size = std::mem::size_of::<ipguard_common::PolicyConfig>() as u32;
     pin_array_map(&config, 4, size, ipguard_common::SLOTS).unwrap();
     let active = pins.path.join(ipguard_common::MAP_ACTIVE);
     pin_array_map(&active, 4, 4, 1).unwrap();
-    let id = |p: &std::path::Path| {
-        aya::maps::MapData::from_pin(p)
-            .unwrap()
-            .info()
-            .unwrap()
-            .id()
-    };
-    let (old_config, old_active) = (id(&config), id(&active));
+    let (old_config, old_active) = (map_id(&config), map_id(&active));
     {
         let map = aya::maps::Map::from_map_data(aya::maps::MapData::from_pin(&config).unwrap());
         let mut c: aya::maps::Array<_, ipguard_common::PolicyConfig> =
@@ -410,19 +404,19 @@ fn a_pinned_policy_set_of_another_table_format_is_replaced_at_start() {
         c.set(1, older, 0).unwrap();
     }
     let mut daemon = Daemon::start_on(pins, &pair, POLICY).unwrap();
-    assert_ne!(id(&config), old_config, "the config was replaced");
-    assert_ne!(id(&active), old_active, "the slot index went with it");
+    assert_ne!(map_id(&config), old_config, "the config was replaced");
+    assert_ne!(map_id(&active), old_active, "the slot index went with it");
     assert!(connect(&pair, CLIENT_V4, SERVER_V4, 7000), "allowed");
     assert!(
         !connect(&pair, CLIENT_V4_ALT, SERVER_V4_ALT, 7000),
         "refused"
     );
     // A restart of the same version adopts its own pins.
-    let (config_id, active_id) = (id(&config), id(&active));
+    let (config_id, active_id) = (map_id(&config), map_id(&active));
     daemon.proc.signal_and_wait(Signal::SIGTERM).unwrap();
     daemon.restart(&pair).unwrap();
     assert_eq!(
-        (id(&config), id(&active)),
+        (map_id(&config), map_id(&active)),
         (config_id, active_id),
         "the same version adopts"
     );

@@ -193,22 +193,9 @@ fn the_verifier_walks_each_program_within_a_quarter_of_its_limit() {
 /// in both programs must be inlined, on every kernel.
 #[test]
 fn every_array_lookup_is_inlined() {
-    use std::os::fd::{AsFd, AsRawFd};
     let mut l = Loaded::new();
-    let xdp =
-        l.dp.xdp_program(PROG_XDP)
-            .unwrap()
-            .fd()
-            .unwrap()
-            .as_fd()
-            .as_raw_fd();
-    let egress =
-        l.dp.egress_program()
-            .unwrap()
-            .fd()
-            .unwrap()
-            .as_fd()
-            .as_raw_fd();
+    let xdp = l.xdp_fd(PROG_XDP);
+    let egress = l.egress_fd();
     for (prog, fd) in [(PROG_XDP, xdp), (PROG_EGRESS, egress)] {
         let insns = ipguard_tests::prog_xlated(fd).unwrap();
         let missed = not_inlined_array_lookups(&insns);
@@ -1770,7 +1757,6 @@ fn events_are_rate_limited_and_every_one_is_counted() {
 /// suppressed packets.
 #[test]
 fn per_source_suppression_counts_stay_exact_in_a_flood_on_every_cpu() {
-    use std::os::fd::{AsFd, AsRawFd};
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .build()
@@ -1783,13 +1769,7 @@ fn per_source_suppression_counts_stay_exact_in_a_flood_on_every_cpu() {
     cfg.event_source_interval_ns = 1_000_000;
     cfg.event_max_per_sec = 10_000_000;
     l.apply(&base(cfg));
-    let fd =
-        l.dp.xdp_program(PROG_XDP)
-            .unwrap()
-            .fd()
-            .unwrap()
-            .as_fd()
-            .as_raw_fd();
+    let fd = l.xdp_fd(PROG_XDP);
     let counters = |l: &Loaded| {
         let c = l.dp.maps.counters().unwrap();
         [
@@ -1867,7 +1847,6 @@ fn per_source_suppression_counts_stay_exact_in_a_flood_on_every_cpu() {
 /// connection whose entry was evicted gets it back from its next segment.
 #[test]
 fn a_flow_flood_counts_every_eviction_and_connections_come_back() {
-    use std::os::fd::{AsFd, AsRawFd};
     const CAPACITY: u32 = 4096;
     const PER_CPU: u16 = 5_000;
     let mut l = Loaded::with_caps(ipguard::datapath::Capacities {
@@ -1879,13 +1858,7 @@ fn a_flow_flood_counts_every_eviction_and_connections_come_back() {
     // A connection the host opened before the flood (its entry not read
     // since, so the LRU may evict it).
     egress(&mut l, &seg(H4, U, 50400, 443, TCP_SYN));
-    let fd =
-        l.dp.egress_program()
-            .unwrap()
-            .fd()
-            .unwrap()
-            .as_fd()
-            .as_raw_fd();
+    let fd = l.egress_fd();
     let cpus = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
         .min(8);

@@ -3,7 +3,10 @@
 //! read which verdict and reason each one was counted under.
 #![allow(dead_code)]
 
-use std::net::IpAddr;
+use std::{
+    net::IpAddr,
+    os::fd::{AsFd, AsRawFd, RawFd},
+};
 
 use aya::programs::{TestRun, TestRunOptions};
 use ipguard::{
@@ -38,6 +41,19 @@ impl Loaded {
 
     pub fn apply(&mut self, p: &CompiledPolicy) {
         self.dp.maps.apply(p).expect("apply");
+    }
+
+    /// The file descriptor of the loaded XDP program `prog` (for raw
+    /// bpf(2) calls: test runs from other threads, its instructions).
+    pub fn xdp_fd(&mut self, prog: &str) -> RawFd {
+        let p = self.dp.xdp_program(prog).expect("program");
+        p.fd().expect("program fd").as_fd().as_raw_fd()
+    }
+
+    /// The file descriptor of the loaded TC egress program.
+    pub fn egress_fd(&mut self) -> RawFd {
+        let p = self.dp.egress_program().expect("egress program");
+        p.fd().expect("program fd").as_fd().as_raw_fd()
     }
 
     /// Runs `frame` through the XDP program `prog` once: (XDP action, the
