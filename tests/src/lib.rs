@@ -962,18 +962,8 @@ pub fn pin_array_map(path: &Path, key_size: u32, value_size: u32, entries: u32) 
     create[1] = key_size;
     create[2] = value_size;
     create[3] = entries;
-    // SAFETY: bpf(2) with an attribute buffer of the size passed.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_CREATE,
-            create.as_mut_ptr(),
-            std::mem::size_of_val(&create),
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    // SAFETY: the map's attributes, written nowhere by the kernel.
+    let fd = unsafe { bpf(BPF_MAP_CREATE, &mut create) }?;
     // SAFETY: a descriptor bpf(2) just returned, owned here.
     let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
@@ -989,19 +979,32 @@ pub fn pin_array_map(path: &Path, key_size: u32, value_size: u32, entries: u32) 
         bpf_fd: std::os::fd::AsRawFd::as_raw_fd(&fd) as u32,
         file_flags: 0,
     };
-    // SAFETY: bpf(2) with a BPF_OBJ_PIN attribute; `c` outlives the call.
+    // SAFETY: a BPF_OBJ_PIN attribute; `c` outlives the call.
+    unsafe { bpf(BPF_OBJ_PIN, &mut pin) }?;
+    Ok(())
+}
+
+/// bpf(2) with `attr` as its attribute (the member of `union bpf_attr`
+/// that `cmd` reads, of its size). Returns what the call returns.
+///
+/// # Safety
+/// `attr` must be the layout `cmd` expects, and every address in it valid
+/// for what the kernel reads and writes there during the call.
+unsafe fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+    // SAFETY: as the caller promises; `attr` is alive for the call.
     let r = unsafe {
         libc::syscall(
             libc::SYS_bpf,
-            BPF_OBJ_PIN,
-            &mut pin as *mut Pin,
-            std::mem::size_of::<Pin>(),
+            cmd,
+            attr as *mut T,
+            std::mem::size_of::<T>() as libc::c_long,
         )
     };
     if r < 0 {
-        return Err(io::Error::last_os_error());
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
     }
-    Ok(())
 }
 
 /// BPF_PROG_TEST_RUN on a program given by file descriptor (any thread,
@@ -1042,19 +1045,9 @@ pub fn prog_test_run(
         repeat,
         ..Default::default()
     };
-    // SAFETY: `a` is a valid bpf_attr member of the size passed; the kernel
-    // reads `data` (alive for the call) and writes only into `a`.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_TEST_RUN,
-            &mut a as *mut TestAttr,
-            std::mem::size_of::<TestAttr>() as libc::c_long,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    // SAFETY: the kernel reads `data` (alive for the call) and writes only
+    // into `a`.
+    unsafe { bpf(BPF_PROG_TEST_RUN, &mut a) }?;
     Ok((a.retval, a.duration))
 }
 
@@ -1089,22 +1082,9 @@ pub fn prog_xlated(prog_fd: std::os::fd::RawFd) -> io::Result<Vec<[u8; 8]>> {
             info_len: std::mem::size_of::<ProgInfo>() as u32,
             info: info as *mut ProgInfo as u64,
         };
-        // SAFETY: `a` is a valid bpf_attr member of the size passed; the
-        // kernel writes into `info` (and into the buffer it names, of the
-        // length it gives), both alive for the call.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_OBJ_GET_INFO_BY_FD,
-                &mut a as *mut InfoAttr,
-                std::mem::size_of::<InfoAttr>() as libc::c_long,
-            )
-        };
-        if r < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
+        // SAFETY: the kernel writes into `info` (and into the buffer it
+        // names, of the length it gives), both alive for the call.
+        unsafe { bpf(BPF_OBJ_GET_INFO_BY_FD, &mut a) }.map(|_| ())
     };
     let mut info = ProgInfo::default();
     get(&mut info)?;

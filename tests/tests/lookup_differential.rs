@@ -59,49 +59,37 @@ fn the_kernel_finds_the_compilers_value_for_every_address() {
         (1_000, 2, 2_000),
         (100_000, 1, 8_000),
     ];
+    // The kernel against the compiler over `queries` addresses of `set`
+    // (sorted), inside its prefixes and around them.
+    let mut ipv4 = |l: &mut Loaded, r: &mut Rng, set: Vec<_>, queries: usize| {
+        let ask: Vec<IpAddr> = (0..queries / divisor)
+            .map(|q| IpAddr::V4(Ipv4Addr::from(query(r, &set, q))))
+            .collect();
+        let n = set.len();
+        let compiled = CompiledPolicy {
+            config: config(MODE_ENFORCE, ACTION_DROP, SCOPE_HOST),
+            v4: set,
+            ..Default::default()
+        };
+        asked += agree(l, &compiled, &ask, n);
+    };
+    let sorted = |mut set: Vec<(ipnet::Ipv4Net, PrefixValue)>| {
+        set.sort_by_key(|(p, _)| (p.network(), p.prefix_len()));
+        set
+    };
     for (n, seeds, queries) in sizes {
         for _ in 0..seeds {
-            let mut set = prefix_set(&mut r, n);
-            set.sort_by_key(|(p, _)| (p.network(), p.prefix_len()));
-            let compiled = CompiledPolicy {
-                config: config(MODE_ENFORCE, ACTION_DROP, SCOPE_HOST),
-                v4: set.clone(),
-                ..Default::default()
-            };
-            let ask: Vec<IpAddr> = (0..queries / divisor)
-                .map(|q| IpAddr::V4(Ipv4Addr::from(query(&mut r, &set, q))))
-                .collect();
-            asked += agree(&mut l, &compiled, &ask, n);
+            let set = sorted(prefix_set(&mut r, n));
+            ipv4(&mut l, &mut r, set, queries);
         }
     }
     // /16s of hundreds of ranges (`dense_set`).
-    {
-        let mut set = dense_set(&mut r);
-        set.sort_by_key(|(p, _)| (p.network(), p.prefix_len()));
-        let compiled = CompiledPolicy {
-            config: config(MODE_ENFORCE, ACTION_DROP, SCOPE_HOST),
-            v4: set.clone(),
-            ..Default::default()
-        };
-        let ask: Vec<IpAddr> = (0..4_000 / divisor)
-            .map(|q| IpAddr::V4(Ipv4Addr::from(query(&mut r, &set, q))))
-            .collect();
-        asked += agree(&mut l, &compiled, &ask, set.len());
-    }
+    let set = sorted(dense_set(&mut r));
+    ipv4(&mut l, &mut r, set, 4_000);
     // A list file's: /16s of one or two intervals of one leaf, answered
     // from the direct table (`R4_PAIR_FLAG`).
-    {
-        let set = list_set(&mut r, 100_000);
-        let compiled = CompiledPolicy {
-            config: config(MODE_ENFORCE, ACTION_DROP, SCOPE_HOST),
-            v4: set.clone(),
-            ..Default::default()
-        };
-        let ask: Vec<IpAddr> = (0..8_000 / divisor)
-            .map(|q| IpAddr::V4(Ipv4Addr::from(query(&mut r, &set, q))))
-            .collect();
-        asked += agree(&mut l, &compiled, &ask, set.len());
-    }
+    let set = list_set(&mut r, 100_000);
+    ipv4(&mut l, &mut r, set, 8_000);
     // IPv6: half the queries (the tree's search is the same at every
     // size class; the sets' shapes are what vary).
     for (n, seeds, queries) in sizes {
