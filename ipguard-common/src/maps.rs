@@ -565,6 +565,10 @@ pub struct SourceRate {
 pub struct EventBudget {
     pub window_start_ns: u64,
     pub used: u64,
+    /// The kernel's tick count (jiffies) when this CPU last found the
+    /// window's share spent; until the next tick the clock is not read
+    /// again (0: not spent).
+    pub spent_tick: u64,
 }
 
 /// A connection this host opened, as seen leaving it (TC egress), keyed
@@ -636,7 +640,7 @@ const _: () = assert!(core::mem::size_of::<PrefixValue>() == 16);
 const _: () = assert!(core::mem::size_of::<PolicyConfig>() == 152);
 const _: () = assert!(core::mem::size_of::<DropEvent>() == 48);
 const _: () = assert!(core::mem::size_of::<SourceRate>() == 16);
-const _: () = assert!(core::mem::size_of::<EventBudget>() == 16);
+const _: () = assert!(core::mem::size_of::<EventBudget>() == 24);
 const _: () = assert!(core::mem::size_of::<PassSample>() == 32);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 const _: () = assert!(core::mem::size_of::<FragKey>() == 40);

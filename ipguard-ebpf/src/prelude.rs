@@ -4,8 +4,9 @@
 pub(crate) use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_NOEXIST, bpf_sock_tuple, xdp_action},
     helpers::generated::{
-        bpf_ktime_get_boot_ns, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_sk_lookup_tcp,
-        bpf_sk_lookup_udp, bpf_sk_release, bpf_skb_pull_data, bpf_xdp_adjust_tail,
+        bpf_jiffies64, bpf_ktime_get_boot_ns, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns,
+        bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release, bpf_skb_pull_data,
+        bpf_xdp_adjust_tail,
     },
     maps::{Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{TcContext, XdpContext},
