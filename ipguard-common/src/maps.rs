@@ -565,9 +565,9 @@ pub struct SourceRate {
 pub struct EventBudget {
     pub window_start_ns: u64,
     pub used: u64,
-    /// The kernel's tick count (jiffies) when this CPU last found the
-    /// window's share spent; until the next tick the clock is not read
-    /// again (0: not spent).
+    /// The kernel's tick count (jiffies) at which this CPU last found its
+    /// share spent: within that tick the share counts as spent without a
+    /// read of the clock (0 at first).
     pub spent_tick: u64,
 }
 
