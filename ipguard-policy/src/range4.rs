@@ -2,7 +2,8 @@
 //! number of reads: a direct table indexed by the top 16 address bits,
 //! and for the /16s that hold longer prefixes a sorted block of address
 //! ranges, searched by binary search (DXR, Zec 2012, with K = 16); a /16
-//! with one covered interval keeps it in its mask words instead. It
+//! of one or two covered intervals of one leaf keeps them in its mask
+//! words instead (a pair, `R4_PAIR_FLAG`). It
 //! answers what an LPM trie over the same prefixes answers, through an
 //! index into a table of the distinct prefix values, so the verdict and
 //! the attribution stay those of the compiled values.
@@ -88,10 +89,10 @@ impl RangeTable4 {
                 t.direct[chunk as usize] = intervals[i].1;
                 continue;
             }
-            let words = chunk as usize * R4_MASK_WORDS as usize;
+            let words = mask_words(chunk as usize);
             if let Some((leaf, pair)) = pair(lo, &intervals[i..=j]) {
                 t.direct[chunk as usize] = R4_CHUNK_FLAG | R4_PAIR_FLAG | leaf;
-                t.empty[words..words + pair.len()].copy_from_slice(&pair);
+                t.empty[words].copy_from_slice(&pair);
                 continue;
             }
             let first = t.ranges.len() as u32;
@@ -110,10 +111,7 @@ impl RangeTable4 {
             }
             t.direct[chunk as usize] = R4_CHUNK_FLAG | first;
             let mask = uncovered_blocks(lo, &intervals[i..=j]);
-            for (k, w) in t.empty[words..words + R4_MASK_WORDS as usize]
-                .iter_mut()
-                .enumerate()
-            {
+            for (k, w) in t.empty[words].iter_mut().enumerate() {
                 *w = (mask >> (32 * k)) as u32;
             }
         }
@@ -136,20 +134,19 @@ impl RangeTable4 {
         expire(value, || unix_ns, |i| self.leaves.get(i as usize))
     }
 
+    /// The mask words of /16 number `i` (`r4_mask_of` in the kernel).
+    pub fn mask_of(&self, i: usize) -> Option<[u32; R4_MASK_WORDS as usize]> {
+        self.empty.get(mask_words(i))?.try_into().ok()
+    }
+
     /// The leaf `addr` resolves to ([`R4_LEAF_NONE`] for none, or for a
     /// table that is not well formed).
     pub fn leaf_of(&self, addr: u32) -> u32 {
         let i = (addr >> (32 - R4_DIRECT_BITS)) as usize;
-        let words = i * R4_MASK_WORDS as usize;
         r4_search(
             self.direct[i],
             addr,
-            || {
-                self.empty
-                    .get(words..words + R4_MASK_WORDS as usize)?
-                    .try_into()
-                    .ok()
-            },
+            || self.mask_of(i),
             |i| self.ranges.get(i as usize).copied(),
         )
         .unwrap_or(R4_LEAF_NONE)
@@ -170,6 +167,12 @@ impl RangeTable4 {
             + self.ranges.len() * std::mem::size_of::<R4Range>()
             + self.leaves.len() * std::mem::size_of::<PrefixValue>()
     }
+}
+
+/// Where the mask words of /16 number `i` lie in [`RangeTable4::empty`].
+fn mask_words(i: usize) -> std::ops::Range<usize> {
+    let first = i * R4_MASK_WORDS as usize;
+    first..first + R4_MASK_WORDS as usize
 }
 
 /// The covered intervals of the /16 from `lo`, as its low 16 bits: (first,
@@ -300,7 +303,7 @@ mod tests {
             r4_search(
                 t.direct[i],
                 ip(a),
-                || Some([t.empty[i * 2], t.empty[i * 2 + 1]]),
+                || t.mask_of(i),
                 |_| panic!("a range was read for {a}"),
             )
         };
@@ -377,7 +380,7 @@ mod tests {
                 r4_search(
                     t.direct[i],
                     a,
-                    || Some([t.empty[2 * i], t.empty[2 * i + 1]]),
+                    || t.mask_of(i),
                     |_| panic!("a range was read for {prefixes:?}"),
                 )
             };
