@@ -269,8 +269,9 @@ pub const INFRA_MLD: u32 = 16;
 /// (the daemon writes its policy before it attaches its program, and the
 /// old program reads the slot meanwhile). Never reused.
 /// 1: IPv4 uncovered masks per /22 and single-interval /16s; 2: pair
-/// /16s (one or two intervals of one leaf, the leaf in the direct word).
-pub const TABLE_FORMAT: u32 = 2;
+/// /16s (one or two intervals of one leaf, the leaf in the direct word);
+/// 3: IPv4 presence bits per /16 after the masks.
+pub const TABLE_FORMAT: u32 = 3;
 
 /// One per slot, in [`MAP_CONFIG`].
 #[repr(C)]

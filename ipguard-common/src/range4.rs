@@ -15,7 +15,11 @@
 //! ranges: its word is [`R4_CHUNK_FLAG`] | [`R4_PAIR_FLAG`] | the leaf,
 //! and its mask words hold the intervals ([`r4_pair`]).
 //!
-//! A lookup reads one direct value, for a chunk its mask, then at most
+//! The presence bits follow the masks: one per /16, set when some prefix
+//! covers some of its addresses ([`r4_present`]); a lookup reads its
+//! /16's bit first and stops there when it is clear ([`r4_find`]).
+//!
+//! A lookup reads the presence bit, one direct value, for a chunk its mask, then at most
 //! [`R4_SEARCH_STEPS`] + 1 ranges and one leaf: a bounded number of reads
 //! whatever the policy, and for the ranges, neighbours in one chunk. A
 //! source in an uncovered block, what most refused sources are, is
@@ -50,8 +54,12 @@ pub const R4_DIRECT_VALUES: u32 = (1 << R4_DIRECT_BITS) / R4_WORDS_PER_VALUE;
 pub const R4_BLOCK_BITS: u32 = 10;
 /// Words of a /16's uncovered mask.
 pub const R4_MASK_WORDS: u32 = (1 << (16 - R4_BLOCK_BITS)) / u32::BITS;
-/// Direct values per slot: the words, then the uncovered masks.
-pub const R4_DIRECT_SLOT_VALUES: u32 = (1 + R4_MASK_WORDS) * R4_DIRECT_VALUES;
+/// Direct values of a slot's presence bits: one bit per /16, set when
+/// some prefix covers some of its addresses (8 KiB).
+pub const R4_PRESENT_VALUES: u32 = (1 << R4_DIRECT_BITS) / u32::BITS / R4_WORDS_PER_VALUE;
+/// Direct values per slot: the words, the uncovered masks, then the
+/// presence bits.
+pub const R4_DIRECT_SLOT_VALUES: u32 = (1 + R4_MASK_WORDS) * R4_DIRECT_VALUES + R4_PRESENT_VALUES;
 /// In a direct word: the rest is the index of a chunk's first range (from
 /// the slot's range base), not a leaf.
 pub const R4_CHUNK_FLAG: u32 = 1 << 31;
@@ -108,6 +116,41 @@ const _: () =
 #[inline(always)]
 pub const fn r4_direct_key(slot: u32, addr: u32) -> u32 {
     slot * R4_DIRECT_SLOT_VALUES + (addr >> (32 - R4_DIRECT_BITS)) / R4_WORDS_PER_VALUE
+}
+
+/// Key in [`MAP_R4_DIRECT`] of the value holding `addr`'s presence bit.
+#[inline(always)]
+pub const fn r4_present_key(slot: u32, addr: u32) -> u32 {
+    slot * R4_DIRECT_SLOT_VALUES
+        + (1 + R4_MASK_WORDS) * R4_DIRECT_VALUES
+        + (addr >> (32 - R4_DIRECT_BITS)) / u32::BITS / R4_WORDS_PER_VALUE
+}
+
+/// Index of the word holding `addr`'s presence bit among a slot's 2^16 /
+/// 32 presence words (and, modulo [`R4_WORDS_PER_VALUE`], in the value at
+/// [`r4_present_key`]).
+#[inline(always)]
+pub const fn r4_present_word(addr: u32) -> usize {
+    ((addr >> (32 - R4_DIRECT_BITS)) / u32::BITS) as usize
+}
+
+/// `addr`'s presence word, from the direct value that holds it (the one at
+/// [`r4_present_key`]).
+#[inline(always)]
+pub fn r4_present_of(value: &R4Direct, addr: u32) -> u32 {
+    value.words[r4_present_word(addr) % R4_WORDS_PER_VALUE as usize]
+}
+
+/// `addr`'s presence bit in its presence word.
+#[inline(always)]
+pub const fn r4_present_bit(addr: u32) -> u32 {
+    1 << ((addr >> (32 - R4_DIRECT_BITS)) % u32::BITS)
+}
+
+/// Whether `word`, the presence word of `addr`'s /16, has its bit set.
+#[inline(always)]
+pub const fn r4_present(word: u32, addr: u32) -> bool {
+    word & r4_present_bit(addr) != 0
 }
 
 /// The mask word that holds `addr`'s block, among a slot's 2^16 x
@@ -193,6 +236,28 @@ pub const fn r4_table_bytes(ranges: u32, leaves: u32) -> u64 {
 const _: () = assert!(
     r4_table_bytes(r4_ranges_capacity(1_000_000), r4_leaves_capacity(1_000_000)) <= 32 << 20
 );
+
+/// The leaf of `addr`: its /16's presence bit (`present()`: the word at
+/// [`r4_present_word`]), and only when it is set the /16's direct word
+/// (`word()`) and [`r4_search`]. A source in a /16 no prefix touches,
+/// what most refused sources of a short allowlist are, reads only the
+/// presence bits: 8 KiB, which every lookup reads and which stay in cache,
+/// where the direct words are 256 KiB that sources spread over the
+/// address space read cold (docs/bench.md). The kernel and user space run
+/// this same lookup.
+#[inline(always)]
+pub fn r4_find(
+    addr: u32,
+    present: impl FnOnce() -> Option<u32>,
+    word: impl FnOnce() -> Option<u32>,
+    mask: impl FnOnce() -> Option<[u32; R4_MASK_WORDS as usize]>,
+    range: impl Fn(u32) -> Option<R4Range>,
+) -> Option<u32> {
+    if !r4_present(present()?, addr) {
+        return Some(R4_LEAF_NONE);
+    }
+    r4_search(word()?, addr, mask, range)
+}
 
 /// The leaf of `addr` given its direct word, a reader of its /16's mask
 /// words (read only for a chunk, [`r4_mask_of`]) and a reader of the

@@ -87,12 +87,19 @@ pub(crate) fn lookup(
 
 #[inline(always)]
 pub(crate) fn lookup_v4(slot: u32, cfg: &PolicyConfig, addr: u32) -> Option<&'static PrefixValue> {
-    let direct = IPG_R4_DIRECT.get(r4_direct_key(slot, addr))?;
-    let word = direct.words[r4_direct_word(addr)];
     let base = cfg.r4_range_base;
-    let leaf = r4_search(
-        word,
+    let leaf = r4_find(
         addr,
+        || {
+            IPG_R4_DIRECT
+                .get(r4_present_key(slot, addr))
+                .map(|p| r4_present_of(p, addr))
+        },
+        || {
+            IPG_R4_DIRECT
+                .get(r4_direct_key(slot, addr))
+                .map(|d| d.words[r4_direct_word(addr)])
+        },
         || {
             IPG_R4_DIRECT
                 .get(r4_empty_key(slot, addr))

@@ -9,15 +9,15 @@
 //! the attribution stay those of the compiled values.
 //!
 //! The layout is the kernel's (`ipguard_common::range4`) and `lookup`
-//! runs the kernel's search (`r4_search`) over it, so this is both what
+//! runs the kernel's search (`r4_find`) over it, so this is both what
 //! the loader writes and the reference the kernel must agree with. Sizes:
-//! the direct table is 2^16 words and 2^16 uncovered masks of two words
-//! (768 KiB),
+//! the direct table is 2^16 words, 2^16 uncovered masks of two words and
+//! 2^16 presence bits (776 KiB),
 //! a range 8 bytes, a leaf 16.
 
 use ipguard_common::{
     PrefixValue, R4_BLOCK_BITS, R4_CHUNK_FLAG, R4_DIRECT_BITS, R4_LEAF_NONE, R4_MASK_WORDS,
-    R4_PAIR_FLAG, R4Range, expire, r4_pair, r4_search,
+    R4_PAIR_FLAG, R4Range, expire, r4_find, r4_pair, r4_present_bit, r4_present_word,
 };
 
 use crate::{
@@ -38,6 +38,9 @@ pub struct RangeTable4 {
     pub empty: Vec<u32>,
     /// The chunks' ranges, chunk after chunk.
     pub ranges: Vec<R4Range>,
+    /// 2^16 / 32 words of presence bits (`r4_present`): a /16's bit is set
+    /// when its direct word is not [`R4_LEAF_NONE`].
+    pub present: Vec<u32>,
 }
 
 impl RangeTable4 {
@@ -72,6 +75,7 @@ impl RangeTable4 {
         let intervals = elementary_intervals(&sorted);
         t.direct = vec![R4_LEAF_NONE; 1 << R4_DIRECT_BITS];
         t.empty = vec![0; (R4_MASK_WORDS as usize) << R4_DIRECT_BITS];
+        t.present = vec![0; (1 << R4_DIRECT_BITS) / u32::BITS as usize];
         let mut i = 0usize;
         for chunk in 0..(1u32 << R4_DIRECT_BITS) {
             let lo = u64::from(chunk) << 16;
@@ -115,6 +119,12 @@ impl RangeTable4 {
                 *w = (mask >> (32 * k)) as u32;
             }
         }
+        for (chunk, &word) in t.direct.iter().enumerate() {
+            if word != R4_LEAF_NONE {
+                let addr = (chunk as u32) << (32 - R4_DIRECT_BITS);
+                t.present[r4_present_word(addr)] |= r4_present_bit(addr);
+            }
+        }
         t
     }
 
@@ -143,9 +153,10 @@ impl RangeTable4 {
     /// table that is not well formed).
     pub fn leaf_of(&self, addr: u32) -> u32 {
         let i = (addr >> (32 - R4_DIRECT_BITS)) as usize;
-        r4_search(
-            self.direct[i],
+        r4_find(
             addr,
+            || self.present.get(r4_present_word(addr)).copied(),
+            || self.direct.get(i).copied(),
             || self.mask_of(i),
             |i| self.ranges.get(i as usize).copied(),
         )
@@ -163,7 +174,7 @@ impl RangeTable4 {
     /// Bytes the table takes as the kernel holds it (a range 8 bytes, a
     /// leaf 16).
     pub fn bytes(&self) -> usize {
-        (self.direct.len() + self.empty.len()) * 4
+        (self.direct.len() + self.empty.len() + self.present.len()) * 4
             + self.ranges.len() * std::mem::size_of::<R4Range>()
             + self.leaves.len() * std::mem::size_of::<PrefixValue>()
     }
@@ -226,6 +237,7 @@ fn uncovered_blocks(lo: u64, intervals: &[(u32, u32)]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ipguard_common::r4_search;
 
     fn v(entry: u32) -> PrefixValue {
         PrefixValue {
@@ -321,6 +333,53 @@ mod tests {
         let whole = RangeTable4::build(&[(net("203.0.0.0/16"), v(4))]);
         let i = usize::from(203u16 << 8) * words;
         assert_eq!(whole.empty[i..i + words], [0, 0]);
+    }
+
+    #[test]
+    fn a_16_no_prefix_touches_is_answered_by_its_presence_bit_alone() {
+        let t = RangeTable4::build(&[
+            (net("198.51.100.0/24"), v(1)),
+            (net("203.0.0.0/16"), v(2)),
+            (net("10.0.0.0/8"), v(3)),
+        ]);
+        // The leaf, and how many direct words the lookup read.
+        let find = |a: u32| {
+            let words = std::cell::Cell::new(0);
+            let i = (a >> 16) as usize;
+            let leaf = r4_find(
+                a,
+                || t.present.get(r4_present_word(a)).copied(),
+                || {
+                    words.set(words.get() + 1);
+                    t.direct.get(i).copied()
+                },
+                || t.mask_of(i),
+                |k| t.ranges.get(k as usize).copied(),
+            );
+            (leaf, words.get())
+        };
+        for a in [
+            "198.50.100.1",
+            "198.52.0.0",
+            "203.1.0.0",
+            "9.255.255.255",
+            "11.0.0.0",
+        ] {
+            assert_eq!(find(ip(a)), (Some(R4_LEAF_NONE), 0), "{a}");
+        }
+        // A /16 with a prefix, whole or in part, reads its word.
+        for (a, leaf) in [
+            ("198.51.0.0", R4_LEAF_NONE),
+            ("198.51.100.1", 0),
+            ("203.0.255.255", 1),
+            ("10.0.0.0", 2),
+            ("10.255.0.0", 2),
+        ] {
+            assert_eq!(find(ip(a)), (Some(leaf), 1), "{a}");
+        }
+        // 256 /16s of the /8, one of the /24 and one of the /16.
+        let set: u32 = t.present.iter().map(|w| w.count_ones()).sum();
+        assert_eq!(set, 258);
     }
 
     #[test]

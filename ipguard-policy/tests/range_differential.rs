@@ -47,6 +47,17 @@ fn table_agrees(
     for (w, m) in table.direct.iter().zip(table.empty.chunks_exact(words)) {
         assert!(w & ipguard_common::R4_CHUNK_FLAG != 0 || m.iter().all(|m| *m == 0));
     }
+    // A /16's presence bit is set exactly when some prefix covers some of
+    // its addresses.
+    assert_eq!(table.present.len(), (1 << 16) / 32);
+    for (i, w) in table.direct.iter().enumerate() {
+        let addr = (i as u32) << 16;
+        assert_eq!(
+            ipguard_common::r4_present(table.present[ipguard_common::r4_present_word(addr)], addr),
+            *w != ipguard_common::R4_LEAF_NONE,
+            "presence bit of /16 number {i}"
+        );
+    }
     let pair = ipguard_common::R4_CHUNK_FLAG | ipguard_common::R4_PAIR_FLAG;
     let pairs: Vec<&[u32]> = table
         .direct

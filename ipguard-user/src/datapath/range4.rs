@@ -67,11 +67,12 @@ impl Lookup4 {
         let range_base = slot * self.range_capacity;
         let leaf_base = slot * self.leaf_capacity;
         // The table's direct words index ranges from the slot's base; the
-        // uncovered masks follow them.
+        // uncovered masks and the presence bits follow them.
         let words: Vec<R4Direct> = t
             .direct
             .iter()
             .chain(&t.empty)
+            .chain(&t.present)
             .copied()
             .collect::<Vec<u32>>()
             .chunks_exact(R4_WORDS_PER_VALUE as usize)
@@ -102,7 +103,8 @@ impl Lookup4 {
             .iter()
             .flat_map(|d| d.words)
             .collect();
-        let (direct, empty) = direct.split_at(1 << R4_DIRECT_BITS);
+        let (direct, rest) = direct.split_at(1 << R4_DIRECT_BITS);
+        let (empty, present) = rest.split_at((R4_MASK_WORDS as usize) << R4_DIRECT_BITS);
         let ranges = self.ranges.map()?.read::<R4Range>(
             (slot * self.range_capacity) as usize,
             ranges.min(self.range_capacity) as usize,
@@ -116,6 +118,7 @@ impl Lookup4 {
             direct: direct.to_vec(),
             empty: empty.to_vec(),
             ranges,
+            present: present.to_vec(),
         })
     }
 }
