@@ -171,9 +171,20 @@ fn uncovered_blocks(window: &R6Window, ranges: &[(u128, u32)]) -> Vec<u32> {
         if from > to {
             continue;
         }
-        // Blocks are numbered across buckets: bucket, then block.
-        for b in (from - base) >> shift..=(to - base) >> shift {
-            empty[(b >> R6_BLOCK_BITS) as usize] &= !(1 << (b as u32 & 31));
+        // Blocks are numbered across buckets: bucket, then block. A
+        // mask at a time: a range may span all 2^21 blocks, and a bit at a
+        // time took most of a small policy's compile.
+        let (mut b, last_block) = ((from - base) >> shift, (to - base) >> shift);
+        while b <= last_block {
+            let mask = (b >> R6_BLOCK_BITS) as usize;
+            let first_bit = b as u32 % u32::BITS;
+            let last_bit = if last_block >> R6_BLOCK_BITS == b >> R6_BLOCK_BITS {
+                last_block as u32 % u32::BITS
+            } else {
+                u32::BITS - 1
+            };
+            empty[mask] &= !(u32::MAX >> (u32::BITS - 1 - (last_bit - first_bit)) << first_bit);
+            b = (b | u128::from(u32::BITS - 1)) + 1;
         }
     }
     empty
@@ -376,6 +387,68 @@ mod tests {
         // In a covered block, outside the prefix: the tree says none.
         assert_eq!(e("2001:db8:3:1::1"), None);
         assert_eq!(e("2001:db8:2::1"), None);
+    }
+
+    #[test]
+    fn masks_cleared_a_word_at_a_time_match_a_block_at_a_time() {
+        // The old bit-at-a-time loop, as the reference.
+        fn reference(window: &R6Window, ranges: &[(u128, u32)]) -> Vec<u32> {
+            let base = u128::from(window.base_hi) << 64 | u128::from(window.base_lo);
+            let last = base | !prefix_mask(window.at);
+            let shift = 128 - window.at - R6_WINDOW_BITS - R6_BLOCK_BITS;
+            let mut empty = vec![u32::MAX; 1 << R6_WINDOW_BITS];
+            for (k, &(start, leaf)) in ranges.iter().enumerate() {
+                let end = ranges.get(k + 1).map_or(u128::MAX, |n| n.0 - 1);
+                let (from, to) = (start.max(base), end.min(last));
+                if leaf == R4_LEAF_NONE || from > to {
+                    continue;
+                }
+                for b in (from - base) >> shift..=(to - base) >> shift {
+                    empty[(b >> R6_BLOCK_BITS) as usize] &= !(1 << (b as u32 & 31));
+                }
+            }
+            empty
+        }
+        let window = R6Window {
+            at: 32,
+            _pad0: 0,
+            base_hi: 0x2001_0db8 << 32,
+            base_lo: 0,
+        };
+        let base = 0x2001_0db8u128 << 96;
+        // A block is a /53: 2^75 addresses.
+        let block = 1u128 << 75;
+        let none = R4_LEAF_NONE;
+        let cases: [&[(u128, u32)]; 6] = [
+            // One block; the last block of a mask; one address.
+            &[(0, none), (base, 1), (base + block, none)],
+            &[(0, none), (base + 31 * block, 1), (base + 32 * block, none)],
+            &[
+                (0, none),
+                (base + 40 * block + 7, 1),
+                (base + 40 * block + 8, none),
+            ],
+            // Across a mask's end, and across hundreds of masks.
+            &[
+                (0, none),
+                (base + 30 * block, 1),
+                (base + 34 * block + 1, none),
+            ],
+            &[
+                (0, none),
+                (base + 5 * block, 2),
+                (base + 70_001 * block, none),
+            ],
+            // From before the window to past it, with a hole.
+            &[(0, 1), (base + 100 * block, none), (base + 101 * block, 3)],
+        ];
+        for ranges in cases {
+            assert_eq!(
+                uncovered_blocks(&window, ranges),
+                reference(&window, ranges),
+                "{ranges:?}"
+            );
+        }
     }
 
     #[test]
