@@ -109,7 +109,9 @@ fn main() -> ExitCode {
             unprivileged,
             runner,
             args,
-        } => test(unprivileged, runner.as_deref(), &args),
+        } => timed("cargo xtask test", || {
+            test(unprivileged, runner.as_deref(), &args)
+        }),
         Cmd::VmTest {
             kernels,
             jobs,
@@ -189,31 +191,52 @@ fn test(unprivileged: bool, runner: Option<&str>, extra: &[String]) -> Result<()
     test_root(&tools, runner.filter(|_| !root), extra)
 }
 
+/// Runs `step` and says how long it took: CI has a time budget, and its
+/// log then shows where the time went.
+fn timed<T>(what: &str, step: impl FnOnce() -> Result<T>) -> Result<T> {
+    let started = std::time::Instant::now();
+    let r = step();
+    eprintln!(
+        "xtask: {what}: {:.0} s{}",
+        started.elapsed().as_secs_f64(),
+        if r.is_ok() { "" } else { " (failed)" }
+    );
+    r
+}
+
 /// Everything that needs no privileges.
 fn test_unprivileged(tools: &setup::Tools, extra: &[String]) -> Result<()> {
     run(cargo(tools).args(["fmt", "--all", "--", "--check"]))
         .context("formatting: run `cargo fmt --all`")?;
     // Default members (the eBPF crate only builds for the BPF target).
-    run(cargo(tools).args(["clippy", "--all-targets", "--quiet", "--", "-D", "warnings"]))?;
-    run(cargo(tools).args([
-        "+nightly",
-        "clippy",
-        "--quiet",
-        "--package",
-        "ipguard-ebpf",
-        "--release",
-        "--target",
-        "bpfel-unknown-none",
-        "-Z",
-        "build-std=core",
-        "--",
-        "-D",
-        "warnings",
-    ]))?;
-    policy_without_bpf_toolchain(extra)?;
+    timed("clippy", || {
+        run(cargo(tools).args(["clippy", "--all-targets", "--quiet", "--", "-D", "warnings"]))
+    })?;
+    timed("clippy of the eBPF crate", || {
+        run(cargo(tools).args([
+            "+nightly",
+            "clippy",
+            "--quiet",
+            "--package",
+            "ipguard-ebpf",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--",
+            "-D",
+            "warnings",
+        ]))
+    })?;
+    timed("the policy crate on stable", || {
+        policy_without_bpf_toolchain(extra)
+    })?;
     // Doc tests first: nextest cannot run them, and its summary line must
     // be the last thing the runner prints.
-    run(cargo(tools).args(["test", "--doc", "--quiet"]))?;
+    timed("doc tests", || {
+        run(cargo(tools).args(["test", "--doc", "--quiet"]))
+    })?;
     let mut c = cargo(tools);
     c.args([
         "nextest",
@@ -227,11 +250,13 @@ fn test_unprivileged(tools: &setup::Tools, extra: &[String]) -> Result<()> {
         "ipguard-policy",
     ]);
     c.args(extra);
-    run(&mut c)?;
+    timed("unit and command-line tests", || run(&mut c))?;
     // The Debian package, built from the debug binary the tests just
     // built, installed into a scratch root and checked.
-    dist::check(&setup::workspace_root()?.join("target/debug/ipguard"))?;
-    kubernetes::check()
+    timed("the Debian package", || {
+        dist::check(&setup::workspace_root()?.join("target/debug/ipguard"))
+    })?;
+    timed("the Kubernetes manifests", kubernetes::check)
 }
 
 /// The policy crate's tests with stable Rust and without bpf-linker on
@@ -298,20 +323,24 @@ fn test_root(tools: &setup::Tools, runner: Option<&str>, extra: &[String]) -> Re
     // a static binary that does not build, fails the run after the host's
     // tests, so that no guest is left running.
     let guests = (runner.is_empty() && extra.is_empty()).then(|| {
-        vm::prepare(&vm::Options {
-            kernels: vm::KERNELS.to_vec(),
-            filter: None,
-            jobs: 2,
-            accel: vm::Accel::Auto,
-        })
-        .map(|mut p| {
+        let prepared = timed("the guests' test binaries and images", || {
+            vm::prepare(&vm::Options {
+                kernels: vm::KERNELS.to_vec(),
+                filter: None,
+                jobs: 2,
+                accel: vm::Accel::Auto,
+            })
+        });
+        prepared.map(|mut p| {
             p.nice = 5;
-            std::thread::spawn(move || p.boot_all())
+            std::thread::spawn(move || timed("the guests", || p.boot_all()))
         })
     });
     // The container test runs the image of the static binary in podman.
-    let static_built = setup::ensure_packages(image::RUNTIME_PACKAGES)
-        .and_then(|()| image::build_static(tools, false));
+    let static_built = timed("the static binary", || {
+        setup::ensure_packages(image::RUNTIME_PACKAGES)
+            .and_then(|()| image::build_static(tools, false))
+    });
     let mut c = cargo(tools);
     c.args([
         "nextest",
@@ -328,7 +357,9 @@ fn test_root(tools: &setup::Tools, runner: Option<&str>, extra: &[String]) -> Re
         );
     }
     c.args(extra);
-    let host = static_built.map(|_| ()).and(run(&mut c));
+    let host = static_built
+        .map(|_| ())
+        .and(timed("the host's root tests", || run(&mut c)));
     if !extra.is_empty() {
         return host;
     }
