@@ -19,14 +19,15 @@
 //! covers some of its addresses ([`r4_present`]); a lookup reads its
 //! /16's bit first and stops there when it is clear ([`r4_find`]).
 //!
-//! A lookup reads the presence bit, one direct value, for a chunk its mask, then at most
-//! [`R4_SEARCH_STEPS`] + 1 ranges and one leaf: a bounded number of reads
-//! whatever the policy, and for the ranges, neighbours in one chunk. A
-//! source in an uncovered block, what most refused sources are, is
-//! answered by the mask: with many prefixes the ranges are megabytes, and
-//! the first read into them (a cache and TLB miss) is most of a lookup's
-//! cost, where the words (256 KiB) are read by every lookup and the masks
-//! (512 KiB) by those in chunks, and stay in cache. The masks are a
+//! A lookup reads the presence bit, one direct value, for a chunk its
+//! mask, then at most [`R4_SEARCH_STEPS`] + 1 ranges and one leaf: a
+//! bounded number of reads whatever the policy, and for the ranges,
+//! neighbours in one chunk. A source in an uncovered block, what most
+//! refused sources are, is answered by the mask: with many prefixes the
+//! ranges are megabytes, and the first read into them (a cache and TLB
+//! miss) is most of a lookup's cost, where the words (256 KiB) are read by
+//! every lookup in a /16 with a prefix and the masks (512 KiB) by those in
+//! chunks, and stay in cache. The masks are a
 //! separate part, rather than a second half of wider words, so that a
 //! policy without chunks (or a source outside them) reads only the words'
 //! 256 KiB. Blocks are /22s: with /21s (one word per /16), about four in
@@ -123,8 +124,10 @@ pub const fn r4_direct_key(slot: u32, addr: u32) -> u32 {
 pub const fn r4_present_key(slot: u32, addr: u32) -> u32 {
     slot * R4_DIRECT_SLOT_VALUES
         + (1 + R4_MASK_WORDS) * R4_DIRECT_VALUES
-        + (addr >> (32 - R4_DIRECT_BITS)) / u32::BITS / R4_WORDS_PER_VALUE
+        + r4_present_word(addr) as u32 / R4_WORDS_PER_VALUE
 }
+// The presence words fill their values whole.
+const _: () = assert!(R4_PRESENT_VALUES * R4_WORDS_PER_VALUE * u32::BITS == 1 << R4_DIRECT_BITS);
 
 /// Index of the word holding `addr`'s presence bit among a slot's 2^16 /
 /// 32 presence words (and, modulo [`R4_WORDS_PER_VALUE`], in the value at
