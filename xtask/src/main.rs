@@ -183,12 +183,57 @@ fn test(unprivileged: bool, runner: Option<&str>, extra: &[String]) -> Result<()
             "the integration tests need root (network namespaces, XDP): run `sudo -E cargo xtask test`, pass `--runner \"sudo -E\"`, or run `cargo xtask test --unprivileged` for the rest"
         );
     }
+    run(cargo(&tools).args(["fmt", "--all", "--", "--check"]))
+        .context("formatting: run `cargo fmt --all`")?;
+    // As root, for the whole suite, the guests boot first and run beside
+    // everything else: they are bound by CPU under emulation, and the
+    // host's steps leave part of the CPUs idle (cargo's links and build
+    // scripts, tests waiting on sockets, timers and the daemon), which the
+    // guests take. At nice 5 they yield to the host's work without
+    // starving (at 19 they got 1.5% of a busy CPU, and a guest's timeouts
+    // run on the host's clock). Booted after the host's unprivileged part,
+    // they left about 340 s of its builds unshared and the whole took
+    // 1,193 s. `vm::prepare` builds the test binaries the host's tests
+    // then find built; the guests themselves run no cargo.
+    let guests = (!unprivileged && root && extra.is_empty()).then(start_guests);
     let host_unprivileged = test_unprivileged(&tools, extra);
     if unprivileged {
         return host_unprivileged;
     }
-    host_unprivileged?;
-    test_root(&tools, runner.filter(|_| !root), extra)
+    if let Err(e) = host_unprivileged {
+        stop(guests);
+        return Err(e);
+    }
+    test_root(&tools, runner.filter(|_| !root), extra, guests)
+}
+
+/// The guests of every supported kernel, booting in a thread of their own.
+type Guests = Result<std::thread::JoinHandle<Result<Vec<vm::GuestResult>>>>;
+
+/// Stops guests [`start_guests`] booted, for a run that failed already,
+/// and waits for their threads: no qemu outlives the run.
+fn stop(guests: Option<Guests>) {
+    if let Some(Ok(g)) = guests {
+        vm::cancel();
+        let _ = g.join();
+    }
+}
+
+/// Prepares the guests (a guest that cannot be prepared, a kernel not
+/// fetched, fails the run after the host's tests) and boots them.
+fn start_guests() -> Guests {
+    let prepared = timed("the guests' test binaries and images", || {
+        vm::prepare(&vm::Options {
+            kernels: vm::KERNELS.to_vec(),
+            filter: None,
+            jobs: 2,
+            accel: vm::Accel::Auto,
+        })
+    });
+    prepared.map(|mut p| {
+        p.nice = 5;
+        std::thread::spawn(move || timed("the guests", || p.boot_all()))
+    })
 }
 
 /// Runs `step` and says how long it took: CI has a time budget, and its
@@ -206,8 +251,6 @@ fn timed<T>(what: &str, step: impl FnOnce() -> Result<T>) -> Result<T> {
 
 /// Everything that needs no privileges.
 fn test_unprivileged(tools: &setup::Tools, extra: &[String]) -> Result<()> {
-    run(cargo(tools).args(["fmt", "--all", "--", "--check"]))
-        .context("formatting: run `cargo fmt --all`")?;
     // Default members (the eBPF crate only builds for the BPF target).
     timed("clippy", || {
         run(cargo(tools).args(["clippy", "--all-targets", "--quiet", "--", "-D", "warnings"]))
@@ -301,41 +344,23 @@ fn policy_without_bpf_toolchain(extra: &[String]) -> Result<()> {
     run(&mut c).context("ipguard-policy on stable, without the BPF toolchain")
 }
 
-/// The integration tests, on this kernel and then under qemu; through
-/// `runner` when not root.
-fn test_root(tools: &setup::Tools, runner: Option<&str>, extra: &[String]) -> Result<()> {
+/// The integration tests, on this kernel and then under qemu (`guests`,
+/// booted already; or, through `runner`, `vm-test` after the host's).
+fn test_root(
+    tools: &setup::Tools,
+    runner: Option<&str>,
+    extra: &[String],
+    guests: Option<Guests>,
+) -> Result<()> {
     let runner: Vec<&str> = runner
         .map(|r| r.split_whitespace().collect())
         .unwrap_or_default();
-    if runner.is_empty() {
-        ipguard_tests::ensure_bpffs()?;
+    if runner.is_empty()
+        && let Err(e) = ipguard_tests::ensure_bpffs()
+    {
+        stop(guests);
+        return Err(e);
     }
-    // The same root tests on every supported kernel, unless a filter
-    // asked for a part of the suite. Run as root, the guests boot while
-    // the static binary is built (cargo keeps about a third of the CPUs
-    // idle there) and the host's tests run, which leave about two thirds
-    // idle (they wait on sockets, timers and the daemon): the guests,
-    // bound by CPU under emulation, take that. At nice 5 they yield to the
-    // host's work without starving (at 19 they got 1.5% of a busy CPU, and
-    // a guest's timeouts run on the host's clock). `vm::prepare` builds
-    // the test binaries nextest then finds built; the guests themselves run
-    // no cargo. A guest that cannot be prepared (a kernel not fetched), or
-    // a static binary that does not build, fails the run after the host's
-    // tests, so that no guest is left running.
-    let guests = (runner.is_empty() && extra.is_empty()).then(|| {
-        let prepared = timed("the guests' test binaries and images", || {
-            vm::prepare(&vm::Options {
-                kernels: vm::KERNELS.to_vec(),
-                filter: None,
-                jobs: 2,
-                accel: vm::Accel::Auto,
-            })
-        });
-        prepared.map(|mut p| {
-            p.nice = 5;
-            std::thread::spawn(move || timed("the guests", || p.boot_all()))
-        })
-    });
     // The container test runs the image of the static binary in podman.
     let static_built = timed("the static binary", || {
         setup::ensure_packages(image::RUNTIME_PACKAGES)
