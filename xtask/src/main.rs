@@ -183,57 +183,12 @@ fn test(unprivileged: bool, runner: Option<&str>, extra: &[String]) -> Result<()
             "the integration tests need root (network namespaces, XDP): run `sudo -E cargo xtask test`, pass `--runner \"sudo -E\"`, or run `cargo xtask test --unprivileged` for the rest"
         );
     }
-    run(cargo(&tools).args(["fmt", "--all", "--", "--check"]))
-        .context("formatting: run `cargo fmt --all`")?;
-    // As root, for the whole suite, the guests boot first and run beside
-    // everything else: they are bound by CPU under emulation, and the
-    // host's steps leave part of the CPUs idle (cargo's links and build
-    // scripts, tests waiting on sockets, timers and the daemon), which the
-    // guests take. At nice 5 they yield to the host's work without
-    // starving (at 19 they got 1.5% of a busy CPU, and a guest's timeouts
-    // run on the host's clock). Booted after the host's unprivileged part,
-    // they left about 340 s of its builds unshared and the whole took
-    // 1,193 s. `vm::prepare` builds the test binaries the host's tests
-    // then find built; the guests themselves run no cargo.
-    let guests = (!unprivileged && root && extra.is_empty()).then(start_guests);
     let host_unprivileged = test_unprivileged(&tools, extra);
     if unprivileged {
         return host_unprivileged;
     }
-    if let Err(e) = host_unprivileged {
-        stop(guests);
-        return Err(e);
-    }
-    test_root(&tools, runner.filter(|_| !root), extra, guests)
-}
-
-/// The guests of every supported kernel, booting in a thread of their own.
-type Guests = Result<std::thread::JoinHandle<Result<Vec<vm::GuestResult>>>>;
-
-/// Stops guests [`start_guests`] booted, for a run that failed already,
-/// and waits for their threads: no qemu outlives the run.
-fn stop(guests: Option<Guests>) {
-    if let Some(Ok(g)) = guests {
-        vm::cancel();
-        let _ = g.join();
-    }
-}
-
-/// Prepares the guests (a guest that cannot be prepared, a kernel not
-/// fetched, fails the run after the host's tests) and boots them.
-fn start_guests() -> Guests {
-    let prepared = timed("the guests' test binaries and images", || {
-        vm::prepare(&vm::Options {
-            kernels: vm::KERNELS.to_vec(),
-            filter: None,
-            jobs: 2,
-            accel: vm::Accel::Auto,
-        })
-    });
-    prepared.map(|mut p| {
-        p.nice = 5;
-        std::thread::spawn(move || timed("the guests", || p.boot_all()))
-    })
+    host_unprivileged?;
+    test_root(&tools, runner.filter(|_| !root), extra)
 }
 
 /// Runs `step` and says how long it took: CI has a time budget, and its
@@ -251,6 +206,8 @@ fn timed<T>(what: &str, step: impl FnOnce() -> Result<T>) -> Result<T> {
 
 /// Everything that needs no privileges.
 fn test_unprivileged(tools: &setup::Tools, extra: &[String]) -> Result<()> {
+    run(cargo(tools).args(["fmt", "--all", "--", "--check"]))
+        .context("formatting: run `cargo fmt --all`")?;
     // Default members (the eBPF crate only builds for the BPF target).
     timed("clippy", || {
         run(cargo(tools).args(["clippy", "--all-targets", "--quiet", "--", "-D", "warnings"]))
@@ -344,23 +301,45 @@ fn policy_without_bpf_toolchain(extra: &[String]) -> Result<()> {
     run(&mut c).context("ipguard-policy on stable, without the BPF toolchain")
 }
 
-/// The integration tests, on this kernel and then under qemu (`guests`,
-/// booted already; or, through `runner`, `vm-test` after the host's).
-fn test_root(
-    tools: &setup::Tools,
-    runner: Option<&str>,
-    extra: &[String],
-    guests: Option<Guests>,
-) -> Result<()> {
+/// The integration tests, on this kernel and then under qemu; through
+/// `runner` when not root.
+fn test_root(tools: &setup::Tools, runner: Option<&str>, extra: &[String]) -> Result<()> {
     let runner: Vec<&str> = runner
         .map(|r| r.split_whitespace().collect())
         .unwrap_or_default();
-    if runner.is_empty()
-        && let Err(e) = ipguard_tests::ensure_bpffs()
-    {
-        stop(guests);
-        return Err(e);
+    if runner.is_empty() {
+        ipguard_tests::ensure_bpffs()?;
     }
+    // The same root tests on every supported kernel, unless a filter
+    // asked for a part of the suite. Run as root, the guests boot while
+    // the static binary is built (cargo keeps about a third of the CPUs
+    // idle there) and the host's tests run, which leave about two thirds
+    // idle (they wait on sockets, timers and the daemon): the guests,
+    // bound by CPU under emulation, take that. At nice 5 they yield to the
+    // host's work without starving (at 19 they got 1.5% of a busy CPU, and
+    // a guest's timeouts run on the host's clock). Booting them before
+    // the unprivileged part instead, its builds beside them too, was
+    // measured no faster (1,174 s for the whole against 1,193 s, of which
+    // about 30 s was the static binary losing its debug info): two guests
+    // alone leave only about 12% of the CPUs idle. `vm::prepare` builds
+    // the test binaries nextest then finds built; the guests themselves run
+    // no cargo. A guest that cannot be prepared (a kernel not fetched), or
+    // a static binary that does not build, fails the run after the host's
+    // tests, so that no guest is left running.
+    let guests = (runner.is_empty() && extra.is_empty()).then(|| {
+        let prepared = timed("the guests' test binaries and images", || {
+            vm::prepare(&vm::Options {
+                kernels: vm::KERNELS.to_vec(),
+                filter: None,
+                jobs: 2,
+                accel: vm::Accel::Auto,
+            })
+        });
+        prepared.map(|mut p| {
+            p.nice = 5;
+            std::thread::spawn(move || timed("the guests", || p.boot_all()))
+        })
+    });
     // The container test runs the image of the static binary in podman.
     let static_built = timed("the static binary", || {
         setup::ensure_packages(image::RUNTIME_PACKAGES)

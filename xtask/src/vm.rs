@@ -19,10 +19,7 @@ use std::{
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Arc, Mutex},
     thread,
     time::{Duration, Instant},
 };
@@ -285,17 +282,6 @@ impl Prepared {
     }
 }
 
-/// Set by [`cancel`]: running guests are killed, no more are booted.
-static CANCELLED: AtomicBool = AtomicBool::new(false);
-
-/// Stops the guests [`Prepared::boot_all`] runs, for a run that has
-/// failed already (`cargo xtask test` boots them beside the host's
-/// steps): their results would change nothing, and waiting for them
-/// would take minutes.
-pub fn cancel() {
-    CANCELLED.store(true, Ordering::SeqCst);
-}
-
 fn boot_all(p: Prepared) -> Result<Vec<GuestResult>> {
     let Prepared {
         work,
@@ -314,7 +300,7 @@ fn boot_all(p: Prepared) -> Result<Vec<GuestResult>> {
         let work = work.clone();
         let filter = filter.clone();
         workers.push(thread::spawn(move || {
-            while !CANCELLED.load(Ordering::SeqCst) {
+            loop {
                 let next = queue.lock().map(|mut q| q.pop()).unwrap_or(None);
                 let Some((k, vmlinuz, img)) = next else { break };
                 let r = boot_retrying(&work, &k, &vmlinuz, &img, accel, filter.as_deref(), nice);
@@ -999,10 +985,6 @@ fn qemu(
             ));
             break;
         }
-        if CANCELLED.load(Ordering::SeqCst) {
-            timed_out = Some("stopped: the run had failed on the host".into());
-            break;
-        }
     }
     if timed_out.is_some() {
         let _ = child.kill();
@@ -1044,7 +1026,7 @@ fn boot_retrying(
     loop {
         let mut r = boot(work, k, vmlinuz, image, using, filter, nice);
         let died_booting = r.release.is_empty() && r.passed.is_empty() && r.failed.is_empty();
-        if !died_booting || attempt == BOOTS || CANCELLED.load(Ordering::SeqCst) {
+        if !died_booting || attempt == BOOTS {
             r.reports.splice(0..0, notes);
             return r;
         }
