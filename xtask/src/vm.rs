@@ -128,13 +128,14 @@ const GUEST_LIMIT: Duration = Duration::from_secs(1500);
 /// after every packet). 40 policies of 100 packets each reach every
 /// verdict and reason (see the guests' `differential:` report lines).
 const GUEST_DIFF_POLICIES: &str = "40";
-/// Policy swaps under traffic per guest (the host runs 1,000); about 0.3 s
-/// each under emulation, most of it the RCU grace period of the flip.
-const GUEST_SWAPS: &str = "30";
+/// Policy swaps under traffic per guest (the host runs 500); about 0.6 s
+/// each under emulation, with both CPUs busy sending the traffic.
+const GUEST_SWAPS: &str = "20";
 /// The lookup differential asks an eighth of its 19,125 addresses in a
-/// guest (one BPF_PROG_TEST_RUN each: 96 s under TCG at full size): every
-/// prefix set and size class is still loaded and asked; the host asks
-/// them all.
+/// guest (one BPF_PROG_TEST_RUN each: 96 s under TCG at full size), and
+/// builds its sets of 100,000 prefixes at a quarter of that: every prefix
+/// set and size class is still loaded and asked; the host asks them all,
+/// at full size.
 const GUEST_LOOKUP_DIVISOR: &str = "8";
 
 pub struct Options {
