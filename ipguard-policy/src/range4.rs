@@ -3,17 +3,17 @@
 //! and for the /16s that hold longer prefixes a sorted block of address
 //! ranges, searched by binary search (DXR, Zec 2012, with K = 16); a /16
 //! of one or two covered intervals of one leaf keeps them in its mask
-//! words instead (a pair, `R4_PAIR_FLAG`). It
-//! answers what an LPM trie over the same prefixes answers, through an
-//! index into a table of the distinct prefix values, so the verdict and
-//! the attribution stay those of the compiled values.
+//! words instead (a pair, `R4_PAIR_FLAG`), and a bit per /16 says whether
+//! any prefix touches it. It answers what an LPM trie over the same
+//! prefixes answers, through an index into a table of the distinct prefix
+//! values, so the verdict and the attribution stay those of the compiled
+//! values.
 //!
 //! The layout is the kernel's (`ipguard_common::range4`) and `lookup`
-//! runs the kernel's search (`r4_find`) over it, so this is both what
-//! the loader writes and the reference the kernel must agree with. Sizes:
-//! the direct table is 2^16 words, 2^16 uncovered masks of two words and
-//! 2^16 presence bits (776 KiB),
-//! a range 8 bytes, a leaf 16.
+//! runs the kernel's lookup (`r4_find`) over it, so this is both what the
+//! loader writes and the reference the kernel must agree with. Sizes: the
+//! direct table is 2^16 words, 2^16 uncovered masks of two words and 2^16
+//! presence bits (776 KiB), a range 8 bytes, a leaf 16.
 
 use ipguard_common::{
     PrefixValue, R4_BLOCK_BITS, R4_CHUNK_FLAG, R4_DIRECT_BITS, R4_LEAF_NONE, R4_MASK_WORDS,
