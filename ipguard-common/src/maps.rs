@@ -58,7 +58,7 @@ pub const MAP_LAYOUTS: &[(&str, u32, u32)] = &[
     (
         crate::MAP_R4_RANGES,
         4,
-        core::mem::size_of::<crate::R4Range>() as u32,
+        core::mem::size_of::<crate::R4Cell>() as u32,
     ),
     (crate::MAP_R4_LEAVES, 4, PREFIX_VALUE_SIZE),
     (
@@ -150,7 +150,7 @@ pub const GLOBAL_COARSE_CLOCK: &str = "IPG_COARSE_CLOCK";
 
 /// Default capacities in prefixes (`ipguard run --ipv4-capacity`,
 /// `--ipv6-capacity`). The lookups' arrays are allocated whole (see
-/// `r4_ranges_capacity`, `r6_nodes_capacity`): about 32 bytes per IPv4
+/// `r4_ranges_capacity`, `r6_nodes_capacity`): about 28 bytes per IPv4
 /// prefix and 59 per IPv6 prefix, per slot.
 pub const DEFAULT_V4_CAPACITY: u32 = 131_072;
 pub const DEFAULT_V6_CAPACITY: u32 = 65_536;
@@ -270,8 +270,9 @@ pub const INFRA_MLD: u32 = 16;
 /// old program reads the slot meanwhile). Never reused.
 /// 1: IPv4 uncovered masks per /22 and single-interval /16s; 2: pair
 /// /16s (one or two intervals of one leaf, the leaf in the direct word);
-/// 3: IPv4 presence bits per /16 after the masks.
-pub const TABLE_FORMAT: u32 = 3;
+/// 3: IPv4 presence bits per /16 after the masks; 4: IPv4 chunks as a
+/// head, packed starts and packed leaves ([`crate::R4Cell`]).
+pub const TABLE_FORMAT: u32 = 4;
 
 /// One per slot, in [`MAP_CONFIG`].
 #[repr(C)]

@@ -3,10 +3,10 @@
 //!
 //! Per slot: a direct table of 2^16 words indexed by the address's top 16
 //! bits, packed 16 to a 64-byte value ([`R4Direct`], one cache line); a
-//! word is a leaf, or [`R4_CHUNK_FLAG`] and the index of the first of the
-//! /16's ranges. A chunk's ranges ([`R4Range`]) are sorted by the low 16
-//! bits of their first address, the first starts at 0 and carries the
-//! chunk's length. A leaf indexes the slot's distinct prefix values
+//! word is a leaf, or [`R4_CHUNK_FLAG`] and the index of the /16's chunk:
+//! its ranges, sorted by the low 16 bits of their first address (the
+//! first starts at 0), as a head, their starts and their leaves in cells
+//! of 8 bytes ([`R4Cell`]). A leaf indexes the slot's distinct prefix values
 //! ([`crate::PrefixValue`]); [`R4_LEAF_NONE`] is "no prefix holds it".
 //! After the words, in the same array and packed alike, each /16 has an
 //! uncovered mask of two words: for a chunk, bit `b` set when no prefix
@@ -20,9 +20,9 @@
 //! /16's bit first and stops there when it is clear ([`r4_find`]).
 //!
 //! A lookup reads the presence bit, one direct value, for a chunk its
-//! mask, then at most [`R4_SEARCH_STEPS`] + 1 ranges and one leaf: a
-//! bounded number of reads whatever the policy, and for the ranges,
-//! neighbours in one chunk. A source in an uncovered block, what most
+//! mask, then its head, at most [`R4_SEARCH_STEPS`] starts and one cell of
+//! leaves, and one leaf: a bounded number of reads whatever the policy,
+//! and in a chunk, neighbours. A source in an uncovered block, what most
 //! refused sources are, is answered by the mask: with many prefixes the
 //! ranges are megabytes, and the first read into them (a cache and TLB
 //! miss) is most of a lookup's cost, where the words (256 KiB) are read by
@@ -61,7 +61,7 @@ pub const R4_PRESENT_VALUES: u32 = (1 << R4_DIRECT_BITS) / u32::BITS / R4_WORDS_
 /// Direct values per slot: the words, the uncovered masks, then the
 /// presence bits.
 pub const R4_DIRECT_SLOT_VALUES: u32 = (1 + R4_MASK_WORDS) * R4_DIRECT_VALUES + R4_PRESENT_VALUES;
-/// In a direct word: the rest is the index of a chunk's first range (from
+/// In a direct word: the rest is the index of a chunk's head cell (from
 /// the slot's range base), not a leaf.
 pub const R4_CHUNK_FLAG: u32 = 1 << 31;
 /// In a chunk's direct word: the /16's covered addresses are one or two
@@ -75,7 +75,7 @@ pub const R4_CHUNK_FLAG: u32 = 1 << 31;
 pub const R4_PAIR_FLAG: u32 = 1 << 30;
 /// The most prefixes a slot may be sized for (`--ipv4-capacity`).
 pub const R4_MAX_PREFIXES: u32 = 1 << 24;
-// A chunk's first range index, and a pair's leaf, never reach the pair
+// A chunk's head index, and a pair's leaf, never reach the pair
 // flag.
 const _: () = assert!(r4_ranges_capacity(R4_MAX_PREFIXES) < R4_PAIR_FLAG);
 const _: () = assert!(r4_leaves_capacity(R4_MAX_PREFIXES) < R4_PAIR_FLAG);
@@ -92,20 +92,90 @@ pub struct R4Direct {
     pub words: [u32; R4_WORDS_PER_VALUE as usize],
 }
 
-/// A range of a chunk: from `start` (the low 16 bits of its first address)
-/// to the next range's start, or the end of the /16.
+/// A value of the ranges array, 8 bytes: a chunk's head, four of its
+/// ranges' starts or two of their leaves ([`r4_start_cell`],
+/// [`r4_leaf_cell`]). A chunk of `n` ranges is its head, then the starts
+/// of ranges 1 to `n - 1` (the low 16 bits of their first addresses,
+/// ascending; range 0 starts at 0), four per cell, then, unless it
+/// alternates ([`R4_ALTERNATE`]), the leaves of ranges 1 to `n - 1`, two
+/// per cell. Starts apart from leaves, and at 2 bytes, keep a chunk's
+/// search in a line or two where ranges of 8 bytes spread it over four:
+/// with many prefixes each line is a cache miss, the first a TLB miss too
+/// (docs/bench.md).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct R4Range {
-    pub start: u16,
-    /// In a chunk's first range: the chunk's length minus one. 0 in the
-    /// others.
-    pub span: u16,
-    pub leaf: u32,
+pub struct R4Cell {
+    pub bits: u64,
+}
+
+/// Starts and leaves per cell.
+pub const R4_STARTS_PER_CELL: u32 = 4;
+pub const R4_LEAVES_PER_CELL: u32 = 2;
+/// In a chunk's head ([`R4Cell::head`]): its ranges alternate between the
+/// head's leaf and [`R4_LEAF_NONE`], so no leaves are stored. A list
+/// file's prefixes share one value: every chunk of such a policy is one.
+pub const R4_ALTERNATE: u16 = 1;
+/// With [`R4_ALTERNATE`]: range 0 is no prefix's, range 1 the leaf's
+/// (without it, range 0 is the leaf's).
+pub const R4_ALTERNATE_ODD: u16 = 2;
+
+impl R4Cell {
+    /// A chunk's head: its kind ([`R4_ALTERNATE`] and
+    /// [`R4_ALTERNATE_ODD`], or 0), its range count minus one, and range
+    /// 0's leaf (an alternating chunk's one leaf).
+    pub const fn head(kind: u16, span: u16, leaf: u32) -> Self {
+        Self {
+            bits: kind as u64 | (span as u64) << 16 | (leaf as u64) << 32,
+        }
+    }
+    pub const fn kind(self) -> u16 {
+        self.bits as u16
+    }
+    pub const fn span(self) -> u16 {
+        (self.bits >> 16) as u16
+    }
+    pub const fn leaf(self) -> u32 {
+        (self.bits >> 32) as u32
+    }
+    /// The start of range `k` (k >= 1) in the cell [`r4_start_cell`]
+    /// names for it. A shift, not an index into lanes: the verifier
+    /// follows a shift of a loaded number, where a lane picked by index is
+    /// a variable offset into the map value.
+    pub const fn start(self, k: u32) -> u16 {
+        (self.bits >> (16 * ((k - 1) % R4_STARTS_PER_CELL))) as u16
+    }
+    /// The leaf of range `k` (k >= 1) in the cell [`r4_leaf_cell`] names.
+    pub const fn leaf_of(self, k: u32) -> u32 {
+        (self.bits >> (32 * ((k - 1) % R4_LEAVES_PER_CELL))) as u32
+    }
+}
+
+/// The cell holding the start of range `k` (k >= 1) of a chunk, from its
+/// head.
+#[inline(always)]
+pub const fn r4_start_cell(k: u32) -> u32 {
+    1 + (k - 1) / R4_STARTS_PER_CELL
+}
+
+/// The cell holding the leaf of range `k` (k >= 1) of a chunk of `n`
+/// ranges that stores its leaves, from its head.
+#[inline(always)]
+pub const fn r4_leaf_cell(n: u32, k: u32) -> u32 {
+    1 + (n - 1).div_ceil(R4_STARTS_PER_CELL) + (k - 1) / R4_LEAVES_PER_CELL
+}
+
+/// Cells of a chunk of `n` ranges (n >= 2), alternating or not.
+pub const fn r4_chunk_cells(n: u32, alternate: bool) -> u32 {
+    let starts = 1 + (n - 1).div_ceil(R4_STARTS_PER_CELL);
+    if alternate {
+        starts
+    } else {
+        starts + (n - 1).div_ceil(R4_LEAVES_PER_CELL)
+    }
 }
 
 const _: () = assert!(core::mem::size_of::<R4Direct>() == 64);
-const _: () = assert!(core::mem::size_of::<R4Range>() == 8);
+const _: () = assert!(core::mem::size_of::<R4Cell>() == 8);
 // The capacities and their inverse agree.
 const _: () = assert!(
     r4_prefix_capacity(r4_ranges_capacity(131_072), r4_leaves_capacity(131_072)) == 131_072
@@ -202,22 +272,40 @@ pub const fn r4_block(addr: u32) -> u32 {
     (addr & 0xffff) >> R4_BLOCK_BITS
 }
 
-/// Ranges a slot needs at most for `prefixes` prefixes: each prefix cuts
-/// the address space at most twice, and each /16 that holds a cut starts
-/// its chunk with one more range.
-pub const fn r4_ranges_capacity(prefixes: u32) -> u32 {
+/// Ranges a slot's chunks hold at most for `prefixes` prefixes: each
+/// prefix cuts the address space at most twice, and each /16 that holds a
+/// cut starts its chunk with one more range.
+pub const fn r4_ranges_bound(prefixes: u32) -> u32 {
     prefixes
         .saturating_mul(2)
         .saturating_add(1)
         .saturating_add(1 << R4_DIRECT_BITS)
 }
 
-/// The prefixes a slot of `ranges` ranges and `leaves` leaves holds
+/// Cells (values of the ranges array, [`R4Cell`]) a slot needs at most
+/// for `prefixes` prefixes. A chunk of `n` ranges takes at most 1 + (n +
+/// 2) / 4 + n / 2 cells ([`r4_chunk_cells`]), so the at most 2^16 chunks
+/// take three quarters of a cell per range and one and a half per chunk.
+pub const fn r4_ranges_capacity(prefixes: u32) -> u32 {
+    let cells = 3 * r4_ranges_bound(prefixes) as u64 / 4 + R4_CHUNK_CELLS;
+    if cells > u32::MAX as u64 {
+        u32::MAX
+    } else {
+        cells as u32
+    }
+}
+/// One and a half cells for each of 2^16 chunks.
+const R4_CHUNK_CELLS: u64 = 3 << (R4_DIRECT_BITS - 1);
+
+/// The prefixes a slot of `cells` cells and `leaves` leaves holds
 /// whatever they are: the inverse of the two capacities above.
-pub const fn r4_prefix_capacity(ranges: u32, leaves: u32) -> u32 {
-    let by_ranges = ranges.saturating_sub(1 + (1 << R4_DIRECT_BITS)) / 2;
-    if by_ranges < leaves {
-        by_ranges
+pub const fn r4_prefix_capacity(cells: u32, leaves: u32) -> u32 {
+    // The largest p whose 3 (2p + 1 + 2^16) / 4, rounded down, is at most
+    // the cells left after the chunks' share.
+    let d = (cells as u64).saturating_sub(R4_CHUNK_CELLS);
+    let by_cells = (4 * d).saturating_sub(3 * (1 + (1 << R4_DIRECT_BITS)) - 3) / 6;
+    if by_cells < leaves as u64 {
+        by_cells as u32
     } else {
         leaves
     }
@@ -229,13 +317,13 @@ pub const fn r4_leaves_capacity(prefixes: u32) -> u32 {
     if prefixes == 0 { 1 } else { prefixes }
 }
 
-/// Bytes a slot's table takes in the kernel with `ranges` ranges and
-/// `leaves` leaves (the direct table is the same for every policy).
-pub const fn r4_table_bytes(ranges: u32, leaves: u32) -> u64 {
-    (R4_DIRECT_SLOT_VALUES as u64) * 64 + ranges as u64 * 8 + leaves as u64 * 16
+/// Bytes a slot's table takes in the kernel with `cells` cells of ranges
+/// and `leaves` leaves (the direct table is the same for every policy).
+pub const fn r4_table_bytes(cells: u32, leaves: u32) -> u64 {
+    (R4_DIRECT_SLOT_VALUES as u64) * 64 + cells as u64 * 8 + leaves as u64 * 16
 }
 // Any policy of 1,000,000 IPv4 prefixes fits 32 MiB per slot (the
-// lookup's budget): 33,310,728 bytes at most.
+// lookup's budget): 29,974,272 bytes at most.
 const _: () = assert!(
     r4_table_bytes(r4_ranges_capacity(1_000_000), r4_leaves_capacity(1_000_000)) <= 32 << 20
 );
@@ -254,24 +342,24 @@ pub fn r4_find(
     present: impl FnOnce() -> Option<u32>,
     word: impl FnOnce() -> Option<u32>,
     mask: impl FnOnce() -> Option<[u32; R4_MASK_WORDS as usize]>,
-    range: impl Fn(u32) -> Option<R4Range>,
+    cell: impl Fn(u32) -> Option<R4Cell>,
 ) -> Option<u32> {
     if !r4_present(present()?, addr) {
         return Some(R4_LEAF_NONE);
     }
-    r4_search(word()?, addr, mask, range)
+    r4_search(word()?, addr, mask, cell)
 }
 
 /// The leaf of `addr` given its direct word, a reader of its /16's mask
 /// words (read only for a chunk, [`r4_mask_of`]) and a reader of the
-/// slot's ranges (`range(i)`: the range at index `i` from the slot's base,
+/// slot's cells (`cell(i)`: the cell at index `i` from the slot's base,
 /// None past the array). The kernel and user space run this same search.
 #[inline(always)]
 pub fn r4_search(
     word: u32,
     addr: u32,
     mask: impl FnOnce() -> Option<[u32; R4_MASK_WORDS as usize]>,
-    range: impl Fn(u32) -> Option<R4Range>,
+    cell: impl Fn(u32) -> Option<R4Cell>,
 ) -> Option<u32> {
     if word & R4_CHUNK_FLAG == 0 {
         return Some(word);
@@ -296,27 +384,90 @@ pub fn r4_search(
         return Some(R4_LEAF_NONE);
     }
     let first = word & !R4_CHUNK_FLAG;
-    let head = range(first)?;
+    let head = cell(first)?;
+    let n = u32::from(head.span()) + 1;
     // The last range starting at or before `low`: `at` is one that does
-    // (the head starts at 0), `n` the ranges from `at` on that may.
-    let mut at = first;
-    let mut n = u32::from(head.span) + 1;
-    let mut leaf = head.leaf;
+    // (range 0 starts at 0), `left` the ranges from `at` on that may.
+    let mut at = 0;
+    let mut left = n;
     let mut step = 0;
     while step < R4_SEARCH_STEPS {
-        if n <= 1 {
+        if left <= 1 {
             break;
         }
-        let half = n / 2;
-        let r = range(at + half)?;
-        if r.start <= low {
-            at += half;
-            leaf = r.leaf;
-            n -= half;
+        let half = left / 2;
+        let k = at + half;
+        if cell(first + r4_start_cell(k))?.start(k) <= low {
+            at = k;
+            left -= half;
         } else {
-            n = half;
+            left = half;
         }
         step += 1;
     }
-    Some(leaf)
+    let kind = head.kind();
+    if kind & R4_ALTERNATE != 0 {
+        let odd = u32::from(kind & R4_ALTERNATE_ODD != 0);
+        return Some(if at & 1 == odd {
+            head.leaf()
+        } else {
+            R4_LEAF_NONE
+        });
+    }
+    if at == 0 {
+        return Some(head.leaf());
+    }
+    Some(cell(first + r4_leaf_cell(n, at))?.leaf_of(at))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_capacities_bound_every_chunk_and_invert() {
+        // A chunk of n ranges takes at most 3/2 + 3n/4 cells: what
+        // `r4_ranges_capacity` sums over 2^16 chunks.
+        for n in 2..=1u32 << 16 {
+            assert!(4 * r4_chunk_cells(n, false) <= 6 + 3 * n, "{n}");
+            assert!(r4_chunk_cells(n, true) <= r4_chunk_cells(n, false));
+        }
+        // The largest prefix count a slot's sizes hold is the one they
+        // were sized for, whatever it is.
+        for p in (0..4_000_000u32).step_by(9_973).chain([R4_MAX_PREFIXES]) {
+            let (cells, leaves) = (r4_ranges_capacity(p), r4_leaves_capacity(p));
+            assert_eq!(r4_prefix_capacity(cells, leaves), p, "{p}");
+            if p > 0 {
+                assert!(r4_prefix_capacity(cells - 1, leaves) < p, "{p}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_cell_holds_four_starts_or_two_leaves() {
+        let head = R4Cell::head(R4_ALTERNATE | R4_ALTERNATE_ODD, 65_535, 0x7fff_fffe);
+        assert_eq!(
+            (head.kind(), head.span(), head.leaf()),
+            (3, 65_535, 0x7fff_fffe)
+        );
+        let starts = R4Cell {
+            bits: 0xffff_0003_0002_0001,
+        };
+        let got: [u16; 8] = core::array::from_fn(|k| starts.start(k as u32 + 1));
+        assert_eq!(got, [1, 2, 3, 0xffff, 1, 2, 3, 0xffff]);
+        let leaves = R4Cell {
+            bits: 0x7fff_ffff_0000_0009,
+        };
+        assert_eq!((leaves.leaf_of(1), leaves.leaf_of(2)), (9, R4_LEAF_NONE));
+        // A chunk of 10 ranges: its head, starts 1 to 9 in three cells,
+        // leaves 1 to 9 in five.
+        let starts: [u32; 9] = core::array::from_fn(|k| r4_start_cell(k as u32 + 1));
+        assert_eq!(starts, [1, 1, 1, 1, 2, 2, 2, 2, 3]);
+        let leaves: [u32; 9] = core::array::from_fn(|k| r4_leaf_cell(10, k as u32 + 1));
+        assert_eq!(leaves, [4, 4, 5, 5, 6, 6, 7, 7, 8]);
+        assert_eq!(
+            (r4_chunk_cells(10, true), r4_chunk_cells(10, false)),
+            (4, 9)
+        );
+    }
 }

@@ -14,7 +14,7 @@ use crate::prelude::*;
 pub(crate) static IPG_R4_DIRECT: Array<R4Direct> =
     Array::pinned(SLOTS * R4_DIRECT_SLOT_VALUES, BPF_F_MMAPABLE);
 #[map]
-pub(crate) static IPG_R4_RANGES: Array<R4Range> = Array::pinned(
+pub(crate) static IPG_R4_RANGES: Array<R4Cell> = Array::pinned(
     SLOTS * r4_ranges_capacity(DEFAULT_V4_CAPACITY),
     BPF_F_MMAPABLE,
 );

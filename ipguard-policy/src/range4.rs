@@ -13,11 +13,13 @@
 //! runs the kernel's lookup (`r4_find`) over it, so this is both what the
 //! loader writes and the reference the kernel must agree with. Sizes: the
 //! direct table is 2^16 words, 2^16 uncovered masks of two words and 2^16
-//! presence bits (776 KiB), a range 8 bytes, a leaf 16.
+//! presence bits (776 KiB), a range 2 bytes of start and, unless its
+//! chunk alternates, 4 of leaf, a chunk 8 more, a leaf 16.
 
 use ipguard_common::{
-    PrefixValue, R4_BLOCK_BITS, R4_CHUNK_FLAG, R4_DIRECT_BITS, R4_LEAF_NONE, R4_MASK_WORDS,
-    R4_PAIR_FLAG, R4Range, expire, r4_find, r4_pair, r4_present_bit, r4_present_word,
+    PrefixValue, R4_ALTERNATE, R4_ALTERNATE_ODD, R4_BLOCK_BITS, R4_CHUNK_FLAG, R4_DIRECT_BITS,
+    R4_LEAF_NONE, R4_LEAVES_PER_CELL, R4_MASK_WORDS, R4_PAIR_FLAG, R4_STARTS_PER_CELL, R4Cell,
+    expire, r4_find, r4_pair, r4_present_bit, r4_present_word,
 };
 
 use crate::{
@@ -36,8 +38,8 @@ pub struct RangeTable4 {
     /// its blocks no prefix covers (`r4_block`), or for a pair /16 its
     /// intervals (`r4_pair`); 0 for the other /16s.
     pub empty: Vec<u32>,
-    /// The chunks' ranges, chunk after chunk.
-    pub ranges: Vec<R4Range>,
+    /// The chunks' cells (`R4Cell`), chunk after chunk.
+    pub ranges: Vec<R4Cell>,
     /// 2^16 / 32 words of presence bits (`r4_present`): a /16's bit is set
     /// when its direct word is not [`R4_LEAF_NONE`].
     pub present: Vec<u32>,
@@ -100,19 +102,7 @@ impl RangeTable4 {
                 continue;
             }
             let first = t.ranges.len() as u32;
-            t.ranges.push(R4Range {
-                start: 0,
-                // At most 2^16 ranges in a /16 (one per address).
-                span: (j - i) as u16,
-                leaf: intervals[i].1,
-            });
-            for &(start, leaf) in &intervals[i + 1..=j] {
-                t.ranges.push(R4Range {
-                    start: (start & 0xffff) as u16,
-                    span: 0,
-                    leaf,
-                });
-            }
+            push_chunk(&mut t.ranges, &intervals[i..=j]);
             t.direct[chunk as usize] = R4_CHUNK_FLAG | first;
             let mask = uncovered_blocks(lo, &intervals[i..=j]);
             for (k, w) in t.empty[words].iter_mut().enumerate() {
@@ -171,12 +161,61 @@ impl RangeTable4 {
             .count()
     }
 
-    /// Bytes the table takes as the kernel holds it (a range 8 bytes, a
+    /// Bytes the table takes as the kernel holds it (a cell 8 bytes, a
     /// leaf 16).
     pub fn bytes(&self) -> usize {
         (self.direct.len() + self.empty.len() + self.present.len()) * 4
-            + self.ranges.len() * std::mem::size_of::<R4Range>()
+            + self.ranges.len() * std::mem::size_of::<R4Cell>()
             + self.leaves.len() * std::mem::size_of::<PrefixValue>()
+    }
+}
+
+/// Appends the chunk of `ranges` (a /16's intervals, the first holding
+/// its first address, at least two): its head, its starts, and its leaves
+/// unless they alternate between one leaf and none ([`R4_ALTERNATE`]).
+fn push_chunk(cells: &mut Vec<R4Cell>, ranges: &[(u32, u32)]) {
+    let n = ranges.len();
+    // A chunk's leaves alternate with none when every other range is no
+    // prefix's and the others share one leaf.
+    let none_at = ranges.iter().position(|r| r.1 == R4_LEAF_NONE);
+    let alternate = none_at.and_then(|odd| {
+        let leaf = ranges[1 - odd % 2].1;
+        ranges
+            .iter()
+            .enumerate()
+            .all(|(k, r)| r.1 == if k % 2 == odd % 2 { R4_LEAF_NONE } else { leaf })
+            .then_some((leaf, odd % 2 == 1))
+    });
+    let kind = match alternate {
+        Some((_, false)) => R4_ALTERNATE | R4_ALTERNATE_ODD,
+        Some((_, true)) => R4_ALTERNATE,
+        None => 0,
+    };
+    // At most 2^16 ranges in a /16 (one per address).
+    let span = (n - 1) as u16;
+    cells.push(R4Cell::head(
+        kind,
+        span,
+        alternate.map_or(ranges[0].1, |(leaf, _)| leaf),
+    ));
+    pack(cells, &ranges[1..], R4_STARTS_PER_CELL, |r| {
+        u64::from(r.0 & 0xffff)
+    });
+    if alternate.is_none() {
+        pack(cells, &ranges[1..], R4_LEAVES_PER_CELL, |r| u64::from(r.1));
+    }
+}
+
+/// Appends `of` each of `ranges`, `per` to a cell, the first in the low
+/// bits (`R4Cell::start`, `R4Cell::leaf_of`).
+fn pack(cells: &mut Vec<R4Cell>, ranges: &[(u32, u32)], per: u32, of: impl Fn(&(u32, u32)) -> u64) {
+    let width = u64::BITS / per;
+    for c in ranges.chunks(per as usize) {
+        let bits = c
+            .iter()
+            .zip(0..)
+            .fold(0, |bits, (r, k)| bits | of(r) << (width * k));
+        cells.push(R4Cell { bits });
     }
 }
 
@@ -476,5 +515,55 @@ mod tests {
             assert_eq!(w & (R4_CHUNK_FLAG | R4_PAIR_FLAG), R4_CHUNK_FLAG);
             assert!(!t.ranges.is_empty());
         }
+    }
+
+    #[test]
+    fn a_chunk_keeps_its_starts_apart_from_its_leaves() {
+        // Three /24s of one value in 198.51.0.0/16 (not a pair): seven
+        // ranges alternating with none, range 0 none.
+        let list = RangeTable4::build(&[
+            (net("198.51.1.0/24"), v(3)),
+            (net("198.51.3.0/24"), v(3)),
+            (net("198.51.5.0/24"), v(3)),
+        ]);
+        // The same /24s of three values: their leaves stored.
+        let mixed = RangeTable4::build(&[
+            (net("198.51.1.0/24"), v(1)),
+            (net("198.51.3.0/24"), v(2)),
+            (net("198.51.5.0/24"), v(3)),
+        ]);
+        let i = usize::from(198u16 << 8 | 51);
+        for (t, kind, cells) in [(&list, R4_ALTERNATE | R4_ALTERNATE_ODD, 3), (&mixed, 0, 6)] {
+            assert_eq!(t.direct[i], R4_CHUNK_FLAG);
+            let head = t.ranges[0];
+            assert_eq!((head.kind(), head.span()), (kind, 6));
+            // The head, six starts in two cells, six leaves in three.
+            assert_eq!(t.ranges.len(), cells);
+            let starts: Vec<u16> = (1..7)
+                .map(|k| t.ranges[ipguard_common::r4_start_cell(k) as usize].start(k))
+                .collect();
+            assert_eq!(starts, [0x100, 0x200, 0x300, 0x400, 0x500, 0x600]);
+        }
+        // Which cells a search reads: an alternating chunk only its head
+        // and starts, the other one cell of leaves too.
+        let read = |t: &RangeTable4, a: &str| {
+            let cells = std::cell::RefCell::new(Vec::new());
+            let leaf = r4_search(
+                t.direct[i],
+                ip(a),
+                || Some([0, 0]),
+                |k| {
+                    cells.borrow_mut().push(k);
+                    t.ranges.get(k as usize).copied()
+                },
+            );
+            (leaf, cells.into_inner().into_iter().max())
+        };
+        assert_eq!(read(&list, "198.51.3.9"), (Some(0), Some(2)));
+        assert_eq!(read(&list, "198.51.4.0"), (Some(R4_LEAF_NONE), Some(2)));
+        assert_eq!(read(&mixed, "198.51.3.9"), (Some(1), Some(4)));
+        assert_eq!(read(&mixed, "198.51.5.255"), (Some(2), Some(5)));
+        assert_eq!(read(&mixed, "198.51.6.0"), (Some(R4_LEAF_NONE), Some(5)));
+        assert_eq!(read(&mixed, "198.51.0.0"), (Some(R4_LEAF_NONE), Some(1)));
     }
 }

@@ -17,13 +17,21 @@ use prefixes::{
     dense_set, list_set, narrow_set6, prefix_set, prefix_set6, query, query_narrow6, query6,
 };
 
+/// How a table keeps its /16s of more than one leaf.
+#[derive(Default)]
+struct Shapes {
+    /// Pairs (`R4_PAIR_FLAG`), and of those the ones of two intervals.
+    pairs: usize,
+    two: usize,
+    /// Chunks whose ranges alternate with none (`R4_ALTERNATE`), and the
+    /// others.
+    alternate: usize,
+    mixed: usize,
+}
+
 /// The table of `set` against the compiler's lookup at each address of
-/// `ask`; returns how many /16s the table keeps as a pair
-/// (`R4_PAIR_FLAG`), and how many of those have two intervals.
-fn table_agrees(
-    set: &[(ipnet::Ipv4Net, ipguard_common::PrefixValue)],
-    ask: Vec<u32>,
-) -> (usize, usize) {
+/// `ask`; returns its shapes.
+fn table_agrees(set: &[(ipnet::Ipv4Net, ipguard_common::PrefixValue)], ask: Vec<u32>) -> Shapes {
     let table = RangeTable4::build(set);
     let compiled = CompiledPolicy {
         v4: set.to_vec(),
@@ -67,13 +75,28 @@ fn table_agrees(
         .map(|(_, m)| m)
         .collect();
     let two = pairs.iter().filter(|m| m[0] != m[1]).count();
-    (pairs.len(), two)
+    let heads: Vec<_> = table
+        .direct
+        .iter()
+        .filter(|w| **w & pair == ipguard_common::R4_CHUNK_FLAG)
+        .map(|w| table.ranges[(w & !ipguard_common::R4_CHUNK_FLAG) as usize])
+        .collect();
+    let alternate = heads
+        .iter()
+        .filter(|h| h.kind() & ipguard_common::R4_ALTERNATE != 0)
+        .count();
+    Shapes {
+        pairs: pairs.len(),
+        two,
+        alternate,
+        mixed: heads.len() - alternate,
+    }
 }
 
 #[test]
 fn the_range_table_agrees_with_the_compilers_lookup() {
     let mut r = Rng(0x0005_eed0_fd12);
-    let mut pairs = 0;
+    let (mut pairs, mut mixed) = (0, 0);
     for (n, seeds, queries) in [
         (1usize, 20, 2_000),
         (10, 20, 2_000),
@@ -84,22 +107,30 @@ fn the_range_table_agrees_with_the_compilers_lookup() {
             let mut set = prefix_set(&mut r, n);
             set.sort_by_key(|(p, _)| (p.network(), p.prefix_len()));
             let ask = (0..queries).map(|q| query(&mut r, &set, q)).collect();
-            pairs += table_agrees(&set, ask).0;
+            let shapes = table_agrees(&set, ask);
+            pairs += shapes.pairs;
+            mixed += shapes.mixed;
         }
     }
     // The pair /16s are among those proved (139 with this seed: most /16s
     // of these sets lie under a shorter prefix).
     assert!(pairs >= 100, "{pairs} pair /16s");
+    // Prefixes of many values: chunks that store their leaves.
+    assert!(mixed >= 1_000, "{mixed} chunks of stored leaves");
     // A list file's prefixes share one value: pairs of two intervals.
-    let (mut pairs, mut two) = (0, 0);
+    let (mut pairs, mut two, mut alternate) = (0, 0, 0);
     for n in [1_000usize, 100_000] {
         let set = list_set(&mut r, n);
         let ask = (0..200_000).map(|q| query(&mut r, &set, q)).collect();
-        let (p, t) = table_agrees(&set, ask);
-        (pairs, two) = (pairs + p, two + t);
+        let shapes = table_agrees(&set, ask);
+        (pairs, two) = (pairs + shapes.pairs, two + shapes.two);
+        alternate += shapes.alternate;
+        // One value: every chunk alternates with none.
+        assert_eq!(shapes.mixed, 0, "{n} prefixes of a list");
     }
     // 15,345 of 37,111 with this seed.
     assert!(two >= 100, "{two} pair /16s of two intervals (of {pairs})");
+    assert!(alternate >= 1_000, "{alternate} alternating chunks");
     // /16s of hundreds of ranges, every address of them.
     let mut set = dense_set(&mut r);
     set.sort_by_key(|(p, _)| (p.network(), p.prefix_len()));

@@ -92,7 +92,8 @@ fn the_kernel_finds_the_compilers_value_for_every_address() {
     let set = sorted(dense_set(&mut r));
     ipv4(&mut l, &mut r, set, 4_000);
     // A list file's: /16s of one or two intervals of one leaf, answered
-    // from the direct table (`R4_PAIR_FLAG`).
+    // from the direct table (`R4_PAIR_FLAG`), and chunks whose ranges
+    // alternate between that leaf and none (`R4_ALTERNATE`).
     let set = list_set(&mut r, big(100_000));
     ipv4(&mut l, &mut r, set, 8_000);
     // IPv6: half the queries (the tree's search is the same at every

@@ -105,7 +105,7 @@ impl Lookup4 {
             .collect();
         let (direct, rest) = direct.split_at(1 << R4_DIRECT_BITS);
         let (empty, present) = rest.split_at((R4_MASK_WORDS as usize) << R4_DIRECT_BITS);
-        let ranges = self.ranges.map()?.read::<R4Range>(
+        let ranges = self.ranges.map()?.read::<R4Cell>(
             (slot * self.range_capacity) as usize,
             ranges.min(self.range_capacity) as usize,
         );
