@@ -271,8 +271,9 @@ pub const INFRA_MLD: u32 = 16;
 /// 1: IPv4 uncovered masks per /22 and single-interval /16s; 2: pair
 /// /16s (one or two intervals of one leaf, the leaf in the direct word);
 /// 3: IPv4 presence bits per /16 after the masks; 4: IPv4 chunks as a
-/// head, packed starts and packed leaves ([`crate::R4Cell`]).
-pub const TABLE_FORMAT: u32 = 4;
+/// head, packed starts and packed leaves ([`crate::R4Cell`]); 5: two
+/// class bits per /16 instead of the presence bit, and frequent leaves.
+pub const TABLE_FORMAT: u32 = 5;
 
 /// One per slot, in [`MAP_CONFIG`].
 #[repr(C)]
@@ -342,6 +343,9 @@ pub struct PolicyConfig {
     pub format: u32,
     /// The window before this slot's IPv6 tree ([`crate::R6Window`]).
     pub r6_window: crate::R6Window,
+    /// The leaves of the /16s whose class is [`crate::R4_CLASS_FREQUENT`]
+    /// and the one after it ([`crate::r4_find`]; set by the loader).
+    pub r4_frequent: [u32; crate::R4_FREQUENT],
 }
 
 /// Key data of [`MAP_DECIDERS_V4`]: the list, then the address. A prefix
@@ -639,7 +643,7 @@ pub const fn rate_key(family: u8, src: &[u8; 16]) -> [u8; 16] {
 }
 
 const _: () = assert!(core::mem::size_of::<PrefixValue>() == 16);
-const _: () = assert!(core::mem::size_of::<PolicyConfig>() == 152);
+const _: () = assert!(core::mem::size_of::<PolicyConfig>() == 160);
 const _: () = assert!(core::mem::size_of::<DropEvent>() == 48);
 const _: () = assert!(core::mem::size_of::<SourceRate>() == 16);
 const _: () = assert!(core::mem::size_of::<EventBudget>() == 24);

@@ -15,11 +15,12 @@
 //! ranges: its word is [`R4_CHUNK_FLAG`] | [`R4_PAIR_FLAG`] | the leaf,
 //! and its mask words hold the intervals ([`r4_pair`]).
 //!
-//! The presence bits follow the masks: one per /16, set when some prefix
-//! covers some of its addresses ([`r4_present`]); a lookup reads its
-//! /16's bit first and stops there when it is clear ([`r4_find`]).
+//! The classes follow the masks: two bits per /16 ([`r4_class`]), no
+//! prefix's, all of one of the slot's two frequent leaves (most of its
+//! whole /16s), or see the direct word; a lookup reads its /16's class
+//! first and stops there unless the class sends it on ([`r4_find`]).
 //!
-//! A lookup reads the presence bit, one direct value, for a chunk its
+//! A lookup reads the class, one direct value, for a chunk its
 //! mask, then its head, at most [`R4_SEARCH_STEPS`] starts and one cell of
 //! leaves, and one leaf: a bounded number of reads whatever the policy,
 //! and in a chunk, neighbours. A source in an uncovered block, what most
@@ -55,12 +56,26 @@ pub const R4_DIRECT_VALUES: u32 = (1 << R4_DIRECT_BITS) / R4_WORDS_PER_VALUE;
 pub const R4_BLOCK_BITS: u32 = 10;
 /// Words of a /16's uncovered mask.
 pub const R4_MASK_WORDS: u32 = (1 << (16 - R4_BLOCK_BITS)) / u32::BITS;
-/// Direct values of a slot's presence bits: one bit per /16, set when
-/// some prefix covers some of its addresses (8 KiB).
-pub const R4_PRESENT_VALUES: u32 = (1 << R4_DIRECT_BITS) / u32::BITS / R4_WORDS_PER_VALUE;
+/// Bits of a /16's class ([`r4_class`]).
+pub const R4_CLASS_BITS: u32 = 2;
+/// Classes per u32 word.
+pub const R4_CLASSES_PER_WORD: u32 = u32::BITS / R4_CLASS_BITS;
+/// A /16's class: no prefix covers any of its addresses.
+pub const R4_CLASS_NONE: u32 = 0;
+/// A /16's class: all of it is the slot's first frequent leaf
+/// ([`crate::PolicyConfig::r4_frequent`]); 2: its second.
+pub const R4_CLASS_FREQUENT: u32 = 1;
+/// A /16's class: its direct word says.
+pub const R4_CLASS_WORD: u32 = 3;
+/// Frequent leaves per slot.
+pub const R4_FREQUENT: usize = 2;
+const _: () = assert!(R4_CLASS_WORD == R4_CLASS_FREQUENT + R4_FREQUENT as u32);
+const _: () = assert!(R4_CLASS_WORD < 1 << R4_CLASS_BITS);
+/// Direct values of a slot's classes: two bits per /16 (16 KiB).
+pub const R4_CLASS_VALUES: u32 = (1 << R4_DIRECT_BITS) / R4_CLASSES_PER_WORD / R4_WORDS_PER_VALUE;
 /// Direct values per slot: the words, the uncovered masks, then the
-/// presence bits.
-pub const R4_DIRECT_SLOT_VALUES: u32 = (1 + R4_MASK_WORDS) * R4_DIRECT_VALUES + R4_PRESENT_VALUES;
+/// classes.
+pub const R4_DIRECT_SLOT_VALUES: u32 = (1 + R4_MASK_WORDS) * R4_DIRECT_VALUES + R4_CLASS_VALUES;
 /// In a direct word: the rest is the index of a chunk's head cell (from
 /// the slot's range base), not a leaf.
 pub const R4_CHUNK_FLAG: u32 = 1 << 31;
@@ -189,41 +204,43 @@ pub const fn r4_direct_key(slot: u32, addr: u32) -> u32 {
     slot * R4_DIRECT_SLOT_VALUES + (addr >> (32 - R4_DIRECT_BITS)) / R4_WORDS_PER_VALUE
 }
 
-/// Key in [`MAP_R4_DIRECT`] of the value holding `addr`'s presence bit.
+/// Key in [`MAP_R4_DIRECT`] of the value holding `addr`'s class.
 #[inline(always)]
-pub const fn r4_present_key(slot: u32, addr: u32) -> u32 {
+pub const fn r4_class_key(slot: u32, addr: u32) -> u32 {
     slot * R4_DIRECT_SLOT_VALUES
         + (1 + R4_MASK_WORDS) * R4_DIRECT_VALUES
-        + r4_present_word(addr) as u32 / R4_WORDS_PER_VALUE
+        + r4_class_word(addr) as u32 / R4_WORDS_PER_VALUE
 }
-// The presence words fill their values whole.
-const _: () = assert!(R4_PRESENT_VALUES * R4_WORDS_PER_VALUE * u32::BITS == 1 << R4_DIRECT_BITS);
+// The class words fill their values whole.
+const _: () =
+    assert!(R4_CLASS_VALUES * R4_WORDS_PER_VALUE * R4_CLASSES_PER_WORD == 1 << R4_DIRECT_BITS);
 
-/// Index of the word holding `addr`'s presence bit among a slot's 2^16 /
-/// 32 presence words (and, modulo [`R4_WORDS_PER_VALUE`], in the value at
-/// [`r4_present_key`]).
+/// Index of the word holding `addr`'s class among a slot's 2^16 / 16
+/// class words (and, modulo [`R4_WORDS_PER_VALUE`], in the value at
+/// [`r4_class_key`]).
 #[inline(always)]
-pub const fn r4_present_word(addr: u32) -> usize {
-    ((addr >> (32 - R4_DIRECT_BITS)) / u32::BITS) as usize
-}
-
-/// `addr`'s presence word, from the direct value that holds it (the one at
-/// [`r4_present_key`]).
-#[inline(always)]
-pub fn r4_present_of(value: &R4Direct, addr: u32) -> u32 {
-    value.words[r4_present_word(addr) % R4_WORDS_PER_VALUE as usize]
+pub const fn r4_class_word(addr: u32) -> usize {
+    ((addr >> (32 - R4_DIRECT_BITS)) / R4_CLASSES_PER_WORD) as usize
 }
 
-/// `addr`'s presence bit in its presence word.
+/// `addr`'s class word, from the direct value that holds it (the one at
+/// [`r4_class_key`]).
 #[inline(always)]
-pub const fn r4_present_bit(addr: u32) -> u32 {
-    1 << ((addr >> (32 - R4_DIRECT_BITS)) % u32::BITS)
+pub fn r4_class_of(value: &R4Direct, addr: u32) -> u32 {
+    value.words[r4_class_word(addr) % R4_WORDS_PER_VALUE as usize]
 }
 
-/// Whether `word`, the presence word of `addr`'s /16, has its bit set.
+/// Where `addr`'s class lies in its class word.
 #[inline(always)]
-pub const fn r4_present(word: u32, addr: u32) -> bool {
-    word & r4_present_bit(addr) != 0
+pub const fn r4_class_shift(addr: u32) -> u32 {
+    (addr >> (32 - R4_DIRECT_BITS)) % R4_CLASSES_PER_WORD * R4_CLASS_BITS
+}
+
+/// `addr`'s class from its class word: [`R4_CLASS_NONE`],
+/// [`R4_CLASS_FREQUENT`] + k, or [`R4_CLASS_WORD`].
+#[inline(always)]
+pub const fn r4_class(word: u32, addr: u32) -> u32 {
+    word >> r4_class_shift(addr) & ((1 << R4_CLASS_BITS) - 1)
 }
 
 /// The mask word that holds `addr`'s block, among a slot's 2^16 x
@@ -328,24 +345,33 @@ const _: () = assert!(
     r4_table_bytes(r4_ranges_capacity(1_000_000), r4_leaves_capacity(1_000_000)) <= 32 << 20
 );
 
-/// The leaf of `addr`: its /16's presence bit (`present()`: the word at
-/// [`r4_present_word`]), and only when it is set the /16's direct word
-/// (`word()`) and [`r4_search`]. A source in a /16 no prefix touches,
-/// what most refused sources of a short allowlist are, reads only the
-/// presence bits: 8 KiB, which every lookup reads and which stay in cache,
-/// where the direct words are 256 KiB that sources spread over the
-/// address space read cold (docs/bench.md). The kernel and user space run
-/// this same lookup.
+/// The leaf of `addr`: its /16's class (`class()`: the word at
+/// [`r4_class_word`]), which answers for a /16 no prefix touches and for
+/// one that is all of one of the slot's `frequent` leaves; only for the
+/// others the /16's direct word (`word()`) and [`r4_search`]. The classes
+/// are 16 KiB, read by every lookup, and stay in cache, where the direct
+/// words are 256 KiB that sources spread over the address space read cold
+/// (docs/bench.md): what most refused sources of a short allowlist are,
+/// and most allowed sources of a list whose prefixes are /16s or cover
+/// whole /16s, is answered from the classes. The kernel and user space
+/// run this same lookup.
 #[inline(always)]
 pub fn r4_find(
     addr: u32,
-    present: impl FnOnce() -> Option<u32>,
+    class: impl FnOnce() -> Option<u32>,
+    frequent: [u32; R4_FREQUENT],
     word: impl FnOnce() -> Option<u32>,
     mask: impl FnOnce() -> Option<[u32; R4_MASK_WORDS as usize]>,
     cell: impl Fn(u32) -> Option<R4Cell>,
 ) -> Option<u32> {
-    if !r4_present(present()?, addr) {
-        return Some(R4_LEAF_NONE);
+    // Branches, not `frequent[class - 1]`: an index picked at run time
+    // into a copy on the stack is what the verifier refuses (see below).
+    const SECOND: u32 = R4_CLASS_FREQUENT + 1;
+    match r4_class(class()?, addr) {
+        R4_CLASS_NONE => return Some(R4_LEAF_NONE),
+        R4_CLASS_FREQUENT => return Some(frequent[0]),
+        SECOND => return Some(frequent[1]),
+        _ => {}
     }
     r4_search(word()?, addr, mask, cell)
 }

@@ -92,9 +92,10 @@ pub(crate) fn lookup_v4(slot: u32, cfg: &PolicyConfig, addr: u32) -> Option<&'st
         addr,
         || {
             IPG_R4_DIRECT
-                .get(r4_present_key(slot, addr))
-                .map(|p| r4_present_of(p, addr))
+                .get(r4_class_key(slot, addr))
+                .map(|c| r4_class_of(c, addr))
         },
+        cfg.r4_frequent,
         || {
             IPG_R4_DIRECT
                 .get(r4_direct_key(slot, addr))

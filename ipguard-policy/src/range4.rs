@@ -17,9 +17,10 @@
 //! chunk alternates, 4 of leaf, a chunk 8 more, a leaf 16.
 
 use ipguard_common::{
-    PrefixValue, R4_ALTERNATE, R4_ALTERNATE_ODD, R4_BLOCK_BITS, R4_CHUNK_FLAG, R4_DIRECT_BITS,
-    R4_LEAF_NONE, R4_LEAVES_PER_CELL, R4_MASK_WORDS, R4_PAIR_FLAG, R4_STARTS_PER_CELL, R4Cell,
-    expire, r4_find, r4_pair, r4_present_bit, r4_present_word,
+    PrefixValue, R4_ALTERNATE, R4_ALTERNATE_ODD, R4_BLOCK_BITS, R4_CHUNK_FLAG, R4_CLASS_FREQUENT,
+    R4_CLASS_NONE, R4_CLASS_WORD, R4_CLASSES_PER_WORD, R4_DIRECT_BITS, R4_FREQUENT, R4_LEAF_NONE,
+    R4_LEAVES_PER_CELL, R4_MASK_WORDS, R4_PAIR_FLAG, R4_STARTS_PER_CELL, R4Cell, expire,
+    r4_class_shift, r4_class_word, r4_find, r4_pair,
 };
 
 use crate::{
@@ -40,9 +41,14 @@ pub struct RangeTable4 {
     pub empty: Vec<u32>,
     /// The chunks' cells (`R4Cell`), chunk after chunk.
     pub ranges: Vec<R4Cell>,
-    /// 2^16 / 32 words of presence bits (`r4_present`): a /16's bit is set
-    /// when its direct word is not [`R4_LEAF_NONE`].
-    pub present: Vec<u32>,
+    /// 2^16 / 16 words of classes (`r4_class`): a /16's is
+    /// `R4_CLASS_NONE` when its direct word is [`R4_LEAF_NONE`],
+    /// `R4_CLASS_FREQUENT` + k when its word is `frequent[k]`, else
+    /// `R4_CLASS_WORD`.
+    pub class: Vec<u32>,
+    /// The leaves most /16s are all of, most first ([`R4_LEAF_NONE`] for
+    /// none).
+    pub frequent: [u32; R4_FREQUENT],
 }
 
 impl RangeTable4 {
@@ -77,7 +83,6 @@ impl RangeTable4 {
         let intervals = elementary_intervals(&sorted);
         t.direct = vec![R4_LEAF_NONE; 1 << R4_DIRECT_BITS];
         t.empty = vec![0; (R4_MASK_WORDS as usize) << R4_DIRECT_BITS];
-        t.present = vec![0; (1 << R4_DIRECT_BITS) / u32::BITS as usize];
         let mut i = 0usize;
         for chunk in 0..(1u32 << R4_DIRECT_BITS) {
             let lo = u64::from(chunk) << 16;
@@ -109,12 +114,8 @@ impl RangeTable4 {
                 *w = (mask >> (32 * k)) as u32;
             }
         }
-        for (chunk, &word) in t.direct.iter().enumerate() {
-            if word != R4_LEAF_NONE {
-                let addr = (chunk as u32) << (32 - R4_DIRECT_BITS);
-                t.present[r4_present_word(addr)] |= r4_present_bit(addr);
-            }
-        }
+        t.frequent = frequent(&t.direct);
+        t.class = classes(&t.direct, &t.frequent);
         t
     }
 
@@ -145,7 +146,8 @@ impl RangeTable4 {
         let i = (addr >> (32 - R4_DIRECT_BITS)) as usize;
         r4_find(
             addr,
-            || self.present.get(r4_present_word(addr)).copied(),
+            || self.class.get(r4_class_word(addr)).copied(),
+            self.frequent,
             || self.direct.get(i).copied(),
             || self.mask_of(i),
             |i| self.ranges.get(i as usize).copied(),
@@ -164,10 +166,44 @@ impl RangeTable4 {
     /// Bytes the table takes as the kernel holds it (a cell 8 bytes, a
     /// leaf 16).
     pub fn bytes(&self) -> usize {
-        (self.direct.len() + self.empty.len() + self.present.len()) * 4
+        (self.direct.len() + self.empty.len() + self.class.len()) * 4
             + self.ranges.len() * std::mem::size_of::<R4Cell>()
             + self.leaves.len() * std::mem::size_of::<PrefixValue>()
     }
+}
+
+/// The [`R4_FREQUENT`] leaves the most /16s are all of, most first,
+/// from the direct words (ties to the lower leaf; [`R4_LEAF_NONE`] where
+/// fewer leaves hold a whole /16). A list file's prefixes share one
+/// value, so one leaf holds every whole /16 of such a policy.
+fn frequent(direct: &[u32]) -> [u32; R4_FREQUENT] {
+    let mut counts: std::collections::HashMap<u32, u32> = std::collections::HashMap::new();
+    for &w in direct {
+        if w != R4_LEAF_NONE && w & R4_CHUNK_FLAG == 0 {
+            *counts.entry(w).or_default() += 1;
+        }
+    }
+    let mut ranked: Vec<(u32, u32)> = counts.into_iter().collect();
+    ranked.sort_by_key(|&(leaf, n)| (std::cmp::Reverse(n), leaf));
+    std::array::from_fn(|k| ranked.get(k).map_or(R4_LEAF_NONE, |r| r.0))
+}
+
+/// The class words of `direct` (`r4_class`) given the frequent leaves.
+fn classes(direct: &[u32], frequent: &[u32; R4_FREQUENT]) -> Vec<u32> {
+    let mut class = vec![0; direct.len() / R4_CLASSES_PER_WORD as usize];
+    for (i, &w) in direct.iter().enumerate() {
+        let c = if w == R4_LEAF_NONE {
+            R4_CLASS_NONE
+        } else {
+            frequent
+                .iter()
+                .position(|&f| f == w)
+                .map_or(R4_CLASS_WORD, |k| R4_CLASS_FREQUENT + k as u32)
+        };
+        let addr = (i as u32) << (32 - R4_DIRECT_BITS);
+        class[r4_class_word(addr)] |= c << r4_class_shift(addr);
+    }
+    class
 }
 
 /// Appends the chunk of `ranges` (a /16's intervals, the first holding
@@ -276,7 +312,7 @@ fn uncovered_blocks(lo: u64, intervals: &[(u32, u32)]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ipguard_common::r4_search;
+    use ipguard_common::{r4_class, r4_search};
 
     fn v(entry: u32) -> PrefixValue {
         PrefixValue {
@@ -375,19 +411,24 @@ mod tests {
     }
 
     #[test]
-    fn a_16_no_prefix_touches_is_answered_by_its_presence_bit_alone() {
+    fn a_16_of_no_prefix_or_of_a_frequent_leaf_is_answered_by_its_class() {
         let t = RangeTable4::build(&[
             (net("198.51.100.0/24"), v(1)),
             (net("203.0.0.0/16"), v(2)),
             (net("10.0.0.0/8"), v(3)),
+            (net("172.16.0.0/16"), v(4)),
+            (net("172.17.0.0/16"), v(4)),
         ]);
+        // 256 /16s of leaf 2 (the /8), two of leaf 3, one of leaf 1.
+        assert_eq!(t.frequent, [2, 3]);
         // The leaf, and how many direct words the lookup read.
         let find = |a: u32| {
             let words = std::cell::Cell::new(0);
             let i = (a >> 16) as usize;
             let leaf = r4_find(
                 a,
-                || t.present.get(r4_present_word(a)).copied(),
+                || t.class.get(r4_class_word(a)).copied(),
+                t.frequent,
                 || {
                     words.set(words.get() + 1);
                     t.direct.get(i).copied()
@@ -397,28 +438,44 @@ mod tests {
             );
             (leaf, words.get())
         };
-        for a in [
-            "198.50.100.1",
-            "198.52.0.0",
-            "203.1.0.0",
-            "9.255.255.255",
-            "11.0.0.0",
+        for (a, leaf) in [
+            ("198.50.100.1", R4_LEAF_NONE),
+            ("198.52.0.0", R4_LEAF_NONE),
+            ("203.1.0.0", R4_LEAF_NONE),
+            ("9.255.255.255", R4_LEAF_NONE),
+            ("11.0.0.0", R4_LEAF_NONE),
+            ("10.0.0.0", 2),
+            ("10.255.255.255", 2),
+            ("172.16.0.1", 3),
+            ("172.17.255.255", 3),
         ] {
-            assert_eq!(find(ip(a)), (Some(R4_LEAF_NONE), 0), "{a}");
+            assert_eq!(find(ip(a)), (Some(leaf), 0), "{a}");
         }
-        // A /16 with a prefix, whole or in part, reads its word.
+        // A /16 in part, or all of a leaf not among the frequent, reads
+        // its word.
         for (a, leaf) in [
             ("198.51.0.0", R4_LEAF_NONE),
             ("198.51.100.1", 0),
             ("203.0.255.255", 1),
-            ("10.0.0.0", 2),
-            ("10.255.0.0", 2),
         ] {
             assert_eq!(find(ip(a)), (Some(leaf), 1), "{a}");
         }
-        // 256 /16s of the /8, one of the /24 and one of the /16.
-        let set: u32 = t.present.iter().map(|w| w.count_ones()).sum();
-        assert_eq!(set, 258);
+        let count = |c: u32| {
+            (0..1u32 << 16)
+                .filter(|i| r4_class(t.class[r4_class_word(i << 16)], i << 16) == c)
+                .count()
+        };
+        assert_eq!(
+            [R4_CLASS_FREQUENT, R4_CLASS_FREQUENT + 1, R4_CLASS_WORD].map(count),
+            [256, 2, 2]
+        );
+        // Fewer than two leaves hold a whole /16: none is frequent.
+        assert_eq!(
+            RangeTable4::build(&[(net("198.51.100.0/24"), v(1))]).frequent,
+            [R4_LEAF_NONE; R4_FREQUENT]
+        );
+        let one = RangeTable4::build(&[(net("198.51.0.0/16"), v(1))]);
+        assert_eq!(one.frequent, [0, R4_LEAF_NONE]);
     }
 
     #[test]

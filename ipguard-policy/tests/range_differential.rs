@@ -55,17 +55,34 @@ fn table_agrees(set: &[(ipnet::Ipv4Net, ipguard_common::PrefixValue)], ask: Vec<
     for (w, m) in table.direct.iter().zip(table.empty.chunks_exact(words)) {
         assert!(w & ipguard_common::R4_CHUNK_FLAG != 0 || m.iter().all(|m| *m == 0));
     }
-    // A /16's presence bit is set exactly when some prefix covers some of
-    // its addresses.
-    assert_eq!(table.present.len(), (1 << 16) / 32);
+    // A /16's class is none exactly when no prefix covers any of its
+    // addresses, a frequent leaf's exactly when its word is that leaf,
+    // and the frequent leaves are those of the most whole /16s.
+    use ipguard_common::{R4_CLASS_FREQUENT, R4_CLASS_NONE, R4_CLASS_WORD, R4_LEAF_NONE};
+    assert_eq!(table.class.len(), (1 << 16) / 16);
+    let mut whole = std::collections::HashMap::<u32, usize>::new();
     for (i, w) in table.direct.iter().enumerate() {
         let addr = (i as u32) << 16;
-        assert_eq!(
-            ipguard_common::r4_present(table.present[ipguard_common::r4_present_word(addr)], addr),
-            *w != ipguard_common::R4_LEAF_NONE,
-            "presence bit of /16 number {i}"
-        );
+        let class =
+            ipguard_common::r4_class(table.class[ipguard_common::r4_class_word(addr)], addr);
+        let want = match table.frequent.iter().position(|f| f == w) {
+            _ if *w == R4_LEAF_NONE => R4_CLASS_NONE,
+            Some(k) => R4_CLASS_FREQUENT + k as u32,
+            None => R4_CLASS_WORD,
+        };
+        assert_eq!(class, want, "class of /16 number {i}");
+        if *w & ipguard_common::R4_CHUNK_FLAG == 0 && *w != R4_LEAF_NONE {
+            *whole.entry(*w).or_default() += 1;
+        }
     }
+    let held = |f: u32| whole.get(&f).copied().unwrap_or(0);
+    let [first, second] = table.frequent;
+    assert!(held(first) >= held(second));
+    assert!(
+        whole
+            .keys()
+            .all(|l| [first, second].contains(l) || held(*l) <= held(second))
+    );
     let pair = ipguard_common::R4_CHUNK_FLAG | ipguard_common::R4_PAIR_FLAG;
     let pairs: Vec<&[u32]> = table
         .direct

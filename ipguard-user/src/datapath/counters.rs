@@ -41,7 +41,8 @@ impl Maps {
     /// The IPv4 lookup table a slot holds, as its config sizes it.
     pub fn range_table_v4(&self, slot: u32) -> Result<crate::policy::range4::RangeTable4> {
         let c = self.config(slot)?;
-        self.lookup4.read(slot, c.r4_ranges, c.r4_leaves)
+        self.lookup4
+            .read(slot, c.r4_ranges, c.r4_leaves, c.r4_frequent)
     }
 
     /// The IPv6 lookup tree a slot holds, as its config sizes it.

@@ -67,12 +67,12 @@ impl Lookup4 {
         let range_base = slot * self.range_capacity;
         let leaf_base = slot * self.leaf_capacity;
         // The table's direct words index ranges from the slot's base; the
-        // uncovered masks and the presence bits follow them.
+        // uncovered masks and the classes follow them.
         let words: Vec<R4Direct> = t
             .direct
             .iter()
             .chain(&t.empty)
-            .chain(&t.present)
+            .chain(&t.class)
             .copied()
             .collect::<Vec<u32>>()
             .chunks_exact(R4_WORDS_PER_VALUE as usize)
@@ -91,8 +91,15 @@ impl Lookup4 {
     }
 
     /// What `slot` holds, as a table (for a test or a daemon that wants to
-    /// compare); `ranges` and `leaves` are the counts its config gives.
-    pub(super) fn read(&self, slot: u32, ranges: u32, leaves: u32) -> Result<RangeTable4> {
+    /// compare); `ranges`, `leaves` and `frequent` are what its config
+    /// gives.
+    pub(super) fn read(
+        &self,
+        slot: u32,
+        ranges: u32,
+        leaves: u32,
+        frequent: [u32; R4_FREQUENT],
+    ) -> Result<RangeTable4> {
         let direct: Vec<u32> = self
             .direct
             .map()?
@@ -104,7 +111,7 @@ impl Lookup4 {
             .flat_map(|d| d.words)
             .collect();
         let (direct, rest) = direct.split_at(1 << R4_DIRECT_BITS);
-        let (empty, present) = rest.split_at((R4_MASK_WORDS as usize) << R4_DIRECT_BITS);
+        let (empty, class) = rest.split_at((R4_MASK_WORDS as usize) << R4_DIRECT_BITS);
         let ranges = self.ranges.map()?.read::<R4Cell>(
             (slot * self.range_capacity) as usize,
             ranges.min(self.range_capacity) as usize,
@@ -118,7 +125,8 @@ impl Lookup4 {
             direct: direct.to_vec(),
             empty: empty.to_vec(),
             ranges,
-            present: present.to_vec(),
+            class: class.to_vec(),
+            frequent,
         })
     }
 }

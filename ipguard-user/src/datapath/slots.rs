@@ -190,6 +190,7 @@ impl Maps {
         cfg.format = TABLE_FORMAT;
         cfg.r4_range_base = r4_range_base;
         cfg.r4_leaf_base = r4_leaf_base;
+        cfg.r4_frequent = image.range4.frequent;
         // Within the capacities checked above, which are u32.
         cfg.v4_prefixes = image.v4_prefixes as u32;
         cfg.r4_ranges = image.range4.ranges.len() as u32;
