@@ -8,12 +8,14 @@
 //! datapath's counters without misattributing them.
 #![no_std]
 
+pub mod class;
 pub mod deadline;
 pub mod decide;
 pub mod maps;
 pub mod range4;
 pub mod range6;
 
+pub use class::*;
 pub use deadline::*;
 pub use decide::*;
 pub use maps::*;

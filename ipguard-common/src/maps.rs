@@ -272,7 +272,8 @@ pub const INFRA_MLD: u32 = 16;
 /// /16s (one or two intervals of one leaf, the leaf in the direct word);
 /// 3: IPv4 presence bits per /16 after the masks; 4: IPv4 chunks as a
 /// head, packed starts and packed leaves ([`crate::R4Cell`]); 5: two
-/// class bits per /16 instead of the presence bit, and frequent leaves.
+/// class bits per /16 instead of the presence bit, per IPv6 bucket after
+/// its masks, and frequent leaves ([`crate::class`]).
 pub const TABLE_FORMAT: u32 = 5;
 
 /// One per slot, in [`MAP_CONFIG`].
@@ -343,9 +344,11 @@ pub struct PolicyConfig {
     pub format: u32,
     /// The window before this slot's IPv6 tree ([`crate::R6Window`]).
     pub r6_window: crate::R6Window,
-    /// The leaves of the /16s whose class is [`crate::R4_CLASS_FREQUENT`]
-    /// and the one after it ([`crate::r4_find`]; set by the loader).
-    pub r4_frequent: [u32; crate::R4_FREQUENT],
+    /// The leaves of the /16s and of the IPv6 buckets whose class is
+    /// [`crate::CLASS_FREQUENT`] and the one after it ([`crate::class`];
+    /// set by the loader).
+    pub r4_frequent: [u32; crate::FREQUENT],
+    pub r6_frequent: [u32; crate::FREQUENT],
 }
 
 /// Key data of [`MAP_DECIDERS_V4`]: the list, then the address. A prefix
@@ -643,7 +646,7 @@ pub const fn rate_key(family: u8, src: &[u8; 16]) -> [u8; 16] {
 }
 
 const _: () = assert!(core::mem::size_of::<PrefixValue>() == 16);
-const _: () = assert!(core::mem::size_of::<PolicyConfig>() == 160);
+const _: () = assert!(core::mem::size_of::<PolicyConfig>() == 168);
 const _: () = assert!(core::mem::size_of::<DropEvent>() == 48);
 const _: () = assert!(core::mem::size_of::<SourceRate>() == 16);
 const _: () = assert!(core::mem::size_of::<EventBudget>() == 24);

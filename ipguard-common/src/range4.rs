@@ -15,10 +15,11 @@
 //! ranges: its word is [`R4_CHUNK_FLAG`] | [`R4_PAIR_FLAG`] | the leaf,
 //! and its mask words hold the intervals ([`r4_pair`]).
 //!
-//! The classes follow the masks: two bits per /16 ([`r4_class`]), no
-//! prefix's, all of one of the slot's two frequent leaves (most of its
-//! whole /16s), or see the direct word; a lookup reads its /16's class
-//! first and stops there unless the class sends it on ([`r4_find`]).
+//! The classes follow the masks: two bits per /16 ([`crate::class`]): no
+//! prefix's, all of one of the slot's two frequent leaves (the leaves of
+//! the most whole /16s), or read the direct word; a lookup reads its
+//! /16's class first and stops there unless the class sends it on
+//! ([`r4_find`]).
 //!
 //! A lookup reads the class, one direct value, for a chunk its
 //! mask, then its head, at most [`R4_SEARCH_STEPS`] starts and one cell of
@@ -56,23 +57,10 @@ pub const R4_DIRECT_VALUES: u32 = (1 << R4_DIRECT_BITS) / R4_WORDS_PER_VALUE;
 pub const R4_BLOCK_BITS: u32 = 10;
 /// Words of a /16's uncovered mask.
 pub const R4_MASK_WORDS: u32 = (1 << (16 - R4_BLOCK_BITS)) / u32::BITS;
-/// Bits of a /16's class ([`r4_class`]).
-pub const R4_CLASS_BITS: u32 = 2;
-/// Classes per u32 word.
-pub const R4_CLASSES_PER_WORD: u32 = u32::BITS / R4_CLASS_BITS;
-/// A /16's class: no prefix covers any of its addresses.
-pub const R4_CLASS_NONE: u32 = 0;
-/// A /16's class: all of it is the slot's first frequent leaf
-/// ([`crate::PolicyConfig::r4_frequent`]); 2: its second.
-pub const R4_CLASS_FREQUENT: u32 = 1;
-/// A /16's class: its direct word says.
-pub const R4_CLASS_WORD: u32 = 3;
-/// Frequent leaves per slot.
-pub const R4_FREQUENT: usize = 2;
-const _: () = assert!(R4_CLASS_WORD == R4_CLASS_FREQUENT + R4_FREQUENT as u32);
-const _: () = assert!(R4_CLASS_WORD < 1 << R4_CLASS_BITS);
-/// Direct values of a slot's classes: two bits per /16 (16 KiB).
-pub const R4_CLASS_VALUES: u32 = (1 << R4_DIRECT_BITS) / R4_CLASSES_PER_WORD / R4_WORDS_PER_VALUE;
+/// Direct values of a slot's classes ([`crate::class`]): two bits per
+/// /16 (16 KiB).
+pub const R4_CLASS_VALUES: u32 = crate::CLASS_WORDS / R4_WORDS_PER_VALUE;
+const _: () = assert!(crate::CLASS_INDEX_BITS == R4_DIRECT_BITS);
 /// Direct values per slot: the words, the uncovered masks, then the
 /// classes.
 pub const R4_DIRECT_SLOT_VALUES: u32 = (1 + R4_MASK_WORDS) * R4_DIRECT_VALUES + R4_CLASS_VALUES;
@@ -209,38 +197,16 @@ pub const fn r4_direct_key(slot: u32, addr: u32) -> u32 {
 pub const fn r4_class_key(slot: u32, addr: u32) -> u32 {
     slot * R4_DIRECT_SLOT_VALUES
         + (1 + R4_MASK_WORDS) * R4_DIRECT_VALUES
-        + r4_class_word(addr) as u32 / R4_WORDS_PER_VALUE
+        + crate::class_word(addr >> (32 - R4_DIRECT_BITS)) as u32 / R4_WORDS_PER_VALUE
 }
 // The class words fill their values whole.
-const _: () =
-    assert!(R4_CLASS_VALUES * R4_WORDS_PER_VALUE * R4_CLASSES_PER_WORD == 1 << R4_DIRECT_BITS);
-
-/// Index of the word holding `addr`'s class among a slot's 2^16 / 16
-/// class words (and, modulo [`R4_WORDS_PER_VALUE`], in the value at
-/// [`r4_class_key`]).
-#[inline(always)]
-pub const fn r4_class_word(addr: u32) -> usize {
-    ((addr >> (32 - R4_DIRECT_BITS)) / R4_CLASSES_PER_WORD) as usize
-}
+const _: () = assert!(R4_CLASS_VALUES * R4_WORDS_PER_VALUE == crate::CLASS_WORDS);
 
 /// `addr`'s class word, from the direct value that holds it (the one at
 /// [`r4_class_key`]).
 #[inline(always)]
 pub fn r4_class_of(value: &R4Direct, addr: u32) -> u32 {
-    value.words[r4_class_word(addr) % R4_WORDS_PER_VALUE as usize]
-}
-
-/// Where `addr`'s class lies in its class word.
-#[inline(always)]
-pub const fn r4_class_shift(addr: u32) -> u32 {
-    (addr >> (32 - R4_DIRECT_BITS)) % R4_CLASSES_PER_WORD * R4_CLASS_BITS
-}
-
-/// `addr`'s class from its class word: [`R4_CLASS_NONE`],
-/// [`R4_CLASS_FREQUENT`] + k, or [`R4_CLASS_WORD`].
-#[inline(always)]
-pub const fn r4_class(word: u32, addr: u32) -> u32 {
-    word >> r4_class_shift(addr) & ((1 << R4_CLASS_BITS) - 1)
+    value.words[crate::class_word(addr >> (32 - R4_DIRECT_BITS)) % R4_WORDS_PER_VALUE as usize]
 }
 
 /// The mask word that holds `addr`'s block, among a slot's 2^16 x
@@ -345,33 +311,23 @@ const _: () = assert!(
     r4_table_bytes(r4_ranges_capacity(1_000_000), r4_leaves_capacity(1_000_000)) <= 32 << 20
 );
 
-/// The leaf of `addr`: its /16's class (`class()`: the word at
-/// [`r4_class_word`]), which answers for a /16 no prefix touches and for
-/// one that is all of one of the slot's `frequent` leaves; only for the
-/// others the /16's direct word (`word()`) and [`r4_search`]. The classes
-/// are 16 KiB, read by every lookup, and stay in cache, where the direct
-/// words are 256 KiB that sources spread over the address space read cold
-/// (docs/bench.md): what most refused sources of a short allowlist are,
-/// and most allowed sources of a list whose prefixes are /16s or cover
-/// whole /16s, is answered from the classes. The kernel and user space
-/// run this same lookup.
+/// The leaf of `addr`: its /16's class (`class()`: its word,
+/// [`crate::class_word`] of the /16), which answers for a /16 no prefix
+/// touches and for one all of one of the slot's `frequent` leaves
+/// ([`crate::class_leaf`]); only for the others the /16's direct word
+/// (`word()`) and [`r4_search`]. The kernel and user space run this same
+/// lookup.
 #[inline(always)]
 pub fn r4_find(
     addr: u32,
     class: impl FnOnce() -> Option<u32>,
-    frequent: [u32; R4_FREQUENT],
+    frequent: [u32; crate::FREQUENT],
     word: impl FnOnce() -> Option<u32>,
     mask: impl FnOnce() -> Option<[u32; R4_MASK_WORDS as usize]>,
     cell: impl Fn(u32) -> Option<R4Cell>,
 ) -> Option<u32> {
-    // Branches, not `frequent[class - 1]`: an index picked at run time
-    // into a copy on the stack is what the verifier refuses (see below).
-    const SECOND: u32 = R4_CLASS_FREQUENT + 1;
-    match r4_class(class()?, addr) {
-        R4_CLASS_NONE => return Some(R4_LEAF_NONE),
-        R4_CLASS_FREQUENT => return Some(frequent[0]),
-        SECOND => return Some(frequent[1]),
-        _ => {}
+    if let Some(leaf) = crate::class_leaf(class()?, addr >> (32 - R4_DIRECT_BITS), frequent) {
+        return Some(leaf);
     }
     r4_search(word()?, addr, mask, cell)
 }

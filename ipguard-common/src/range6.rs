@@ -20,7 +20,10 @@
 //! none; inside, the next 16 bits pick a bucket and the 5 after them a
 //! block of it, and a bucket's mask ([`MAP_R6_EMPTY`], 16 to a 64-byte
 //! value) marks the blocks no prefix covers. Customer prefixes in one
-//! /32, say, get a bucket per /48 and a block per /53. Only a source in a
+//! /32, say, get a bucket per /48 and a block per /53. A bucket's class
+//! ([`crate::class`], after the masks) answers first for a bucket no
+//! prefix touches and for one all of one of the slot's two frequent
+//! leaves (a /48 of a list, in a /32's window). Only a source in a
 //! covered block walks the tree, whose lower levels are megabytes: each of
 //! their reads is a cache and TLB miss. It starts at its bucket's start
 //! node ([`MAP_R6_START`]): the deepest node every address of the bucket
@@ -32,7 +35,7 @@
 //! is "no prefix holds it". Both slots live in the same four arrays; a
 //! slot's nodes and leaves start at the bases its config holds
 //! ([`crate::PolicyConfig::r6_node_base`]), its masks and starts at
-//! `slot *` [`R6_EMPTY_VALUES`] and `slot *` [`R6_START_VALUES`], its
+//! `slot *` [`R6_EMPTY_SLOT_VALUES`] and `slot *` [`R6_START_VALUES`], its
 //! window in its config.
 
 pub const MAP_R6_NODES: &str = "IPG_R6_NODES";
@@ -55,6 +58,13 @@ pub const R6_NO_WINDOW: u32 = u32::MAX;
 pub const R6_MASKS_PER_VALUE: u32 = 16;
 /// Mask values per slot.
 pub const R6_EMPTY_VALUES: u32 = (1 << R6_WINDOW_BITS) / R6_MASKS_PER_VALUE;
+/// Values of a slot's bucket classes ([`crate::class`], 16 KiB), after
+/// its masks in [`MAP_R6_EMPTY`], packed alike.
+pub const R6_CLASS_VALUES: u32 = crate::CLASS_WORDS / R6_MASKS_PER_VALUE;
+/// Values of [`MAP_R6_EMPTY`] per slot: the masks, then the classes.
+pub const R6_EMPTY_SLOT_VALUES: u32 = R6_EMPTY_VALUES + R6_CLASS_VALUES;
+const _: () = assert!(crate::CLASS_INDEX_BITS == R6_WINDOW_BITS);
+const _: () = assert!(R6_CLASS_VALUES * R6_MASKS_PER_VALUE == crate::CLASS_WORDS);
 /// Bucket start nodes per array value.
 pub const R6_STARTS_PER_VALUE: u32 = 8;
 /// Start values per slot.
@@ -144,7 +154,7 @@ pub const fn r6_prefix_capacity(nodes: u32, leaves: u32) -> u32 {
 /// Bytes a slot's tree takes in the kernel with `nodes` nodes and `leaves`
 /// leaves (the window's masks are the same for every policy).
 pub const fn r6_table_bytes(nodes: u32, leaves: u32) -> u64 {
-    (R6_EMPTY_VALUES + R6_START_VALUES) as u64 * 64 + nodes as u64 * 64 + leaves as u64 * 16
+    (R6_EMPTY_SLOT_VALUES + R6_START_VALUES) as u64 * 64 + nodes as u64 * 64 + leaves as u64 * 16
 }
 
 /// A slot's window: the leading bits all its IPv6 prefixes share.
@@ -211,8 +221,19 @@ impl R6Window {
 #[inline(always)]
 pub const fn r6_empty_key(slot: u32, bucket: u32) -> (u32, usize) {
     (
-        slot * R6_EMPTY_VALUES + bucket / R6_MASKS_PER_VALUE,
+        slot * R6_EMPTY_SLOT_VALUES + bucket / R6_MASKS_PER_VALUE,
         (bucket % R6_MASKS_PER_VALUE) as usize,
+    )
+}
+
+/// Key in [`MAP_R6_EMPTY`] of the value holding `bucket`'s class word,
+/// and the word's index in it.
+#[inline(always)]
+pub const fn r6_class_key(slot: u32, bucket: u32) -> (u32, usize) {
+    let word = crate::class_word(bucket) as u32;
+    (
+        slot * R6_EMPTY_SLOT_VALUES + R6_EMPTY_VALUES + word / R6_MASKS_PER_VALUE,
+        (word % R6_MASKS_PER_VALUE) as usize,
     )
 }
 
@@ -227,13 +248,17 @@ pub const fn r6_start_key(slot: u32, bucket: u32) -> (u32, usize) {
 }
 
 /// The leaf of address (`hi`, `lo`): the slot's window first, when it
-/// has one, with readers of a bucket's mask (`mask(bucket)`) and start
-/// (`start(bucket)`: node and leaf), then the tree of `nodes` nodes
-/// ([`r6_search`]) from the bucket's start or the root. The kernel and
-/// user space run this same lookup.
+/// has one, with readers of a bucket's class word (`class(bucket)`,
+/// answered with the slot's `frequent` leaves: [`crate::class_leaf`]),
+/// mask (`mask(bucket)`) and start (`start(bucket)`: node and leaf),
+/// then the tree of `nodes` nodes ([`r6_search`]) from the bucket's start
+/// or the root. The kernel and user space run this same lookup.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub fn r6_lookup<'a>(
     window: &R6Window,
+    class: impl FnOnce(u32) -> Option<u32>,
+    frequent: [u32; crate::FREQUENT],
     mask: impl FnOnce(u32) -> Option<u32>,
     start: impl FnOnce(u32) -> Option<(u32, u32)>,
     nodes: u32,
@@ -245,9 +270,14 @@ pub fn r6_lookup<'a>(
     if window.at <= R6_MAX_WINDOW_AT {
         match window.place(hi, lo) {
             None => return Some(crate::R4_LEAF_NONE),
-            // A mask or a start that cannot be read only costs the walk
-            // it would save.
+            // A class, a mask or a start that cannot be read only costs
+            // the reads it would save.
             Some((bucket, block)) => {
+                if let Some(leaf) =
+                    class(bucket).and_then(|w| crate::class_leaf(w, bucket, frequent))
+                {
+                    return Some(leaf);
+                }
                 if mask(bucket).is_some_and(|m| m >> block & 1 != 0) {
                     return Some(crate::R4_LEAF_NONE);
                 }

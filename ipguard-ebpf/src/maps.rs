@@ -36,7 +36,7 @@ pub(crate) static IPG_R6_LEAVES: Array<PrefixValue> = Array::pinned(
 );
 #[map]
 pub(crate) static IPG_R6_EMPTY: Array<R6Empty> =
-    Array::pinned(SLOTS * R6_EMPTY_VALUES, BPF_F_MMAPABLE);
+    Array::pinned(SLOTS * R6_EMPTY_SLOT_VALUES, BPF_F_MMAPABLE);
 #[map]
 pub(crate) static IPG_R6_START: Array<R6Start> =
     Array::pinned(SLOTS * R6_START_VALUES, BPF_F_MMAPABLE);

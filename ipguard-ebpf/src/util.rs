@@ -125,6 +125,11 @@ pub(crate) fn lookup_v6(
     let leaf = r6_lookup(
         &cfg.r6_window,
         |bucket| {
+            let (key, i) = r6_class_key(slot, bucket);
+            IPG_R6_EMPTY.get(key).map(|m| m.masks[i])
+        },
+        cfg.r6_frequent,
+        |bucket| {
             let (key, i) = r6_empty_key(slot, bucket);
             IPG_R6_EMPTY.get(key).map(|m| m.masks[i])
         },

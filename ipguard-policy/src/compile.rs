@@ -827,6 +827,7 @@ fn config(p: &Policy) -> PolicyConfig {
         // Of the tables the loader writes: the loader's.
         format: 0,
         r6_window: ipguard_common::R6Window::default(),
-        r4_frequent: [ipguard_common::R4_LEAF_NONE; ipguard_common::R4_FREQUENT],
+        r4_frequent: [ipguard_common::R4_LEAF_NONE; ipguard_common::FREQUENT],
+        r6_frequent: [ipguard_common::R4_LEAF_NONE; ipguard_common::FREQUENT],
     }
 }

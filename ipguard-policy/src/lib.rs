@@ -9,6 +9,7 @@
 //!   through [`ipguard_common::decide`], as the XDP program finds it.
 mod addr;
 mod address_runs;
+mod classes;
 mod compile;
 mod compiled;
 mod diag;

@@ -13,18 +13,18 @@
 //! runs the kernel's lookup (`r4_find`) over it, so this is both what the
 //! loader writes and the reference the kernel must agree with. Sizes: the
 //! direct table is 2^16 words, 2^16 uncovered masks of two words and 2^16
-//! presence bits (776 KiB), a range 2 bytes of start and, unless its
+//! classes of two bits (784 KiB), a range 2 bytes of start and, unless its
 //! chunk alternates, 4 of leaf, a chunk 8 more, a leaf 16.
 
 use ipguard_common::{
-    PrefixValue, R4_ALTERNATE, R4_ALTERNATE_ODD, R4_BLOCK_BITS, R4_CHUNK_FLAG, R4_CLASS_FREQUENT,
-    R4_CLASS_NONE, R4_CLASS_WORD, R4_CLASSES_PER_WORD, R4_DIRECT_BITS, R4_FREQUENT, R4_LEAF_NONE,
-    R4_LEAVES_PER_CELL, R4_MASK_WORDS, R4_PAIR_FLAG, R4_STARTS_PER_CELL, R4Cell, expire,
-    r4_class_shift, r4_class_word, r4_find, r4_pair,
+    FREQUENT, PrefixValue, R4_ALTERNATE, R4_ALTERNATE_ODD, R4_BLOCK_BITS, R4_CHUNK_FLAG,
+    R4_DIRECT_BITS, R4_LEAF_NONE, R4_LEAVES_PER_CELL, R4_MASK_WORDS, R4_PAIR_FLAG,
+    R4_STARTS_PER_CELL, R4Cell, class_word, expire, r4_find, r4_pair,
 };
 
 use crate::{
     CompiledPolicy,
+    classes::{Whole, classify},
     intervals::{elementary_intervals, sorted_leaves},
 };
 use ipnet::Ipv4Net;
@@ -41,14 +41,13 @@ pub struct RangeTable4 {
     pub empty: Vec<u32>,
     /// The chunks' cells (`R4Cell`), chunk after chunk.
     pub ranges: Vec<R4Cell>,
-    /// 2^16 / 16 words of classes (`r4_class`): a /16's is
-    /// `R4_CLASS_NONE` when its direct word is [`R4_LEAF_NONE`],
-    /// `R4_CLASS_FREQUENT` + k when its word is `frequent[k]`, else
-    /// `R4_CLASS_WORD`.
+    /// The /16s' classes (`ipguard_common::class`): none when its direct
+    /// word is [`R4_LEAF_NONE`], frequent when its word is one of
+    /// `frequent`, else read on.
     pub class: Vec<u32>,
-    /// The leaves most /16s are all of, most first ([`R4_LEAF_NONE`] for
-    /// none).
-    pub frequent: [u32; R4_FREQUENT],
+    /// The leaves the most /16s are all of, most first ([`R4_LEAF_NONE`]
+    /// for none).
+    pub frequent: [u32; FREQUENT],
 }
 
 impl RangeTable4 {
@@ -114,8 +113,11 @@ impl RangeTable4 {
                 *w = (mask >> (32 * k)) as u32;
             }
         }
-        t.frequent = frequent(&t.direct);
-        t.class = classes(&t.direct, &t.frequent);
+        (t.frequent, t.class) = classify(t.direct.iter().map(|&w| match w {
+            R4_LEAF_NONE => Whole::None,
+            w if w & R4_CHUNK_FLAG == 0 => Whole::Leaf(w),
+            _ => Whole::Part,
+        }));
         t
     }
 
@@ -146,7 +148,7 @@ impl RangeTable4 {
         let i = (addr >> (32 - R4_DIRECT_BITS)) as usize;
         r4_find(
             addr,
-            || self.class.get(r4_class_word(addr)).copied(),
+            || self.class.get(class_word(addr >> 16)).copied(),
             self.frequent,
             || self.direct.get(i).copied(),
             || self.mask_of(i),
@@ -170,40 +172,6 @@ impl RangeTable4 {
             + self.ranges.len() * std::mem::size_of::<R4Cell>()
             + self.leaves.len() * std::mem::size_of::<PrefixValue>()
     }
-}
-
-/// The [`R4_FREQUENT`] leaves the most /16s are all of, most first,
-/// from the direct words (ties to the lower leaf; [`R4_LEAF_NONE`] where
-/// fewer leaves hold a whole /16). A list file's prefixes share one
-/// value, so one leaf holds every whole /16 of such a policy.
-fn frequent(direct: &[u32]) -> [u32; R4_FREQUENT] {
-    let mut counts: std::collections::HashMap<u32, u32> = std::collections::HashMap::new();
-    for &w in direct {
-        if w != R4_LEAF_NONE && w & R4_CHUNK_FLAG == 0 {
-            *counts.entry(w).or_default() += 1;
-        }
-    }
-    let mut ranked: Vec<(u32, u32)> = counts.into_iter().collect();
-    ranked.sort_by_key(|&(leaf, n)| (std::cmp::Reverse(n), leaf));
-    std::array::from_fn(|k| ranked.get(k).map_or(R4_LEAF_NONE, |r| r.0))
-}
-
-/// The class words of `direct` (`r4_class`) given the frequent leaves.
-fn classes(direct: &[u32], frequent: &[u32; R4_FREQUENT]) -> Vec<u32> {
-    let mut class = vec![0; direct.len() / R4_CLASSES_PER_WORD as usize];
-    for (i, &w) in direct.iter().enumerate() {
-        let c = if w == R4_LEAF_NONE {
-            R4_CLASS_NONE
-        } else {
-            frequent
-                .iter()
-                .position(|&f| f == w)
-                .map_or(R4_CLASS_WORD, |k| R4_CLASS_FREQUENT + k as u32)
-        };
-        let addr = (i as u32) << (32 - R4_DIRECT_BITS);
-        class[r4_class_word(addr)] |= c << r4_class_shift(addr);
-    }
-    class
 }
 
 /// Appends the chunk of `ranges` (a /16's intervals, the first holding
@@ -312,7 +280,7 @@ fn uncovered_blocks(lo: u64, intervals: &[(u32, u32)]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ipguard_common::{r4_class, r4_search};
+    use ipguard_common::{CLASS_FREQUENT, CLASS_READ, class_of, r4_search};
 
     fn v(entry: u32) -> PrefixValue {
         PrefixValue {
@@ -427,7 +395,7 @@ mod tests {
             let i = (a >> 16) as usize;
             let leaf = r4_find(
                 a,
-                || t.class.get(r4_class_word(a)).copied(),
+                || t.class.get(class_word(a >> 16)).copied(),
                 t.frequent,
                 || {
                     words.set(words.get() + 1);
@@ -462,17 +430,17 @@ mod tests {
         }
         let count = |c: u32| {
             (0..1u32 << 16)
-                .filter(|i| r4_class(t.class[r4_class_word(i << 16)], i << 16) == c)
+                .filter(|&i| class_of(t.class[class_word(i)], i) == c)
                 .count()
         };
         assert_eq!(
-            [R4_CLASS_FREQUENT, R4_CLASS_FREQUENT + 1, R4_CLASS_WORD].map(count),
+            [CLASS_FREQUENT, CLASS_FREQUENT + 1, CLASS_READ].map(count),
             [256, 2, 2]
         );
         // Fewer than two leaves hold a whole /16: none is frequent.
         assert_eq!(
             RangeTable4::build(&[(net("198.51.100.0/24"), v(1))]).frequent,
-            [R4_LEAF_NONE; R4_FREQUENT]
+            [R4_LEAF_NONE; FREQUENT]
         );
         let one = RangeTable4::build(&[(net("198.51.0.0/16"), v(1))]);
         assert_eq!(one.frequent, [0, R4_LEAF_NONE]);

@@ -9,16 +9,19 @@
 //! `lookup` runs the kernel's lookup (`r6_lookup`) over the kernel's
 //! layout, so this is both what the loader writes and the reference the
 //! kernel must agree with. Sizes: a node 64 bytes (three keys), a leaf 16,
-//! the window's masks 256 KiB and its bucket starts 512 KiB.
+//! the window's masks 256 KiB, its bucket classes 16 KiB and its bucket
+//! starts 512 KiB.
 
 use std::net::Ipv6Addr;
 
 use ipguard_common::{
-    PrefixValue, R4_LEAF_NONE, R6_BLOCK_BITS, R6_EMPTY_VALUES, R6_KEYS, R6_MASKS_PER_VALUE,
-    R6_MAX_WINDOW_AT, R6_START_VALUES, R6_WINDOW_BITS, R6Node, R6Window, r6_child, r6_lookup,
+    FREQUENT, PrefixValue, R4_LEAF_NONE, R6_BLOCK_BITS, R6_EMPTY_SLOT_VALUES, R6_EMPTY_VALUES,
+    R6_KEYS, R6_MASKS_PER_VALUE, R6_MAX_WINDOW_AT, R6_START_VALUES, R6_WINDOW_BITS, R6Node,
+    R6Window, class_word, r6_child, r6_lookup,
 };
 use ipnet::Ipv6Net;
 
+use crate::classes::{Whole, classify};
 use crate::intervals::{elementary_intervals, sorted_leaves};
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -35,13 +38,23 @@ pub struct RangeTable6 {
     /// Per bucket of the window, the node its search starts at and the
     /// leaf met above it; empty without a window.
     pub starts: Vec<(u32, u32)>,
+    /// The buckets' classes (`ipguard_common::class`): none when no
+    /// prefix covers any of a bucket, frequent when all of it is one of
+    /// `frequent`, else read on; empty without a window.
+    pub class: Vec<u32>,
+    /// The leaves the most buckets are all of, most first
+    /// ([`R4_LEAF_NONE`] for none).
+    pub frequent: [u32; FREQUENT],
 }
 
 impl RangeTable6 {
     /// The table of `prefixes` (any order; a prefix written twice keeps
     /// its last value).
     pub fn build(prefixes: &[(Ipv6Net, PrefixValue)]) -> Self {
-        let mut t = Self::default();
+        let mut t = Self {
+            frequent: [R4_LEAF_NONE; FREQUENT],
+            ..Self::default()
+        };
         if prefixes.is_empty() {
             return t;
         }
@@ -66,6 +79,20 @@ impl RangeTable6 {
         t.window = window_of(&sorted);
         t.empty = uncovered_blocks(&t.window, &keys);
         t.starts = bucket_starts(&t.window, &t.nodes, &t.empty);
+        if !t.starts.is_empty() {
+            // A bucket whose start is past the last level lies inside one
+            // range: its leaf is the start's.
+            let whole = t.empty.iter().zip(&t.starts).map(|(&m, &(k, leaf))| {
+                if m == u32::MAX || (k as usize >= t.nodes.len() && leaf == R4_LEAF_NONE) {
+                    Whole::None
+                } else if k as usize >= t.nodes.len() {
+                    Whole::Leaf(leaf)
+                } else {
+                    Whole::Part
+                }
+            });
+            (t.frequent, t.class) = classify(whole);
+        }
         t
     }
 
@@ -95,6 +122,8 @@ impl RangeTable6 {
         let a = u128::from(addr);
         r6_lookup(
             &self.window,
+            |bucket| self.class.get(class_word(bucket)).copied(),
+            self.frequent,
             |bucket| self.empty.get(bucket as usize).copied(),
             |bucket| self.starts.get(bucket as usize).copied(),
             self.nodes.len() as u32,
@@ -118,7 +147,7 @@ impl RangeTable6 {
     /// Bytes the tree takes as the kernel holds it (the window's masks
     /// are there for every policy).
     pub fn bytes(&self) -> usize {
-        (R6_EMPTY_VALUES + R6_START_VALUES) as usize * 64
+        (R6_EMPTY_SLOT_VALUES + R6_START_VALUES) as usize * 64
             + self.nodes.len() * std::mem::size_of::<R6Node>()
             + self.leaves.len() * std::mem::size_of::<PrefixValue>()
     }

@@ -58,17 +58,16 @@ fn table_agrees(set: &[(ipnet::Ipv4Net, ipguard_common::PrefixValue)], ask: Vec<
     // A /16's class is none exactly when no prefix covers any of its
     // addresses, a frequent leaf's exactly when its word is that leaf,
     // and the frequent leaves are those of the most whole /16s.
-    use ipguard_common::{R4_CLASS_FREQUENT, R4_CLASS_NONE, R4_CLASS_WORD, R4_LEAF_NONE};
+    use ipguard_common::{CLASS_FREQUENT, CLASS_NONE, CLASS_READ, R4_LEAF_NONE};
     assert_eq!(table.class.len(), (1 << 16) / 16);
     let mut whole = std::collections::HashMap::<u32, usize>::new();
     for (i, w) in table.direct.iter().enumerate() {
-        let addr = (i as u32) << 16;
-        let class =
-            ipguard_common::r4_class(table.class[ipguard_common::r4_class_word(addr)], addr);
+        let i32 = i as u32;
+        let class = ipguard_common::class_of(table.class[ipguard_common::class_word(i32)], i32);
         let want = match table.frequent.iter().position(|f| f == w) {
-            _ if *w == R4_LEAF_NONE => R4_CLASS_NONE,
-            Some(k) => R4_CLASS_FREQUENT + k as u32,
-            None => R4_CLASS_WORD,
+            _ if *w == R4_LEAF_NONE => CLASS_NONE,
+            Some(k) => CLASS_FREQUENT + k as u32,
+            None => CLASS_READ,
         };
         assert_eq!(class, want, "class of /16 number {i}");
         if *w & ipguard_common::R4_CHUNK_FLAG == 0 && *w != R4_LEAF_NONE {
@@ -158,6 +157,40 @@ fn the_range_table_agrees_with_the_compilers_lookup() {
     table_agrees(&set, ask);
 }
 
+/// Checks every bucket's class of `table` against its mask and start:
+/// none exactly when no prefix covers any of it, a frequent leaf's exactly
+/// when all of it is that leaf. Returns the buckets a frequent leaf
+/// answers for.
+fn bucket_classes_agree(table: &RangeTable6) -> usize {
+    use ipguard_common::{
+        CLASS_FREQUENT, CLASS_NONE, CLASS_READ, R4_LEAF_NONE, class_of, class_word,
+    };
+    if table.starts.is_empty() {
+        assert!(table.class.is_empty());
+        return 0;
+    }
+    let nodes = table.nodes.len() as u32;
+    let mut frequent = 0;
+    for (b, (&mask, &(k, leaf))) in table.empty.iter().zip(&table.starts).enumerate() {
+        let b = b as u32;
+        let whole = (k >= nodes).then_some(leaf);
+        let want = match whole {
+            _ if mask == u32::MAX => CLASS_NONE,
+            Some(R4_LEAF_NONE) => CLASS_NONE,
+            Some(l) => table
+                .frequent
+                .iter()
+                .position(|&f| f == l)
+                .map_or(CLASS_READ, |k| CLASS_FREQUENT + k as u32),
+            None => CLASS_READ,
+        };
+        let class = class_of(table.class[class_word(b)], b);
+        assert_eq!(class, want, "class of bucket {b}");
+        frequent += usize::from(class != CLASS_NONE && class != CLASS_READ);
+    }
+    frequent
+}
+
 /// Sets whose prefixes share their leading bits, so that the tree's
 /// window masks answer most addresses: windows in the high half, across
 /// the halves and in the low half of the address.
@@ -169,6 +202,13 @@ fn the_range_trees_window_agrees_with_the_compilers_lookup() {
         set.sort_by_key(|(p, _)| (p.network(), p.prefix_len()));
         let table = RangeTable6::build(&set);
         assert!(table.window.at >= u32::from(at), "{at}: {:?}", table.window);
+        // Buckets all of the set's one value (a /48 of it, at /32):
+        // answered by their class (about 500 of each window's 2,000).
+        let frequent = bucket_classes_agree(&table);
+        assert!(
+            frequent >= 100,
+            "{at}: {frequent} buckets of a frequent leaf"
+        );
         // Most blocks are empty: what the masks are for.
         let empty: u32 = table.empty.iter().map(|m| m.count_ones()).sum();
         assert!(empty > 1 << 20, "{at}: {empty} empty blocks");
@@ -192,6 +232,7 @@ fn the_range_trees_window_agrees_with_the_compilers_lookup() {
 fn the_range_tree_agrees_with_the_compilers_lookup() {
     let mut r = Rng(0x0006_eed0_fd12);
     let mut levels = Vec::new();
+    let mut frequent = 0;
     for (n, seeds, queries) in [
         (1usize, 20, 2_000),
         (10, 20, 2_000),
@@ -202,6 +243,7 @@ fn the_range_tree_agrees_with_the_compilers_lookup() {
             let mut set = prefix_set6(&mut r, n);
             set.sort_by_key(|(p, _)| (p.network(), p.prefix_len()));
             let table = RangeTable6::build(&set);
+            frequent += bucket_classes_agree(&table);
             let compiled = CompiledPolicy {
                 v6: set.clone(),
                 ..Default::default()
@@ -218,6 +260,8 @@ fn the_range_tree_agrees_with_the_compilers_lookup() {
             levels.push((n, table.nodes.len(), table.levels()));
         }
     }
+    // Single prefixes over whole buckets, mostly.
+    assert!(frequent >= 1_000, "{frequent} buckets of a frequent leaf");
     // 100,000 prefixes: about 200,000 ranges in 9 levels.
     let (_, nodes, depth) = levels.last().copied().unwrap();
     assert!(nodes > 30_000 && depth == 9, "{levels:?}");

@@ -49,7 +49,7 @@ impl Maps {
     pub fn range_table_v6(&self, slot: u32) -> Result<crate::policy::range6::RangeTable6> {
         let c = self.config(slot)?;
         self.lookup6
-            .read(slot, c.r6_nodes, c.r6_leaves, c.r6_window)
+            .read(slot, c.r6_nodes, c.r6_leaves, c.r6_window, c.r6_frequent)
     }
 
     /// Kernel memory of the source lookup, with `slot`'s policy.

@@ -98,7 +98,7 @@ impl Lookup4 {
         slot: u32,
         ranges: u32,
         leaves: u32,
-        frequent: [u32; R4_FREQUENT],
+        frequent: [u32; FREQUENT],
     ) -> Result<RangeTable4> {
         let direct: Vec<u32> = self
             .direct

@@ -65,9 +65,14 @@ impl Lookup6 {
         let leaf_base = slot * self.leaf_capacity;
         self.nodes.map()?.write(node_base as usize, &t.nodes);
         self.leaves.map()?.write(leaf_base as usize, &t.leaves);
-        // Without a window (no IPv6 prefixes) the masks are never read.
+        // Without a window (no IPv6 prefixes) the masks and classes are
+        // never read. The classes follow the masks.
         let masks: Vec<R6Empty> = t
             .empty
+            .iter()
+            .chain(&t.class)
+            .copied()
+            .collect::<Vec<u32>>()
             .chunks_exact(R6_MASKS_PER_VALUE as usize)
             .map(|c| {
                 let mut masks = [0u32; R6_MASKS_PER_VALUE as usize];
@@ -77,7 +82,7 @@ impl Lookup6 {
             .collect();
         self.empty
             .map()?
-            .write((slot * R6_EMPTY_VALUES) as usize, &masks);
+            .write((slot * R6_EMPTY_SLOT_VALUES) as usize, &masks);
         let starts: Vec<R6Start> = t
             .starts
             .chunks_exact(R6_STARTS_PER_VALUE as usize)
@@ -95,23 +100,28 @@ impl Lookup6 {
         Ok((node_base, leaf_base))
     }
 
-    /// What `slot` holds, as a table; `nodes`, `leaves` and `window` are
-    /// what its config gives.
+    /// What `slot` holds, as a table; `nodes`, `leaves`, `window` and
+    /// `frequent` are what its config gives.
     pub(super) fn read(
         &self,
         slot: u32,
         nodes: u32,
         leaves: u32,
         window: R6Window,
+        frequent: [u32; FREQUENT],
     ) -> Result<RangeTable6> {
-        let (empty, starts) = if window.at <= R6_MAX_WINDOW_AT {
-            let empty = self
+        let (empty, class, starts) = if window.at <= R6_MAX_WINDOW_AT {
+            let mut empty: Vec<u32> = self
                 .empty
                 .map()?
-                .read::<R6Empty>((slot * R6_EMPTY_VALUES) as usize, R6_EMPTY_VALUES as usize)
+                .read::<R6Empty>(
+                    (slot * R6_EMPTY_SLOT_VALUES) as usize,
+                    R6_EMPTY_SLOT_VALUES as usize,
+                )
                 .iter()
                 .flat_map(|v| v.masks)
                 .collect();
+            let class = empty.split_off((R6_EMPTY_VALUES * R6_MASKS_PER_VALUE) as usize);
             let starts = self
                 .starts
                 .map()?
@@ -119,14 +129,16 @@ impl Lookup6 {
                 .iter()
                 .flat_map(|v| v.nodes.into_iter().zip(v.leaves))
                 .collect();
-            (empty, starts)
+            (empty, class, starts)
         } else {
-            (Vec::new(), Vec::new())
+            (Vec::new(), Vec::new(), Vec::new())
         };
         Ok(RangeTable6 {
             window,
             empty,
             starts,
+            class,
+            frequent,
             nodes: self.nodes.map()?.read::<R6Node>(
                 (slot * self.node_capacity) as usize,
                 nodes.min(self.node_capacity) as usize,

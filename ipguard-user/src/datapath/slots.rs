@@ -202,6 +202,7 @@ impl Maps {
         cfg.r6_nodes = image.range6.nodes.len() as u32;
         cfg.r6_leaves = image.range6.leaves.len() as u32;
         cfg.r6_window = image.range6.window;
+        cfg.r6_frequent = image.range6.frequent;
         cfg.unix_at_boot_ns = super::sys::unix_at_boot_ns();
         self.config.set(slot, cfg, 0).map_err(map_err(MAP_CONFIG))?;
         // x86 keeps stores in order, so a reader that sees the new index
