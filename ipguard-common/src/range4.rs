@@ -26,10 +26,10 @@
 //! leaves, and one leaf: a bounded number of reads whatever the policy,
 //! and in a chunk, neighbours. A source in an uncovered block, what most
 //! refused sources are, is answered by the mask: with many prefixes the
-//! ranges are megabytes, and the first read into them (a cache and TLB
+//! cells are megabytes, and the first read into them (a cache and TLB
 //! miss) is most of a lookup's cost, where the words (256 KiB) are read by
-//! every lookup in a /16 with a prefix and the masks (512 KiB) by those in
-//! chunks, and stay in cache. The masks are a
+//! the lookups their class sends on and the masks (512 KiB) by those in
+//! chunks, and stay in cache more. The masks are a
 //! separate part, rather than a second half of wider words, so that a
 //! policy without chunks (or a source outside them) reads only the words'
 //! 256 KiB. Blocks are /22s: with /21s (one word per /16), about four in
@@ -101,10 +101,10 @@ pub struct R4Direct {
 /// of ranges 1 to `n - 1` (the low 16 bits of their first addresses,
 /// ascending; range 0 starts at 0), four per cell, then, unless it
 /// alternates ([`R4_ALTERNATE`]), the leaves of ranges 1 to `n - 1`, two
-/// per cell. Starts apart from leaves, and at 2 bytes, keep a chunk's
-/// search in a line or two where ranges of 8 bytes spread it over four:
-/// with many prefixes each line is a cache miss, the first a TLB miss too
-/// (docs/bench.md).
+/// per cell. A /16 of 30 ranges of one value is 64 bytes, where ranges
+/// of 8 bytes, start and leaf together, took 240: with many prefixes a
+/// search's first line is a cache and TLB miss, and fewer bytes are fewer
+/// pages (docs/bench.md).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct R4Cell {
@@ -115,8 +115,9 @@ pub struct R4Cell {
 pub const R4_STARTS_PER_CELL: u32 = 4;
 pub const R4_LEAVES_PER_CELL: u32 = 2;
 /// In a chunk's head ([`R4Cell::head`]): its ranges alternate between the
-/// head's leaf and [`R4_LEAF_NONE`], so no leaves are stored. A list
-/// file's prefixes share one value: every chunk of such a policy is one.
+/// head's leaf and [`R4_LEAF_NONE`], so no leaves are stored: every
+/// chunk of a policy whose prefixes share one value (a list file's) is
+/// one.
 pub const R4_ALTERNATE: u16 = 1;
 /// With [`R4_ALTERNATE`]: range 0 is no prefix's, range 1 the leaf's
 /// (without it, range 0 is the leaf's).

@@ -148,7 +148,7 @@ impl RangeTable4 {
         let i = (addr >> (32 - R4_DIRECT_BITS)) as usize;
         r4_find(
             addr,
-            || self.class.get(class_word(addr >> 16)).copied(),
+            || self.class.get(class_word(i as u32)).copied(),
             self.frequent,
             || self.direct.get(i).copied(),
             || self.mask_of(i),
@@ -180,19 +180,27 @@ impl RangeTable4 {
 fn push_chunk(cells: &mut Vec<R4Cell>, ranges: &[(u32, u32)]) {
     let n = ranges.len();
     // A chunk's leaves alternate with none when every other range is no
-    // prefix's and the others share one leaf.
-    let none_at = ranges.iter().position(|r| r.1 == R4_LEAF_NONE);
-    let alternate = none_at.and_then(|odd| {
-        let leaf = ranges[1 - odd % 2].1;
+    // prefix's and the others share one leaf: (that leaf, whether range
+    // 0 is no prefix's).
+    let first_none = ranges.iter().position(|r| r.1 == R4_LEAF_NONE);
+    let alternate = first_none.and_then(|f| {
+        let none_parity = f % 2;
+        let leaf = ranges[1 - none_parity].1;
         ranges
             .iter()
             .enumerate()
-            .all(|(k, r)| r.1 == if k % 2 == odd % 2 { R4_LEAF_NONE } else { leaf })
-            .then_some((leaf, odd % 2 == 1))
+            .all(|(k, r)| {
+                r.1 == if k % 2 == none_parity {
+                    R4_LEAF_NONE
+                } else {
+                    leaf
+                }
+            })
+            .then_some((leaf, none_parity == 0))
     });
     let kind = match alternate {
-        Some((_, false)) => R4_ALTERNATE | R4_ALTERNATE_ODD,
-        Some((_, true)) => R4_ALTERNATE,
+        Some((_, true)) => R4_ALTERNATE | R4_ALTERNATE_ODD,
+        Some((_, false)) => R4_ALTERNATE,
         None => 0,
     };
     // At most 2^16 ranges in a /16 (one per address).
