@@ -307,7 +307,7 @@ pub const fn r4_table_bytes(cells: u32, leaves: u32) -> u64 {
     (R4_DIRECT_SLOT_VALUES as u64) * 64 + cells as u64 * 8 + leaves as u64 * 16
 }
 // Any policy of 1,000,000 IPv4 prefixes fits 32 MiB per slot (the
-// lookup's budget): 29,974,272 bytes at most.
+// lookup's budget): 29,982,464 bytes at most.
 const _: () = assert!(
     r4_table_bytes(r4_ranges_capacity(1_000_000), r4_leaves_capacity(1_000_000)) <= 32 << 20
 );
@@ -424,6 +424,11 @@ mod tests {
                 assert!(r4_prefix_capacity(cells - 1, leaves) < p, "{p}");
             }
         }
+        // The figure the docs give for the worst policy of 1,000,000.
+        assert_eq!(
+            r4_table_bytes(r4_ranges_capacity(1_000_000), r4_leaves_capacity(1_000_000)),
+            29_982_464
+        );
     }
 
     #[test]

@@ -391,7 +391,7 @@ pub struct RunArgs {
     pub ipv4_capacity: u32,
     /// IPv6 prefixes a policy may have. As for IPv4, the arrays are
     /// allocated whole, about 59 bytes per prefix for each slot (65,536:
-    /// 8.8 MiB in all).
+    /// 8.9 MiB in all).
     #[arg(long = "ipv6-capacity", value_name = "N", default_value_t = ipguard_common::DEFAULT_V6_CAPACITY,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(ipguard_common::R6_MAX_PREFIXES)))]
     pub ipv6_capacity: u32,
