@@ -114,6 +114,13 @@ pub(crate) fn lookup_v4(slot: u32, cfg: &PolicyConfig, addr: u32) -> Option<&'st
     IPG_R4_LEAVES.get(cfg.r4_leaf_base.wrapping_add(leaf))
 }
 
+/// Word `i` of value `key` of [`IPG_R6_EMPTY`]: a bucket's mask or a
+/// word of its classes.
+#[inline(always)]
+fn r6_empty_word((key, i): (u32, usize)) -> Option<u32> {
+    IPG_R6_EMPTY.get(key).map(|m| m.masks[i])
+}
+
 #[inline(always)]
 pub(crate) fn lookup_v6(
     slot: u32,
@@ -124,15 +131,9 @@ pub(crate) fn lookup_v6(
     let base = cfg.r6_node_base;
     let leaf = r6_lookup(
         &cfg.r6_window,
-        |bucket| {
-            let (key, i) = r6_class_key(slot, bucket);
-            IPG_R6_EMPTY.get(key).map(|m| m.masks[i])
-        },
+        |bucket| r6_empty_word(r6_class_key(slot, bucket)),
         cfg.r6_frequent,
-        |bucket| {
-            let (key, i) = r6_empty_key(slot, bucket);
-            IPG_R6_EMPTY.get(key).map(|m| m.masks[i])
-        },
+        |bucket| r6_empty_word(r6_empty_key(slot, bucket)),
         |bucket| {
             let (key, i) = r6_start_key(slot, bucket);
             IPG_R6_START.get(key).map(|s| (s.nodes[i], s.leaves[i]))

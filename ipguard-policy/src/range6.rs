@@ -83,12 +83,12 @@ impl RangeTable6 {
             // A bucket whose start is past the last level lies inside one
             // range: its leaf is the start's.
             let whole = t.empty.iter().zip(&t.starts).map(|(&m, &(k, leaf))| {
-                if m == u32::MAX || (k as usize >= t.nodes.len() && leaf == R4_LEAF_NONE) {
-                    Whole::None
-                } else if k as usize >= t.nodes.len() {
-                    Whole::Leaf(leaf)
-                } else {
-                    Whole::Part
+                let inside = k as usize >= t.nodes.len();
+                match leaf {
+                    _ if m == u32::MAX => Whole::None,
+                    R4_LEAF_NONE if inside => Whole::None,
+                    _ if inside => Whole::Leaf(leaf),
+                    _ => Whole::Part,
                 }
             });
             (t.frequent, t.class) = classify(whole);
