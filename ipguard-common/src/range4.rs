@@ -256,6 +256,16 @@ pub const fn r4_block(addr: u32) -> u32 {
     (addr & 0xffff) >> R4_BLOCK_BITS
 }
 
+/// Whether a chunk's uncovered `mask` ([`r4_mask_of`]) says no prefix
+/// covers `addr`'s block.
+#[inline(always)]
+pub const fn r4_uncovered([lo, hi]: [u32; R4_MASK_WORDS as usize], addr: u32) -> bool {
+    // As one number, not a word picked by index: LLVM picked the word of a
+    // copy on the stack by OR-ing its offset into the stack pointer, which
+    // the verifier refuses ("bitwise operator |= on pointer").
+    ((hi as u64) << 32 | lo as u64) >> r4_block(addr) & 1 != 0
+}
+
 /// Ranges a slot's chunks hold at most for `prefixes` prefixes: each
 /// prefix cuts the address space at most twice, and each /16 that holds a
 /// cut starts its chunk with one more range.
@@ -357,13 +367,8 @@ pub fn r4_search(
             R4_LEAF_NONE
         });
     }
-    // A mask that cannot be read only costs the search it would save. As
-    // one number, not a word picked by index: LLVM picked the word of a
-    // copy on the stack by OR-ing its offset into the stack pointer, which
-    // the verifier refuses ("bitwise operator |= on pointer").
-    if mask()
-        .is_some_and(|[lo, hi]| (u64::from(hi) << 32 | u64::from(lo)) >> r4_block(addr) & 1 != 0)
-    {
+    // A mask that cannot be read only costs the search it would save.
+    if mask().is_some_and(|m| r4_uncovered(m, addr)) {
         return Some(R4_LEAF_NONE);
     }
     let first = word & !R4_CHUNK_FLAG;

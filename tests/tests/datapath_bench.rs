@@ -32,7 +32,10 @@ use std::{
 };
 
 use datapath_util::*;
-use ipguard::{datapath::Capacities, policy::CompiledPolicy};
+use ipguard::{
+    datapath::Capacities,
+    policy::{CompiledPolicy, range4::RangeTable4},
+};
 use ipguard_common::*;
 use ipguard_tests::{
     Pair,
@@ -210,6 +213,36 @@ fn v6_set(n: usize, sources: usize, seed: u64) -> Set {
         allowed,
         refused,
     }
+}
+
+/// Where the IPv4 lookup of each of `frames` ends, as the kernel's search
+/// (`r4_find`) runs it over `policy`'s table: at the /16's class, at its
+/// direct word (a leaf, or a pair /16's intervals), at its uncovered mask,
+/// or in its chunk's cells. The frames of each, in their order.
+fn v4_ends(policy: &CompiledPolicy, frames: &[Vec<u8>]) -> [(&'static str, Vec<Vec<u8>>); 4] {
+    let t = RangeTable4::of_policy(policy);
+    let mut ends: [(&str, Vec<Vec<u8>>); 4] = [
+        ("class", Vec::new()),
+        ("direct word", Vec::new()),
+        ("uncovered mask", Vec::new()),
+        ("chunk", Vec::new()),
+    ];
+    for f in frames {
+        // The IPv4 source of an untagged frame.
+        let addr = u32::from_be_bytes(f[26..30].try_into().unwrap());
+        let i = addr >> 16;
+        let k = if class_leaf(t.class[class_word(i)], i, t.frequent).is_some() {
+            0
+        } else if t.direct[i as usize] & (R4_CHUNK_FLAG | R4_PAIR_FLAG) != R4_CHUNK_FLAG {
+            1
+        } else if t.mask_of(i as usize).is_some_and(|m| r4_uncovered(m, addr)) {
+            2
+        } else {
+            3
+        };
+        ends[k].1.push(f.clone());
+    }
+    ends
 }
 
 /// ns per packet of each program of `progs` (fd, the action every packet
@@ -495,6 +528,7 @@ fn bench() {
     let mut empty = Vec::new();
     let mut load = String::new();
     let mut warm = Vec::new();
+    let mut split = Vec::new();
     let sets = v4_sizes
         .iter()
         .map(|&n| (format!("{n} IPv4"), n, true))
@@ -567,6 +601,34 @@ fn bench() {
                 xdp_filter,
             });
         }
+        if is_v4 {
+            // The lookup's cost by where it ends, each group on its own:
+            // what a row's average is made of (`docs/bench.md`).
+            for (which, packets, action) in [
+                ("allowed", &set.allowed, XDP_PASS),
+                ("refused", &set.refused, XDP_DROP),
+            ] {
+                for (ends, frames) in v4_ends(&set.policy, packets) {
+                    if frames.is_empty() {
+                        continue;
+                    }
+                    let m = measure(
+                        &[
+                            (l.xdp_fd(PROG_BENCH_PARSE), Some(XDP_PASS)),
+                            (l.xdp_fd(PROG_BENCH_LOOKUP), Some(action)),
+                        ],
+                        &frames,
+                        passes,
+                    );
+                    split.push(format!(
+                        "| {label} | {which} | {ends} | {} | {:.0}% | {:.1} |",
+                        frames.len(),
+                        100.0 * frames.len() as f64 / packets.len() as f64,
+                        median(m[1].iter().zip(&m[0]).map(|(k, p)| k - p)),
+                    ));
+                }
+            }
+        }
     }
     empty.sort_by(f64::total_cmp);
     let e = empty[empty.len() / 2];
@@ -604,6 +666,16 @@ fn bench() {
          | prefixes | source | empty | parse | parse + lookup | ipguard |\n|---|---|---:|---:|---:|---:|\n{}",
         warm.join("\n")
     );
+    if !split.is_empty() {
+        let _ = writeln!(
+            t,
+            "\nWhere the IPv4 sources' lookups end, each group measured on its own \
+             (parse + lookup − parse, the median of the difference in each pass; alone, a \
+             group's lines stay in cache more than among the others):\n\n\
+             | prefixes | sources | ends at | count | share | lookup |\n|---|---|---|---:|---:|---:|\n{}",
+            split.join("\n")
+        );
+    }
     if !load.is_empty() {
         let _ = writeln!(
             t,
