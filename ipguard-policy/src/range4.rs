@@ -50,6 +50,17 @@ pub struct RangeTable4 {
     pub frequent: [u32; FREQUENT],
 }
 
+/// What an IPv4 lookup read after its /16's class ([`RangeTable4::find`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reads {
+    /// The /16's direct word.
+    pub word: bool,
+    /// Its mask words (a chunk's uncovered mask, or a pair's intervals).
+    pub mask: bool,
+    /// Its chunk's cells.
+    pub cells: bool,
+}
+
 impl RangeTable4 {
     /// The table of `prefixes` (any order; a prefix written twice keeps
     /// its last value).
@@ -145,16 +156,38 @@ impl RangeTable4 {
     /// The leaf `addr` resolves to ([`R4_LEAF_NONE`] for none, or for a
     /// table that is not well formed).
     pub fn leaf_of(&self, addr: u32) -> u32 {
+        self.find(addr).0
+    }
+
+    /// The leaf `addr` resolves to, as [`RangeTable4::leaf_of`], and what
+    /// the search read after the /16's class to find it.
+    pub fn find(&self, addr: u32) -> (u32, Reads) {
         let i = (addr >> (32 - R4_DIRECT_BITS)) as usize;
-        r4_find(
+        let reads = std::cell::Cell::new(Reads::default());
+        let read = |mark: fn(&mut Reads)| {
+            let mut r = reads.get();
+            mark(&mut r);
+            reads.set(r);
+        };
+        let leaf = r4_find(
             addr,
             || self.class.get(class_word(i as u32)).copied(),
             self.frequent,
-            || self.direct.get(i).copied(),
-            || self.mask_of(i),
-            |i| self.ranges.get(i as usize).copied(),
+            || {
+                read(|r| r.word = true);
+                self.direct.get(i).copied()
+            },
+            || {
+                read(|r| r.mask = true);
+                self.mask_of(i)
+            },
+            |k| {
+                read(|r| r.cells = true);
+                self.ranges.get(k as usize).copied()
+            },
         )
-        .unwrap_or(R4_LEAF_NONE)
+        .unwrap_or(R4_LEAF_NONE);
+        (leaf, reads.get())
     }
 
     /// Chunks: /16s whose addresses have more than one leaf.

@@ -26,7 +26,6 @@
 mod datapath_util;
 
 use std::{
-    cell::Cell,
     collections::HashSet,
     fmt::Write as _,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -38,7 +37,10 @@ use std::{
 use datapath_util::*;
 use ipguard::{
     datapath::Capacities,
-    policy::{CompiledPolicy, range4::RangeTable4},
+    policy::{
+        CompiledPolicy,
+        range4::{RangeTable4, Reads},
+    },
 };
 use ipguard_common::*;
 use ipguard_tests::{
@@ -220,10 +222,10 @@ fn v6_set(n: usize, sources: usize, seed: u64) -> Set {
 }
 
 /// Where the IPv4 lookup of each of `frames` ends, by what the kernel's
-/// search (`r4_find`, run here over `policy`'s table) reads: the /16's
-/// class only, its direct word (a leaf, or with a pair /16's intervals),
-/// its uncovered mask, or its chunk's cells. The frames of each, in their
-/// order.
+/// search reads for it (`RangeTable4::find`, over `policy`'s table): the
+/// /16's class only, its direct word (a leaf, or with a pair /16's
+/// intervals), its uncovered mask, or its chunk's cells. The frames of
+/// each, in their order.
 fn v4_ends(policy: &CompiledPolicy, frames: &[Vec<u8>]) -> [(&'static str, Vec<Vec<u8>>); 4] {
     let t = RangeTable4::of_policy(policy);
     let mut ends: [(&str, Vec<Vec<u8>>); 4] = [
@@ -235,31 +237,12 @@ fn v4_ends(policy: &CompiledPolicy, frames: &[Vec<u8>]) -> [(&'static str, Vec<V
     for f in frames {
         // The IPv4 source of an untagged frame.
         let addr = u32::from_be_bytes(f[26..30].try_into().unwrap());
-        let i = (addr >> 16) as usize;
-        let (word, mask, cell) = (Cell::new(false), Cell::new(false), Cell::new(false));
-        r4_find(
-            addr,
-            || t.class.get(class_word(i as u32)).copied(),
-            t.frequent,
-            || {
-                word.set(true);
-                t.direct.get(i).copied()
-            },
-            || {
-                mask.set(true);
-                t.mask_of(i)
-            },
-            |k| {
-                cell.set(true);
-                t.ranges.get(k as usize).copied()
-            },
-        )
-        .expect("a well-formed table");
-        let pair = t.direct[i] & R4_PAIR_FLAG != 0;
-        let k = match (word.get(), mask.get() && !pair, cell.get()) {
-            (_, _, true) => 3,
-            (_, true, _) => 2,
-            (true, _, _) => 1,
+        let read = t.find(addr).1;
+        let pair = t.direct[(addr >> 16) as usize] & R4_PAIR_FLAG != 0;
+        let k = match read {
+            Reads { cells: true, .. } => 3,
+            Reads { mask: true, .. } if !pair => 2,
+            Reads { word: true, .. } => 1,
             _ => 0,
         };
         ends[k].1.push(f.clone());

@@ -89,6 +89,16 @@ pub(super) fn page_round(n: usize) -> usize {
     n.div_ceil(4096) * 4096
 }
 
+/// `words` packed `N` to an array value (`value` makes one of each `N`),
+/// as the lookups' tables of 64-byte values are written; `words` fills
+/// whole values.
+pub(super) fn pack<const N: usize, T>(words: &[u32], value: impl Fn([u32; N]) -> T) -> Vec<T> {
+    words
+        .chunks_exact(N)
+        .map(|c| value(c.try_into().expect("a chunk of N words")))
+        .collect()
+}
+
 /// A pinned array map that can be mapped whole. It is mapped only while a
 /// slot is written or read: a mapping's pages count in the daemon's
 /// resident memory although they are the kernel's (at a million prefixes

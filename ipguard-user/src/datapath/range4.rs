@@ -68,20 +68,9 @@ impl Lookup4 {
         let leaf_base = slot * self.leaf_capacity;
         // The table's direct words index ranges from the slot's base; the
         // uncovered masks and the classes follow them.
-        let words: Vec<R4Direct> = t
-            .direct
-            .iter()
-            .chain(&t.empty)
-            .chain(&t.class)
-            .copied()
-            .collect::<Vec<u32>>()
-            .chunks_exact(R4_WORDS_PER_VALUE as usize)
-            .map(|c| {
-                let mut words = [0u32; R4_WORDS_PER_VALUE as usize];
-                words.copy_from_slice(c);
-                R4Direct { words }
-            })
-            .collect();
+        let words = pack(&[&t.direct[..], &t.empty, &t.class].concat(), |words| {
+            R4Direct { words }
+        });
         self.direct
             .map()?
             .write((slot * R4_DIRECT_SLOT_VALUES) as usize, &words);

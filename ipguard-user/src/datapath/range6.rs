@@ -67,19 +67,9 @@ impl Lookup6 {
         self.leaves.map()?.write(leaf_base as usize, &t.leaves);
         // Without a window (no IPv6 prefixes) the masks and classes are
         // never read. The classes follow the masks.
-        let masks: Vec<R6Empty> = t
-            .empty
-            .iter()
-            .chain(&t.class)
-            .copied()
-            .collect::<Vec<u32>>()
-            .chunks_exact(R6_MASKS_PER_VALUE as usize)
-            .map(|c| {
-                let mut masks = [0u32; R6_MASKS_PER_VALUE as usize];
-                masks.copy_from_slice(c);
-                R6Empty { masks }
-            })
-            .collect();
+        let masks = pack(&[&t.empty[..], &t.class].concat(), |masks| R6Empty {
+            masks,
+        });
         self.empty
             .map()?
             .write((slot * R6_EMPTY_SLOT_VALUES) as usize, &masks);
