@@ -273,8 +273,9 @@ pub const INFRA_MLD: u32 = 16;
 /// 3: IPv4 presence bits per /16 after the masks; 4: IPv4 chunks as a
 /// head, packed starts and packed leaves ([`crate::R4Cell`]); 5: two
 /// class bits per /16 instead of the presence bit, per IPv6 bucket after
-/// its masks, and frequent leaves ([`crate::class`]).
-pub const TABLE_FORMAT: u32 = 5;
+/// its masks, and frequent leaves ([`crate::class`]); 6: IPv4 whole bits
+/// per /24 after the classes ([`crate::r4_whole_key`]).
+pub const TABLE_FORMAT: u32 = 6;
 
 /// One per slot, in [`MAP_CONFIG`].
 #[repr(C)]

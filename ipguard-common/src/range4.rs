@@ -19,17 +19,24 @@
 //! prefix's, all of one of the slot's two frequent leaves (the leaves of
 //! the most whole /16s), or read the direct word; a lookup reads its
 //! /16's class first and stops there unless the class sends it on
-//! ([`r4_find`]).
+//! ([`r4_find`]). After the classes, the whole bits: one per /24, set
+//! in a chunk's /24 all of whose addresses are the slot's first frequent
+//! leaf ([`r4_whole_key`], 2 MiB).
 //!
 //! A lookup reads the class, one direct value, for a chunk its
-//! mask, then its head, at most [`R4_SEARCH_STEPS`] starts and one cell of
-//! leaves, and one leaf: a bounded number of reads whatever the policy,
-//! and in a chunk, neighbours. A source in an uncovered block, what most
-//! refused sources are, is answered by the mask: with many prefixes the
-//! cells are megabytes, and the first read into them (a cache and TLB
-//! miss) is most of a lookup's cost, where the words (256 KiB) are read by
-//! the lookups their class sends on and the masks (512 KiB) by those in
-//! chunks, and stay in cache more. The masks are a
+//! mask and its /24's whole bit, then its head, at most
+//! [`R4_SEARCH_STEPS`] starts and one cell of leaves, and one leaf: a
+//! bounded number of reads whatever the policy, and in a chunk,
+//! neighbours. A source in an uncovered block, what most refused sources
+//! are, is answered by the mask, and one in a /24 of a list's value (what
+//! most allowed sources in a chunk are) by its whole bit: with many
+//! prefixes the cells are megabytes, and the first read into them (a
+//! cache and TLB miss, which cannot start before the direct word's has
+//! ended) is most of a lookup's cost, where the words (256 KiB) are read
+//! by the lookups their class sends on, the masks (512 KiB) by those in
+//! chunks, and the whole bits by those in a covered block of a chunk, at
+//! addresses the source alone gives, so that their misses overlap the
+//! word's. The masks are a
 //! separate part, rather than a second half of wider words, so that a
 //! policy without chunks (or a source outside them) reads only the words'
 //! 256 KiB. Blocks are /22s: with /21s (one word per /16), about four in
@@ -61,9 +68,18 @@ pub const R4_MASK_WORDS: u32 = (1 << (16 - R4_BLOCK_BITS)) / u32::BITS;
 /// /16 (16 KiB).
 pub const R4_CLASS_VALUES: u32 = crate::CLASS_WORDS / R4_WORDS_PER_VALUE;
 const _: () = assert!(crate::CLASS_INDEX_BITS == R4_DIRECT_BITS);
-/// Direct values per slot: the words, the uncovered masks, then the
-/// classes.
-pub const R4_DIRECT_SLOT_VALUES: u32 = (1 + R4_MASK_WORDS) * R4_DIRECT_VALUES + R4_CLASS_VALUES;
+/// Address bits below a whole bit's unit ([`r4_whole_key`]): a /24.
+pub const R4_WHOLE_BITS: u32 = 8;
+/// Words of a /16's whole bits: one bit per /24.
+pub const R4_WHOLE_WORDS: u32 = (1 << (16 - R4_WHOLE_BITS)) / u32::BITS;
+/// Direct values of a slot's whole bits (2 MiB).
+pub const R4_WHOLE_VALUES: u32 = (R4_WHOLE_WORDS << R4_DIRECT_BITS) / R4_WORDS_PER_VALUE;
+/// Direct values per slot: the words, the uncovered masks, the classes,
+/// then the whole bits.
+pub const R4_DIRECT_SLOT_VALUES: u32 =
+    (1 + R4_MASK_WORDS) * R4_DIRECT_VALUES + R4_CLASS_VALUES + R4_WHOLE_VALUES;
+/// Where a slot's whole bits start among its direct values.
+const R4_WHOLE_AT: u32 = (1 + R4_MASK_WORDS) * R4_DIRECT_VALUES + R4_CLASS_VALUES;
 /// In a direct word: the rest is the index of a chunk's head cell (from
 /// the slot's range base), not a leaf.
 pub const R4_CHUNK_FLAG: u32 = 1 << 31;
@@ -224,6 +240,44 @@ pub const fn r4_empty_key(slot: u32, addr: u32) -> u32 {
     slot * R4_DIRECT_SLOT_VALUES + R4_DIRECT_VALUES + r4_mask_word(addr) / R4_WORDS_PER_VALUE
 }
 
+/// The word that holds `addr`'s whole bit, among a slot's 2^16 x
+/// [`R4_WHOLE_WORDS`].
+#[inline(always)]
+pub const fn r4_whole_word(addr: u32) -> u32 {
+    addr >> (R4_WHOLE_BITS + u32::BITS.trailing_zeros())
+}
+const _: () = assert!(R4_WHOLE_WORDS == 1 << (16 - R4_WHOLE_BITS - u32::BITS.trailing_zeros()));
+
+/// Key in [`MAP_R4_DIRECT`] of the value holding `addr`'s whole bit: set
+/// when every address of its /24 is the slot's first frequent leaf
+/// ([`r4_whole_leaf`]) and its /16 is a chunk (0 for the other /16s). A
+/// source there is answered without the chunk's cells, which with many
+/// prefixes are megabytes, and the read into them a miss to memory that
+/// starts only once the direct word's has ended; the bit's address is
+/// the source's own, so its read overlaps the word's (docs/bench.md: at
+/// 1,000,000 prefixes an allowed source in a chunk cost 176 to 227 ns of
+/// lookup with the cells, 80 to 110 with the bit).
+#[inline(always)]
+pub const fn r4_whole_key(slot: u32, addr: u32) -> u32 {
+    slot * R4_DIRECT_SLOT_VALUES + R4_WHOLE_AT + r4_whole_word(addr) / R4_WORDS_PER_VALUE
+}
+
+/// Whether `addr`'s whole bit is set in `word`, its [`r4_whole_word`].
+#[inline(always)]
+pub const fn r4_whole_bit(word: u32, addr: u32) -> bool {
+    word >> ((addr >> R4_WHOLE_BITS) % u32::BITS) & 1 != 0
+}
+
+/// `addr`'s whole bit, from the direct value that holds it (the one at
+/// [`r4_whole_key`]).
+#[inline(always)]
+pub fn r4_whole_of(value: &R4Direct, addr: u32) -> bool {
+    r4_whole_bit(
+        value.words[(r4_whole_word(addr) % R4_WORDS_PER_VALUE) as usize],
+        addr,
+    )
+}
+
 /// The mask words of `addr`'s /16, from the direct value that holds them
 /// (the one at [`r4_empty_key`]: a /16's words never straddle two).
 #[inline(always)]
@@ -317,7 +371,7 @@ pub const fn r4_table_bytes(cells: u32, leaves: u32) -> u64 {
     (R4_DIRECT_SLOT_VALUES as u64) * 64 + cells as u64 * 8 + leaves as u64 * 16
 }
 // Any policy of 1,000,000 IPv4 prefixes fits 32 MiB per slot (the
-// lookup's budget): 29,982,464 bytes at most.
+// lookup's budget): 32,079,616 bytes at most.
 const _: () = assert!(
     r4_table_bytes(r4_ranges_capacity(1_000_000), r4_leaves_capacity(1_000_000)) <= 32 << 20
 );
@@ -325,40 +379,42 @@ const _: () = assert!(
 /// The leaf of `addr`: its /16's class (`class()`: its word,
 /// [`crate::class_word`] of the /16), which answers for a /16 no prefix
 /// touches and for one all of one of the slot's `frequent` leaves
-/// ([`crate::class_leaf`]); only for the others the /16's direct word
-/// (`word()`) and [`r4_search`]. The kernel and user space run this same
-/// lookup.
+/// ([`crate::class_leaf`]); only for the others `search()`, which is
+/// [`r4_search`] from the /16's direct word. The kernel and user space
+/// run this same lookup; the kernel runs `search` out of line, so that
+/// the code of a lookup its class answers, and of what follows it, stays
+/// as it is whatever the search grows to (docs/bench.md).
 #[inline(always)]
 pub fn r4_find(
     addr: u32,
     class: impl FnOnce() -> Option<u32>,
     frequent: [u32; crate::FREQUENT],
-    word: impl FnOnce() -> Option<u32>,
-    mask: impl FnOnce() -> Option<[u32; R4_MASK_WORDS as usize]>,
-    cell: impl Fn(u32) -> Option<R4Cell>,
+    search: impl FnOnce() -> Option<u32>,
 ) -> Option<u32> {
     if let Some(leaf) = crate::class_leaf(class()?, addr >> (32 - R4_DIRECT_BITS), frequent) {
         return Some(leaf);
     }
-    r4_search(word()?, addr, mask, cell)
+    search()
 }
 
-/// The leaf of `addr` given its direct word, a reader of its /16's mask
-/// words (read only for a chunk, [`r4_mask_of`]) and a reader of the
-/// slot's cells (`cell(i)`: the cell at index `i` from the slot's base,
-/// None past the array). The kernel and user space run this same search.
+/// The leaf of `addr` given its direct word and a reader of its /16's
+/// mask words (read only for a chunk, [`r4_mask_of`]): a leaf word's
+/// leaf, a pair's, none in a block the uncovered mask names; else what
+/// `chunk(head)` finds in the chunk whose head cell is `head` (from the
+/// slot's base), by [`r4_chunk`]. The kernel and user space run this
+/// same search.
 #[inline(always)]
 pub fn r4_search(
     word: u32,
     addr: u32,
     mask: impl FnOnce() -> Option<[u32; R4_MASK_WORDS as usize]>,
-    cell: impl Fn(u32) -> Option<R4Cell>,
+    chunk: impl FnOnce(u32) -> Option<u32>,
 ) -> Option<u32> {
     if word & R4_CHUNK_FLAG == 0 {
         return Some(word);
     }
-    let low = addr as u16;
     if word & R4_PAIR_FLAG != 0 {
+        let low = addr as u16;
         let [a, b] = mask()?;
         let inside = |bounds: u32| bounds as u16 <= low && low <= (bounds >> 16) as u16;
         return Some(if inside(a) || inside(b) {
@@ -371,7 +427,33 @@ pub fn r4_search(
     if mask().is_some_and(|m| r4_uncovered(m, addr)) {
         return Some(R4_LEAF_NONE);
     }
-    let first = word & !R4_CHUNK_FLAG;
+    chunk(word & !R4_CHUNK_FLAG)
+}
+
+/// The leaf whole bits stand for: the slot's first frequent leaf.
+#[inline(always)]
+pub const fn r4_whole_leaf(frequent: [u32; crate::FREQUENT]) -> u32 {
+    frequent[0]
+}
+
+/// The leaf of `addr` in its /16's chunk, whose head cell is `first`:
+/// `whole_leaf` ([`r4_whole_leaf`]) when its whole bit (`whole()`,
+/// [`r4_whole_of`]) says all of its /24 is that leaf, else by a binary
+/// search of the chunk's starts, given a reader of the slot's cells
+/// (`cell(i)`: the cell at index `i` from the slot's base, None past the
+/// array).
+#[inline(always)]
+pub fn r4_chunk(
+    first: u32,
+    addr: u32,
+    whole_leaf: u32,
+    whole: impl FnOnce() -> Option<bool>,
+    cell: impl Fn(u32) -> Option<R4Cell>,
+) -> Option<u32> {
+    if whole() == Some(true) {
+        return Some(whole_leaf);
+    }
+    let low = addr as u16;
     let head = cell(first)?;
     let n = u32::from(head.span()) + 1;
     // The last range starting at or before `low`: `at` is one that does
@@ -432,7 +514,7 @@ mod tests {
         // The figure the docs give for the worst policy of 1,000,000.
         assert_eq!(
             r4_table_bytes(r4_ranges_capacity(1_000_000), r4_leaves_capacity(1_000_000)),
-            29_982_464
+            32_079_616
         );
     }
 

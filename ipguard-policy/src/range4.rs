@@ -3,8 +3,10 @@
 //! and for the /16s that hold longer prefixes a sorted block of address
 //! ranges, searched by binary search (DXR, Zec 2012, with K = 16); a /16
 //! of one or two covered intervals of one leaf keeps them in its mask
-//! words instead (a pair, `R4_PAIR_FLAG`), and a bit per /16 says whether
-//! any prefix touches it. It answers what an LPM trie over the same
+//! words instead (a pair, `R4_PAIR_FLAG`); two class bits per /16 answer
+//! for a /16 no prefix touches or all of a frequent leaf, and a bit per
+//! /24 for a chunk's /24 all of the first frequent leaf (its whole bit).
+//! It answers what an LPM trie over the same
 //! prefixes answers, through an index into a table of the distinct prefix
 //! values, so the verdict and the attribution stay those of the compiled
 //! values.
@@ -12,14 +14,16 @@
 //! The layout is the kernel's (`ipguard_common::range4`) and `lookup`
 //! runs the kernel's lookup (`r4_find`) over it, so this is both what the
 //! loader writes and the reference the kernel must agree with. Sizes: the
-//! direct table is 2^16 words, 2^16 uncovered masks of two words and 2^16
-//! classes of two bits (784 KiB), a range 2 bytes of start and, unless its
-//! chunk alternates, 4 of leaf, a chunk 8 more, a leaf 16.
+//! direct table is 2^16 words, 2^16 uncovered masks of two words, 2^16
+//! classes of two bits and 2^24 whole bits (2.77 MiB), a range 2 bytes of
+//! start and, unless its chunk alternates, 4 of leaf, a chunk 8 more, a
+//! leaf 16.
 
 use ipguard_common::{
     FREQUENT, PrefixValue, R4_ALTERNATE, R4_ALTERNATE_ODD, R4_BLOCK_BITS, R4_CHUNK_FLAG,
     R4_DIRECT_BITS, R4_LEAF_NONE, R4_LEAVES_PER_CELL, R4_MASK_WORDS, R4_PAIR_FLAG,
-    R4_STARTS_PER_CELL, R4Cell, class_word, expire, r4_find, r4_pair,
+    R4_STARTS_PER_CELL, R4_WHOLE_BITS, R4_WHOLE_WORDS, R4Cell, class_word, expire, r4_chunk,
+    r4_find, r4_pair, r4_search, r4_whole_bit, r4_whole_leaf, r4_whole_word,
 };
 
 use crate::{
@@ -48,6 +52,10 @@ pub struct RangeTable4 {
     /// The leaves the most /16s are all of, most first ([`R4_LEAF_NONE`]
     /// for none).
     pub frequent: [u32; FREQUENT],
+    /// 2^16 times `R4_WHOLE_WORDS` words of whole bits
+    /// (`r4_whole_word`): for a chunk, its /24s all of whose addresses
+    /// are `frequent[0]`; 0 for the other /16s.
+    pub whole: Vec<u32>,
 }
 
 /// What an IPv4 lookup read after its /16's class ([`RangeTable4::find`]).
@@ -57,6 +65,8 @@ pub struct Reads {
     pub word: bool,
     /// Its mask words (a chunk's uncovered mask, or a pair's intervals).
     pub mask: bool,
+    /// Its /24's whole bit.
+    pub whole: bool,
     /// Its chunk's cells.
     pub cells: bool,
 }
@@ -93,6 +103,9 @@ impl RangeTable4 {
         let intervals = elementary_intervals(&sorted);
         t.direct = vec![R4_LEAF_NONE; 1 << R4_DIRECT_BITS];
         t.empty = vec![0; (R4_MASK_WORDS as usize) << R4_DIRECT_BITS];
+        // The chunks' intervals, for their whole bits once the frequent
+        // leaves are known.
+        let mut chunks = Vec::new();
         let mut i = 0usize;
         for chunk in 0..(1u32 << R4_DIRECT_BITS) {
             let lo = u64::from(chunk) << 16;
@@ -123,12 +136,17 @@ impl RangeTable4 {
             for (k, w) in t.empty[words].iter_mut().enumerate() {
                 *w = (mask >> (32 * k)) as u32;
             }
+            chunks.push((lo, i..=j));
         }
         (t.frequent, t.class) = classify(t.direct.iter().map(|&w| match w {
             R4_LEAF_NONE => Whole::None,
             w if w & R4_CHUNK_FLAG == 0 => Whole::Leaf(w),
             _ => Whole::Part,
         }));
+        t.whole = vec![0; (R4_WHOLE_WORDS as usize) << R4_DIRECT_BITS];
+        for (lo, span) in chunks {
+            whole_units(lo, &intervals[span], t.frequent[0], &mut t.whole);
+        }
         t
     }
 
@@ -175,15 +193,30 @@ impl RangeTable4 {
             self.frequent,
             || {
                 read(|r| r.word = true);
-                self.direct.get(i).copied()
-            },
-            || {
-                read(|r| r.mask = true);
-                self.mask_of(i)
-            },
-            |k| {
-                read(|r| r.cells = true);
-                self.ranges.get(k as usize).copied()
+                r4_search(
+                    *self.direct.get(i)?,
+                    addr,
+                    || {
+                        read(|r| r.mask = true);
+                        self.mask_of(i)
+                    },
+                    |first| {
+                        r4_chunk(
+                            first,
+                            addr,
+                            r4_whole_leaf(self.frequent),
+                            || {
+                                read(|r| r.whole = true);
+                                let w = self.whole.get(r4_whole_word(addr) as usize)?;
+                                Some(r4_whole_bit(*w, addr))
+                            },
+                            |k| {
+                                read(|r| r.cells = true);
+                                self.ranges.get(k as usize).copied()
+                            },
+                        )
+                    },
+                )
             },
         )
         .unwrap_or(R4_LEAF_NONE);
@@ -201,7 +234,7 @@ impl RangeTable4 {
     /// Bytes the table takes as the kernel holds it (a cell 8 bytes, a
     /// leaf 16).
     pub fn bytes(&self) -> usize {
-        (self.direct.len() + self.empty.len() + self.class.len()) * 4
+        (self.direct.len() + self.empty.len() + self.class.len() + self.whole.len()) * 4
             + self.ranges.len() * std::mem::size_of::<R4Cell>()
             + self.leaves.len() * std::mem::size_of::<PrefixValue>()
     }
@@ -288,6 +321,30 @@ fn covered(lo: u64, intervals: &[(u32, u32)]) -> impl Iterator<Item = (u64, u64,
         })
 }
 
+/// Sets the whole bits (`r4_whole_word`) of the /24s of the /16 from
+/// `lo` all of whose addresses are `leaf`, given its intervals.
+fn whole_units(lo: u64, intervals: &[(u32, u32)], leaf: u32, whole: &mut [u32]) {
+    const UNIT: u64 = 1 << R4_WHOLE_BITS;
+    // Adjacent intervals of one leaf are one run.
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for (from, to, l) in covered(lo, intervals) {
+        if l != leaf {
+            continue;
+        }
+        match runs.last_mut() {
+            Some(run) if run.1 == from => run.1 = to,
+            _ => runs.push((from, to)),
+        }
+    }
+    for (from, to) in runs {
+        // The /24s wholly inside [from, to).
+        for unit in from.div_ceil(UNIT)..to / UNIT {
+            let addr = (lo + unit * UNIT) as u32;
+            whole[r4_whole_word(addr) as usize] |= 1 << ((addr >> R4_WHOLE_BITS) % u32::BITS);
+        }
+    }
+}
+
 /// The leaf and mask words of the /16 from `lo` when its covered
 /// addresses are one or two intervals of one leaf (`R4_PAIR_FLAG`).
 fn pair(lo: u64, intervals: &[(u32, u32)]) -> Option<(u32, [u32; R4_MASK_WORDS as usize])> {
@@ -321,7 +378,7 @@ fn uncovered_blocks(lo: u64, intervals: &[(u32, u32)]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ipguard_common::{CLASS_FREQUENT, CLASS_READ, class_of, r4_search};
+    use ipguard_common::{CLASS_FREQUENT, CLASS_READ, class_of};
 
     fn v(entry: u32) -> PrefixValue {
         PrefixValue {
@@ -400,7 +457,7 @@ mod tests {
                 t.direct[i],
                 ip(a),
                 || t.mask_of(i),
-                |_| panic!("a range was read for {a}"),
+                |_| panic!("a chunk was searched for {a}"),
             )
         };
         assert_eq!(search("198.51.0.1"), Some(R4_LEAF_NONE));
@@ -417,6 +474,50 @@ mod tests {
         let whole = RangeTable4::build(&[(net("203.0.0.0/16"), v(4))]);
         let i = usize::from(203u16 << 8) * words;
         assert_eq!(whole.empty[i..i + words], [0, 0]);
+    }
+
+    #[test]
+    fn a_24_all_of_the_first_frequent_leaf_is_answered_by_its_whole_bit() {
+        // Two whole /16s make entry 1's leaf the first frequent; in
+        // 198.51.0.0/16 a /24 and a /22 of it, and a /32 of another entry
+        // in the /22.
+        let t = RangeTable4::build(&[
+            (net("203.0.0.0/16"), v(1)),
+            (net("203.1.0.0/16"), v(1)),
+            (net("198.51.100.0/24"), v(1)),
+            (net("198.51.4.0/22"), v(1)),
+            (net("198.51.5.7/32"), v(2)),
+        ]);
+        let first = t.frequent[0];
+        assert_eq!(t.leaves[first as usize].entry, 1);
+        let i = usize::from(198u16 << 8 | 51);
+        assert_eq!(t.direct[i] & (R4_CHUNK_FLAG | R4_PAIR_FLAG), R4_CHUNK_FLAG);
+        let bits = &t.whole[i * R4_WHOLE_WORDS as usize..][..R4_WHOLE_WORDS as usize];
+        // /24s 4, 6, 7 and 100; 5 holds the /32.
+        let want: [u32; 8] = [1 << 4 | 1 << 6 | 1 << 7, 0, 0, 1 << (100 - 96), 0, 0, 0, 0];
+        assert_eq!(bits, want);
+        // Answered by the bit, the cells unread.
+        for a in ["198.51.100.9", "198.51.4.0", "198.51.7.255"] {
+            let (leaf, reads) = t.find(ip(a));
+            assert_eq!(leaf, first, "{a}");
+            assert!(reads.whole && !reads.cells, "{a}: {reads:?}");
+        }
+        // The /24 the /32 cuts, and an uncovered /24 of a covered block,
+        // are searched.
+        for (a, entry) in [
+            ("198.51.5.6", Some(1)),
+            ("198.51.5.7", Some(2)),
+            ("198.51.5.8", Some(1)),
+            ("198.51.101.0", None),
+        ] {
+            let (_, reads) = t.find(ip(a));
+            assert!(reads.whole && reads.cells, "{a}: {reads:?}");
+            assert_eq!(t.lookup(ip(a)).map(|x| x.entry), entry, "{a}");
+        }
+        // A block no prefix covers is answered by the mask before the bit.
+        let (leaf, reads) = t.find(ip("198.51.200.1"));
+        assert_eq!(leaf, R4_LEAF_NONE);
+        assert!(reads.mask && !reads.whole, "{reads:?}");
     }
 
     #[test]
@@ -440,10 +541,21 @@ mod tests {
                 t.frequent,
                 || {
                     words.set(words.get() + 1);
-                    t.direct.get(i).copied()
+                    r4_search(
+                        t.direct[i],
+                        a,
+                        || t.mask_of(i),
+                        |first| {
+                            r4_chunk(
+                                first,
+                                a,
+                                r4_whole_leaf(t.frequent),
+                                || Some(r4_whole_bit(t.whole[r4_whole_word(a) as usize], a)),
+                                |k| t.ranges.get(k as usize).copied(),
+                            )
+                        },
+                    )
                 },
-                || t.mask_of(i),
-                |k| t.ranges.get(k as usize).copied(),
             );
             (leaf, words.get())
         };
@@ -545,7 +657,7 @@ mod tests {
                     t.direct[i],
                     a,
                     || t.mask_of(i),
-                    |_| panic!("a range was read for {prefixes:?}"),
+                    |_| panic!("a chunk was searched for {prefixes:?}"),
                 )
             };
             for &(first, last) in spans {
@@ -618,9 +730,17 @@ mod tests {
                 t.direct[i],
                 ip(a),
                 || Some([0, 0]),
-                |k| {
-                    cells.borrow_mut().push(k);
-                    t.ranges.get(k as usize).copied()
+                |first| {
+                    r4_chunk(
+                        first,
+                        ip(a),
+                        r4_whole_leaf(t.frequent),
+                        || None,
+                        |k| {
+                            cells.borrow_mut().push(k);
+                            t.ranges.get(k as usize).copied()
+                        },
+                    )
                 },
             );
             (leaf, cells.into_inner().into_iter().max())

@@ -27,6 +27,8 @@ struct Shapes {
     /// others.
     alternate: usize,
     mixed: usize,
+    /// /24s of chunks all of the first frequent leaf (whole bits).
+    whole: usize,
 }
 
 /// The table of `set` against the compiler's lookup at each address of
@@ -106,7 +108,68 @@ fn table_agrees(set: &[(ipnet::Ipv4Net, ipguard_common::PrefixValue)], ask: Vec<
         two,
         alternate,
         mixed: heads.len() - alternate,
+        whole: whole_bits_agree(&table, &ex),
     }
+}
+
+/// Checks every /16's whole bits: a chunk's /24 has its bit exactly when
+/// every address of it is the first frequent leaf, by the chunk's own
+/// search without the bits (no range starts inside the /24, and the one
+/// it starts in is that leaf's) and by the compiler's value at its ends;
+/// the other /16s have none. Returns the bits set.
+fn whole_bits_agree(table: &RangeTable4, ex: &Explainer) -> usize {
+    use ipguard_common::{
+        R4_CHUNK_FLAG, R4_LEAF_NONE, R4_PAIR_FLAG, R4_WHOLE_WORDS, r4_chunk, r4_start_cell,
+        r4_whole_bit, r4_whole_leaf, r4_whole_word,
+    };
+    let words = R4_WHOLE_WORDS as usize;
+    assert_eq!(table.whole.len(), words << 16);
+    let leaf = r4_whole_leaf(table.frequent);
+    let value = table.leaves.get(leaf as usize);
+    let mut set = 0;
+    for (i, &w) in table.direct.iter().enumerate() {
+        let bits = &table.whole[i * words..(i + 1) * words];
+        if w & (R4_CHUNK_FLAG | R4_PAIR_FLAG) != R4_CHUNK_FLAG {
+            assert!(
+                bits.iter().all(|b| *b == 0),
+                "whole bits of /16 number {i}, not a chunk"
+            );
+            continue;
+        }
+        let first = w & !R4_CHUNK_FLAG;
+        let n = u32::from(table.ranges[first as usize].span()) + 1;
+        let starts: Vec<u32> = (1..n)
+            .map(|k| u32::from(table.ranges[(first + r4_start_cell(k)) as usize].start(k)))
+            .collect();
+        for u in 0..256u32 {
+            let (lo, hi) = (u << 8, u << 8 | 0xff);
+            let a = (i as u32) << 16 | lo;
+            let searched = r4_chunk(
+                first,
+                a,
+                leaf,
+                || None,
+                |k| table.ranges.get(k as usize).copied(),
+            );
+            let all = leaf != R4_LEAF_NONE
+                && searched == Some(leaf)
+                && !starts.iter().any(|&s| lo < s && s <= hi);
+            let bit = r4_whole_bit(table.whole[r4_whole_word(a) as usize], a);
+            assert_eq!(bit, all, "/24 {u} of /16 number {i}");
+            if bit {
+                for end in [a, a | 0xff] {
+                    assert_eq!(
+                        ex.value(std::net::IpAddr::V4(end.into())),
+                        value,
+                        "{}",
+                        std::net::Ipv4Addr::from(end)
+                    );
+                }
+                set += 1;
+            }
+        }
+    }
+    set
 }
 
 #[test]
@@ -134,19 +197,22 @@ fn the_range_table_agrees_with_the_compilers_lookup() {
     // Prefixes of many values: chunks that store their leaves.
     assert!(mixed >= 1_000, "{mixed} chunks of stored leaves");
     // A list file's prefixes share one value: pairs of two intervals.
-    let (mut pairs, mut two, mut alternate) = (0, 0, 0);
+    let (mut pairs, mut two, mut alternate, mut whole) = (0, 0, 0, 0);
     for n in [1_000usize, 100_000] {
         let set = list_set(&mut r, n);
         let ask = (0..200_000).map(|q| query(&mut r, &set, q)).collect();
         let shapes = table_agrees(&set, ask);
         (pairs, two) = (pairs + shapes.pairs, two + shapes.two);
         alternate += shapes.alternate;
+        whole += shapes.whole;
         // One value: every chunk alternates with none.
         assert_eq!(shapes.mixed, 0, "{n} prefixes of a list");
     }
     // 15,345 of 37,111 with this seed.
     assert!(two >= 100, "{two} pair /16s of two intervals (of {pairs})");
     assert!(alternate >= 1_000, "{alternate} alternating chunks");
+    // /24s of a list's value among its chunks: answered by their bits.
+    assert!(whole >= 1_000, "{whole} whole /24s");
     // /16s of hundreds of ranges, every address of them.
     let mut set = dense_set(&mut r);
     set.sort_by_key(|(p, _)| (p.network(), p.prefix_len()));

@@ -384,7 +384,7 @@ pub struct RunArgs {
     pub force: bool,
     /// IPv4 prefixes a policy may have. The IPv4 lookup's arrays are
     /// allocated whole at this size, about 28 bytes per prefix for each of
-    /// the two policy slots (131,072: 10.8 MiB in all); a policy with more
+    /// the two policy slots (131,072: 14.8 MiB in all); a policy with more
     /// is refused. A new size replaces the arrays at start.
     #[arg(long = "ipv4-capacity", value_name = "N", default_value_t = ipguard_common::DEFAULT_V4_CAPACITY,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(ipguard_common::R4_MAX_PREFIXES)))]

@@ -224,14 +224,15 @@ fn v6_set(n: usize, sources: usize, seed: u64) -> Set {
 /// Where the IPv4 lookup of each of `frames` ends, by what the kernel's
 /// search reads for it (`RangeTable4::find`, over `policy`'s table): the
 /// /16's class only, its direct word (a leaf, or with a pair /16's
-/// intervals), its uncovered mask, or its chunk's cells. The frames of
-/// each, in their order.
-fn v4_ends(policy: &CompiledPolicy, frames: &[Vec<u8>]) -> [(&'static str, Vec<Vec<u8>>); 4] {
+/// intervals), its uncovered mask, its /24's whole bit, or its chunk's
+/// cells. The frames of each, in their order.
+fn v4_ends(policy: &CompiledPolicy, frames: &[Vec<u8>]) -> [(&'static str, Vec<Vec<u8>>); 5] {
     let t = RangeTable4::of_policy(policy);
-    let mut ends: [(&str, Vec<Vec<u8>>); 4] = [
+    let mut ends: [(&str, Vec<Vec<u8>>); 5] = [
         ("class", Vec::new()),
         ("direct word", Vec::new()),
         ("uncovered mask", Vec::new()),
+        ("whole bit", Vec::new()),
         ("chunk", Vec::new()),
     ];
     for f in frames {
@@ -240,7 +241,8 @@ fn v4_ends(policy: &CompiledPolicy, frames: &[Vec<u8>]) -> [(&'static str, Vec<V
         let read = t.find(addr).1;
         let pair = t.direct[(addr >> 16) as usize] & R4_PAIR_FLAG != 0;
         let k = match read {
-            Reads { cells: true, .. } => 3,
+            Reads { cells: true, .. } => 4,
+            Reads { whole: true, .. } => 3,
             Reads { mask: true, .. } if !pair => 2,
             Reads { word: true, .. } => 1,
             _ => 0,

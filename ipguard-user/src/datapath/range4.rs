@@ -67,10 +67,11 @@ impl Lookup4 {
         let range_base = slot * self.range_capacity;
         let leaf_base = slot * self.leaf_capacity;
         // The table's direct words index ranges from the slot's base; the
-        // uncovered masks and the classes follow them.
-        let words = pack(&[&t.direct[..], &t.empty, &t.class].concat(), |words| {
-            R4Direct { words }
-        });
+        // uncovered masks, the classes and the whole bits follow them.
+        let words = pack(
+            &[&t.direct[..], &t.empty, &t.class, &t.whole].concat(),
+            |words| R4Direct { words },
+        );
         self.direct
             .map()?
             .write((slot * R4_DIRECT_SLOT_VALUES) as usize, &words);
@@ -100,7 +101,8 @@ impl Lookup4 {
             .flat_map(|d| d.words)
             .collect();
         let (direct, rest) = direct.split_at(1 << R4_DIRECT_BITS);
-        let (empty, class) = rest.split_at((R4_MASK_WORDS as usize) << R4_DIRECT_BITS);
+        let (empty, rest) = rest.split_at((R4_MASK_WORDS as usize) << R4_DIRECT_BITS);
+        let (class, whole) = rest.split_at(CLASS_WORDS as usize);
         let ranges = self.ranges.map()?.read::<R4Cell>(
             (slot * self.range_capacity) as usize,
             ranges.min(self.range_capacity) as usize,
@@ -115,6 +117,7 @@ impl Lookup4 {
             empty: empty.to_vec(),
             ranges,
             class: class.to_vec(),
+            whole: whole.to_vec(),
             frequent,
         })
     }
