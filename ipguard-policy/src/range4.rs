@@ -145,7 +145,12 @@ impl RangeTable4 {
         }));
         t.whole = vec![0; (R4_WHOLE_WORDS as usize) << R4_DIRECT_BITS];
         for (lo, span) in chunks {
-            whole_units(lo, &intervals[span], t.frequent[0], &mut t.whole);
+            whole_units(
+                lo,
+                &intervals[span],
+                r4_whole_leaf(t.frequent),
+                &mut t.whole,
+            );
         }
         t
     }
